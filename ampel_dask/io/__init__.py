@@ -1,0 +1,1 @@
+"""Reading alerts: Avro framing, survey normalisers, the Parquet archive, ingest."""

@@ -1,0 +1,259 @@
+"""The Parquet alert archive: hive-partitioned parts named by content hash, and a small index.
+
+Layout::
+
+    ARCHIVE/survey=ztf/night=20181129/part-<hash>.parquet      alert rows (history nested)
+    ARCHIVE/survey=ztf/night=20181129/_cutouts-<hash>.parquet  cutouts of the same rows (underscore: dataset readers skip it)
+    ARCHIVE/_index.parquet                                     one row per part (found without scanning)
+    ARCHIVE/quarantine/                                        packets that did not decode or normalise
+
+Every file is written to a temporary name and renamed into place; a part's name is the hash of its
+bytes, so writing the same rows again lands on the same name and changes nothing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import xxhash
+
+INDEX = "_index.parquet"
+INDEX_SCHEMA = pa.schema(
+    [
+        ("survey", pa.string()),
+        ("night", pa.int32()),
+        ("path", pa.string()),
+        ("content_hash", pa.string()),
+        ("rows", pa.int64()),
+        ("min_mjd", pa.float64()),
+        ("max_mjd", pa.float64()),
+        ("min_alert_id", pa.int64()),
+        ("max_alert_id", pa.int64()),
+        ("cutouts", pa.string()),
+    ]
+)
+PARQUET_OPTS = dict(compression="zstd", compression_level=1, write_statistics=True)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """Deterministic Parquet bytes of a table (same rows and library version -> same bytes)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, **PARQUET_OPTS)
+    return buf.getvalue()
+
+
+def content_hash(data: bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write bytes to a temp file beside ``path`` and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One part file of the archive, as the index knows it."""
+
+    survey: str
+    night: int
+    path: str  # relative to the archive root
+    content_hash: str
+    rows: int
+    min_mjd: float
+    max_mjd: float
+    min_alert_id: int
+    max_alert_id: int
+    cutouts: str | None
+
+
+def sort_rows(table: pa.Table) -> pa.Table:
+    """Canonical row order of a part: by object, then time, then alert id."""
+    return table.sort_by([("stock", "ascending"), ("mjd", "ascending"), ("alert_id", "ascending")])
+
+
+class Archive:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # --- paths ---
+    @property
+    def index_path(self) -> Path:
+        return self.root / INDEX
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.root / "quarantine"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "_tmp"
+
+    def night_dir(self, survey: str, night: int) -> Path:
+        return self.root / f"survey={survey}" / f"night={night:08d}"
+
+    def exists(self) -> bool:
+        return self.index_path.exists()
+
+    def create(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.index_path.exists():
+            with self.locked():
+                if not self.index_path.exists():
+                    atomic_write(self.index_path, parquet_bytes(INDEX_SCHEMA.empty_table()))
+
+    # --- index ---
+    def index(self) -> pa.Table:
+        if not self.index_path.exists():
+            return INDEX_SCHEMA.empty_table()
+        return pq.read_table(self.index_path).cast(INDEX_SCHEMA)
+
+    def partitions(self, surveys: list[str] | None = None, nights: list[int] | None = None) -> list[Partition]:
+        rows = self.index().to_pylist()
+        out = [Partition(**r) for r in rows]
+        if surveys:
+            out = [p for p in out if p.survey in surveys]
+        if nights:
+            wanted = set(nights)
+            out = [p for p in out if p.night in wanted]
+        return out
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialise index updates between concurrent ingests (advisory file lock)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "_index.lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def add_partitions(self, parts: list[Partition]) -> None:
+        """Append parts to the index (atomic replace, under the lock); already-known paths are skipped."""
+        if not parts:
+            return
+        with self.locked():
+            current = self.index()
+            known = set(current.column("path").to_pylist())
+            new = [p.__dict__ for p in parts if p.path not in known]
+            if not new:
+                return
+            table = pa.concat_tables([current, pa.Table.from_pylist(new, schema=INDEX_SCHEMA)])
+            table = table.sort_by([("survey", "ascending"), ("night", "ascending"), ("path", "ascending")])
+            atomic_write(self.index_path, parquet_bytes(table))
+
+    # --- data ---
+    def read(self, part: Partition, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(self.root / part.path, columns=columns)
+
+    def read_cutouts(self, part: Partition) -> pa.Table | None:
+        return pq.read_table(self.root / part.cutouts) if part.cutouts else None
+
+    def write_part(self, table: pa.Table, cutouts: pa.Table | None) -> Partition:
+        """Write one part (rows of a single survey and night) and its cutouts; returns its index entry."""
+        return self.publish(stage(table, cutouts, self.tmp_dir / "direct"))
+
+    def publish(self, staged: Staged, keep: np.ndarray | None = None) -> Partition | None:
+        """Move a staged part into the archive; ``keep`` drops rows (duplicates) and rewrites it."""
+        if keep is not None and not keep.all():
+            table = pq.read_table(staged.path)
+            cut = pq.read_table(staged.cutouts) if staged.cutouts else None
+            discard(staged)
+            if not keep.any():
+                return None
+            mask = pa.array(keep)
+            staged = stage(table.filter(mask), cut.filter(mask) if cut is not None else None, staged.path.parent)
+        ndir = self.night_dir(staged.survey, staged.night)
+        ndir.mkdir(parents=True, exist_ok=True)
+        part_path = ndir / f"part-{staged.content_hash}.parquet"
+        cut_rel = None
+        if staged.cutouts is not None:
+            cut_path = ndir / f"_cutouts-{staged.content_hash}.parquet"
+            os.replace(staged.cutouts, cut_path)
+            cut_rel = str(cut_path.relative_to(self.root))
+        os.replace(staged.path, part_path)
+        return Partition(
+            survey=staged.survey,
+            night=staged.night,
+            path=str(part_path.relative_to(self.root)),
+            content_hash=staged.content_hash,
+            rows=len(staged.alert_ids),
+            min_mjd=staged.min_mjd,
+            max_mjd=staged.max_mjd,
+            min_alert_id=int(staged.alert_ids.min()),
+            max_alert_id=int(staged.alert_ids.max()),
+            cutouts=cut_rel,
+        )
+
+
+@dataclass
+class Staged:
+    """A part written under a temporary name, waiting for the de-duplication verdict."""
+
+    survey: str
+    night: int
+    path: Path
+    cutouts: Path | None
+    content_hash: str
+    alert_ids: np.ndarray  # in row order
+    min_mjd: float
+    max_mjd: float
+
+
+def stage(table: pa.Table, cutouts: pa.Table | None, tmp_dir: Path) -> Staged:
+    """Sort rows canonically and write the part (and its aligned cutouts) under temporary names."""
+    table = sort_rows(table)
+    data = parquet_bytes(table)
+    digest = content_hash(data)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    path = tmp_dir / f"part-{digest}.{token}.parquet"
+    atomic_write(path, data)
+    cut_path = None
+    if cutouts is not None and cutouts.num_rows:
+        cut_path = tmp_dir / f"cutouts-{digest}.{token}.parquet"
+        atomic_write(cut_path, parquet_bytes(align_cutouts(table, cutouts)))
+    mjd = table.column("mjd").to_numpy(zero_copy_only=False)
+    return Staged(
+        survey=table.column("survey")[0].as_py(),
+        night=int(table.column("night")[0].as_py()),
+        path=path,
+        cutouts=cut_path,
+        content_hash=digest,
+        alert_ids=table.column("alert_id").to_numpy(zero_copy_only=False),
+        min_mjd=float(np.nanmin(mjd)),
+        max_mjd=float(np.nanmax(mjd)),
+    )
+
+
+def discard(staged: Staged) -> None:
+    for p in (staged.path, staged.cutouts):
+        if p is not None and p.exists():
+            p.unlink()
+
+
+def align_cutouts(table: pa.Table, cutouts: pa.Table) -> pa.Table:
+    """Cutout rows in the order of the part's rows (one per alert id, first copy wins)."""
+    ids = cutouts.column("alert_id").to_numpy()
+    _, first = np.unique(ids, return_index=True)
+    cutouts = cutouts.take(pa.array(np.sort(first)))
+    pos = {int(a): i for i, a in enumerate(cutouts.column("alert_id").to_numpy())}
+    order = [pos[int(a)] for a in table.column("alert_id").to_numpy() if int(a) in pos]
+    return cutouts.take(pa.array(order, type=pa.int64()))

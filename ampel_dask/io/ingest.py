@@ -1,0 +1,174 @@
+"""Ingest: packets -> decoded in parallel on Dask workers -> de-duplicated -> archive parts + index.
+
+Workers decode chunks and stage parts under ``_tmp``; the driver then walks the staged parts in input
+order, drops alert ids already archived (or seen earlier in this ingest), renames what is new into
+place and records it in the index in one atomic update. A crash leaves at most orphaned staged files,
+never a half-written part or an index entry without its file.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from .archive import Archive, Partition, discard
+from .decode import ChunkResult, decode_chunk
+from .sources import Chunk, chunks, expand
+
+
+class IngestOptions(BaseModel):
+    """How an ingest runs; defaults suit a laptop and a nightly tarball alike."""
+
+    workers: int | None = Field(None, ge=0, description="Dask workers (processes); None = all cores, 0 = in this process")
+    chunk_mb: float = Field(32.0, gt=0, description="input bytes per decode task")
+    chunk_packets: int = Field(2000, gt=0, description="packets per decode task")
+    schema_dirs: list[str] = Field(default_factory=list, description="extra folders of Rubin wire schemas")
+    progress: bool | None = Field(None, description="progress bar; None = when stderr is a terminal")
+
+
+@dataclass
+class IngestReport:
+    read: int = 0
+    ingested: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    partitions: int = 0
+    seconds: float = 0.0
+    skipped_files: list[str] = field(default_factory=list)
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    new_partitions: list[Partition] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {k: getattr(self, k) for k in ("read", "ingested", "duplicates", "quarantined", "partitions", "seconds")}
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["new_partitions"] = [p.path for p in self.new_partitions]
+        return d
+
+
+def ingest(
+    sources: list[str],
+    archive: str | Path | Archive,
+    options: IngestOptions | None = None,
+    client=None,
+) -> IngestReport:
+    """Ingest alert packets into an archive; see :class:`IngestReport` for the reconciled counts."""
+    opts = options or IngestOptions()
+    t0 = time.perf_counter()
+    arch = archive if isinstance(archive, Archive) else Archive(archive)
+    inputs = expand(sources)
+    arch.create()
+    run_tmp = arch.tmp_dir / uuid.uuid4().hex
+    report = IngestReport(skipped_files=[str(p) for p in inputs.skipped])
+    work = chunks(inputs, int(opts.chunk_mb * 2**20), opts.chunk_packets)
+    args = (str(run_tmp), str(arch.quarantine_dir), opts.schema_dirs)
+    bar = _progress(opts.progress, inputs.total_bytes)
+    results: dict[int, ChunkResult] = {}
+    try:
+        for res in _run(work, args, opts.workers, client):
+            results[res.index] = res
+            if bar is not None:
+                bar.update(res.nbytes)
+                bar.set_postfix(alerts=sum(r.read for r in results.values()), refresh=False)
+        if bar is not None:
+            bar.close()
+        _finalize(arch, [results[i] for i in sorted(results)], report)
+    finally:
+        shutil.rmtree(run_tmp, ignore_errors=True)
+    report.seconds = round(time.perf_counter() - t0, 3)
+    return report
+
+
+def _finalize(arch: Archive, results: list[ChunkResult], report: IngestReport) -> None:
+    """De-duplicate staged parts in input order and publish them; one index update at the end."""
+    seen: dict[str, set[int]] = {}  # alert ids per survey: archived (where ranges overlap) or met in this run
+    loaded: set[str] = set()
+    archived = arch.partitions()
+    new: list[Partition] = []
+    for res in results:
+        report.read += res.read
+        report.quarantined += res.quarantined
+        for reason, n in res.reasons.items():
+            report.quarantine_reasons[reason] = report.quarantine_reasons.get(reason, 0) + n
+        for staged in res.staged:
+            known = seen.setdefault(staged.survey, set())
+            lo, hi = int(staged.alert_ids.min()), int(staged.alert_ids.max())
+            overlapping = [p for p in archived if p.survey == staged.survey and p.max_alert_id >= lo and p.min_alert_id <= hi]
+            for part in overlapping:
+                if part.path not in loaded:
+                    loaded.add(part.path)
+                    known.update(arch.read(part, ["alert_id"]).column("alert_id").to_pylist())
+            keep = np.empty(len(staged.alert_ids), dtype=bool)
+            for i, a in enumerate(staged.alert_ids.tolist()):
+                keep[i] = a not in known
+                known.add(a)
+            report.duplicates += int((~keep).sum())
+            report.ingested += int(keep.sum())
+            part = arch.publish(staged, keep)
+            if part is not None:
+                new.append(part)
+    arch.add_partitions(new)
+    report.partitions = len(new)
+    report.new_partitions = new
+    for res in results:  # anything a failed publish left behind
+        for staged in res.staged:
+            discard(staged)
+
+
+def _run(work: Iterator[Chunk], args: tuple, workers: int | None, client) -> Iterable[ChunkResult]:
+    """Decode chunks in this process (workers=0) or on a Dask cluster, keeping a bounded queue."""
+    if client is None and workers == 0:
+        for ch in work:
+            yield decode_chunk(ch, *args)
+        return
+    from distributed import Client, LocalCluster, as_completed
+
+    own = client is None
+    if own:
+        cluster = LocalCluster(
+            n_workers=workers or _cores(), threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        client = Client(cluster)
+    try:
+        nworkers = max(1, len(client.scheduler_info()["workers"]))
+        pending = as_completed()
+        for ch in work:
+            # tarball members travel with the chunk: scatter them straight to a worker, not via the scheduler
+            arg = client.scatter(ch, direct=True) if any(p.data is not None for p in ch.packets) else ch
+            pending.add(client.submit(decode_chunk, arg, *args, pure=False))
+            while pending.count() >= 2 * nworkers:
+                yield next(pending).result()
+        for fut in pending:
+            yield fut.result()
+    finally:
+        if own:
+            client.close()
+            cluster.close()
+
+
+def _cores() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _progress(enabled: bool | None, total: int) -> Callable | None:
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="ingest", file=sys.stderr)

@@ -1,0 +1,188 @@
+"""The one columnar layout every survey is normalised into, and the ids that make rows stable.
+
+An alert is one row: identity (alert_id, stock, object_id), where and when (ra, dec, mjd, night), the
+trigger's photometry (band, mag, flux, ...), survey extras as plain columns, and its photometric history
+as a nested ``dps`` list of datapoints. Datapoint ids are stable across ingests: detections keep the
+survey's source id, upper limits and forced photometry get a negative 64-bit hash of what identifies them.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pyarrow as pa
+
+LAYOUT_VERSION = 1
+
+# datapoint kinds
+DETECTION, UPPER_LIMIT, FORCED = 0, 1, 2
+KIND_NAMES = {DETECTION: "detection", UPPER_LIMIT: "upper_limit", FORCED: "forced"}
+
+# datapoint flags (bit mask; 0 = nothing to report)
+FLAG_BAD_PHOT = 1  # the survey flagged the measurement (LSST psfFlux_flag, ZTF forced procstatus != 0)
+FLAG_NEGATIVE = 2  # negative difference flux (ZTF isdiffpos 'f' / LSST isNegative)
+
+# AB zero point of fluxes in nJy: m = -2.5 log10(f / nJy) + 31.4
+NJY_ZP = 31.4
+MJD_JD_OFFSET = 2400000.5
+
+DATAPOINT = pa.struct(
+    [
+        ("dp_id", pa.int64()),
+        ("mjd", pa.float64()),
+        ("band", pa.string()),
+        ("kind", pa.int8()),
+        ("flux", pa.float64()),  # nJy, signed
+        ("flux_err", pa.float64()),
+        ("mag", pa.float64()),  # AB, detections only
+        ("mag_err", pa.float64()),
+        ("maglim", pa.float64()),  # 5-sigma limiting magnitude where the survey gives one
+        ("ra", pa.float64()),
+        ("dec", pa.float64()),
+        ("programid", pa.int32()),  # ZTF data rights (1 public, 2 partnership, 3 Caltech); null for LSST
+        ("rb", pa.float32()),  # ZTF rb / LSST reliability
+        ("flags", pa.int32()),
+    ]
+)
+DATAPOINT_FIELDS = [f.name for f in DATAPOINT]
+
+COMMON = [
+    pa.field("alert_id", pa.int64()),
+    pa.field("stock", pa.int64()),
+    pa.field("object_id", pa.string()),
+    pa.field("survey", pa.string()),
+    pa.field("night", pa.int32()),
+    pa.field("mjd", pa.float64()),
+    pa.field("ra", pa.float64()),
+    pa.field("dec", pa.float64()),
+    pa.field("band", pa.string()),
+    pa.field("mag", pa.float64()),
+    pa.field("mag_err", pa.float64()),
+    pa.field("flux", pa.float64()),
+    pa.field("flux_err", pa.float64()),
+    pa.field("isdiffpos", pa.bool_()),
+    pa.field("schema", pa.string()),
+    pa.field("source", pa.string()),
+]
+
+CUTOUTS = pa.schema(
+    [
+        ("alert_id", pa.int64()),
+        ("cutout_science", pa.binary()),
+        ("cutout_template", pa.binary()),
+        ("cutout_difference", pa.binary()),
+    ]
+)
+
+# --- stable ids ---------------------------------------------------------------------------------
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """Vectorised splitmix64 finaliser: a cheap, well-mixed 64-bit hash of 64-bit integers."""
+    z = np.asarray(x).astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        z += _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def _as_u64(col: np.ndarray) -> np.ndarray:
+    col = np.asarray(col)
+    if col.dtype.kind == "f":
+        return np.ascontiguousarray(col, dtype=np.float64).view(np.uint64)
+    return col.astype(np.int64).view(np.uint64)
+
+
+def combine_hash(*cols: np.ndarray) -> np.ndarray:
+    """Hash rows of several numeric columns into one uint64 per row (order of columns matters)."""
+    h = np.zeros(len(cols[0]), dtype=np.uint64)
+    for c in cols:
+        h = splitmix64(h ^ _as_u64(c))
+    return h
+
+
+def negative_id(kind: int, *cols: np.ndarray) -> np.ndarray:
+    """Stable negative int64 datapoint id for measurements without a survey id of their own."""
+    n = len(cols[0])
+    h = combine_hash(np.full(n, kind, dtype=np.int64), *cols)
+    return -((h >> np.uint64(1)).astype(np.int64)) - 1
+
+
+def text_hash(values: list[str]) -> np.ndarray:
+    """Stable 63-bit hash of strings (used for band names inside datapoint hashes)."""
+    import xxhash
+
+    return np.array([xxhash.xxh64_intdigest(v or "") >> 1 for v in values], dtype=np.int64)
+
+
+# --- objects ------------------------------------------------------------------------------------
+
+_ZTF_NAME = re.compile(r"^ZTF(\d\d)([a-z]{7})$")
+_B26 = 26**7
+
+
+def ztf_stock(object_id: str) -> int:
+    """Pack a ZTF name (ZTF + 2-digit year + 7 letters) reversibly into a positive int64."""
+    m = _ZTF_NAME.match(object_id)
+    if not m:
+        raise ValueError(f"not a ZTF object name: {object_id!r}")
+    n = 0
+    for ch in m.group(2):
+        n = n * 26 + (ord(ch) - 97)
+    return int(m.group(1)) * _B26 + n
+
+
+def ztf_name(stock: int) -> str:
+    """Inverse of :func:`ztf_stock`."""
+    year, n = divmod(int(stock), _B26)
+    letters = []
+    for _ in range(7):
+        n, r = divmod(n, 26)
+        letters.append(chr(97 + r))
+    return f"ZTF{year:02d}{''.join(reversed(letters))}"
+
+
+# --- nights -------------------------------------------------------------------------------------
+
+# The observatory's own night naming: ZTF names a night by its UTC date (the whole Palomar night
+# falls inside one UTC date); Rubin's dayObs is the date in the UTC-12h time zone, so a Chilean night
+# (evening before 00:00 UTC, morning after) keeps one name. Times outside 1940-2130 (synthetic
+# placeholders in some sample packets) go to night 0 rather than to an invented date.
+NIGHT_OFFSET_DAYS = {"ztf": 0.0, "lsst": 0.5}
+_MJD_MIN, _MJD_MAX = 30000.0, 100000.0
+
+
+def night_of(mjd: np.ndarray, survey: str) -> np.ndarray:
+    """Observing night as YYYYMMDD (int32) for each MJD; 0 where the time is not a plausible MJD."""
+    mjd = np.asarray(mjd, dtype=np.float64)
+    ok = np.isfinite(mjd) & (mjd > _MJD_MIN) & (mjd < _MJD_MAX)
+    days = np.floor(np.where(ok, mjd, 60000.0) - NIGHT_OFFSET_DAYS[survey]).astype("int64")
+    dates = np.datetime64("1858-11-17", "D") + days.astype("timedelta64[D]")
+    y = dates.astype("datetime64[Y]").astype(np.int64) + 1970
+    m = dates.astype("datetime64[M]").astype(np.int64) % 12 + 1
+    d = (dates - dates.astype("datetime64[M]")).astype(np.int64) + 1
+    return np.where(ok, y * 10000 + m * 100 + d, 0).astype(np.int32)
+
+
+# --- photometry ---------------------------------------------------------------------------------
+
+
+def mag_to_flux(mag: np.ndarray) -> np.ndarray:
+    return np.power(10.0, -0.4 * (np.asarray(mag, dtype=np.float64) - NJY_ZP))
+
+
+def flux_to_mag(flux: np.ndarray) -> np.ndarray:
+    flux = np.asarray(flux, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(flux > 0, NJY_ZP - 2.5 * np.log10(np.where(flux > 0, flux, 1.0)), np.nan)
+
+
+def alert_schema(extras: list[pa.Field]) -> pa.Schema:
+    """Arrow schema of one survey's alert rows: common columns, survey extras, then the history."""
+    return pa.schema(COMMON + extras + [pa.field("dps", pa.list_(DATAPOINT))])

@@ -1,0 +1,43 @@
+"""Shared fixtures: the real alert data in ../shared/data (required in CI, skipped elsewhere if absent)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("AMPEL_DASK_DATA", ROOT.parent / "shared" / "data"))
+
+
+def _require_data() -> Path:
+    if (DATA / "MANIFEST_alerts.csv").exists():
+        return DATA
+    if os.environ.get("CI"):
+        pytest.fail(f"alert data not found at {DATA} (CI must provide ../shared/data)")
+    pytest.skip(f"alert data not found at {DATA}; set AMPEL_DASK_DATA or put ../shared/data beside the repo")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return _require_data()
+
+
+@pytest.fixture(scope="session")
+def manifest(data_dir) -> dict[str, list[dict]]:
+    """MANIFEST_alerts.csv rows by group."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    with open(data_dir / "MANIFEST_alerts.csv") as fh:
+        for row in csv.DictReader(fh):
+            groups[row["group"]].append(row)
+    return dict(groups)
+
+
+def group_location(rows: list[dict]) -> str:
+    """The file or folder a manifest group lives in (tarball, or the group's top folder)."""
+    first = rows[0]["file"]
+    parts = first.split("/")
+    return "/".join(parts[:2])

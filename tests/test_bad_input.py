@@ -1,0 +1,128 @@
+"""Bad input is quarantined with a reason; the good alerts around it are ingested; exit code 3."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import fastavro
+import pytest
+
+from ampel_dask.io.archive import Archive
+from ampel_dask.io.ingest import IngestOptions, ingest
+
+GOOD_DIR = "ztf/fink_local_202001"  # 40 single-alert files
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ampel_dask.cli", *args], capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture()
+def bad_inputs(tmp_path, data_dir):
+    good = sorted((data_dir / GOOD_DIR).glob("*.avro"))
+    src = tmp_path / "in"
+    src.mkdir()
+    for p in good[:30]:
+        (src / p.name).write_bytes(p.read_bytes())
+    blob = good[30].read_bytes()
+    (src / "truncated.avro").write_bytes(blob[: len(blob) // 2])
+    (src / "random.avro").write_bytes(os.urandom(5000))
+    other = io.BytesIO()
+    schema = {"type": "record", "name": "weather", "fields": [{"name": "station", "type": "string"}, {"name": "temp", "type": "double"}]}
+    fastavro.writer(other, schema, [{"station": "Palomar", "temp": 11.5}])
+    (src / "unknown_schema.avro").write_bytes(other.getvalue())
+    tar_path = tmp_path / "ztf_public_20200101.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        for p in good[31:36]:
+            add_member(tar, p.name, p.read_bytes())
+        add_member(tar, "empty.avro", b"")
+        corrupt = bytearray(good[36].read_bytes())
+        corrupt[len(corrupt) // 3 : len(corrupt) // 3 + 200] = os.urandom(200)
+        add_member(tar, "corrupt.avro", bytes(corrupt))
+        for p in good[37:40]:
+            add_member(tar, p.name, p.read_bytes())
+    return src, tar_path
+
+
+def test_bad_packets_are_quarantined_and_good_ones_kept(tmp_path, bad_inputs):
+    src, tar_path = bad_inputs
+    archive = tmp_path / "archive"
+    proc = cli("ingest", str(src), str(tar_path), "--archive", str(archive), "--json", "--workers", "0")
+    assert proc.returncode == 3, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["ingested"] == 30 + 5 + 3  # every good alert, nothing else lost
+    assert summary["quarantined"] == 5  # truncated, random, unknown schema, empty member, corrupt member
+    assert summary["read"] == summary["ingested"] + summary["duplicates"] + summary["quarantined"]
+    entries = [json.loads(p.read_text()) for p in (archive / "quarantine").glob("*.json")]
+    reasons = {(Path(e["source"]).name, e["member"]): e["reason"] for e in entries}
+    assert "truncated" in reasons[("truncated.avro", None)] or "runs past the end" in reasons[("truncated.avro", None)]
+    assert "neither an Avro container" in reasons[("random.avro", None)]
+    assert "unknown alert schema 'weather'" in reasons[("unknown_schema.avro", None)]
+    assert "empty tar member" in reasons[(tar_path.name, "empty.avro")]
+    assert (tar_path.name, "corrupt.avro") in reasons
+    # the raw bytes are kept for inspection (the unknown-schema record is a standalone Avro file)
+    unknown = next(e for e in entries if "weather" in e["reason"])
+    rec = next(fastavro.reader(open(archive / "quarantine" / unknown["raw_file"], "rb")))
+    assert rec == {"station": "Palomar", "temp": 11.5}
+
+
+def test_quarantine_is_idempotent(tmp_path, bad_inputs):
+    src, tar_path = bad_inputs
+    opts = IngestOptions(workers=0, progress=False)
+    r1 = ingest([str(src), str(tar_path)], tmp_path / "a", opts)
+    files1 = sorted(p.name for p in (tmp_path / "a" / "quarantine").iterdir())
+    r2 = ingest([str(src), str(tar_path)], tmp_path / "a", opts)
+    files2 = sorted(p.name for p in (tmp_path / "a" / "quarantine").iterdir())
+    assert r1.quarantined == r2.quarantined == 5 and files1 == files2
+    assert r2.ingested == 0 and r2.duplicates == r1.ingested
+
+
+def test_damaged_block_in_multi_record_container_keeps_other_blocks(tmp_path, data_dir):
+    """A container of many alerts with one damaged block: the records of the other blocks survive."""
+    recs = []
+    for p in sorted((data_dir / GOOD_DIR).glob("*.avro"))[:6]:
+        reader = fastavro.reader(open(p, "rb"))
+        schema = reader.writer_schema
+        recs += list(reader)
+    buf = io.BytesIO()
+    fastavro.writer(buf, schema, recs, sync_interval=1)  # roughly one record per block
+    data = bytearray(buf.getvalue())
+    block_starts = [i for i in range(len(data)) if data[i : i + 16] == data[-16:]]
+    head = block_starts[2] + 16  # the count/size header of the fourth block
+    data[head : head + 12] = b"\xff" * 12
+    (tmp_path / "multi.avro").write_bytes(bytes(data))
+    report = ingest([str(tmp_path / "multi.avro")], tmp_path / "arch", IngestOptions(workers=0, progress=False))
+    assert report.quarantined == 1
+    assert report.ingested == len(recs) - 1
+
+
+def test_unknown_wire_schema_id_is_quarantined(tmp_path, data_dir):
+    good = (data_dir / "lsst/wire_format/boom").glob("*.avro")
+    raw = next(iter(good)).read_bytes()
+    (tmp_path / "future.avro").write_bytes(b"\x00" + (4200).to_bytes(4, "big") + raw[5:])
+    report = ingest([str(tmp_path / "future.avro")], tmp_path / "arch", IngestOptions(workers=0, progress=False))
+    assert report.quarantined == 1 and report.ingested == 0
+    entry = json.loads(next((tmp_path / "arch" / "quarantine").glob("*.json")).read_text())
+    assert "unknown Confluent schema id 4200" in entry["reason"]
+
+
+def test_usage_errors_exit_2(tmp_path):
+    proc = cli("ingest", str(tmp_path / "does-not-exist"), "--archive", str(tmp_path / "a"))
+    assert proc.returncode == 2 and "no such file or directory" in proc.stderr
+    proc = cli("ingest", str(tmp_path / "*.nothing"), "--archive", str(tmp_path / "a"))
+    assert proc.returncode == 2 and "no files match" in proc.stderr
+    proc = cli("ingest", "--archive", str(tmp_path / "a"))
+    assert proc.returncode == 2
+    assert not Archive(tmp_path / "a").exists()
