@@ -1,0 +1,95 @@
+"""Ingest throughput against the fastavro decode ceiling, measured side by side in one run.
+
+    .venv/bin/python benchmarks/bench_ingest.py --alerts 100000 [--json]
+
+The stream is >= 100k real ZTF packets (replicas of ../shared/data/ztf with new candids, one alert per
+file, as ZTF distributes them). The ceiling is a plain ``fastavro.reader`` loop over the same files on one
+core; ours is the full ingest (decode, normalise, write Parquet parts + cutouts, de-duplicate, index) in
+this process, on a 1-worker and on an all-core Dask LocalCluster. Ratios > 1 are possible: the ceiling
+re-parses each file's writer schema, which the ingest parses once per schema and process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import fastavro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ampel_dask.io.ingest import IngestOptions, ingest  # noqa: E402
+from benchmarks.replicate import build_stream  # noqa: E402
+
+WORK = Path(__file__).resolve().parents[1] / ".bench"
+
+
+def ceiling(files: list[Path]) -> float:
+    """Alerts/s of a plain fastavro.reader loop (file read + decode, nothing kept), one core."""
+    n = 0
+    t = time.perf_counter()
+    for p in files:
+        with open(p, "rb") as fh:
+            for _ in fastavro.reader(fh):
+                n += 1
+    return n / (time.perf_counter() - t)
+
+
+def run_ingest(stream: Path, workers: int, label: str) -> dict:
+    archive = WORK / f"archive-{label}"
+    shutil.rmtree(archive, ignore_errors=True)
+    report = ingest([str(stream)], archive, IngestOptions(workers=workers, progress=False))
+    assert report.quarantined == 0 and report.duplicates == 0, report.summary()
+    shutil.rmtree(archive, ignore_errors=True)
+    return {"label": label, "workers": workers, "alerts": report.ingested, "seconds": report.seconds, "alerts_per_s": report.ingested / report.seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--alerts", type=int, default=100_000)
+    ap.add_argument("--ceiling-sample", type=int, default=20_000, help="files timed for the ceiling")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    stream = build_stream(WORK / f"stream-{args.alerts}", args.alerts)
+    files = sorted(stream.rglob("*.avro"))
+    # warm the page cache so both sides read from memory
+    for p in files:
+        p.read_bytes()
+    sample = files[:: max(1, len(files) // args.ceiling_sample)]
+    ceil = ceiling(sample)
+    rows = [
+        run_ingest(stream, 0, "in-process"),
+        run_ingest(stream, 1, "dask-1-worker"),
+        run_ingest(stream, args.workers, f"dask-{args.workers}-workers"),
+    ]
+    ceil2 = ceiling(sample)  # again after, to see drift
+    ceil = (ceil + ceil2) / 2
+    for r in rows:
+        r["ratio_to_ceiling"] = round(r["alerts_per_s"] / ceil, 2)
+        r["ratio_per_core"] = round(r["alerts_per_s"] / ceil / max(1, r["workers"]), 2)
+    result = {
+        "alerts": len(files),
+        "ceiling_alerts_per_s": round(ceil, 1),
+        "runs": rows,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "fastavro": fastavro.__version__,
+    }
+    print(f"stream: {len(files)} real-ZTF alerts ({stream})")
+    print(f"fastavro.reader ceiling (1 core): {ceil:,.0f} alerts/s")
+    print(f"{'run':<18}{'alerts/s':>12}{'x ceiling':>11}{'x per core':>12}")
+    for r in rows:
+        print(f"{r['label']:<18}{r['alerts_per_s']:>12,.0f}{r['ratio_to_ceiling']:>11.2f}{r['ratio_per_core']:>12.2f}")
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
