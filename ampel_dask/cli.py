@@ -60,5 +60,107 @@ def ingest(sources, archive, workers, chunk_mb, schema_dirs, progress, as_json) 
     sys.exit(EXIT_QUARANTINED if report.quarantined else 0)
 
 
+def _load_mapping(path: str) -> dict:
+    """A YAML/JSON file with a unit config; ``{unit: ..., config: {...}}`` (AMPEL style) works too."""
+    import yaml
+
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path} does not hold a mapping of config fields", param_hint="--config")
+    if isinstance(data.get("config"), dict) and set(data) <= {"unit", "config", "name"}:
+        data = data["config"]
+    return data
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print the unit list as JSON")
+def units(as_json) -> None:
+    """List installed units (entry points of group ampel_dask.units) with their config fields."""
+    from .tiers.registry import catalogue
+
+    cat = catalogue()
+    if as_json:
+        _emit_json_list([{k: u[k] for k in ("name", "tier", "version", "config")} for u in cat])
+        return
+    for u in cat:
+        click.echo(f"{u['tier']}  {u['name']}  v{u['version']}  {u.get('doc') or u.get('error', '')}")
+        for field, typ in u["config"].items():
+            click.echo(f"      {field}: {typ}")
+
+
+def _emit_json_list(obj: list) -> None:
+    sys.stdout.flush()
+    click.echo(json.dumps(obj, default=str))
+
+
+@main.command(name="filter")
+@click.argument("archive", type=click.Path(exists=True, file_okay=False))
+@click.option("--unit", "unit_name", required=True, help="T0 filter unit name (see `ampel-dask units`)")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML/JSON unit config")
+@click.option("--survey", "surveys", multiple=True, help="only these surveys (ztf, lsst)")
+@click.option("--night", "nights", multiple=True, type=int, help="only these nights (YYYYMMDD)")
+@click.option("--out", "out_csv", type=click.Path(dir_okay=False), help="CSV with one row per alert: alert_id, stock, accepted, reason")
+@click.option("--json", "as_json", is_flag=True, help="print counts by reason as JSON on the last stdout line")
+def filter_cmd(archive, unit_name, config_path, surveys, nights, out_csv, as_json) -> None:
+    """Try a T0 filter over an archive; stores nothing in the archive."""
+    import csv
+
+    from .io.archive import Archive
+    from .tiers.base import T0Filter, UnitConfigError
+    from .tiers.registry import UnknownUnit, load
+
+    try:
+        cls = load(unit_name)
+    except UnknownUnit as exc:
+        raise click.BadParameter(str(exc), param_hint="--unit") from None
+    if not issubclass(cls, T0Filter):
+        raise click.BadParameter(f"{unit_name} is a {cls.tier} unit, not a T0 filter", param_hint="--unit")
+    try:
+        unit = cls(_load_mapping(config_path) if config_path else {})
+    except UnitConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    arch = Archive(archive)
+    if not arch.exists():
+        raise click.UsageError(f"{archive} is not an ampel-dask archive (no _index.parquet)")
+    parts = arch.partitions(list(surveys) or None, list(nights) or None)
+    counts: dict[str, int] = {}
+    total = accepted = 0
+    writer = fh = None
+    if out_csv:
+        fh = open(out_csv, "w", newline="")
+        writer = csv.writer(fh)
+        writer.writerow(["alert_id", "stock", "accepted", "reason"])
+    try:
+        for part in parts:
+            cols = None if unit.columns is None else sorted({"alert_id", "stock", *unit.columns})
+            table = arch.read(part, columns=[c for c in cols if c in _part_columns(arch, part)] if cols else None)
+            verdict = unit.verdict(table)
+            total += table.num_rows
+            accepted += int(verdict.accepted.sum())
+            for reason, n in verdict.counts().items():
+                counts[reason] = counts.get(reason, 0) + n
+            if writer:
+                ids = table.column("alert_id").to_pylist()
+                stocks = table.column("stock").to_pylist()
+                for a, s, ok, r in zip(ids, stocks, verdict.accepted.tolist(), verdict.reason_of()):
+                    writer.writerow([a, s, int(ok), r or ""])
+    finally:
+        if fh:
+            fh.close()
+    reasons = {k: v for k, v in counts.items() if k != "accepted"}
+    click.echo(f"{unit_name}: {accepted} of {total} alerts accepted", err=as_json)
+    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        click.echo(f"  {reason}: {n}", err=as_json)
+    if as_json:
+        _emit_json({"alerts": total, "accepted": accepted, "rejected": total - accepted, "reasons": reasons})
+
+
+def _part_columns(arch, part) -> set[str]:
+    import pyarrow.parquet as pq
+
+    return set(pq.read_schema(arch.root / part.path).names)
+
+
 if __name__ == "__main__":
     main()

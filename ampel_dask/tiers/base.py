@@ -1,0 +1,224 @@
+"""What a scientist writes: one base class per unit kind, each with a pydantic config.
+
+Units work on batches: a T0 filter sees an Arrow table of alerts and returns a verdict per alert; a T2
+unit sees a table of states (nested light curves) and returns one result row per state; a T3 unit sees
+the population selected by its channel. A unit's identity is its name, version and the hash of its
+canonical config, so the same computation has the same key on every machine and in every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class UnitConfig(BaseModel):
+    """Base of every unit config: unknown fields are errors (a typo must not silently do nothing)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UnitConfigError(ValueError):
+    """A unit config that does not validate; the message names the unit and the fields."""
+
+    def __init__(self, unit: str, error: ValidationError):
+        lines = []
+        for e in error.errors():
+            loc = ".".join(str(p) for p in e["loc"]) or "(config)"
+            lines.append(f"  {unit}.{loc}: {e['msg']}")
+        super().__init__(f"invalid config for unit {unit}:\n" + "\n".join(lines))
+        self.unit = unit
+        self.errors = error.errors()
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace: the same config gives the same text everywhere."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str, allow_nan=False)
+
+
+def short_hash(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+@dataclass(frozen=True)
+class UnitIdentity:
+    name: str
+    version: str
+    config_hash: str
+
+    @property
+    def key(self) -> str:
+        """Hash of name + version + config hash: the unit's part of every result key."""
+        return short_hash(f"{self.name}|{self.version}|{self.config_hash}")
+
+
+class Unit:
+    """Common part of all units: a validated config and a stable identity."""
+
+    tier: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    Config: ClassVar[type[UnitConfig]] = UnitConfig
+    unit_name: ClassVar[str | None] = None  # registry name; defaults to the class name
+
+    def __init__(self, config: UnitConfig | dict | None = None, **kwargs: Any):
+        if isinstance(config, UnitConfig):
+            if kwargs:
+                config = config.model_copy(update=kwargs)
+            self.config = config
+        else:
+            try:
+                self.config = self.Config.model_validate({**(config or {}), **kwargs})
+            except ValidationError as exc:
+                raise UnitConfigError(self.name(), exc) from None
+
+    @classmethod
+    def name(cls) -> str:
+        return cls.unit_name or cls.__name__
+
+    @property
+    def config_hash(self) -> str:
+        return short_hash(canonical_json(self.config.model_dump(mode="json")))
+
+    @property
+    def identity(self) -> UnitIdentity:
+        return UnitIdentity(self.name(), str(self.version), self.config_hash)
+
+    def __repr__(self) -> str:
+        return f"{self.name()}(v{self.version}, config={self.config_hash})"
+
+
+# --- T0 -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    """Per-alert T0 decision: code 0 = accepted, k > 0 = rejected for ``reasons[k - 1]``."""
+
+    codes: np.ndarray
+    reasons: list[str] = field(default_factory=list)
+
+    @classmethod
+    def accept_all(cls, n: int) -> Verdict:
+        return cls(np.zeros(n, dtype=np.int16), [])
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray | pa.Array, reason: str = "rejected") -> Verdict:
+        if isinstance(mask, (pa.Array, pa.ChunkedArray)):
+            mask = np.asarray(mask.fill_null(False)) if hasattr(mask, "fill_null") else np.asarray(mask)
+        v = cls.accept_all(len(mask))
+        v.reject(~np.asarray(mask, dtype=bool), reason)
+        return v
+
+    def reject(self, mask: np.ndarray, reason: str) -> None:
+        """Reject where ``mask`` holds and nothing rejected the alert earlier (first failing cut wins)."""
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+        code = self.reasons.index(reason) + 1
+        new = np.asarray(mask, dtype=bool) & (self.codes == 0)
+        self.codes[new] = code
+
+    @property
+    def accepted(self) -> np.ndarray:
+        return self.codes == 0
+
+    def reason_of(self) -> list[str | None]:
+        names = [None, *self.reasons]
+        return [names[c] for c in self.codes.tolist()]
+
+    def counts(self) -> dict[str, int]:
+        """Alerts per outcome: {'accepted': n, reason: n, ...}."""
+        bins = np.bincount(self.codes, minlength=len(self.reasons) + 1)
+        out = {"accepted": int(bins[0])}
+        out.update({r: int(bins[i + 1]) for i, r in enumerate(self.reasons) if bins[i + 1]})
+        return out
+
+    def __and__(self, other: Verdict) -> Verdict:
+        """Chain two filters: the first rejection (in filter order) is the reason kept."""
+        out = Verdict(self.codes.copy(), list(self.reasons))
+        for i, r in enumerate(other.reasons):
+            out.reject(other.codes == i + 1, r)
+        return out
+
+
+class T0Filter(Unit):
+    """Selects alerts. Override :meth:`apply`: Arrow table of alerts -> :class:`Verdict` (or bool mask)."""
+
+    tier = "T0"
+    columns: ClassVar[Sequence[str] | None] = None  # alert columns the filter reads (None = all)
+
+    def apply(self, alerts: pa.Table) -> Verdict | np.ndarray:
+        raise NotImplementedError
+
+    def verdict(self, alerts: pa.Table) -> Verdict:
+        out = self.apply(alerts)
+        v = out if isinstance(out, Verdict) else Verdict.from_mask(out, f"{self.name()}")
+        if len(v.codes) != alerts.num_rows:
+            raise ValueError(f"{self.name()} returned {len(v.codes)} decisions for {alerts.num_rows} alerts")
+        return v
+
+
+# --- T2 -----------------------------------------------------------------------------------------
+
+
+class T2StateUnit(Unit):
+    """Computes one result per T1 state.
+
+    :meth:`process` gets a table with one row per state (``state_id``, ``stock``, ``alert_id``,
+    ``mjd``, ``ra``, ``dec``, ``dps`` = the state's datapoints, time-ordered) and returns a table (or
+    list of dicts) with exactly one row per input row, in order. Columns are the unit's result body;
+    a column ``code`` (int, 0 = ok) may report per-state failures.
+    """
+
+    tier = "T2"
+
+    def dependencies(self) -> list[T2StateUnit]:
+        """Other T2 units whose results this one reads (computed first, passed to :meth:`process`)."""
+        return []
+
+    def process(self, states: pa.Table, inputs: dict[str, pa.Table] | None = None) -> pa.Table | list[dict]:
+        raise NotImplementedError
+
+
+class T2PointUnit(Unit):
+    """Computes one result per datapoint: :meth:`process` gets flat datapoints (``dp_id``, ``stock`` ...)."""
+
+    tier = "T2"
+
+    def process(self, points: pa.Table) -> pa.Table | list[dict]:
+        raise NotImplementedError
+
+
+# --- T3 -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class T3Context:
+    """What a T3 unit may use besides the selection: where to write, which run and channel it serves."""
+
+    out_dir: Path
+    run_id: str
+    channel: str
+    archive: Any = None  # ampel_dask.io.archive.Archive, for light curves and cutouts
+
+
+class T3Unit(Unit):
+    """Reacts to a population: :meth:`react` gets one row per selected object with its latest T2 results.
+
+    Returns a list of output records (e.g. ``{"kind": "file", "path": ...}``) kept in the journal.
+    """
+
+    tier = "T3"
+
+    def react(self, selection: pa.Table, context: T3Context) -> list[dict]:
+        raise NotImplementedError
+
+
+TIER_BASES: dict[str, type[Unit]] = {"T0": T0Filter, "T2": T2StateUnit, "T3": T3Unit}

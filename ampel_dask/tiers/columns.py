@@ -1,0 +1,49 @@
+"""Column helpers shared by units: numpy views of alert columns and per-alert history aggregates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def num(table: pa.Table, name: str) -> np.ndarray:
+    """Float64 numpy view of a column (nulls and missing columns -> NaN)."""
+    if name not in table.column_names:
+        return np.full(table.num_rows, np.nan)
+    return pc.cast(table.column(name), pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def present(table: pa.Table, name: str) -> np.ndarray:
+    """True where the column exists and holds a value."""
+    if name not in table.column_names:
+        return np.zeros(table.num_rows, dtype=bool)
+    col = table.column(name)
+    valid = np.asarray(col.is_valid())
+    if pa.types.is_floating(col.type):
+        valid &= ~np.isnan(num(table, name))
+    return valid
+
+
+def history(table: pa.Table, field: str, column: str = "dps") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values of one datapoint field, row index of each datapoint, list offsets) for a nested column."""
+    arr = table.column(column).combine_chunks()
+    offsets = np.asarray(arr.offsets)
+    start, end = int(offsets[0]), int(offsets[-1])
+    values = arr.values.slice(start, end - start).field(field)
+    rows = np.repeat(np.arange(len(arr), dtype=np.int64), np.diff(offsets))
+    vals = values.to_numpy(zero_copy_only=False) if values.null_count == 0 else pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False)
+    return vals, rows, offsets - start
+
+
+def per_row(values: np.ndarray, rows: np.ndarray, n: int, how: str, empty: float = np.nan) -> np.ndarray:
+    """Aggregate datapoint values per row ('count', 'min', 'max', 'sum') for non-decreasing ``rows``."""
+    if how == "count":
+        return np.bincount(rows, minlength=n).astype(np.int64)
+    out = np.full(n, empty, dtype=np.float64)
+    if not len(rows):
+        return out
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    ufunc = {"min": np.fmin, "max": np.fmax, "sum": np.add}[how]
+    out[rows[starts]] = ufunc.reduceat(values.astype(np.float64), starts)
+    return out

@@ -1,0 +1,199 @@
+"""Built-in T0 filters: AMPEL's ZTF DecentFilter (vectorised port), an LSST quality filter, expressions."""
+
+from __future__ import annotations
+
+import warnings
+from typing import ClassVar
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from ...io.layout import DETECTION
+from ..base import T0Filter, UnitConfig, Verdict
+from ..columns import history, num, per_row, present
+from ..expression import Expression, ExpressionError
+from ..sky import galactic_latitude
+
+
+class DecentFilterConfig(UnitConfig):
+    """AMPEL's DecentFilter fields, unchanged (ampel.ztf.t0.DecentFilter), so AMPEL configs work as is."""
+
+    # history
+    min_ndet: int = Field(..., description="number of detections in the alert")
+    min_tspan: float = Field(..., description="minimum duration of the detection history [days]")
+    max_tspan: float = Field(..., description="maximum duration of the detection history [days]")
+    min_archive_tspan: float = Field(0.0, description="minimum jdendhist - jdstarthist [days]")
+    max_archive_tspan: float = Field(10**5.0, description="maximum jdendhist - jdstarthist [days]")
+    # image quality
+    min_drb: float = Field(0.0, description="deep-learning real-bogus score (skipped when 0 or absent)")
+    min_rb: float = Field(..., description="real-bogus score")
+    max_fwhm: float = Field(..., description="SExtractor FWHM [pix]")
+    max_elong: float = Field(..., description="aimage / bimage")
+    max_magdiff: float = Field(..., description="|magap - magpsf| [mag]")
+    max_nbad: int = Field(..., description="bad pixels in a 5x5 stamp (AMPEL checks presence only)")
+    # astro
+    min_sso_dist: float = Field(..., description="distance to the nearest solar-system object [arcsec]")
+    min_gal_lat: float = Field(..., description="minimum |galactic latitude| [deg]; negative disables")
+    # PS1
+    ps1_sgveto_rad: float = Field(..., description="max distance of the closest PS1 source for the star veto [arcsec]")
+    ps1_sgveto_th: float = Field(..., description="sgscore1 above which that source is a star")
+    ps1_confusion_rad: float = Field(..., description="reject if all three PS1 sources lie within this radius [arcsec]")
+    ps1_confusion_sg_tol: float = Field(..., description="... and all their sgscores are within this of 0.5")
+    # Gaia (AMPEL queries a catalog service; here the veto needs a local catalog, else it is off)
+    gaia_rs: float = Field(0.0, description="Gaia search radius [arcsec]; 0 = no Gaia veto")
+    gaia_pm_signif: float = 3.0
+    gaia_plx_signif: float = 3.0
+    gaia_veto_gmag_min: float = 9.0
+    gaia_veto_gmag_max: float = 20.0
+    gaia_excessnoise_sig_max: float = 999.0
+    gaia_catalog: str | None = Field(None, description="HEALPix-indexed Gaia Parquet catalog for the Gaia veto")
+
+
+# AMPEL rejects an alert whose latest detection lacks any of these (in this order)
+KEYS_TO_CHECK = ("fwhm", "elong", "magdiff", "nbad", "distpsnr1", "sgscore1", "distpsnr2", "sgscore2",
+                 "distpsnr3", "sgscore3", "isdiffpos", "ra", "dec", "rb", "ssdistnr")  # fmt: skip
+
+
+class DecentFilter(T0Filter):
+    """General-purpose ZTF filter (AMPEL's DecentFilter), the same cuts in the same order, on whole batches.
+
+    Reasons use AMPEL's log keys: nDet, tSpan, missing=<field>, isdiffpos, rb, drb, fwhm, elong, magdiff,
+    archive_tspan, ssdistnr, galPlane, distpsnr1 (PS1 star), ps1Confusion, gaiaIsStar.
+    """
+
+    Config = DecentFilterConfig
+    columns: ClassVar = [*KEYS_TO_CHECK, "drb", "jdstarthist", "jdendhist", "dps"]
+
+    def __init__(self, config=None, **kw):
+        super().__init__(config, **kw)
+        c = self.config
+        self._gaia = None
+        if c.gaia_rs > 0:
+            if c.gaia_catalog:
+                from .gaia import GaiaVeto
+
+                self._gaia = GaiaVeto(c)
+            else:
+                warnings.warn("DecentFilter: gaia_rs > 0 but no gaia_catalog is configured; the Gaia veto is off", stacklevel=2)
+
+    def apply(self, alerts: pa.Table) -> Verdict:
+        c = self.config
+        n = alerts.num_rows
+        v = Verdict.accept_all(n)
+        t, rows, _ = history(alerts, "mjd")
+        kind, _, _ = history(alerts, "kind")
+        det = kind == DETECTION
+        ndet = per_row(t[det], rows[det], n, "count")
+        v.reject(ndet < c.min_ndet, "nDet")
+        tspan = per_row(t[det], rows[det], n, "max") - per_row(t[det], rows[det], n, "min")
+        v.reject(~((c.min_tspan <= tspan) & (tspan <= c.max_tspan)), "tSpan")
+        for key in KEYS_TO_CHECK:
+            v.reject(~present(alerts, key), f"missing={key}")
+        isdiffpos = np.asarray(alerts.column("isdiffpos").fill_null(True))
+        v.reject(~isdiffpos, "isdiffpos")
+        v.reject(num(alerts, "rb") < c.min_rb, "rb")
+        if c.min_drb > 0:
+            v.reject(num(alerts, "drb") < c.min_drb, "drb")  # NaN (older alerts without drb) passes
+        v.reject(num(alerts, "fwhm") > c.max_fwhm, "fwhm")
+        v.reject(num(alerts, "elong") > c.max_elong, "elong")
+        v.reject(np.abs(num(alerts, "magdiff")) > c.max_magdiff, "magdiff")
+        span = num(alerts, "jdendhist") - num(alerts, "jdstarthist")
+        has_span = ~np.isnan(span)
+        v.reject(has_span & ~((c.min_archive_tspan < span) & (span < c.max_archive_tspan)), "archive_tspan")
+        sso = num(alerts, "ssdistnr")
+        v.reject((sso >= 0) & (sso < c.min_sso_dist), "ssdistnr")
+        b = galactic_latitude(num(alerts, "ra"), num(alerts, "dec"))
+        v.reject(np.abs(b) < c.min_gal_lat, "galPlane")
+        d1, d2, d3 = (num(alerts, f"distpsnr{i}") for i in (1, 2, 3))
+        s1, s2, s3 = (num(alerts, f"sgscore{i}") for i in (1, 2, 3))
+        v.reject((d1 < c.ps1_sgveto_rad) & (s1 > c.ps1_sgveto_th), "distpsnr1")
+        very_close = np.maximum(np.maximum(d1, d2), d3) < c.ps1_confusion_rad
+        confused = np.maximum(np.maximum(np.abs(s1 - 0.5), np.abs(s2 - 0.5)), np.abs(s3 - 0.5)) < c.ps1_confusion_sg_tol
+        v.reject(very_close & confused, "ps1Confusion")
+        if self._gaia is not None:
+            pending = v.accepted
+            if pending.any():
+                star = np.zeros(n, dtype=bool)
+                star[pending] = self._gaia.is_star(num(alerts, "ra")[pending], num(alerts, "dec")[pending])
+                v.reject(star, "gaiaIsStar")
+        return v
+
+
+class LSSTQualityConfig(UnitConfig):
+    min_reliability: float = Field(0.0, description="diaSource reliability (ML real/bogus), where given")
+    min_snr: float = Field(5.0, description="signal-to-noise of the triggering diaSource")
+    min_ndet: int = Field(1, description="detections in the alert's history, the trigger included")
+    positive_only: bool = Field(True, description="reject negative difference-image sources")
+    reject_flagged: bool = Field(True, description="reject when psfFlux_flag / pixelFlags / centroid_flag is set")
+    reject_dipoles: bool = Field(True, description="reject sources fitted as dipoles")
+    reject_solar_system: bool = Field(True, description="reject sources associated with an ssObject")
+    max_extendedness: float | None = Field(None, description="reject more extended sources (0 point-like .. 1)")
+
+
+class LSSTQualityFilter(T0Filter):
+    """Basic quality cuts for Rubin alerts (fields absent in an older schema do not reject)."""
+
+    Config = LSSTQualityConfig
+    columns: ClassVar = ["reliability", "snr", "flux", "isdiffpos", "psfFlux_flag", "pixelFlags", "centroid_flag",
+                         "isDipole", "ssObjectId", "diaObjectId", "extendedness", "dps"]  # fmt: skip
+
+    def apply(self, alerts: pa.Table) -> Verdict:
+        c = self.config
+        n = alerts.num_rows
+        v = Verdict.accept_all(n)
+        kind, rows, _ = history(alerts, "kind")
+        ndet = per_row(kind[kind == DETECTION], rows[kind == DETECTION], n, "count")
+        v.reject(ndet < c.min_ndet, "ndet")
+        if c.positive_only:
+            v.reject(~np.asarray(alerts.column("isdiffpos").fill_null(True)), "negative")
+        snr = num(alerts, "snr")
+        if np.isnan(snr).all():  # ELAsTiCC and some schemas: snr from the PSF flux
+            snr = num(alerts, "flux") / num(alerts, "flux_err")
+        v.reject(snr < c.min_snr, "snr")
+        v.reject(num(alerts, "reliability") < c.min_reliability, "reliability")
+        if c.reject_flagged:
+            flagged = np.zeros(n, dtype=bool)
+            for f in ("psfFlux_flag", "pixelFlags", "centroid_flag"):
+                flagged |= num(alerts, f) == 1
+            v.reject(flagged, "flagged")
+        if c.reject_dipoles:
+            v.reject(num(alerts, "isDipole") == 1, "dipole")
+        if c.reject_solar_system:
+            v.reject(present(alerts, "ssObjectId") & (num(alerts, "ssObjectId") != 0), "solar_system")
+        if c.max_extendedness is not None:
+            v.reject(num(alerts, "extendedness") > c.max_extendedness, "extended")
+        return v
+
+
+class ExpressionFilterConfig(UnitConfig):
+    expr: str = Field(..., description='boolean expression over alert columns, e.g. "rb > 0.5 and ndethist >= 2"')
+    reason: str | None = Field(None, description="name of the rejection (default: the expression)")
+
+
+class ExpressionFilter(T0Filter):
+    """Accept alerts for which an expression written in the workflow holds (vectorised, never eval'ed)."""
+
+    Config = ExpressionFilterConfig
+
+    def __init__(self, config=None, **kw):
+        super().__init__(config, **kw)
+        try:
+            self.expression = Expression(self.config.expr)
+        except ExpressionError as exc:
+            from pydantic_core import InitErrorDetails, PydanticCustomError
+            from pydantic import ValidationError
+
+            from ..base import UnitConfigError
+
+            err = ValidationError.from_exception_data(
+                "ExpressionFilterConfig",
+                [InitErrorDetails(type=PydanticCustomError("expression", str(exc)), loc=("expr",), input=self.config.expr)],
+            )
+            raise UnitConfigError(self.name(), err) from None
+        from ..expression import DERIVED
+
+        self.columns = [c for c in self.expression.columns if c not in DERIVED] + ["dps"]
+
+    def apply(self, alerts: pa.Table) -> Verdict:
+        return Verdict.from_mask(self.expression(alerts), self.config.reason or self.config.expr)
