@@ -41,3 +41,6 @@ def group_location(rows: list[dict]) -> str:
     first = rows[0]["file"]
     parts = first.split("/")
     return "/".join(parts[:2])
+
+
+from .slurm_fixture import slurm  # noqa: E402,F401  (session fixture: the one-node SLURM of slurm/)

@@ -11,7 +11,7 @@ def num(table: pa.Table, name: str) -> np.ndarray:
     """Float64 numpy view of a column (nulls and missing columns -> NaN)."""
     if name not in table.column_names:
         return np.full(table.num_rows, np.nan)
-    return pc.cast(table.column(name), pa.float64()).to_numpy(zero_copy_only=False)
+    return pc.cast(table.column(name), pa.float64(), safe=False).to_numpy(zero_copy_only=False)
 
 
 def present(table: pa.Table, name: str) -> np.ndarray:
