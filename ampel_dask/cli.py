@@ -162,5 +162,49 @@ def _part_columns(arch, part) -> set[str]:
     return set(pq.read_schema(arch.root / part.path).names)
 
 
+RUN_KEYS = ("run_id", "alerts", "channels", "t2", "t3", "tasks", "seconds")
+
+
+@main.command()
+@click.argument("workflow", type=click.Path(exists=True, dir_okay=False))
+@click.option("--archive", type=click.Path(file_okay=False), help="archive folder (overrides archive.path)")
+@click.option("--store", type=click.Path(file_okay=False), help="Parquet result store folder (overrides store.path)")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="local worker processes (default: all cores)")
+@click.option("--cluster", type=click.Choice(["local", "slurm", "address"]), default=None, help="override cluster.kind")
+@click.option("--jobs", type=click.IntRange(min=1), default=None, help="SLURM worker jobs (with --cluster slurm)")
+@click.option("--progress/--no-progress", default=None, help="progress bar (default: on a terminal)")
+@click.option("--json", "as_json", is_flag=True, help="print the run summary as JSON on the last stdout line")
+def run(workflow, archive, store, workers, cluster, jobs, progress, as_json) -> None:
+    """Run a workflow over an archive: T0 filters, T1 states, T2 units, T3 reactions."""
+    from .graph.runner import RunOptions, run_workflow
+    from .graph.workflow import WorkflowError, load_workflow
+
+    try:
+        wf = load_workflow(workflow)
+        summary = run_workflow(
+            wf,
+            RunOptions(archive=archive, store=store, workers=workers, cluster=cluster, jobs=jobs, progress=progress,
+                       echo=lambda line: click.echo(line, err=True)),  # fmt: skip
+        )
+    except WorkflowError as exc:
+        raise click.UsageError(str(exc)) from None
+    _report_run(summary, as_json)
+
+
+def _report_run(summary: dict, as_json: bool) -> None:
+    out = sys.stderr if as_json else sys.stdout
+    print(f"run {summary['run_id']}: {summary['alerts']} alerts, {summary['tasks']} tasks, {summary['seconds']:.1f} s", file=out)
+    for name, c in summary["channels"].items():
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["rejections"][name].items(), key=lambda kv: -kv[1])[:6])
+        print(f"  channel {name}: passed {c['passed']}, rejected {c['rejected']}" + (f" ({reasons})" if reasons else ""), file=out)
+    print(f"  T2: computed {summary['t2']['computed']}, reused {summary['t2']['reused']}; T3 outputs: {summary['t3']['outputs']}", file=out)
+    for p in summary.get("t3_outputs", []):
+        print(f"  output: {p}", file=out)
+    if summary.get("note"):
+        print(f"  {summary['note']}", file=out)
+    if as_json:
+        _emit_json({k: summary[k] for k in RUN_KEYS} | ({"note": summary["note"]} if summary.get("note") else {}))
+
+
 if __name__ == "__main__":
     main()

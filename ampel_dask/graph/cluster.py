@@ -1,0 +1,85 @@
+"""Where the graph runs: a LocalCluster (default), SLURM through dask-jobqueue, or a running scheduler.
+
+The same workflow and graph run unchanged on each; only this module knows the difference.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from .workflow import ClusterSpec, WorkflowError
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def make_cluster(spec: ClusterSpec, kind: str, workers: int | None = None, jobs: int | None = None) -> Iterator[Any]:
+    from distributed import Client
+
+    if kind == "address":
+        if not spec.address:
+            raise WorkflowError("cluster.kind is 'address' but cluster.address is not set")
+        with Client(spec.address) as client:
+            yield client
+        return
+    if kind == "slurm":
+        cluster = slurm_cluster(spec)
+        try:
+            n = jobs or spec.jobs
+            if spec.adaptive and not jobs:
+                cluster.adapt(**spec.adaptive)
+            else:
+                cluster.scale(jobs=n or 1)
+            with Client(cluster) as client:
+                client.wait_for_workers(1, timeout=180)
+                yield client
+        finally:
+            cluster.close()
+        return
+    from distributed import LocalCluster
+
+    if workers == 0:  # no worker processes: threads in this process (debugging, tiny inputs)
+        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0")
+    else:
+        cluster = LocalCluster(
+            n_workers=workers or cores(),
+            threads_per_worker=1,
+            processes=True,
+            memory_limit=spec.memory_limit or "auto",
+            dashboard_address=":0",
+        )
+    try:
+        with Client(cluster) as client:
+            yield client
+    finally:
+        cluster.close()
+
+
+def jobqueue_settings(spec: ClusterSpec) -> dict:
+    """SLURMCluster keyword arguments: the config file's ``jobqueue.slurm`` section, then the workflow's."""
+    settings: dict = {}
+    if spec.config_file:
+        data = yaml.safe_load(Path(spec.config_file).read_text()) or {}
+        settings.update((data.get("jobqueue") or {}).get("slurm") or {})
+    settings.update(spec.jobqueue)
+    return {k.replace("-", "_"): v for k, v in settings.items() if v is not None}
+
+
+def slurm_cluster(spec: ClusterSpec):
+    from dask_jobqueue import SLURMCluster
+
+    kwargs = jobqueue_settings(spec)
+    kwargs.setdefault("cores", 1)
+    kwargs.setdefault("memory", "1GB")
+    kwargs.setdefault("scheduler_options", {"dashboard_address": ":0"})
+    return SLURMCluster(**kwargs)

@@ -1,0 +1,156 @@
+"""Workflow + archive partitions -> a Dask graph whose keys are content hashes.
+
+Per archive partition (content hash h): ``read-h`` -> ``t0-<filters, access, h>`` per distinct filter
+chain -> ``t1-<chain, policy, h>`` per channel -> one ``t2-...`` stage for all T2 units of all channels
+(states de-duplicated across channels, stored states skipped). Channels whose T1 policy joins the
+archived history get a shuffle by object: passing alerts -> their objects' datapoints from every
+archive part -> ``t1h`` per object bucket -> a T2 stage per bucket. T3 runs per channel and unit after
+its channel's T2 stages. Identical work has identical keys, so it collapses within a run; finished
+work has a marker in the store, so a re-run leaves it out of the graph entirely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..io.archive import Archive, Partition
+from ..tiers.base import T2StateUnit
+from . import tasks
+from .plan import ChannelPlan, key_of
+
+
+@dataclass
+class CompiledRun:
+    graph: dict = field(default_factory=dict)
+    sinks: list[str] = field(default_factory=list)  # keys whose (small) results the driver gathers
+    t1_names: dict[str, list[str]] = field(default_factory=dict)  # channel -> store names of its states
+    count_names: dict[str, list[str]] = field(default_factory=dict)  # channel -> markers holding T0 counts
+    t2_names: list[str] = field(default_factory=list)
+    t3_names: list[str] = field(default_factory=list)
+    partitions: list[Partition] = field(default_factory=list)
+    skipped_partitions: int = 0
+
+    @property
+    def tasks(self) -> int:
+        return len(self.graph)
+
+
+def _units(plans: list[ChannelPlan]) -> list[T2StateUnit]:
+    seen: dict[str, T2StateUnit] = {}
+    for p in plans:
+        for u in p.t2:
+            seen.setdefault(u.identity.key, u)
+    return list(seen.values())
+
+
+def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partition], store, run_id: str, history_buckets: int = 16) -> CompiledRun:
+    run = CompiledRun(partitions=parts, t1_names={p.name: [] for p in plans}, count_names={p.name: [] for p in plans})
+    dsk = run.graph
+    spec = store.spec
+    root = str(archive.root)
+    done_files = {u.identity.key: tuple(store.t2_files(u.name(), u.identity.key)) for u in _units(plans)}
+    packet = [p for p in plans if not p.history]
+    hist = [p for p in plans if p.history]
+
+    def ensure_read_t0(part: Partition, chans: list[ChannelPlan]) -> dict[str, str]:
+        h = part.content_hash
+        cols = None
+        if all(c.columns is not None for c in plans):
+            cols = sorted(set().union(*(c.columns for c in plans)))
+        dsk.setdefault(f"read-{h}", (tasks.read_partition, root, part.path, cols))
+        out = {}
+        for c in chans:
+            k = f"t0-{key_of(c.t0_key, h)}"
+            dsk.setdefault(k, (tasks.run_t0, f"read-{h}", c))
+            out[c.name] = k
+        return out
+
+    # --- channels on the packet's own history: everything per partition ---
+    stage_units = _units(packet)
+    for part in parts:
+        h = part.content_hash
+        names = {c.name: key_of(c.t1_key, h) for c in packet}
+        for c in packet:
+            run.t1_names[c.name].append(names[c.name])
+            run.count_names[c.name].append(names[c.name])
+        if not packet:
+            continue
+        inputs = [[c.name, [u.identity.key for u in c.t2], names[c.name]] for c in packet]
+        stage = key_of("t2", sorted(names.values()), [u.identity.key for u in stage_units]) if stage_units else None
+        if stage:
+            run.t2_names.append(stage)
+        finished = all(store.task_info(n) for n in names.values()) and (stage is None or store.task_info(stage))
+        if finished:
+            run.skipped_partitions += 1
+            continue
+        t0 = ensure_read_t0(part, packet)
+        for c in packet:
+            dsk[f"t1-{names[c.name]}"] = (tasks.run_t1, f"read-{h}", t0[c.name], c, spec, names[c.name], run_id)
+        if stage:
+            meta = [(ch, ukeys) for ch, ukeys, _ in inputs]
+            dsk[f"t2-{stage}"] = (_stage, spec, stage, run_id, meta, stage_units, done_files, *[f"t1-{n}" for _, _, n in inputs])
+            run.sinks.append(f"t2-{stage}")
+        else:
+            run.sinks += [f"t1-{names[c.name]}" for c in packet]
+
+    # --- channels joining each object's archived history: shuffle by object bucket ---
+    for c in hist:
+        sel_id = key_of([p.content_hash for p in parts])
+        sources = archive.partitions(sorted({p.survey for p in parts}))
+        hist_id = key_of([p.content_hash for p in sources])
+        names = [key_of("t1h", c.t1_key, sel_id, hist_id, b, history_buckets) for b in range(history_buckets)]
+        stages = [key_of("t2h", n, [u.identity.key for u in c.t2]) if c.t2 else None for n in names]
+        counts = [key_of("t0c", c.t0_key, p.content_hash) for p in parts]
+        run.t1_names[c.name] += names
+        run.count_names[c.name] += counts
+        run.t2_names += [s for s in stages if s]
+        if all(store.task_info(k) for k in names + counts + [s for s in stages if s]):
+            continue
+        pass_keys = []
+        for part, ck in zip(parts, counts):
+            t0 = ensure_read_t0(part, [c])[c.name]
+            dsk[f"pass-{ck}"] = (_pass, f"read-{part.content_hash}", t0, c, spec, ck)
+            pass_keys.append(f"pass-{ck}")
+        stocks_key = f"stocks-{key_of(c.t0_key, sel_id)}"
+        dsk[stocks_key] = (tasks.stocks_of, pass_keys)
+        hist_keys = []
+        for q in sources:
+            hk = f"hist-{key_of(c.t0_key, sel_id, q.content_hash, history_buckets)}"
+            dsk[hk] = (tasks.history_pieces, root, q.path, stocks_key, history_buckets)
+            hist_keys.append(hk)
+        for b, (n, s) in enumerate(zip(names, stages)):
+            dsk[f"t1h-{n}"] = (tasks.run_t1_history, pass_keys, hist_keys, b, history_buckets, c, spec, n, run_id)
+            if s:
+                dsk[f"t2-{s}"] = (_stage, spec, s, run_id, [(c.name, [u.identity.key for u in c.t2])], c.t2, done_files, f"t1h-{n}")
+                run.sinks.append(f"t2-{s}")
+            else:
+                run.sinks.append(f"t1h-{n}")
+
+    # --- T3 per channel and unit, after the channel's T2 stages ---
+    for c in plans:
+        t2_deps = [k for k in dsk if k.startswith("t2-")]
+        for i, unit in enumerate(c.t3):
+            name = key_of("t3", unit.identity.key, c.name, sorted(run.t1_names[c.name]), [u.identity.key for u in c.t2])
+            run.t3_names.append(name)
+            if store.task_info(name) and not any(k.startswith(("t1", "t2")) for k in dsk):
+                continue
+            dsk[f"t3-{name}"] = (_t3, spec, c, i, name, run_id, sorted(run.t1_names[c.name]), root, *t2_deps)
+            run.sinks.append(f"t3-{name}")
+    return run
+
+
+def _stage(spec, key, run_id, meta, units, done_files, *states):
+    inputs = [(ch, ukeys, s) for (ch, ukeys), s in zip(meta, states)]
+    return tasks.run_t2_stage(spec, key, run_id, inputs, units, done_files)
+
+
+def _pass(table, t0, plan, spec, key):
+    """Alerts of one partition that pass a history channel's T0; their counts go to a marker."""
+    from .store import open_store
+
+    open_store(spec).mark_task(key, {"kind": "t0", "channel": plan.name, **tasks.t0_counts(t0, table.num_rows)})
+    return tasks.passing_alerts(table, t0)
+
+
+def _t3(spec, plan, i, name, run_id, state_names, root, *_after):
+    return tasks.run_t3(spec, plan, i, name, run_id, state_names, root)

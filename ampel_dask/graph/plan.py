@@ -1,0 +1,98 @@
+"""From a validated workflow to channel plans: units instantiated (their configs validated), T2
+dependencies ordered, and the content-hash keys that identify each step's work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..tiers.base import T0Filter, T2StateUnit, T3Unit, UnitConfigError, canonical_json, short_hash
+from ..tiers.registry import UnknownUnit, load
+from ..tiers.states import T1Policy
+from .workflow import ChannelSpec, UnitRef, Workflow, WorkflowError
+
+
+def key_of(*parts: object) -> str:
+    """Content-hash key of anything JSON-serialisable (order of parts matters)."""
+    return short_hash(canonical_json(list(parts)))
+
+
+@dataclass
+class ChannelPlan:
+    name: str
+    access: list[str]
+    filters: list[T0Filter]
+    t1: T1Policy
+    t2: list[T2StateUnit]  # dependencies first
+    t3: list[T3Unit]
+    t0_key: str = ""
+    t1_key: str = ""
+    columns: set[str] | None = field(default=None)
+
+    @property
+    def history(self) -> bool:
+        return self.t1.config.history == "archive"
+
+
+def _make(ref: UnitRef, where: str, kind: type) -> object:
+    try:
+        cls = load(ref.unit)
+    except UnknownUnit as exc:
+        raise WorkflowError(f"{where}: {exc}") from None
+    if not issubclass(cls, kind):
+        raise WorkflowError(f"{where}: {ref.unit} is a {cls.tier} unit, expected {kind.tier}")
+    try:
+        return cls(ref.config)
+    except UnitConfigError as exc:
+        raise WorkflowError(f"{where}: {exc}") from None
+
+
+def _with_dependencies(units: list[T2StateUnit]) -> list[T2StateUnit]:
+    """Topological order: each unit after the units it reads; shared dependencies appear once."""
+    out: dict[str, T2StateUnit] = {}
+
+    def visit(u: T2StateUnit, stack: tuple[str, ...]) -> None:
+        k = u.identity.key
+        if k in stack:
+            raise WorkflowError(f"T2 dependency cycle through {u.name()}")
+        for d in u.dependencies():
+            visit(d, stack + (k,))
+        out.setdefault(k, u)
+
+    for u in units:
+        visit(u, ())
+    return list(out.values())
+
+
+# alert columns every step needs, besides what the filters ask for
+CORE_COLUMNS = {"alert_id", "stock", "object_id", "survey", "night", "mjd", "ra", "dec", "band", "mag", "flux", "flux_err", "isdiffpos", "programid", "dps"}
+
+
+def plan_channel(spec: ChannelSpec, i: int) -> ChannelPlan:
+    where = f"channels[{i}] ({spec.name})"
+    filters = [_make(r, f"{where}.filters[{j}]", T0Filter) for j, r in enumerate(spec.filters)]
+    t1 = _make(spec.t1, f"{where}.t1", T1Policy)
+    t2 = _with_dependencies([_make(r, f"{where}.t2[{j}]", T2StateUnit) for j, r in enumerate(spec.t2)])
+    t3 = [_make(r, f"{where}.t3[{j}]", T3Unit) for j, r in enumerate(spec.t3)]
+    plan = ChannelPlan(spec.name, list(spec.access), filters, t1, t2, t3)  # type: ignore[arg-type]
+    plan.t0_key = key_of("t0", sorted(spec.access), [f.identity.key for f in filters])
+    plan.t1_key = key_of("t1", plan.t0_key, t1.identity.key)
+    cols: set[str] | None = set(CORE_COLUMNS)
+    for f in filters:
+        if f.columns is None:
+            cols = None
+            break
+        cols |= set(f.columns)
+    plan.columns = cols
+    return plan
+
+
+def plan_workflow(wf: Workflow) -> list[ChannelPlan]:
+    return [plan_channel(c, i) for i, c in enumerate(wf.channels)]
+
+
+def unit_versions(plans: list[ChannelPlan]) -> dict[str, dict]:
+    out = {}
+    for p in plans:
+        for u in [*p.filters, p.t1, *p.t2, *p.t3]:
+            out[f"{u.name()}:{u.config_hash}"] = {"unit": u.name(), "version": str(u.version), "config_hash": u.config_hash, "tier": u.tier}
+    return out

@@ -1,0 +1,179 @@
+"""Run a workflow: compile, execute on a Dask cluster, reconcile counts, write the run manifest."""
+
+from __future__ import annotations
+
+import os
+import platform
+import secrets
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from .. import __version__
+from ..io.archive import Archive
+from .compile import CompiledRun, compile_run
+from .plan import plan_workflow, unit_versions
+from .store import open_store
+from .workflow import Workflow, WorkflowError
+
+
+@dataclass
+class RunOptions:
+    archive: str | None = None
+    store: str | None = None
+    workers: int | None = None
+    progress: bool | None = None
+    cluster: str | None = None  # override of workflow.cluster.kind
+    jobs: int | None = None
+    client: Any = None  # an existing distributed.Client (tests, notebooks, live mode)
+    echo: Any = field(default=None)  # callable for human-readable lines (stderr on the CLI)
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def store_spec(wf: Workflow, override: str | None) -> dict:
+    if wf.store.kind == "mongo" and not override:
+        if not wf.store.uri:
+            raise WorkflowError("store.kind is mongo but store.uri is missing")
+        return {"kind": "mongo", "uri": wf.store.uri, "database": wf.store.database, "path": wf.store.path or "store"}
+    return {"kind": "parquet", "path": str(Path(override or wf.store.path or "store").resolve())}
+
+
+def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
+    opts = opts or RunOptions()
+    echo = opts.echo or (lambda *_: None)
+    t_start = time.perf_counter()
+    plans = plan_workflow(wf)
+    archive_path = opts.archive or wf.archive.path
+    if not archive_path:
+        raise WorkflowError("no archive: give --archive or archive.path in the workflow")
+    archive = Archive(Path(archive_path).resolve())
+    if not archive.exists():
+        raise WorkflowError(f"{archive_path} is not an ampel-dask archive (run `ampel-dask ingest ... --archive {archive_path}` first)")
+    store = open_store(store_spec(wf, opts.store))
+    run_id = new_run_id()
+    parts = [p for p in archive.partitions() if wf.archive.wants(p.survey, p.night)]
+    t_compile = time.perf_counter()
+    run = compile_run(plans, archive, parts, store, run_id, wf.history_buckets)
+    t_exec = time.perf_counter()
+    results: dict[str, Any] = {}
+    dashboard = None
+    if run.graph:
+        with _client(wf, opts) as client:
+            dashboard = getattr(client, "dashboard_link", None)
+            if dashboard and _tty(opts.progress):
+                echo(f"Dask dashboard: {dashboard}")
+            results = _execute(client, run, opts.progress)
+    t_done = time.perf_counter()
+    summary = _summarise(run, results, store, plans, parts, run_id)
+    summary["seconds"] = round(time.perf_counter() - t_start, 3)
+    if not run.graph:
+        summary["note"] = f"nothing to compute: all {len(parts)} partition(s) already processed with this workflow"
+    manifest = {
+        **summary,
+        "workflow": wf.name,
+        "workflow_hash": wf.hash,
+        "ampel_dask": __version__,
+        "python": platform.python_version(),
+        "units": unit_versions(plans),
+        "archive": str(archive.root),
+        "store": store.spec,
+        "inputs": [{"path": p.path, "content_hash": p.content_hash, "rows": p.rows} for p in parts],
+        "timings": {"compile": round(t_exec - t_compile, 3), "execute": round(t_done - t_exec, 3), "total": summary["seconds"]},
+        "dashboard": dashboard,
+        "started": datetime.now(timezone.utc).isoformat(),
+    }
+    store.write_manifest(run_id, manifest)
+    return summary
+
+
+def _tty(flag: bool | None) -> bool:
+    return sys.stderr.isatty() if flag is None else flag
+
+
+@contextmanager
+def _client(wf: Workflow, opts: RunOptions) -> Iterator[Any]:
+    if opts.client is not None:
+        yield opts.client
+        return
+    from .cluster import make_cluster
+
+    kind = opts.cluster or wf.cluster.kind
+    workers = opts.workers if opts.workers is not None else wf.cluster.workers
+    with make_cluster(wf.cluster, kind, workers, opts.jobs) as client:
+        yield client
+
+
+def _execute(client, run: CompiledRun, progress: bool | None) -> dict:
+    from distributed import as_completed
+
+    futures = client.get(run.graph, run.sinks, sync=False)
+    bar = None
+    if _tty(progress):
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(futures), desc="run", unit="task", file=sys.stderr)
+    results = {}
+    for fut in as_completed(futures):
+        value = fut.result()
+        if not hasattr(value, "num_rows"):  # T1 sinks return tables: keep only small summaries
+            results[fut.key] = value
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return results
+
+
+def _summarise(run: CompiledRun, results: dict, store, plans, parts, run_id: str) -> dict:
+    channels = {}
+    for c in plans:
+        agg = {"passed": 0, "rejected": 0, "reasons": {}}
+        for name in run.count_names[c.name]:
+            info = store.task_info(name) or {}
+            agg["passed"] += info.get("passed", 0)
+            agg["rejected"] += info.get("rejected", 0)
+            for k, v in info.get("reasons", {}).items():
+                agg["reasons"][k] = agg["reasons"].get(k, 0) + v
+        channels[c.name] = agg
+    computed = reused = failed = 0
+    by_unit: dict[str, dict] = {}
+    for name in run.t2_names:
+        res = results.get(f"t2-{name}")
+        if res is None:  # skipped: done in an earlier run, everything reused now
+            info = store.task_info(name) or {}
+            for u, c in info.get("units", {}).items():
+                d = by_unit.setdefault(u, {"computed": 0, "reused": 0})
+                d["reused"] += c.get("states", 0)
+                reused += c.get("states", 0)
+            continue
+        computed += res["computed"]
+        reused += res["reused"]
+        failed += res["failed"]
+        for u, c in res["units"].items():
+            d = by_unit.setdefault(u, {"computed": 0, "reused": 0})
+            d["computed"] += c["computed"]
+            d["reused"] += c["reused"]
+    outputs = sum(len(r.get("outputs", [])) for k, r in results.items() if k.startswith("t3-"))
+    t3_paths = [o.get("path") for k, r in results.items() if k.startswith("t3-") for o in r.get("outputs", []) if o.get("path")]
+    return {
+        "run_id": run_id,
+        "alerts": sum(p.rows for p in parts),
+        "channels": {k: {"passed": v["passed"], "rejected": v["rejected"]} for k, v in channels.items()},
+        "t2": {"computed": computed, "reused": reused, **({"failed": failed} if failed else {})},
+        "t3": {"outputs": outputs},
+        "tasks": run.tasks,
+        "rejections": {k: v["reasons"] for k, v in channels.items()},
+        "t2_units": by_unit,
+        "t3_outputs": t3_paths,
+        "partitions": {"total": len(parts), "skipped": run.skipped_partitions},
+    }
+
+
+__all__ = ["run_workflow", "RunOptions", "new_run_id", "os"]

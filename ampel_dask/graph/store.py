@@ -1,0 +1,138 @@
+"""Result stores: Parquet (default; read it with pandas, DuckDB, polars) and MongoDB (optional).
+
+Parquet layout (every file written atomically, named by the content-hash key of the task that made it)::
+
+    STORE/states/<channel>/<t1 key>.parquet          T1 states of one work unit (the channel's selection)
+    STORE/t2/<Unit>/<unit key>/<stage key>.parquet   T2 results: state_id, code, body columns, provenance
+    STORE/tasks/<key>.json                           a finished task and its counts (a re-run skips it)
+    STORE/journal/<run id>/<key>.parquet             one row per (stock, run, tier, channel, action)
+    STORE/t3/<channel>/<t3 key>/...                  T3 outputs, plus objects.parquet (who was in them)
+    STORE/runs/<run id>.json                         run manifests
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..io.archive import atomic_write, parquet_bytes
+
+
+class ParquetStore:
+    kind = "parquet"
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def spec(self) -> dict:
+        return {"kind": "parquet", "path": str(self.root)}
+
+    # --- task markers ---
+    def task_info(self, key: str) -> dict | None:
+        p = self.root / "tasks" / f"{key}.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def mark_task(self, key: str, info: dict) -> None:
+        atomic_write(self.root / "tasks" / f"{key}.json", json.dumps(info, sort_keys=True).encode())
+
+    # --- T1 states (the channels' selections) ---
+    def write_states(self, channel: str, key: str, table: pa.Table) -> None:
+        atomic_write(self.root / "states" / channel / f"{key}.parquet", parquet_bytes(table))
+
+    def read_states(self, channel: str, keys: list[str] | None = None, columns: list[str] | None = None) -> pa.Table | None:
+        folder = self.root / "states" / channel
+        files = [folder / f"{k}.parquet" for k in keys] if keys is not None else sorted(folder.glob("*.parquet"))
+        tables = [pq.read_table(f, columns=columns) for f in files if f.exists()]
+        return pa.concat_tables(tables, promote_options="default") if tables else None
+
+    def channels(self) -> list[str]:
+        d = self.root / "states"
+        return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+    # --- T2 results ---
+    def _t2_dir(self, unit: str, unit_key: str) -> Path:
+        return self.root / "t2" / unit / unit_key
+
+    def write_t2(self, unit: str, unit_key: str, key: str, table: pa.Table) -> None:
+        atomic_write(self._t2_dir(unit, unit_key) / f"{key}.parquet", parquet_bytes(table))
+
+    def t2_files(self, unit: str, unit_key: str) -> list[str]:
+        return sorted(str(p) for p in self._t2_dir(unit, unit_key).glob("*.parquet"))
+
+    def done_state_ids(self, unit: str, unit_key: str, files: tuple[str, ...] | None = None) -> np.ndarray:
+        """Sorted state ids with a result for this unit key (what a task must not compute again)."""
+        return _state_ids(tuple(files if files is not None else self.t2_files(unit, unit_key)))
+
+    def read_t2(self, unit: str, unit_key: str, state_ids: np.ndarray | None = None) -> pa.Table | None:
+        tables = [pq.read_table(f) for f in self.t2_files(unit, unit_key)]
+        if not tables:
+            return None
+        t = pa.concat_tables(tables, promote_options="default")
+        if state_ids is not None:
+            t = t.filter(pc.is_in(t.column("state_id"), value_set=pa.array(np.asarray(state_ids, dtype=np.int64))))
+        # one row per state (a state computed twice by racing tasks gives identical rows)
+        _, first = np.unique(t.column("state_id").to_numpy(), return_index=True)
+        return t.take(pa.array(np.sort(first)))
+
+    def t2_units(self) -> list[tuple[str, str]]:
+        d = self.root / "t2"
+        return sorted((u.name, k.name) for u in d.iterdir() for k in u.iterdir()) if d.exists() else []
+
+    # --- journal, T3, manifests ---
+    def write_journal(self, run_id: str, key: str, table: pa.Table) -> None:
+        if table.num_rows:
+            atomic_write(self.root / "journal" / run_id / f"{key}.parquet", parquet_bytes(table))
+
+    def read_journal(self) -> pa.Table | None:
+        files = sorted((self.root / "journal").glob("*/*.parquet"))
+        return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default") if files else None
+
+    def t3_dir(self, channel: str, key: str) -> Path:
+        return self.root / "t3" / channel / key
+
+    def write_t3_objects(self, channel: str, key: str, table: pa.Table) -> None:
+        atomic_write(self.t3_dir(channel, key) / "objects.parquet", parquet_bytes(table))
+
+    def read_t3_objects(self) -> pa.Table | None:
+        files = sorted((self.root / "t3").glob("*/*/objects.parquet"))
+        return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default") if files else None
+
+    def write_manifest(self, run_id: str, manifest: dict[str, Any]) -> Path:
+        path = self.root / "runs" / f"{run_id}.json"
+        atomic_write(path, (json.dumps(manifest, indent=1, sort_keys=False, default=str) + "\n").encode())
+        return path
+
+    def manifests(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted((self.root / "runs").glob("*.json"))]
+
+
+@lru_cache(maxsize=64)
+def _state_ids(files: tuple[str, ...]) -> np.ndarray:
+    """Cached per worker process: the same file list (one run) is read once, whatever the task."""
+    ids = [pq.read_table(f, columns=["state_id"]).column("state_id").to_numpy() for f in files]
+    return np.unique(np.concatenate(ids)) if ids else np.empty(0, dtype=np.int64)
+
+
+def open_store(spec: dict) -> Any:
+    """A store from its spec dict (what tasks receive; a store object itself stays on the driver)."""
+    return _open(json.dumps(spec, sort_keys=True))
+
+
+@lru_cache(maxsize=8)
+def _open(spec_json: str) -> Any:
+    spec = json.loads(spec_json)
+    if spec["kind"] == "parquet":
+        return ParquetStore(spec["path"])
+    if spec["kind"] == "mongo":
+        from .mongo_store import MongoStore
+
+        return MongoStore(spec["uri"], spec.get("database", "ampel_dask"), spec.get("path"))
+    raise ValueError(f"unknown store kind {spec['kind']!r}")

@@ -1,0 +1,282 @@
+"""The work of one graph task: a batch in, a batch (or a small summary) out; writes are idempotent.
+
+Every task that writes names its output by its own content-hash key, so a task run twice (a lost worker,
+a re-run) writes the same bytes to the same place. T2 work inside a stage is keyed by (unit, state id):
+states already in the store are not computed again, and a state reached by several channels is
+computed once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..io.layout import DATAPOINT
+from ..tiers.base import T2StateUnit, T3Context, Verdict
+from ..tiers.states import alert_access
+from .plan import ChannelPlan
+from .store import open_store
+
+log = logging.getLogger("ampel_dask")
+PROVENANCE = ["state_id", "stock", "alert_id", "unit", "unit_version", "config_hash", "t2_key", "run_id", "code"]
+
+
+def read_partition(archive_root: str, rel_path: str, columns: list[str] | None) -> pa.Table:
+    path = f"{archive_root}/{rel_path}"
+    if columns is not None:
+        names = set(pq.read_schema(path).names)
+        columns = [c for c in columns if c in names]
+    return pq.read_table(path, columns=columns)
+
+
+@dataclass
+class T0Result:
+    verdict: Verdict
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def run_t0(table: pa.Table, plan: ChannelPlan) -> T0Result:
+    """Data rights first (reason 'access'), then the channel's filters in order; first rejection wins."""
+    v = Verdict.accept_all(table.num_rows)
+    v.reject(~alert_access(table, plan.access), "access")
+    for f in plan.filters:
+        ok = v.accepted
+        if not ok.any():
+            break
+        sub = f.verdict(table.filter(pa.array(ok)))
+        codes = np.zeros(table.num_rows, dtype=np.int16)
+        codes[ok] = sub.codes
+        v = v & Verdict(codes, sub.reasons)
+    return T0Result(v, v.counts())
+
+
+def run_t1(table: pa.Table, t0: T0Result, plan: ChannelPlan, store_spec: dict, key: str, run_id: str, history: pa.Table | None = None) -> pa.Table:
+    """States of the accepted alerts; stored as the channel's selection for this work unit."""
+    store = open_store(store_spec)
+    passing = table.filter(pa.array(t0.verdict.accepted))
+    states = plan.t1.states(passing, plan.access, history)
+    store.write_states(plan.name, key, states)
+    store.write_journal(run_id, key, _journal(states.column("stock"), run_id, 0, plan.name, "accepted", alert_id=states.column("alert_id")))
+    n = table.num_rows
+    counts = {"alerts": n, "passed": int(t0.verdict.accepted.sum()), "rejected": n - int(t0.verdict.accepted.sum()), "reasons": {k: v for k, v in t0.counts.items() if k != "accepted"}}
+    store.mark_task(key, {"kind": "t1", "channel": plan.name, "states": states.num_rows, **counts})
+    return states
+
+
+def passing_alerts(table: pa.Table, t0: T0Result) -> pa.Table:
+    return table.filter(pa.array(t0.verdict.accepted))
+
+
+def t0_counts(t0: T0Result, n: int) -> dict:
+    acc = int(t0.verdict.accepted.sum())
+    return {"alerts": n, "passed": acc, "rejected": n - acc, "reasons": {k: v for k, v in t0.counts.items() if k != "accepted"}}
+
+
+def run_t1_history(alert_batches: list[pa.Table], hist_batches: list[dict], bucket: int, nbuckets: int, plan: ChannelPlan, store_spec: dict, key: str, run_id: str) -> pa.Table:
+    """States with each object's archived history: the alerts and history of one object bucket."""
+    alerts = [a.filter(pa.array(bucket_of(a.column("stock").to_numpy(), nbuckets) == bucket)) for a in alert_batches if a.num_rows]
+    alerts = [a for a in alerts if a.num_rows]
+    pieces = [h[bucket] for h in hist_batches if bucket in h]
+    history = pa.concat_tables(pieces) if pieces else None
+    store = open_store(store_spec)
+    if not alerts:
+        empty = plan.t1.states(alert_batches[0].slice(0, 0), plan.access) if alert_batches else None
+        if empty is not None:
+            store.write_states(plan.name, key, empty)
+        store.mark_task(key, {"kind": "t1h", "channel": plan.name, "states": 0})
+        return empty
+    table = pa.concat_tables(alerts, promote_options="default")
+    states = plan.t1.states(table, plan.access, history)
+    store.write_states(plan.name, key, states)
+    store.write_journal(run_id, key, _journal(states.column("stock"), run_id, 1, plan.name, "state", alert_id=states.column("alert_id")))
+    store.mark_task(key, {"kind": "t1h", "channel": plan.name, "states": states.num_rows})
+    return states
+
+
+def bucket_of(stock: np.ndarray, nbuckets: int) -> np.ndarray:
+    from ..io.layout import splitmix64
+
+    return (splitmix64(np.asarray(stock, dtype=np.int64)) % np.uint64(nbuckets)).astype(np.int64)
+
+
+def stocks_of(tables: list[pa.Table]) -> tuple[np.ndarray, float]:
+    """Objects that passed (sorted) and the latest alert time among them (history beyond is useless)."""
+    arrs = [t.column("stock").to_numpy() for t in tables if t.num_rows]
+    if not arrs:
+        return np.empty(0, dtype=np.int64), -np.inf
+    mjd = max(float(pc.max(t.column("mjd")).as_py()) for t in tables if t.num_rows)
+    return np.unique(np.concatenate(arrs)), mjd
+
+
+def history_pieces(archive_root: str, rel_path: str, stocks_mjd: tuple[np.ndarray, float], nbuckets: int) -> dict[int, pa.Table]:
+    """One archive part's datapoints of the passing objects, split by object bucket (the shuffle)."""
+    stocks, max_mjd = stocks_mjd
+    if not len(stocks):
+        return {}
+    t = pq.read_table(f"{archive_root}/{rel_path}", columns=["stock", "mjd", "dps"])
+    keep = np.isin(t.column("stock").to_numpy(), stocks) & (t.column("mjd").to_numpy() <= max_mjd + 1e-6)
+    if not keep.any():
+        return {}
+    t = t.filter(pa.array(keep))
+    lists = t.column("dps").combine_chunks()
+    flat = lists.flatten()
+    stock = np.repeat(t.column("stock").to_numpy(), np.diff(np.asarray(lists.offsets)))
+    table = pa.table({"stock": stock, **{f.name: flat.field(f.name) for f in DATAPOINT}})
+    b = bucket_of(stock, nbuckets)
+    return {int(k): table.filter(pa.array(b == k)) for k in np.unique(b)}
+
+
+def run_t2_stage(store_spec: dict, key: str, run_id: str, inputs: list[tuple[str, list[str], pa.Table]], units: list[T2StateUnit], done_files: dict[str, tuple[str, ...]]) -> dict:
+    """All T2 units of one work unit (partition or bucket): dedupe states across channels, skip done."""
+    store = open_store(store_spec)
+    counts = {"computed": 0, "reused": 0, "failed": 0, "units": {}}
+    results: dict[str, pa.Table] = {}
+    journal = []
+    t_start = time.perf_counter()
+    for unit in units:
+        ukey = unit.identity.key
+        batches = [s for _, keys, s in inputs if ukey in keys and s is not None and s.num_rows]
+        if not batches:
+            continue
+        states = _unique_states(pa.concat_tables(batches, promote_options="default"))
+        sid = states.column("state_id").to_numpy()
+        done = store.done_state_ids(unit.name(), ukey, done_files.get(ukey, ()))
+        todo = ~np.isin(sid, done)
+        c = {"states": len(sid), "computed": int(todo.sum()), "reused": int((~todo).sum()), "failed": 0}
+        if todo.any():
+            batch = states.filter(pa.array(todo))
+            deps = {d.name(): _dep_results(store, d, batch, results) for d in unit.dependencies()}
+            try:
+                out = _as_table(unit.process(batch, deps), batch.num_rows, unit)
+            except Exception as exc:  # a unit failure is reported, not stored: the next run retries it
+                log.exception("T2 unit %s failed on %d states", unit.name(), batch.num_rows)
+                c.update(computed=0, failed=batch.num_rows, error=f"{type(exc).__name__}: {exc}")
+                out = None
+            if out is not None:
+                table = _with_provenance(out, batch, unit, run_id)
+                store.write_t2(unit.name(), ukey, key, table)
+                results[ukey] = table
+                journal.append(_journal(batch.column("stock"), run_id, 2, unit.name(), "computed", state_id=batch.column("state_id")))
+        counts["units"][unit.name()] = c
+        for k in ("computed", "reused", "failed"):
+            counts[k] += c[k]
+    if journal:
+        store.write_journal(run_id, key, pa.concat_tables(journal))
+    counts["seconds"] = round(time.perf_counter() - t_start, 4)
+    if counts["failed"] == 0:
+        store.mark_task(key, {"kind": "t2", **counts})
+    return counts
+
+
+def _unique_states(states: pa.Table) -> pa.Table:
+    _, first = np.unique(states.column("state_id").to_numpy(), return_index=True)
+    return states.take(pa.array(np.sort(first)))
+
+
+def _dep_results(store, dep: T2StateUnit, batch: pa.Table, fresh: dict[str, pa.Table]) -> pa.Table:
+    """The dependency's results aligned row by row with ``batch`` (fresh from this stage, else stored)."""
+    sid = batch.column("state_id")
+    pieces = [fresh[dep.identity.key]] if dep.identity.key in fresh else []
+    stored = store.read_t2(dep.name(), dep.identity.key, sid.to_numpy())
+    if stored is not None:
+        pieces.append(stored)
+    if not pieces:
+        raise RuntimeError(f"no results of {dep.name()} for the states of a dependent unit")
+    table = _unique_states(pa.concat_tables(pieces, promote_options="default"))
+    pos = {s: i for i, s in enumerate(table.column("state_id").to_pylist())}
+    return table.take(pa.array([pos[s] for s in sid.to_pylist()]))
+
+
+def _as_table(out: pa.Table | list[dict], n: int, unit: T2StateUnit) -> pa.Table:
+    table = out if isinstance(out, pa.Table) else pa.Table.from_pylist(out)
+    if table.num_rows != n:
+        raise ValueError(f"{unit.name()} returned {table.num_rows} rows for {n} states")
+    return table
+
+
+def _with_provenance(out: pa.Table, states: pa.Table, unit: T2StateUnit, run_id: str) -> pa.Table:
+    from ..tiers.base import short_hash
+
+    n = states.num_rows
+    ukey = unit.identity.key
+    sid = states.column("state_id")
+    prov = {
+        "state_id": sid,
+        "stock": states.column("stock"),
+        "alert_id": states.column("alert_id"),
+        "unit": pa.array([unit.name()] * n),
+        "unit_version": pa.array([str(unit.version)] * n),
+        "config_hash": pa.array([unit.config_hash] * n),
+        "t2_key": pa.array([short_hash(f"{ukey}|{s}") for s in sid.to_pylist()]),
+        "run_id": pa.array([run_id] * n),
+        "code": out.column("code").cast(pa.int32()) if "code" in out.column_names else pa.array(np.zeros(n, dtype=np.int32)),
+    }
+    body = {c: out.column(c) for c in out.column_names if c not in prov}
+    return pa.table({**prov, **body})
+
+
+def _journal(stock: pa.ChunkedArray | pa.Array, run_id: str, tier: int, channel_or_unit: str, action: str, alert_id=None, state_id=None) -> pa.Table:
+    n = len(stock)
+    return pa.table(
+        {
+            "stock": stock,
+            "run_id": pa.array([run_id] * n),
+            "tier": pa.array(np.full(n, tier, dtype=np.int8)),
+            "channel": pa.array([channel_or_unit if tier != 2 else None] * n, pa.string()),
+            "unit": pa.array([channel_or_unit if tier == 2 else None] * n, pa.string()),
+            "action": pa.array([action] * n),
+            "alert_id": alert_id if alert_id is not None else pa.nulls(n, pa.int64()),
+            "state_id": state_id if state_id is not None else pa.nulls(n, pa.int64()),
+        }
+    )
+
+
+def selection(store, plan: ChannelPlan, state_keys: list[str]) -> pa.Table | None:
+    """The channel's population: each object's latest state, with the latest T2 results as columns."""
+    states = store.read_states(plan.name, state_keys)
+    if states is None or states.num_rows == 0:
+        return None
+    stock = states.column("stock").to_numpy()
+    mjd = states.column("mjd").to_numpy()
+    alert = states.column("alert_id").to_numpy()
+    order = np.lexsort((-alert, -mjd, stock))
+    first = order[np.r_[True, stock[order][1:] != stock[order][:-1]]]
+    sel = states.take(pa.array(np.sort(first)))
+    sid = sel.column("state_id").to_numpy()
+    for unit in plan.t2:
+        res = store.read_t2(unit.name(), unit.identity.key, sid)
+        if res is None:
+            continue
+        body = [c for c in res.column_names if c not in PROVENANCE or c == "code"]
+        res = res.select(["state_id", *body]).rename_columns(["state_id", *[f"{unit.name()}__{c}" for c in body]])
+        sel = sel.join(res, "state_id", join_type="left outer")
+    order = np.lexsort((sel.column("alert_id").to_numpy(), sel.column("stock").to_numpy()))
+    return sel.take(pa.array(order))
+
+
+def run_t3(store_spec: dict, plan: ChannelPlan, unit_index: int, key: str, run_id: str, state_keys: list[str], archive_root: str | None, _after: list | None = None) -> dict:
+    from ..io.archive import Archive
+
+    store = open_store(store_spec)
+    unit = plan.t3[unit_index]
+    sel = selection(store, plan, state_keys)
+    out_dir = store.t3_dir(plan.name, key)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs: list[dict] = []
+    if sel is not None and sel.num_rows:
+        ctx = T3Context(out_dir=out_dir, run_id=run_id, channel=plan.name, archive=Archive(archive_root) if archive_root else None)
+        outputs = unit.react(sel, ctx) or []
+        objects = pa.table({"stock": sel.column("stock"), "object_id": sel.column("object_id"), "state_id": sel.column("state_id"),
+                            "unit": pa.array([unit.name()] * sel.num_rows), "channel": pa.array([plan.name] * sel.num_rows),
+                            "run_id": pa.array([run_id] * sel.num_rows), "t3_key": pa.array([key] * sel.num_rows)})  # fmt: skip
+        store.write_t3_objects(plan.name, key, objects)
+        store.write_journal(run_id, key, _journal(sel.column("stock"), run_id, 3, plan.name, f"t3:{unit.name()}"))
+    info = {"kind": "t3", "channel": plan.name, "unit": unit.name(), "objects": 0 if sel is None else sel.num_rows, "outputs": outputs}
+    store.mark_task(key, info)
+    return info

@@ -1,0 +1,150 @@
+"""The workflow file: archive selection, channels (T0 filters, T1 policy, T2 and T3 units), cluster, store.
+
+Validated by pydantic; a mistake is reported with the field's path and its line in the YAML file.
+Unit configs are validated by the units themselves when the workflow is compiled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..tiers.base import canonical_json, short_hash
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class UnitRef(Model):
+    """A unit by registry name with its config (validated by the unit's own model)."""
+
+    unit: str
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, v: Any) -> Any:
+        return {"unit": v} if isinstance(v, str) else v
+
+
+class NightRange(Model):
+    start: int = Field(alias="from")
+    end: int = Field(alias="to")
+
+
+class ArchiveSpec(Model):
+    path: str | None = Field(None, description="archive folder (overridden by --archive)")
+    surveys: list[Literal["ztf", "lsst"]] | None = Field(None, description="only these surveys")
+    nights: list[int] | NightRange | None = Field(None, description="list of YYYYMMDD, or {from:, to:}")
+
+    def wants(self, survey: str, night: int) -> bool:
+        if self.surveys and survey not in self.surveys:
+            return False
+        if isinstance(self.nights, NightRange):
+            return self.nights.start <= night <= self.nights.end
+        if self.nights:
+            return night in self.nights
+        return True
+
+
+class ChannelSpec(Model):
+    name: str
+    access: list[str] = Field(default_factory=lambda: ["ZTF_PUB", "LSST"], description="data rights (AMPEL tags)")
+    filters: list[UnitRef] = Field(default_factory=list, description="T0 filters, all must accept")
+    t1: UnitRef = Field(default_factory=lambda: UnitRef(unit="T1Policy"), description="T1 state policy")
+    t2: list[UnitRef] = Field(default_factory=list)
+    t3: list[UnitRef] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\ \t\n"):
+            raise ValueError("channel names must be non-empty, without spaces or slashes")
+        return v
+
+
+class ClusterSpec(Model):
+    kind: Literal["local", "slurm", "address"] = "local"
+    workers: int | None = Field(None, ge=0, description="local: worker processes (None = all cores, 0 = no cluster)")
+    memory_limit: str | None = Field("auto", description="local: per-worker memory limit")
+    jobs: int | None = Field(None, ge=1, description="slurm: fixed number of worker jobs")
+    adaptive: dict[str, Any] | None = Field(None, description="slurm: adapt() arguments, e.g. {minimum_jobs: 1, maximum_jobs: 4}")
+    jobqueue: dict[str, Any] = Field(default_factory=dict, description="slurm: dask-jobqueue SLURMCluster settings")
+    config_file: str | None = Field(None, description="slurm: a jobqueue.yaml (e.g. slurm/jobqueue.yaml)")
+    address: str | None = Field(None, description="address: tcp://host:port of a running scheduler")
+
+
+class StoreSpec(Model):
+    kind: Literal["parquet", "mongo"] = "parquet"
+    path: str | None = Field(None, description="parquet: store folder (overridden by --store)")
+    uri: str | None = Field(None, description="mongo: mongodb:// URI")
+    database: str = "ampel_dask"
+
+
+class Workflow(Model):
+    name: str
+    archive: ArchiveSpec = Field(default_factory=ArchiveSpec)
+    channels: list[ChannelSpec] = Field(min_length=1)
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    store: StoreSpec = Field(default_factory=StoreSpec)
+    history_buckets: int = Field(16, ge=1, description="object buckets of the history join (channels with T1 history: archive)")
+
+    @model_validator(mode="after")
+    def _unique_channels(self) -> Workflow:
+        names = [c.name for c in self.channels]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"channel names must be unique: {', '.join(sorted(dup))}")
+        return self
+
+    @property
+    def hash(self) -> str:
+        return short_hash(canonical_json(self.model_dump(mode="json", by_alias=True)))
+
+
+class WorkflowError(ValueError):
+    """A workflow file that does not validate; the message names fields and their lines."""
+
+
+def _marks(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
+    """Line number (1-based) of every mapping key / sequence item, by its path of keys and indexes."""
+    out = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = k.value
+            out[path + (key,)] = k.start_mark.line + 1
+            out.update({p: ln for p, ln in _marks(v, path + (key,)).items() if p != path + (key,)})
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out.update(_marks(item, path + (i,)))
+    return out
+
+
+def load_workflow(path: str | Path) -> Workflow:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise WorkflowError(f"cannot read workflow {path}: {exc.strerror}") from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise WorkflowError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise WorkflowError(f"{path}: a workflow is a mapping (name, archive, channels, ...)")
+    try:
+        return Workflow.model_validate(data)
+    except ValidationError as exc:
+        marks = _marks(node) if node is not None else {}
+        lines = []
+        for e in exc.errors():
+            loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("function-after", "list[int]", "NightRange")))
+            line = next((marks[loc[:i]] for i in range(len(loc), -1, -1) if loc[:i] in marks), None)
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"
+            lines.append(f"{path}:{line}: {where}: {e['msg']}" if line else f"{path}: {where}: {e['msg']}")
+        raise WorkflowError("invalid workflow:\n" + "\n".join(lines)) from None
