@@ -206,5 +206,41 @@ def _report_run(summary: dict, as_json: bool) -> None:
         _emit_json({k: summary[k] for k in RUN_KEYS} | ({"note": summary["note"]} if summary.get("note") else {}))
 
 
+@main.command()
+@click.argument("obj", metavar="OBJECT")
+@click.option("--store", default="store", show_default=True, type=click.Path(file_okay=False), help="result store folder")
+@click.option("--archive", type=click.Path(file_okay=False), help="archive folder (default: the one of the latest run)")
+@click.option("--json", "as_json", is_flag=True, help="print the chain as JSON on the last stdout line")
+def explain(obj, store, archive, as_json) -> None:
+    """Show the chain for one object: alerts -> states -> T2 results -> T3 outputs, with run ids.
+
+    OBJECT is a ZTF name (ZTF18abcdefg), an LSST diaObjectId, ss:<ssObjectId>, or a stock number.
+    """
+    from .graph.explain import explain as run_explain, render
+
+    try:
+        info = run_explain(obj, store, archive)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="OBJECT") from None
+    click.echo(render(info), err=as_json)
+    if as_json:
+        _emit_json(info)
+
+
+@main.command()
+@click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False), help="where alerts, archive and store go")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Dask worker processes (default: all cores)")
+@click.option("--progress/--no-progress", default=None, help="progress bars (default: on a terminal)")
+def demo(out, workers, progress) -> None:
+    """Simulate a ZTF-like stream, ingest it, run an example workflow; prints the T3 report path last."""
+    from .demo.run import run_demo
+
+    summary = run_demo(out, workers=workers, progress=progress, echo=lambda line: click.echo(line, err=True))
+    _report_run(summary, as_json=False)
+    if not summary.get("report"):
+        raise click.ClickException("the demo produced no report")
+    click.echo(summary["report"])
+
+
 if __name__ == "__main__":
     main()

@@ -254,10 +254,27 @@ def selection(store, plan: ChannelPlan, state_keys: list[str]) -> pa.Table | Non
         if res is None:
             continue
         body = [c for c in res.column_names if c not in PROVENANCE or c == "code"]
-        res = res.select(["state_id", *body]).rename_columns(["state_id", *[f"{unit.name()}__{c}" for c in body]])
-        sel = sel.join(res, "state_id", join_type="left outer")
+        sel = _left_join(sel, res.select(["state_id", *body]), prefix=f"{unit.name()}__")
     order = np.lexsort((sel.column("alert_id").to_numpy(), sel.column("stock").to_numpy()))
     return sel.take(pa.array(order))
+
+
+def _left_join(left: pa.Table, right: pa.Table, prefix: str) -> pa.Table:
+    """Add ``right``'s columns (one row per state_id) to ``left`` by state_id; nulls where missing.
+
+    Done with sorted ids and ``take`` because Arrow's hash join cannot carry list columns (dps).
+    """
+    rid = right.column("state_id").to_numpy()
+    order = np.argsort(rid)
+    lid = left.column("state_id").to_numpy()
+    pos = np.searchsorted(rid[order], lid)
+    pos = np.clip(pos, 0, max(len(rid) - 1, 0))
+    found = (len(rid) > 0) & (rid[order][pos] == lid) if len(rid) else np.zeros(len(lid), dtype=bool)
+    idx = pa.array(np.where(found, order[pos] if len(rid) else 0, 0), mask=~found)
+    for name in right.column_names:
+        if name != "state_id":
+            left = left.append_column(prefix + name, right.column(name).take(idx))
+    return left
 
 
 def run_t3(store_spec: dict, plan: ChannelPlan, unit_index: int, key: str, run_id: str, state_keys: list[str], archive_root: str | None, _after: list | None = None) -> dict:

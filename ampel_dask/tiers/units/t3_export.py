@@ -1,0 +1,179 @@
+"""T3 export: the run's selection as Parquet and/or CSV files, for notebooks, spreadsheets and other tools.
+
+Also home of the small helpers the built-in T3 units share (column patterns, JSON-safe values,
+atomic file targets), so that each unit module stays short.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from pydantic import Field, field_validator
+
+from ..base import T3Context, T3Unit, UnitConfig
+
+T2_SEP = "__"  # T2 result columns are named <T2 unit>__<field>
+_PATTERN = re.compile(r"[*?\[]")
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+# --- helpers shared by the T3 units ---------------------------------------------------------------
+
+
+def t2_columns(names: Sequence[str]) -> list[str]:
+    """Columns holding T2 results (``<unit>__<field>``), in table order."""
+    return [n for n in names if T2_SEP in n.strip("_")]
+
+
+def match_columns(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """Columns matching shell-style patterns, in pattern order, each once (``T2Classifier__*``)."""
+    out: list[str] = []
+    for pat in patterns:
+        for n in names if _PATTERN.search(pat) else ([pat] if pat in names else []):
+            if fnmatchcase(n, pat) and n not in out:
+                out.append(n)
+    return out
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of an object id or channel name."""
+    return _SAFE_NAME.sub("_", str(text)).strip("._") or "_"
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON values: NaN/inf -> None, bytes -> hex, nested lists/dicts cleaned recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (bytes, bytearray)):
+        return value.hex()
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if hasattr(value, "item"):  # numpy scalars
+        return json_safe(value.item())
+    return str(value)
+
+
+def to_json_column(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """A nested column as one JSON string per row (null stays null)."""
+    dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+    return pa.array([None if v is None else dumps(json_safe(v)) for v in col.to_pylist()], type=pa.string())
+
+
+@contextmanager
+def atomic_target(path: Path) -> Iterator[Path]:
+    """A temp path beside ``path``; renamed onto it when the block succeeds, removed when it fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# --- the unit -------------------------------------------------------------------------------------
+
+
+class T3ExportConfig(UnitConfig):
+    formats: list[Literal["parquet", "csv"]] = Field(
+        default=["parquet", "csv"], min_length=1, description="file formats to write, one file each"
+    )
+    filename: str | None = Field(
+        None, description="file name stem (no folder, no suffix); default '<channel>_export'"
+    )
+    include: list[str] | None = Field(
+        None,
+        description="columns to write, in this order; shell patterns allowed ('T2Classifier__*'); None = all. "
+        "Plain names absent from the selection are written as empty columns, so the file layout is stable",
+    )
+    exclude: list[str] = Field(default_factory=list, description="columns (or patterns) left out")
+    dps: Literal["drop", "json"] = Field(
+        "drop", description="the nested datapoints: 'drop' them, or write them as one JSON string per object"
+    )
+
+    @field_validator("filename")
+    @classmethod
+    def _stem_only(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "/" in v or "\\" in v or v in (".", "..")):
+            raise ValueError("filename is a stem (no folder separators), e.g. 'candidates'")
+        return v
+
+
+class T3Export(T3Unit):
+    """Write the selection (one row per object, T2 results as columns) to Parquet and/or CSV."""
+
+    Config = T3ExportConfig
+    version = "1"
+
+    def table(self, selection: pa.Table) -> pa.Table:
+        """The table as it is exported: columns chosen, ``dps`` dropped or turned into JSON."""
+        c = self.config
+        names = selection.column_names
+        if c.include is None:
+            cols = list(names)
+        else:  # patterns expand to what exists; plain names are kept even when absent
+            cols = [n for p in c.include for n in (match_columns(names, [p]) if _PATTERN.search(p) else [p])]
+            cols = list(dict.fromkeys(cols))
+        drop = set(match_columns(cols, c.exclude))
+        if c.dps == "drop":
+            drop.add("dps")
+        arrays, fields = [], []
+        for name in cols:
+            if name in drop:
+                continue
+            if name in names:
+                col = selection.column(name)
+                if name == "dps":
+                    col = to_json_column(col)
+            else:  # asked for by name, absent in this run (e.g. a T2 unit without results)
+                col = pa.nulls(selection.num_rows, pa.null())
+            arrays.append(col)
+            fields.append(name)
+        if not fields:
+            raise ValueError(f"{self.name()}: include/exclude leave no column to export")
+        return pa.table(arrays, names=fields)
+
+    def react(self, selection: pa.Table, context: T3Context) -> list[dict]:
+        table = self.table(selection)
+        stem = self.config.filename or f"{safe_name(context.channel)}_export"
+        out_dir = Path(context.out_dir)
+        records = []
+        for fmt in self.config.formats:
+            path = out_dir / f"{stem}.{fmt}"
+            with atomic_target(path) as tmp:
+                if fmt == "parquet":
+                    pq.write_table(table, tmp, compression="zstd")
+                else:
+                    write_csv(table, tmp)
+            records.append({"kind": "file", "format": fmt, "path": str(path), "rows": table.num_rows})
+        return records
+
+
+def write_csv(table: pa.Table, path: Path) -> None:
+    """CSV with a header; nested columns (lists, structs) become JSON text, since CSV has no nesting."""
+    flat = table
+    for i, field in enumerate(table.schema):
+        if pa.types.is_nested(field.type):
+            flat = flat.set_column(i, field.name, to_json_column(table.column(i)))
+    pacsv.write_csv(flat, path)
+
+
+__all__ = ["T3Export", "T3ExportConfig", "t2_columns", "match_columns", "json_safe", "atomic_target", "safe_name"]

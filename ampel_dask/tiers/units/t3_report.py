@@ -1,0 +1,345 @@
+"""T3 HTML report: the top candidates of a run, each with its light curve and cutouts, on one static page.
+
+A scientist scans a night's best candidates in a browser: a table sorted by any column (a T2 score, or
+the latest alert time), a light-curve PNG per object and the alert's science/template/difference
+stamps when the archive has them. Figures are drawn with matplotlib's object API (``Figure`` rendered
+by the Agg canvas), so no pyplot state is kept between objects and the caller's backend is untouched.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gzip
+import html
+import io
+import json
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field, field_validator
+
+from ...io.layout import DETECTION, FORCED, UPPER_LIMIT, flux_to_mag
+from ..base import T3Context, T3Unit, UnitConfig
+from .t3_export import atomic_target, json_safe, match_columns, safe_name, t2_columns
+
+log = logging.getLogger(__name__)
+
+BAND_COLORS = {"u": "#6a3d9a", "g": "#1b9e3e", "r": "#d62728", "i": "#e6a100", "z": "#8c564b", "y": "#555555"}
+CUTOUT_KINDS = ("science", "template", "difference")
+_FIXED = ("object_id", "ra", "dec", "mjd")
+
+
+class T3HtmlReportConfig(UnitConfig):
+    title: str = Field("Candidates", description="page title")
+    sort_by: str = Field("mjd", description="column to rank by (any selection column, e.g. 'T2Classifier__p_SN')")
+    descending: bool = Field(True, description="highest first; missing values (null/NaN) always go last")
+    top_n: int = Field(20, ge=1, description="objects shown")
+    columns: list[str] | None = Field(
+        None, description="T2 columns shown in the table (shell patterns allowed); None = every T2 column"
+    )
+    cutouts: bool = Field(True, description="draw the alert's cutouts when the context has an archive")
+    dirname: str | None = Field(None, description="report folder inside out_dir; default '<channel>_report'")
+    dpi: int = Field(80, ge=20, le=300, description="resolution of the PNG figures")
+
+    @field_validator("dirname")
+    @classmethod
+    def _folder_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "/" in v or "\\" in v or v in (".", "..")):
+            raise ValueError("dirname is one folder name inside out_dir, e.g. 'nightly_report'")
+        return v
+
+
+class T3HtmlReport(T3Unit):
+    """Static HTML page of the top-N objects: table of key values and T2 results, light curves, cutouts."""
+
+    Config = T3HtmlReportConfig
+    version = "1"
+
+    def ranked(self, selection: pa.Table) -> pa.Table:
+        """The top-N rows in report order (missing sort values last, ties by object id)."""
+        c = self.config
+        if c.sort_by not in selection.column_names:
+            raise ValueError(
+                f"{self.name()}: sort_by column {c.sort_by!r} is not in the selection; "
+                f"T2 columns present: {', '.join(t2_columns(selection.column_names)) or '(none)'}"
+            )
+        key = selection.column(c.sort_by)
+        if pa.types.is_floating(key.type):  # NaN sorts like a missing value
+            key = pc.if_else(pc.is_nan(key), pa.scalar(None, key.type), key)
+        oid = selection.column("object_id")
+        valid = np.asarray(pc.is_valid(key))
+        parts = []
+        for mask, keys in ((valid, [("k", "descending" if c.descending else "ascending")]), (~valid, [])):
+            rows = np.flatnonzero(mask)
+            sub = pa.table({"k": key.filter(pa.array(mask)), "o": oid.filter(pa.array(mask))})
+            parts.append(rows[np.asarray(pc.sort_indices(sub, sort_keys=[*keys, ("o", "ascending")]))])
+        return selection.take(pa.array(np.concatenate(parts)[: c.top_n]))
+
+    def react(self, selection: pa.Table, context: T3Context) -> list[dict]:
+        c = self.config
+        out = Path(context.out_dir) / (c.dirname or f"{safe_name(context.channel)}_report")
+        top = self.ranked(selection) if selection.num_rows else selection
+        shown = match_columns(selection.column_names, c.columns) if c.columns is not None else t2_columns(selection.column_names)
+        if c.sort_by not in shown and c.sort_by not in _FIXED:
+            shown = [c.sort_by, *shown]
+        stamps = {}
+        if c.cutouts and context.archive is not None and top.num_rows:
+            stamps = load_cutouts(context.archive, top.column("alert_id").to_pylist())
+        rows, images, used = [], 0, set()
+        cutouts = CutoutCanvas(c.dpi) if stamps else None
+        base = {k: top.column(k).to_pylist() for k in ("object_id", "stock", "alert_id", "ra", "dec", "mjd")}
+        values = {k: top.column(k).to_pylist() for k in shown}
+        dps_col = top.column("dps").combine_chunks() if "dps" in top.column_names else None
+        for i in range(top.num_rows):
+            rec = {k: v[i] for k, v in base.items()}
+            stem = safe_name(rec["object_id"])
+            stem = stem if stem not in used else f"{stem}_{rec['stock']}"
+            used.add(stem)
+            dps = dps_col[i].values if dps_col is not None else None
+            lc = f"{stem}_lc.png"
+            self._save(light_curve_figure(dps, rec["object_id"], rec["mjd"], c.dpi), out / lc)
+            images += 1
+            cut = None
+            blobs = stamps.get(rec["alert_id"])
+            fig = cutouts.render(blobs) if cutouts is not None and blobs else None
+            if fig is not None:
+                cut = f"{stem}_cutouts.png"
+                self._save(fig, out / cut)
+                images += 1
+            rec.update(lc=lc, cutouts=cut, latest=latest_mag(dps), values=[values[k][i] for k in shown])
+            rows.append(rec)
+        index = out / "index.html"
+        page = render_page(c, context, rows, shown, selection.num_rows)
+        with atomic_target(index) as tmp:
+            tmp.write_text(page, encoding="utf-8")
+        _remove_stale(out, {r["lc"] for r in rows} | {r["cutouts"] for r in rows if r["cutouts"]})
+        return [{"kind": "html", "path": str(index), "images": images, "objects": len(rows)}]
+
+    @staticmethod
+    def _save(fig: Any, path: Path) -> None:
+        with atomic_target(path) as tmp:
+            fig.savefig(tmp, format="png")
+
+
+# --- figures --------------------------------------------------------------------------------------
+
+
+def _figure(w: float, h: float, dpi: int, **margins: float) -> Any:
+    """A figure with fixed margins (an automatic layout engine would double the drawing time)."""
+    from matplotlib.figure import Figure  # imported here: only report runs pay for matplotlib
+
+    fig = Figure(figsize=(w, h), dpi=dpi)
+    fig.subplots_adjust(**margins)
+    return fig
+
+
+def _bands(band: np.ndarray) -> list[str]:
+    present = {b for b in band.tolist() if b}
+    return [b for b in BAND_COLORS if b in present] + sorted(present - set(BAND_COLORS))
+
+
+def light_curve_figure(dps: pa.StructArray | None, object_id: str, alert_mjd: float | None, dpi: int) -> Any:
+    """Magnitude vs MJD per band: detections with errors, upper limits as open down-triangles,
+    forced photometry (S/N >= 3) as open squares."""
+    fig = _figure(6.4, 3.4, dpi, left=0.11, right=0.89, bottom=0.14, top=0.91)
+    ax = fig.add_subplot()
+    n = 0
+    if dps is not None and len(dps):
+        f = {k: pc.cast(dps.field(k), pa.float64()).to_numpy(zero_copy_only=False) for k in
+             ("mjd", "mag", "mag_err", "maglim", "flux", "flux_err")}  # fmt: skip
+        kind = dps.field("kind").to_numpy(zero_copy_only=False)
+        band = np.asarray(dps.field("band").to_pylist(), dtype=object)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            snr = f["flux"] / f["flux_err"]
+            fmag, fmag_err = flux_to_mag(f["flux"]), 1.0857 * f["flux_err"] / f["flux"]
+        for b in _bands(band):
+            color, sel = BAND_COLORS.get(b, "#1f77b4"), band == b
+            det = sel & (kind == DETECTION) & np.isfinite(f["mag"]) & np.isfinite(f["mjd"])
+            if det.any():
+                err = np.where(np.isfinite(f["mag_err"][det]), f["mag_err"][det], 0.0)
+                ax.errorbar(f["mjd"][det], f["mag"][det], yerr=err, fmt="o", ms=4, color=color, label=b)
+            ul = sel & (kind == UPPER_LIMIT) & np.isfinite(f["maglim"]) & np.isfinite(f["mjd"])
+            if ul.any():
+                label = None if det.any() else b  # a band with limits only still gets a legend entry
+                ax.scatter(f["mjd"][ul], f["maglim"][ul], marker="v", s=22, facecolors="none", edgecolors=color, alpha=0.6, label=label)
+            fp = sel & (kind == FORCED) & (snr >= 3) & np.isfinite(fmag) & np.isfinite(f["mjd"])
+            if fp.any():
+                ax.errorbar(f["mjd"][fp], fmag[fp], yerr=fmag_err[fp], fmt="s", ms=3, mfc="none", color=color, alpha=0.7)
+            n += int(det.sum() + ul.sum() + fp.sum())
+    if n:
+        ax.invert_yaxis()
+        # outside the axes: the newest points (right edge) stay visible; 'best' would also be slow
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no photometry", ha="center", va="center", transform=ax.transAxes)
+    if alert_mjd is not None and math.isfinite(alert_mjd):
+        ax.axvline(alert_mjd, color="0.6", ls=":", lw=1)
+    ax.set_xlabel("MJD")
+    ax.set_ylabel("mag (AB)")
+    ax.set_title(str(object_id), fontsize="medium")
+    return fig
+
+
+def fits_image(blob: bytes) -> np.ndarray | None:
+    """First 2-d image of a (possibly gzipped) FITS stamp, as float; None if it does not decode."""
+    from astropy.io import fits
+
+    try:
+        if blob[:2] == b"\x1f\x8b":
+            blob = gzip.decompress(blob)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with fits.open(io.BytesIO(blob), memmap=False) as hdul:
+                for hdu in hdul:
+                    if hdu.data is not None and np.ndim(hdu.data) >= 2:
+                        data = np.asarray(hdu.data, dtype=np.float64)
+                        return data.reshape(-1, *data.shape[-2:])[0]  # first plane of a cube
+    except Exception as exc:  # a broken stamp must not stop the report
+        log.debug("cutout did not decode: %s", exc)
+    return None
+
+
+class CutoutCanvas:
+    """Science, template and difference stamps side by side (1-99.5 percentile stretch).
+
+    One figure is kept and only its image data is swapped per object: building axes is most of the
+    cost of a matplotlib figure, drawing three 63x63 images is cheap.
+    """
+
+    def __init__(self, dpi: int):
+        self.fig = _figure(6.0, 2.2, dpi, left=0.01, right=0.99, bottom=0.01, top=0.88, wspace=0.04)
+        self.axes = dict(zip(CUTOUT_KINDS, self.fig.subplots(1, len(CUTOUT_KINDS))))
+        self.images = {}
+        for kind, ax in self.axes.items():
+            ax.set_axis_off()
+            ax.set_title(kind, fontsize="small")
+            self.images[kind] = ax.imshow(np.zeros((2, 2)), cmap="gray", origin="lower", interpolation="nearest")
+
+    def render(self, blobs: dict[str, bytes | None]) -> Any | None:
+        """The figure showing these stamps, or None when none of them decodes."""
+        data = {k: fits_image(b) for k, b in blobs.items() if b}
+        data = {k: v for k, v in data.items() if v is not None and np.isfinite(v).any()}
+        if not data:
+            return None
+        for kind, im in self.images.items():
+            img = data.get(kind)
+            im.set_visible(img is not None)
+            if img is None:
+                continue
+            lo, hi = np.nanpercentile(img, [1.0, 99.5])
+            h, w = img.shape
+            im.set_data(img)
+            im.set_extent((-0.5, w - 0.5, -0.5, h - 0.5))
+            im.set_clim(lo, hi if hi > lo else lo + 1)
+            self.axes[kind].set_xlim(-0.5, w - 0.5)
+            self.axes[kind].set_ylim(-0.5, h - 0.5)
+        return self.fig
+
+
+def load_cutouts(archive: Any, alert_ids: list[int]) -> dict[int, dict[str, bytes | None]]:
+    """Cutouts of these alerts from the archive: only parts whose alert-id range holds one are opened,
+    and only the wanted rows are read (Parquet filter on alert_id)."""
+    wanted = np.array(sorted({int(a) for a in alert_ids if a is not None}), dtype=np.int64)
+    out: dict[int, dict[str, bytes | None]] = {}
+    if not len(wanted):
+        return out
+    for part in archive.partitions():
+        if not part.cutouts:
+            continue
+        ids = wanted[(wanted >= part.min_alert_id) & (wanted <= part.max_alert_id)]
+        if not len(ids):
+            continue
+        try:
+            if hasattr(archive, "root"):
+                t = pq.read_table(Path(archive.root) / part.cutouts, filters=[("alert_id", "in", ids.tolist())])
+            else:
+                t = archive.read_cutouts(part)
+        except Exception as exc:
+            log.warning("cutouts of %s not readable: %s", part.path, exc)
+            continue
+        if t is None:
+            continue
+        keep = set(ids.tolist())
+        for row in t.to_pylist():
+            if row["alert_id"] in keep:
+                out[row["alert_id"]] = {k: row.get(f"cutout_{k}") for k in CUTOUT_KINDS}
+    return out
+
+
+def latest_mag(dps: pa.StructArray | None) -> str:
+    """'19.12 (r)' for the latest detection with a magnitude, '' without one."""
+    if dps is None or not len(dps):
+        return ""
+    mjd = pc.cast(dps.field("mjd"), pa.float64()).to_numpy(zero_copy_only=False)
+    mag = pc.cast(dps.field("mag"), pa.float64()).to_numpy(zero_copy_only=False)
+    ok = (dps.field("kind").to_numpy(zero_copy_only=False) == DETECTION) & np.isfinite(mag) & np.isfinite(mjd)
+    if not ok.any():
+        return ""
+    i = np.flatnonzero(ok)[np.argmax(mjd[ok])]
+    return f"{mag[i]:.2f} ({dps.field('band')[i].as_py()})"
+
+
+# --- page -----------------------------------------------------------------------------------------
+
+_CSS = """body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px;vertical-align:middle}th{background:#eee}
+td.num{text-align:right;font-family:monospace}img{display:block}"""
+
+
+def fmt(value: Any, digits: str = ".6g") -> str:
+    """A table cell: numbers compact, missing values as a dash, nested values as short JSON."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "&ndash;"
+    if isinstance(value, float):
+        return html.escape(format(value, digits))
+    if isinstance(value, (list, dict)):
+        text = json.dumps(json_safe(value), separators=(",", ":"))
+        return html.escape(text if len(text) <= 80 else text[:77] + "...")
+    return html.escape(str(value))
+
+
+def render_page(c: T3HtmlReportConfig, context: T3Context, rows: list[dict], shown: list[str], total: int) -> str:
+    e = html.escape
+    head = ["#", "object", "ra", "dec", "mjd", "latest mag", *shown, "light curve", "cutouts"]
+    lines = [
+        "<!DOCTYPE html>",
+        f'<html lang="en"><head><meta charset="utf-8"><title>{e(c.title)}</title><style>{_CSS}</style></head><body>',
+        f"<h1>{e(c.title)}</h1>",
+        f"<p>channel <b>{e(context.channel)}</b>, run <code>{e(str(context.run_id))}</code>: {len(rows)} of {total} "
+        f"objects by <code>{e(c.sort_by)}</code> ({'descending' if c.descending else 'ascending'}); "
+        f"written {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC}</p>",
+        '<table id="candidates"><thead><tr>' + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>",
+    ]
+    for rank, r in enumerate(rows, 1):
+        lc, cut = e(r["lc"]), e(r["cutouts"]) if r["cutouts"] else None
+        cells = [
+            f'<td class="num">{rank}</td>',
+            f'<td class="oid"><a href="{lc}">{e(str(r["object_id"]))}</a></td>',
+            f'<td class="num">{fmt(r["ra"], ".5f")}</td>',
+            f'<td class="num">{fmt(r["dec"], ".5f")}</td>',
+            f'<td class="num">{fmt(r["mjd"], ".4f")}</td>',
+            f'<td class="num">{e(r["latest"]) or "&ndash;"}</td>',
+            *(f'<td class="num">{fmt(v)}</td>' for v in r["values"]),
+            f'<td><a href="{lc}"><img src="{lc}" width="300" alt="light curve of {e(str(r["object_id"]))}"></a></td>',
+            f'<td><a href="{cut}"><img src="{cut}" width="300" alt="cutouts"></a></td>' if cut else "<td>&ndash;</td>",
+        ]
+        lines.append(f'<tr id="{e(safe_name(r["object_id"]))}">' + "".join(cells) + "</tr>")
+    lines += ["</tbody></table>", "</body></html>", ""]
+    return "\n".join(lines)
+
+
+def _remove_stale(folder: Path, keep: set[str]) -> None:
+    """Drop figures of earlier runs that this page no longer shows."""
+    for p in folder.glob("*.png"):
+        if p.name not in keep and (p.name.endswith("_lc.png") or p.name.endswith("_cutouts.png")):
+            p.unlink(missing_ok=True)
+
+
+__all__ = ["T3HtmlReport", "T3HtmlReportConfig", "light_curve_figure", "CutoutCanvas", "load_cutouts"]

@@ -1,0 +1,384 @@
+"""Built-in T3 units on a selection made from real ZTF alerts: export, HTML report, webhook."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import socket
+import threading
+from html.parser import HTMLParser
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from ampel_dask.io.archive import Archive
+from ampel_dask.io.ingest import IngestOptions, ingest
+from ampel_dask.tiers.base import T3Context, UnitConfigError
+from ampel_dask.tiers.states import T1PolicyConfig, build_states
+from ampel_dask.tiers.units.t3_export import T3Export
+from ampel_dask.tiers.units.t3_report import T3HtmlReport
+from ampel_dask.tiers.units.t3_webhook import T3Webhook, WebhookError
+
+ALERT_COLUMNS = ["alert_id", "stock", "object_id", "survey", "mjd", "ra", "dec", "dps"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def archive_root(tmp_path_factory, data_dir) -> Path:
+    root = tmp_path_factory.mktemp("t3_archive")
+    ingest([str(data_dir / "ztf/kowalski")], root, IngestOptions(workers=0, progress=False))
+    return root
+
+
+@pytest.fixture(scope="module")
+def selection(archive_root) -> pa.Table:
+    """One row per object (its latest alert and state) plus fabricated T2 result columns."""
+    arch = Archive(archive_root)
+    alerts = pa.concat_tables([arch.read(p, columns=ALERT_COLUMNS) for p in arch.partitions()])
+    stock = alerts.column("stock").to_numpy()
+    order = np.lexsort((alerts.column("alert_id").to_numpy(), alerts.column("mjd").to_numpy(), stock))
+    last = order[np.r_[stock[order][1:] != stock[order][:-1], True]]
+    latest = alerts.take(pa.array(last))
+    states = build_states(latest, T1PolicyConfig(), access=["ZTF_PUB", "ZTF_PRIV"])
+    n = states.num_rows
+    assert n >= 20 and n == len(np.unique(stock))
+    p_sn = np.random.default_rng(7).permutation(n) / n  # distinct known scores
+    p_sn[[3, 11]] = np.nan  # no classification for two objects
+    amp = np.linspace(0.1, 2.0, n)
+    sel = states.select(["stock", "object_id", "survey", "alert_id", "mjd", "ra", "dec", "state_id", "dps"])
+    t2 = {
+        "T2Classifier__p_SN": pa.array(p_sn),
+        "T2Classifier__code": pa.array(np.where(np.isnan(p_sn), 1, 0).astype(np.int64)),
+        "T2Classifier__classes": pa.array([["SN Ia", "SN II"] if i % 2 else ["AGN"] for i in range(n)]),
+        "T2LightCurveFeatures__amplitude_g": pa.array([None if i % 5 == 0 else float(a) for i, a in enumerate(amp)], pa.float64()),
+        "T2BazinFit__rise_time_r": pa.array(np.arange(n, dtype=np.float64) * 1.5),
+    }
+    for name, col in t2.items():
+        sel = sel.append_column(name, col)
+    return sel
+
+
+def context(tmp_path: Path, archive=None) -> T3Context:
+    return T3Context(out_dir=tmp_path, run_id="run-42", channel="TEST_CHANNEL", archive=archive)
+
+
+def same_values(a: list, b: list) -> bool:
+    """Equal lists where NaN and None count as the same missing value."""
+    def norm(v):
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+    return [norm(x) for x in a] == [norm(y) for y in b]
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+
+def test_export_parquet_and_csv_read_back_equal(selection, tmp_path):
+    records = T3Export().react(selection, context(tmp_path))
+    assert [r["format"] for r in records] == ["parquet", "csv"]
+    assert all(r["kind"] == "file" and r["rows"] == selection.num_rows for r in records)
+    assert {Path(r["path"]).name for r in records} == {"TEST_CHANNEL_export.parquet", "TEST_CHANNEL_export.csv"}
+    expected = selection.drop_columns(["dps"])
+
+    back = pq.read_table(records[0]["path"])
+    assert back.schema.equals(expected.schema)
+    for name in expected.column_names:  # (Arrow's equals treats NaN != NaN)
+        assert same_values(back.column(name).to_pylist(), expected.column(name).to_pylist()), name
+
+    flat_types = {f.name: f.type for f in expected.schema if not pa.types.is_nested(f.type)}
+    csv = pacsv.read_csv(records[1]["path"], convert_options=pacsv.ConvertOptions(column_types=flat_types))
+    assert csv.column_names == expected.column_names
+    for name in expected.column_names:
+        want = expected.column(name).to_pylist()
+        got = csv.column(name).to_pylist()
+        if name in flat_types:
+            assert same_values(got, want), name
+        else:  # nested T2 values are JSON text in CSV
+            assert [json.loads(g) for g in got] == want, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["TEST_CHANNEL_export.csv", "TEST_CHANNEL_export.parquet"]
+
+
+def test_export_columns_and_dps_as_json(selection, tmp_path):
+    unit = T3Export(formats=["parquet"], filename="cands", include=["object_id", "T2Classifier__*", "dps", "T2Missing__x"],
+                    exclude=["*__classes"], dps="json")  # fmt: skip
+    [rec] = unit.react(selection, context(tmp_path))
+    assert rec["path"] == str(tmp_path / "cands.parquet")
+    back = pq.read_table(rec["path"])
+    assert back.column_names == ["object_id", "T2Classifier__p_SN", "T2Classifier__code", "dps", "T2Missing__x"]
+    assert back.column("T2Missing__x").null_count == selection.num_rows  # absent T2 result: empty column
+    dps = [json.loads(s) for s in back.column("dps").to_pylist()]
+    orig = selection.column("dps").to_pylist()
+    assert [len(d) for d in dps] == [len(d) for d in orig]
+    assert [p["dp_id"] for p in dps[0]] == [p["dp_id"] for p in orig[0]]
+    assert same_values([p["mag"] for p in dps[1]], [p["mag"] for p in orig[1]])
+
+
+def test_export_config_is_checked():
+    with pytest.raises(UnitConfigError, match="formats"):
+        T3Export(formats=["xlsx"])
+    with pytest.raises(UnitConfigError, match="filename"):
+        T3Export(filename="../elsewhere")
+    with pytest.raises(UnitConfigError, match="colums"):
+        T3Export(colums=["object_id"])
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+class PageParser(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs: list[str] = []
+        self.links: list[str] = []
+        self.objects: list[str] = []
+        self._in_oid = False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a["src"])
+        elif tag == "a":
+            self.links.append(a["href"])
+        elif tag == "td" and a.get("class") == "oid":
+            self._in_oid = True
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            self._in_oid = False
+
+    def handle_data(self, data):
+        if self._in_oid and data.strip():
+            self.objects.append(data.strip())
+
+
+def parse_page(path: Path) -> PageParser:
+    p = PageParser()
+    p.feed(path.read_text(encoding="utf-8"))
+    return p
+
+
+def check_png(path: Path) -> None:
+    from PIL import Image
+
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 0 and im.size[1] > 0
+
+
+def test_report_top_n_by_t2_score_with_cutouts(selection, archive_root, tmp_path):
+    unit = T3HtmlReport(sort_by="T2Classifier__p_SN", top_n=5, title="Best SN candidates")
+    [rec] = unit.react(selection, context(tmp_path, Archive(archive_root)))
+    index = Path(rec["path"])
+    assert index == tmp_path / "TEST_CHANNEL_report" / "index.html"
+    page = parse_page(index)
+    p_sn = selection.column("T2Classifier__p_SN").to_numpy()
+    ids = selection.column("object_id").to_pylist()
+    ranked = sorted((i for i in range(len(ids)) if not np.isnan(p_sn[i])), key=lambda i: -p_sn[i])
+    assert page.objects == [ids[i] for i in ranked[:5]]
+    # every object has a light curve and (the archive keeps ZTF stamps) a cutout figure
+    assert rec["images"] == 10 and len(page.imgs) == 10 and rec["objects"] == 5
+    assert sum(s.endswith("_cutouts.png") for s in page.imgs) == 5
+    for src in page.imgs:
+        check_png(index.parent / src)
+    assert all((index.parent / h).exists() for h in page.links)
+    assert sorted(p.name for p in index.parent.glob("*.png")) == sorted(page.imgs)
+    assert not list(index.parent.glob("*.tmp"))
+    text = index.read_text()
+    assert "Best SN candidates" in text and "T2BazinFit__rise_time_r" in text and "run-42" in text
+
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(index.parent / page.imgs[0])
+    assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
+
+
+def test_report_default_order_without_archive_and_rerun(selection, tmp_path):
+    ctx = context(tmp_path)
+    [rec] = T3HtmlReport(top_n=4, columns=["T2Classifier__p_SN"]).react(selection, ctx)
+    page = parse_page(Path(rec["path"]))
+    mjd, ids = selection.column("mjd").to_numpy(), selection.column("object_id").to_pylist()
+    expected = [ids[i] for i in sorted(range(len(ids)), key=lambda i: (-mjd[i], ids[i]))[:4]]
+    assert page.objects == expected
+    assert rec["images"] == 4 and all(s.endswith("_lc.png") for s in page.imgs)
+    text = Path(rec["path"]).read_text()
+    assert "T2Classifier__p_SN" in text and "T2BazinFit__rise_time_r" not in text
+
+    # ascending p_SN: objects without a score come last; the earlier run's figures are replaced
+    subset = selection.take([12, 11, 4, 3, 2])  # rows 3 and 11 have p_SN = NaN
+    [rec2] = T3HtmlReport(sort_by="T2Classifier__p_SN", descending=False, top_n=100).react(subset, ctx)
+    page2 = parse_page(Path(rec2["path"]))
+    p_sn = selection.column("T2Classifier__p_SN").to_numpy()
+    scored = sorted([12, 4, 2], key=lambda i: p_sn[i])
+    assert page2.objects == [ids[i] for i in scored] + sorted([ids[3], ids[11]])
+    folder = Path(rec2["path"]).parent
+    assert sorted(p.name for p in folder.glob("*.png")) == sorted(page2.imgs)
+
+
+def test_report_errors_and_empty(selection, tmp_path):
+    with pytest.raises(ValueError, match="T2Nope__score"):
+        T3HtmlReport(sort_by="T2Nope__score").react(selection, context(tmp_path))
+    with pytest.raises(UnitConfigError, match="top_n"):
+        T3HtmlReport(top_n=0)
+    [rec] = T3HtmlReport().react(selection.slice(0, 0), context(tmp_path))
+    assert rec["images"] == 0 and "0 of 0" in Path(rec["path"]).read_text()
+
+
+# --- webhook --------------------------------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.script: list[int] = []  # statuses to answer next (then 200)
+        self.lock = threading.Lock()
+
+
+@pytest.fixture
+def hook():
+    rec = Recorder()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            with rec.lock:
+                rec.requests.append({"path": self.path, "headers": dict(self.headers), "body": json.loads(body)})
+                status = rec.script.pop(0) if rec.script else 200
+            msg = b'{"ok":true}' if status < 300 else b"invalid_payload"
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(msg)))
+            self.end_headers()
+            self.wfile.write(msg)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield rec, f"http://127.0.0.1:{server.server_address[1]}/hook"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_webhook_batches_values_and_env_header(selection, hook, monkeypatch, caplog, tmp_path):
+    rec, url = hook
+    monkeypatch.setenv("T3_TEST_TOKEN", "s3cret-value")
+    unit = T3Webhook(url=url, batch_size=10, columns=["T2Classifier__*"], headers_from_env={"X-Api-Key": "T3_TEST_TOKEN"})
+    with caplog.at_level(logging.DEBUG):
+        records = unit.react(selection, context(tmp_path))
+    n = selection.num_rows
+    assert len(rec.requests) == len(records) == math.ceil(n / 10)
+    assert [r["objects"] for r in records] == [min(10, n - i) for i in range(0, n, 10)]
+    assert all(r == {"kind": "webhook", "url": url, "objects": r["objects"], "status": 200} for r in records)
+    assert all(r["headers"]["X-Api-Key"] == "s3cret-value" for r in rec.requests)
+    assert all(r["headers"]["Content-Type"] == "application/json" and r["path"] == "/hook" for r in rec.requests)
+    assert "s3cret-value" not in caplog.text and "s3cret-value" not in json.dumps(records)
+
+    bodies = [r["body"] for r in rec.requests]
+    assert all(b["channel"] == "TEST_CHANNEL" and b["run_id"] == "run-42" for b in bodies)
+    objects = [o for b in bodies for o in b["objects"]]
+    assert [o["object_id"] for o in objects] == selection.column("object_id").to_pylist()
+    assert set(objects[0]) == {"object_id", "stock", "ra", "dec", "mjd",
+                               "T2Classifier__p_SN", "T2Classifier__code", "T2Classifier__classes"}  # fmt: skip
+    assert [o["stock"] for o in objects] == selection.column("stock").to_pylist()
+    assert [o["ra"] for o in objects] == selection.column("ra").to_pylist()
+    assert [o["T2Classifier__classes"] for o in objects] == selection.column("T2Classifier__classes").to_pylist()
+    p_sn = selection.column("T2Classifier__p_SN").to_pylist()
+    assert objects[3]["T2Classifier__p_SN"] is None and objects[11]["T2Classifier__p_SN"] is None  # NaN -> null
+    assert same_values([o["T2Classifier__p_SN"] for o in objects], p_sn)
+
+
+def test_webhook_default_columns_are_t2_columns(selection, hook, tmp_path):
+    rec, url = hook
+    T3Webhook(url=url).react(selection.slice(0, 3), context(tmp_path))
+    [req] = rec.requests
+    obj = req["body"]["objects"][0]
+    assert "T2BazinFit__rise_time_r" in obj and "T2LightCurveFeatures__amplitude_g" in obj
+    assert "dps" not in obj and "state_id" not in obj
+    assert req["body"]["objects"][0]["T2LightCurveFeatures__amplitude_g"] is None  # null stays null
+
+
+def test_webhook_retries_after_503(selection, hook, tmp_path, caplog):
+    rec, url = hook
+    rec.script = [503, 502]
+    with caplog.at_level(logging.WARNING):
+        records = T3Webhook(url=url, backoff=0.01).react(selection.slice(0, 2), context(tmp_path))
+    assert [r["status"] for r in records] == [200]
+    assert len(rec.requests) == 3 and rec.requests[0]["body"] == rec.requests[2]["body"]
+    assert "HTTP 503" in caplog.text and "retry 1/3" in caplog.text
+
+
+def test_webhook_4xx_is_a_clear_error(selection, hook, tmp_path):
+    rec, url = hook
+    rec.script = [400]
+    with pytest.raises(WebhookError, match=r"rejected the request: HTTP 400 .*invalid_payload") as err:
+        T3Webhook(url=url, backoff=0.01).react(selection.slice(0, 2), context(tmp_path))
+    assert err.value.status == 400
+    assert len(rec.requests) == 1  # no retry of a bad request
+
+
+def test_webhook_redirect_and_partial_delivery(selection, hook, tmp_path):
+    rec, url = hook
+    rec.script = [200, 302]  # the second batch is redirected: an error, the first batch was delivered
+    with pytest.raises(WebhookError, match=r"redirect \(HTTP 302\).*1 earlier batches were delivered") as err:
+        T3Webhook(url=url, batch_size=2).react(selection.slice(0, 4), context(tmp_path))
+    assert [r["objects"] for r in err.value.sent] == [2]
+    assert len(rec.requests) == 2
+
+
+def test_webhook_gives_up_after_retries(selection, hook, tmp_path):
+    rec, url = hook
+    rec.script = [500, 500, 500]
+    with pytest.raises(WebhookError, match="failed after 3 attempts; last: HTTP 500"):
+        T3Webhook(url=url, retries=2, backoff=0.01).react(selection.slice(0, 1), context(tmp_path))
+    assert len(rec.requests) == 3
+
+
+def test_webhook_connection_error_is_retried(selection, tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    unit = T3Webhook(url=f"http://127.0.0.1:{port}/hook", retries=1, backoff=0.01, timeout=2)
+    with pytest.raises(WebhookError, match="failed after 2 attempts"):
+        unit.react(selection.slice(0, 1), context(tmp_path))
+
+
+def test_webhook_secrets_from_environment(selection, hook, monkeypatch, tmp_path):
+    rec, url = hook
+    monkeypatch.setenv("T3_HOOK_URL", url + "/T0KEN123")
+    records = T3Webhook(url_env="T3_HOOK_URL").react(selection.slice(0, 1), context(tmp_path))
+    assert rec.requests[0]["path"] == "/hook/T0KEN123"
+    assert "T0KEN123" not in records[0]["url"] and "T3_HOOK_URL" in records[0]["url"]
+
+    monkeypatch.delenv("T3_HOOK_URL")
+    with pytest.raises(WebhookError, match="T3_HOOK_URL"):
+        T3Webhook(url_env="T3_HOOK_URL").react(selection.slice(0, 1), context(tmp_path))
+    with pytest.raises(WebhookError, match="T3_MISSING_KEY.*Authorization"):
+        T3Webhook(url=url, headers_from_env={"Authorization": "T3_MISSING_KEY"}).react(selection.slice(0, 1), context(tmp_path))
+    assert T3Webhook(url=url).react(selection.slice(0, 0), context(tmp_path)) == []
+
+
+def test_webhook_config_is_checked():
+    with pytest.raises(UnitConfigError, match="exactly one of url and url_env"):
+        T3Webhook()
+    with pytest.raises(UnitConfigError, match="http"):
+        T3Webhook(url="ftp://example.org/x")
+    with pytest.raises(UnitConfigError, match="batch_size"):
+        T3Webhook(url="http://example.org/x", batch_size=0)
+    with pytest.raises(UnitConfigError, match="token"):
+        T3Webhook(url="http://example.org/x", token="not here")
