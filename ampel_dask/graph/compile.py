@@ -48,7 +48,6 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
     dsk = run.graph
     spec = store.spec
     root = str(archive.root)
-    done_files = {u.identity.key: tuple(store.t2_files(u.name(), u.identity.key)) for u in _units(plans)}
     packet = [p for p in plans if not p.history]
     hist = [p for p in plans if p.history]
 
@@ -88,12 +87,14 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
             dsk[f"t1-{names[c.name]}"] = (tasks.run_t1, f"read-{h}", t0[c.name], c, spec, names[c.name], run_id)
         if stage:
             meta = [(ch, ukeys) for ch, ukeys, _ in inputs]
-            dsk[f"t2-{stage}"] = (_stage, spec, stage, run_id, meta, stage_units, done_files, *[f"t1-{n}" for _, _, n in inputs])
+            dsk[f"t2-{stage}"] = (_stage, spec, stage, run_id, meta, stage_units, len(inputs), *[f"t1-{n}" for _, _, n in inputs])
             run.sinks.append(f"t2-{stage}")
         else:
             run.sinks += [f"t1-{names[c.name]}" for c in packet]
 
     # --- channels joining each object's archived history: shuffle by object bucket ---
+    # their T2 stages run after the partition stages, so a state both reach is computed once
+    packet_stages = [k for k in dsk if k.startswith("t2-")]
     for c in hist:
         sel_id = key_of([p.content_hash for p in parts])
         sources = archive.partitions(sorted({p.survey for p in parts}))
@@ -121,7 +122,7 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
         for b, (n, s) in enumerate(zip(names, stages)):
             dsk[f"t1h-{n}"] = (tasks.run_t1_history, pass_keys, hist_keys, b, history_buckets, c, spec, n, run_id)
             if s:
-                dsk[f"t2-{s}"] = (_stage, spec, s, run_id, [(c.name, [u.identity.key for u in c.t2])], c.t2, done_files, f"t1h-{n}")
+                dsk[f"t2-{s}"] = (_stage, spec, s, run_id, [(c.name, [u.identity.key for u in c.t2])], c.t2, 1, f"t1h-{n}", *packet_stages)
                 run.sinks.append(f"t2-{s}")
             else:
                 run.sinks.append(f"t1h-{n}")
@@ -139,9 +140,10 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
     return run
 
 
-def _stage(spec, key, run_id, meta, units, done_files, *states):
-    inputs = [(ch, ukeys, s) for (ch, ukeys), s in zip(meta, states)]
-    return tasks.run_t2_stage(spec, key, run_id, inputs, units, done_files)
+def _stage(spec, key, run_id, meta, units, n_inputs, *deps):
+    """deps: the ``n_inputs`` states tables named in ``meta``, then tasks that only have to finish first."""
+    inputs = [(ch, ukeys, s) for (ch, ukeys), s in zip(meta, deps[:n_inputs])]
+    return tasks.run_t2_stage(spec, key, run_id, inputs, units)
 
 
 def _pass(table, t0, plan, spec, key):

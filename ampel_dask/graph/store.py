@@ -67,9 +67,13 @@ class ParquetStore:
     def t2_files(self, unit: str, unit_key: str) -> list[str]:
         return sorted(str(p) for p in self._t2_dir(unit, unit_key).glob("*.parquet"))
 
-    def done_state_ids(self, unit: str, unit_key: str, files: tuple[str, ...] | None = None) -> np.ndarray:
-        """Sorted state ids with a result for this unit key (what a task must not compute again)."""
-        return _state_ids(tuple(files if files is not None else self.t2_files(unit, unit_key)))
+    def done_state_ids(self, unit: str, unit_key: str) -> np.ndarray:
+        """Sorted state ids with a result for this unit key (what a task must not compute again).
+
+        Read at task time, so results written earlier in the same run count too; each worker process
+        reads every result file once and merges it into a cached sorted array.
+        """
+        return _DONE.ids(self._t2_dir(unit, unit_key))
 
     def read_t2(self, unit: str, unit_key: str, state_ids: np.ndarray | None = None) -> pa.Table | None:
         tables = [pq.read_table(f) for f in self.t2_files(unit, unit_key)]
@@ -114,11 +118,32 @@ class ParquetStore:
         return [json.loads(p.read_text()) for p in sorted((self.root / "runs").glob("*.json"))]
 
 
-@lru_cache(maxsize=64)
-def _state_ids(files: tuple[str, ...]) -> np.ndarray:
-    """Cached per worker process: the same file list (one run) is read once, whatever the task."""
-    ids = [pq.read_table(f, columns=["state_id"]).column("state_id").to_numpy() for f in files]
-    return np.unique(np.concatenate(ids)) if ids else np.empty(0, dtype=np.int64)
+class _DoneIds:
+    """Per-process cache: result folder -> (files already read, sorted state ids in them)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[Path, tuple[set[str], np.ndarray]] = {}
+
+    def ids(self, folder: Path) -> np.ndarray:
+        files, ids = self._seen.get(folder, (set(), np.empty(0, dtype=np.int64)))
+        new = [p for p in (folder.glob("*.parquet") if folder.exists() else []) if p.name not in files]
+        if new:
+            parts = [pq.read_table(p, columns=["state_id"]).column("state_id").to_numpy() for p in new]
+            ids = np.union1d(ids, np.concatenate(parts))
+            files = files | {p.name for p in new}
+            self._seen[folder] = (files, ids)
+        return ids
+
+
+_DONE = _DoneIds()
+
+
+def contains(sorted_ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Membership of ``values`` in a sorted array (binary search; no re-sort of the big side)."""
+    if not len(sorted_ids):
+        return np.zeros(len(values), dtype=bool)
+    pos = np.clip(np.searchsorted(sorted_ids, values), 0, len(sorted_ids) - 1)
+    return sorted_ids[pos] == values
 
 
 def open_store(spec: dict) -> Any:

@@ -21,7 +21,7 @@ from ..io.layout import DATAPOINT
 from ..tiers.base import T2StateUnit, T3Context, Verdict
 from ..tiers.states import alert_access
 from .plan import ChannelPlan
-from .store import open_store
+from .store import contains, open_store
 
 log = logging.getLogger("ampel_dask")
 PROVENANCE = ["state_id", "stock", "alert_id", "unit", "unit_version", "config_hash", "t2_key", "run_id", "code"]
@@ -119,20 +119,22 @@ def history_pieces(archive_root: str, rel_path: str, stocks_mjd: tuple[np.ndarra
     stocks, max_mjd = stocks_mjd
     if not len(stocks):
         return {}
-    t = pq.read_table(f"{archive_root}/{rel_path}", columns=["stock", "mjd", "dps"])
+    t = pq.read_table(f"{archive_root}/{rel_path}", columns=["alert_id", "stock", "mjd", "dps"])
     keep = np.isin(t.column("stock").to_numpy(), stocks) & (t.column("mjd").to_numpy() <= max_mjd + 1e-6)
     if not keep.any():
         return {}
     t = t.filter(pa.array(keep))
     lists = t.column("dps").combine_chunks()
     flat = lists.flatten()
-    stock = np.repeat(t.column("stock").to_numpy(), np.diff(np.asarray(lists.offsets)))
-    table = pa.table({"stock": stock, **{f.name: flat.field(f.name) for f in DATAPOINT}})
+    lengths = np.diff(np.asarray(lists.offsets))
+    stock = np.repeat(t.column("stock").to_numpy(), lengths)
+    trigger = flat.field("dp_id").to_numpy(zero_copy_only=False) == np.repeat(t.column("alert_id").to_numpy(), lengths)
+    table = pa.table({"stock": stock, "trigger": trigger, **{f.name: flat.field(f.name) for f in DATAPOINT}})
     b = bucket_of(stock, nbuckets)
     return {int(k): table.filter(pa.array(b == k)) for k in np.unique(b)}
 
 
-def run_t2_stage(store_spec: dict, key: str, run_id: str, inputs: list[tuple[str, list[str], pa.Table]], units: list[T2StateUnit], done_files: dict[str, tuple[str, ...]]) -> dict:
+def run_t2_stage(store_spec: dict, key: str, run_id: str, inputs: list[tuple[str, list[str], pa.Table]], units: list[T2StateUnit]) -> dict:
     """All T2 units of one work unit (partition or bucket): dedupe states across channels, skip done."""
     store = open_store(store_spec)
     counts = {"computed": 0, "reused": 0, "failed": 0, "units": {}}
@@ -146,8 +148,7 @@ def run_t2_stage(store_spec: dict, key: str, run_id: str, inputs: list[tuple[str
             continue
         states = _unique_states(pa.concat_tables(batches, promote_options="default"))
         sid = states.column("state_id").to_numpy()
-        done = store.done_state_ids(unit.name(), ukey, done_files.get(ukey, ()))
-        todo = ~np.isin(sid, done)
+        todo = ~contains(store.done_state_ids(unit.name(), ukey), sid)
         c = {"states": len(sid), "computed": int(todo.sum()), "reused": int((~todo).sum()), "failed": 0}
         if todo.any():
             batch = states.filter(pa.array(todo))

@@ -10,8 +10,11 @@ dies. The data lives in memory and is gone when the process ends.
 Limits of the mock worth knowing:
 
 - ``AdminClient.create_topics`` times out against it. Create topics with ``--topic NAME:PARTITIONS``,
-  with :meth:`KafkaServer.create_topic`, or let the first produce auto-create them (librdkafka's default
-  partition count).
+  with :meth:`KafkaServer.create_topic`, or let the first produce auto-create them (with 4
+  partitions).
+- Each partition keeps only its newest ~5 MiB (and 100,000 message batches): older batches are deleted
+  as if by ``retention.bytes``, and a consumer that falls further behind jumps to ``auto.offset.reset``.
+  10,000 alerts of 8 kB need >= 16 partitions to be produced before they are consumed.
 - Consumer groups settle slowly: a member that disappears without leaving (SIGKILL) holds its partitions
   until its ``session.timeout.ms`` has passed; with several members a rebalance takes up to the rebalance
   timeout (``max.poll.interval.ms``); and even after a clean ``close()`` the next member's join waits
@@ -39,7 +42,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 _BOOTSTRAP = "BOOTSTRAP"
@@ -265,12 +267,14 @@ def start_kafka(
     brokers: int = 1,
     timeout: float = 30.0,
     log_path: str | os.PathLike | None = None,
+    die_with_parent: bool = True,
 ) -> KafkaServer:
     """Start a broker process with ``topics`` ({name: partitions}) and wait for its bootstrap servers.
 
-    The process is stopped by :meth:`KafkaServer.stop`, and also when this process dies (it watches its
-    stdin pipe and its parent). librdkafka's log goes to ``log_path`` (default: a temporary file, deleted
-    by a clean :meth:`KafkaServer.stop`).
+    The process is stopped by :meth:`KafkaServer.stop`, and also when this process ends (the broker
+    stops at the end of its stdin pipe). With ``die_with_parent`` it also gets SIGTERM when the thread
+    that called this exits (Linux PR_SET_PDEATHSIG): call it from the main thread, or pass False.
+    librdkafka's log goes to ``log_path`` (default: a temporary file, deleted by a clean stop).
     """
     temporary_log = log_path is None
     if temporary_log:
@@ -279,7 +283,7 @@ def start_kafka(
         log_path = name
     log_path = Path(log_path)
     cmd = [sys.executable, "-m", "ampel_dask.testing.kafka_broker", "--brokers", str(brokers)]
-    cmd += ["--control", "--parent-pid", str(os.getpid())]
+    cmd += ["--control"] + (["--parent-pid", str(os.getpid())] if die_with_parent else [])
     for name, partitions in (topics or {}).items():
         cmd += ["--topic", f"{name}:{int(partitions)}"]
     with open(log_path, "ab") as log:

@@ -154,15 +154,20 @@ def build_states(alerts: pa.Table, policy: T1PolicyConfig, access: list[str], hi
 
 
 def _with_history(alerts: pa.Table, flat: pa.StructArray, rows: np.ndarray, history: pa.Table) -> tuple[pa.StructArray, np.ndarray]:
-    """Add each object's archived datapoints (``history``: flat, with a ``stock`` column) to its rows.
+    """Add each object's archived datapoints (``history``: flat, ``stock`` + DATAPOINT columns, and
+    ``trigger``: the copy from the alert this datapoint triggered) to its rows.
 
     A join by object done with sorted arrays: history sorted by stock, each alert row finds its
-    object's block with ``searchsorted``; duplicates of packet datapoints are dropped by id.
+    object's block with ``searchsorted``. A datapoint listed in several packets keeps one copy, chosen
+    the same way whatever the partitioning: the copy from its own alert (that alert's time is
+    authoritative; some rewritten packets carry other times in their history), then this packet's,
+    then the latest. The look-ahead cut is applied afterwards, on the chosen times.
     """
     h_stock = history.column("stock").to_numpy(zero_copy_only=False)
     order = np.argsort(h_stock, kind="stable")
     h_stock = h_stock[order]
     h_dps = pa.StructArray.from_arrays([history.column(f.name).combine_chunks().take(pa.array(order)) for f in DATAPOINT], fields=list(DATAPOINT))
+    h_trigger = history.column("trigger").to_numpy(zero_copy_only=False)[order] if "trigger" in history.column_names else np.zeros(len(order), bool)
     a_stock = alerts.column("stock").to_numpy(zero_copy_only=False)
     lo = np.searchsorted(h_stock, a_stock, "left")
     hi = np.searchsorted(h_stock, a_stock, "right")
@@ -171,17 +176,15 @@ def _with_history(alerts: pa.Table, flat: pa.StructArray, rows: np.ndarray, hist
     extra_idx = (np.repeat(lo - np.r_[0, np.cumsum(counts)[:-1]], counts) + np.arange(counts.sum())).astype(np.int64)
     all_rows = np.concatenate([rows, extra_rows])
     all_flat = pa.concat_arrays([flat.cast(DATAPOINT), h_dps.take(pa.array(extra_idx))])
-    # drop repeated (row, dp_id): the packet's copy comes first and wins
     ids = all_flat.field("dp_id").to_numpy(zero_copy_only=False)
-    by = np.lexsort((np.arange(len(ids)), ids, all_rows))
+    mjd = pc.fill_null(all_flat.field("mjd"), np.inf).to_numpy(zero_copy_only=False)
+    own = ids[: len(rows)] == alerts.column("alert_id").to_numpy(zero_copy_only=False)[rows]
+    prio = np.concatenate([np.where(own, 0, 1), np.where(h_trigger[extra_idx], 0, 2)])
+    by = np.lexsort((-mjd, prio, ids, all_rows))
     rep = np.zeros(len(ids), dtype=bool)
     rep[1:] = (all_rows[by][1:] == all_rows[by][:-1]) & (ids[by][1:] == ids[by][:-1])
-    keep = np.ones(len(ids), dtype=bool)
-    keep[by[rep]] = False
-    # time order within each row for the units
-    mjd = pc.fill_null(all_flat.field("mjd"), np.inf).to_numpy(zero_copy_only=False)
-    sel = np.flatnonzero(keep)
-    final = sel[np.lexsort((ids[sel], mjd[sel], all_rows[sel]))]
+    sel = by[~rep]
+    final = sel[np.lexsort((ids[sel], mjd[sel], all_rows[sel]))]  # time order within each row
     return all_flat.take(pa.array(final)), all_rows[final]
 
 

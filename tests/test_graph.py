@@ -1,0 +1,230 @@
+"""Workflows on real alerts: no repeated work, shared T2, incremental runs, worker loss, provenance."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import yaml
+
+from ampel_dask.graph.runner import RunOptions, run_workflow
+from ampel_dask.graph.store import ParquetStore
+from ampel_dask.graph.workflow import Workflow, WorkflowError, load_workflow
+from ampel_dask.io.archive import Archive
+from ampel_dask.io.ingest import IngestOptions, ingest
+
+from .test_tiers import DECENT
+
+TARBALLS = ["ztf/fink_ztf_public_20181129.tar.gz", "ztf/fink_basic_alerts_2023_2025.tar.gz"]
+WORKFLOW = {
+    "name": "test-multi",
+    "channels": [
+        {"name": "DECENT", "access": ["ZTF_PUB", "ZTF_PRIV"], "filters": [{"unit": "DecentFilter", "config": DECENT}],
+         "t2": ["T2LightCurveSummary"], "t3": [{"unit": "T3Export", "config": {"formats": ["parquet"]}}]},
+        {"name": "BRIGHT", "access": ["ZTF_PUB", "ZTF_PRIV"], "filters": [{"unit": "ExpressionFilter", "config": {"expr": "ndet >= 2 and mag < 19"}}],
+         "t2": ["T2LightCurveSummary"]},
+        {"name": "FULLHIST", "access": ["ZTF_PUB", "ZTF_PRIV"], "filters": [{"unit": "ExpressionFilter", "config": {"expr": "ndet >= 3"}}],
+         "t1": {"unit": "T1Policy", "config": {"history": "archive"}}, "t2": ["T2LightCurveSummary"]},
+    ],
+}  # fmt: skip
+
+
+def wf(**changes) -> Workflow:
+    return Workflow.model_validate({**WORKFLOW, **changes})
+
+
+def run(archive: Path, store: Path, workflow: Workflow | None = None, **kw) -> dict:
+    return run_workflow(workflow or wf(), RunOptions(archive=str(archive), store=str(store), progress=False, **kw))
+
+
+def t2_rows(store: Path) -> set[tuple]:
+    """Every T2 result as (unit, state id, body...) without run-dependent provenance (run id, and
+    which of several alerts with the same state happened to be computed first)."""
+    s = ParquetStore(store)
+    out = set()
+    for unit, key in s.t2_units():
+        t = s.read_t2(unit, key)
+        body = [c for c in t.column_names if c not in ("run_id", "t2_key", "alert_id")]
+        for r in t.select(body).to_pylist():
+            out.add((unit, key, tuple((k, None if isinstance(v, float) and np.isnan(v) else v) for k, v in sorted(r.items()))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory, data_dir) -> Path:
+    root = tmp_path_factory.mktemp("graph_archive")
+    ingest([str(data_dir / t) for t in TARBALLS] + [str(data_dir / "ztf/pitt_google")], root, IngestOptions(workers=0, progress=False))
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_run(archive, tmp_path_factory) -> tuple[Path, dict]:
+    store = tmp_path_factory.mktemp("store")
+    return store, run(archive, store, workers=0)
+
+
+def test_counts_reconcile_and_manifest_has_provenance(first_run, archive):
+    store, summary = first_run
+    alerts = sum(p.rows for p in Archive(archive).partitions())
+    assert summary["alerts"] == alerts == 810 + 367 + 100
+    for name, c in summary["channels"].items():
+        assert c["passed"] + c["rejected"] == alerts, name
+        assert sum(summary["rejections"][name].values()) == c["rejected"]
+    from ampel_dask.tiers.units.t0_filters import DecentFilter
+
+    table = pa.concat_tables([Archive(archive).read(p) for p in Archive(archive).partitions()])
+    assert summary["channels"]["DECENT"]["passed"] == DecentFilter(DECENT).verdict(table).accepted.sum() >= 22
+    manifest = json.loads((store / "runs" / f"{summary['run_id']}.json").read_text())
+    assert manifest["workflow_hash"] == wf().hash and manifest["ampel_dask"]
+    assert {i["content_hash"] for i in manifest["inputs"]} == {p.content_hash for p in Archive(archive).partitions()}
+    assert any(u["unit"] == "DecentFilter" and u["version"] for u in manifest["units"].values())
+    s = ParquetStore(store)
+    for unit, key in s.t2_units():
+        t = s.read_t2(unit, key)
+        for col in ("run_id", "unit_version", "config_hash", "state_id", "t2_key"):
+            assert t.column(col).null_count == 0
+        assert set(t.column("run_id").to_pylist()) == {summary["run_id"]}
+    assert summary["t3"]["outputs"] == 1
+
+
+def test_shared_t2_config_is_computed_once(first_run):
+    store, summary = first_run
+    s = ParquetStore(store)
+    states = {c: set(s.read_states(c).column("state_id").to_pylist()) for c in ("DECENT", "BRIGHT", "FULLHIST")}
+    union = set().union(*states.values())
+    assert states["DECENT"] & states["BRIGHT"]  # the channels share states ...
+    assert summary["t2"]["computed"] == len(union) < sum(len(v) for v in states.values())  # ... computed once
+    (unit, key), = s.t2_units()
+    assert s.read_t2(unit, key).num_rows == len(union)
+
+
+def test_rerun_computes_nothing_and_gives_identical_results(first_run, archive):
+    store, summary = first_run
+    before = t2_rows(store)
+    again = run(archive, store, workers=0)
+    assert again["t2"]["computed"] == 0 and again["t2"]["reused"] == summary["t2"]["computed"] + summary["t2"]["reused"]
+    assert again["tasks"] == 0 and "nothing to compute" in again["note"]
+    assert again["channels"] == summary["channels"]
+    assert t2_rows(store) == before
+
+
+def test_history_channel_joins_archived_datapoints(first_run):
+    """ZTF21abiuvdk (34 alerts): with history: archive a state holds datapoints older than its packet."""
+    store, _ = first_run
+    s = ParquetStore(store)
+    full = s.read_states("FULLHIST")
+    packet = s.read_states("BRIGHT")
+    obj = pc.equal(full.column("object_id"), "ZTF21abiuvdk")
+    fh = full.filter(obj)
+    assert fh.num_rows > 10
+    for mjd, dps in zip(fh.column("mjd").to_pylist(), fh.column("dps").to_pylist()):
+        assert all(d["mjd"] <= mjd + 1e-6 for d in dps)  # never a later datapoint
+    latest = fh.take([int(np.argmax(fh.column("mjd").to_numpy()))]).to_pylist()[0]
+    pk = packet.filter(pc.equal(packet.column("alert_id"), latest["alert_id"])).to_pylist()
+    span = lambda dps: max(d["mjd"] for d in dps) - min(d["mjd"] for d in dps)  # noqa: E731
+    assert span(latest["dps"]) > 30 and (not pk or len(latest["dps"]) > len(pk[0]["dps"]))
+
+
+def test_adding_a_night_computes_only_new_states(tmp_path, data_dir):
+    archive, store = tmp_path / "a", tmp_path / "s"
+    ingest([str(data_dir / TARBALLS[0])], archive, IngestOptions(workers=0, progress=False))
+    w = wf(channels=WORKFLOW["channels"][:2])
+    first = run(archive, store, w, workers=0)
+    ingest([str(data_dir / TARBALLS[1])], archive, IngestOptions(workers=0, progress=False))
+    second = run(archive, store, w, workers=0)
+    s = ParquetStore(store)
+    all_states = set().union(*(set(s.read_states(c).column("state_id").to_pylist()) for c in ("DECENT", "BRIGHT")))
+    assert second["t2"]["reused"] == first["t2"]["computed"]
+    assert second["t2"]["computed"] == len(all_states) - first["t2"]["computed"] > 0
+    assert second["partitions"]["skipped"] == len(first_run_parts(archive, TARBALLS[0]))
+
+
+def first_run_parts(archive: Path, tarball: str) -> list:
+    return [p for p in Archive(archive).partitions() if p.night == 20181129]
+
+
+def test_results_identical_with_1_and_2_workers_and_other_partition_sizes(first_run, archive, tmp_path, data_dir):
+    store1, _ = first_run
+    small = tmp_path / "small_parts"
+    ingest([str(data_dir / t) for t in TARBALLS] + [str(data_dir / "ztf/pitt_google")], small, IngestOptions(workers=0, progress=False, chunk_packets=150))
+    assert len(Archive(small).partitions()) > len(Archive(archive).partitions())
+    for workers, src in ((1, archive), (2, small)):
+        store = tmp_path / f"store{workers}"
+        summary = run(src, store, workers=workers)
+        assert t2_rows(store) == t2_rows(store1), (workers, src)
+        assert summary["channels"] == first_run[1]["channels"]
+
+
+def test_worker_killed_mid_run_still_completes_identically(tmp_path, data_dir):
+    from distributed import Client, LocalCluster
+
+    archive = tmp_path / "elasticc"
+    ingest([str(data_dir / "lsst/elasticc_v0_9_alerce.tar.gz")], archive, IngestOptions(workers=0, progress=False))
+    w = Workflow.model_validate({"name": "elasticc", "channels": [
+        {"name": "ALL", "access": ["LSST"], "filters": [{"unit": "ExpressionFilter", "config": {"expr": "ndet >= 2"}}], "t2": ["T2LightCurveSummary"]}]})  # fmt: skip
+    reference = run(archive, tmp_path / "ref", w, workers=0)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+        result: dict = {}
+        t = threading.Thread(target=lambda: result.update(run(archive, tmp_path / "killed", w, client=client)))
+        t.start()
+        tasks_dir = tmp_path / "killed" / "tasks"
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list(tasks_dir.glob("*.json"))) < 50:
+            time.sleep(0.05)
+        victim = next(iter(cluster.workers.values())).process.process.pid
+        os.kill(victim, signal.SIGKILL)
+        t.join(timeout=300)
+    assert not t.is_alive() and result, "the run did not complete after a worker was killed"
+    assert len(list(tasks_dir.glob("*.json"))) < 2 * len(Archive(archive).partitions()) + 5
+    assert result["channels"] == reference["channels"]
+    assert t2_rows(tmp_path / "killed") == t2_rows(tmp_path / "ref")
+
+
+def test_explain_a_real_object(first_run):
+    store, summary = first_run
+    proc = subprocess.run([sys.executable, "-m", "ampel_dask.cli", "explain", "ZTF21abiuvdk", "--store", str(store), "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["object"] == "ZTF21abiuvdk" and len(info["alerts"]) == 34
+    assert info["states"] and all(summary["run_id"] in s["runs"] for s in info["states"] if s["channel"] == "BRIGHT")
+    state_ids = {s["state_id"] for s in info["states"]}
+    assert info["t2"] and {t["state_id"] for t in info["t2"]} <= state_ids
+    assert all(t["run_id"] == summary["run_id"] and t["unit"] == "T2LightCurveSummary" for t in info["t2"])
+    text = subprocess.run([sys.executable, "-m", "ampel_dask.cli", "explain", "ZTF21abiuvdk", "--store", str(store)], capture_output=True, text=True).stdout
+    assert "alerts: 34" in text and "T2 T2LightCurveSummary" in text
+
+
+def test_run_command_json_and_bad_workflow_errors(first_run, archive, tmp_path):
+    store, _ = first_run
+    path = tmp_path / "wf.yml"
+    path.write_text(yaml.safe_dump(WORKFLOW, sort_keys=False))
+    proc = subprocess.run([sys.executable, "-m", "ampel_dask.cli", "run", str(path), "--archive", str(archive), "--store", str(store), "--json", "--workers", "0"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(out) >= {"run_id", "alerts", "channels", "t2", "t3", "tasks", "seconds"} and out["t2"]["computed"] == 0
+    bad = yaml.safe_dump(WORKFLOW, sort_keys=False).replace("min_gal_lat: 14", "min_gal_lat: fourteen").replace("name: BRIGHT", "name: BRIGHT\n  colour: blue")
+    path.write_text(bad)
+    with pytest.raises(WorkflowError) as err:
+        load_workflow(path)
+    line = next(i for i, ln in enumerate(bad.splitlines(), 1) if "colour" in ln)
+    assert f"wf.yml:{line}: channels[1].colour" in str(err.value)
+    with pytest.raises(WorkflowError, match=r"(?s)channels\[0\] \(DECENT\)\.filters\[0\].*DecentFilter\.min_gal_lat"):
+        run_workflow(load_workflow_text(path, bad.replace("  colour: blue\n", "")), RunOptions(archive=str(archive), store=str(store)))
+    path.write_text(bad)
+    proc = subprocess.run([sys.executable, "-m", "ampel_dask.cli", "run", str(path), "--archive", str(archive)], capture_output=True, text=True)
+    assert proc.returncode == 2 and f"wf.yml:{line}: channels[1].colour" in proc.stderr
+
+
+def load_workflow_text(path: Path, text: str) -> Workflow:
+    path.write_text(text)
+    return load_workflow(path)
