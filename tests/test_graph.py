@@ -170,7 +170,7 @@ def test_worker_killed_mid_run_still_completes_identically(tmp_path, data_dir):
 
     archive = tmp_path / "elasticc"
     ingest([str(data_dir / "lsst/elasticc_v0_9_alerce.tar.gz")], archive, IngestOptions(workers=0, progress=False))
-    w = Workflow.model_validate({"name": "elasticc", "channels": [
+    w = Workflow.model_validate({"name": "elasticc", "archive": {"nights": {"from": 20220101, "to": 20220731}}, "channels": [
         {"name": "ALL", "access": ["LSST"], "filters": [{"unit": "ExpressionFilter", "config": {"expr": "ndet >= 2"}}], "t2": ["T2LightCurveSummary"]}]})  # fmt: skip
     reference = run(archive, tmp_path / "ref", w, workers=0)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
@@ -179,13 +179,14 @@ def test_worker_killed_mid_run_still_completes_identically(tmp_path, data_dir):
         t.start()
         tasks_dir = tmp_path / "killed" / "tasks"
         deadline = time.time() + 120
-        while time.time() < deadline and len(list(tasks_dir.glob("*.json"))) < 50:
+        while time.time() < deadline and len(list(tasks_dir.glob("*.json"))) < 40:
             time.sleep(0.05)
         victim = next(iter(cluster.workers.values())).process.process.pid
+        assert t.is_alive(), "the run finished before a worker could be killed"
         os.kill(victim, signal.SIGKILL)
         t.join(timeout=300)
     assert not t.is_alive() and result, "the run did not complete after a worker was killed"
-    assert len(list(tasks_dir.glob("*.json"))) < 2 * len(Archive(archive).partitions()) + 5
+    assert reference["partitions"]["total"] > 80
     assert result["channels"] == reference["channels"]
     assert t2_rows(tmp_path / "killed") == t2_rows(tmp_path / "ref")
 

@@ -64,7 +64,7 @@ def _with_dependencies(units: list[T2StateUnit]) -> list[T2StateUnit]:
 
 
 # alert columns every step needs, besides what the filters ask for
-CORE_COLUMNS = {"alert_id", "stock", "object_id", "survey", "night", "mjd", "ra", "dec", "band", "mag", "flux", "flux_err", "isdiffpos", "programid", "dps"}
+CORE_COLUMNS = {"alert_id", "stock", "object_id", "survey", "night", "mjd", "ra", "dec", "band", "mag", "flux", "flux_err", "isdiffpos", "programid"}
 
 
 def plan_channel(spec: ChannelSpec, i: int) -> ChannelPlan:

@@ -1,5 +1,9 @@
 """Result stores: Parquet (default; read it with pandas, DuckDB, polars) and MongoDB (optional).
 
+Files are renamed into place atomically but not fsync'ed one by one; the runner calls ``sync()`` once
+before the run manifest is written (live mode before committing offsets), which makes all of them
+durable at once.
+
 Parquet layout (every file written atomically, named by the content-hash key of the task that made it)::
 
     STORE/states/<channel>/<t1 key>.parquet          T1 states of one work unit (the channel's selection)
@@ -22,11 +26,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..io.archive import atomic_write, parquet_bytes
+from ..io.archive import atomic_write as _atomic_write, parquet_bytes, sync
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    _atomic_write(path, data, durable=False)
 
 
 class ParquetStore:
     kind = "parquet"
+
+    def sync(self) -> None:
+        sync()
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -45,12 +56,13 @@ class ParquetStore:
 
     # --- T1 states (the channels' selections) ---
     def write_states(self, channel: str, key: str, table: pa.Table) -> None:
-        atomic_write(self.root / "states" / channel / f"{key}.parquet", parquet_bytes(table))
+        if table.num_rows:  # no file for a work unit where nothing passed
+            atomic_write(self.root / "states" / channel / f"{key}.parquet", parquet_bytes(table))
 
-    def read_states(self, channel: str, keys: list[str] | None = None, columns: list[str] | None = None) -> pa.Table | None:
+    def read_states(self, channel: str, keys: list[str] | None = None, columns: list[str] | None = None, stock: int | None = None) -> pa.Table | None:
         folder = self.root / "states" / channel
         files = [folder / f"{k}.parquet" for k in keys] if keys is not None else sorted(folder.glob("*.parquet"))
-        tables = [pq.read_table(f, columns=columns) for f in files if f.exists()]
+        tables = [pq.read_table(f, columns=columns, filters=_of(stock)) for f in files if f.exists()]
         return pa.concat_tables(tables, promote_options="default") if tables else None
 
     def channels(self) -> list[str]:
@@ -75,8 +87,8 @@ class ParquetStore:
         """
         return _DONE.ids(self._t2_dir(unit, unit_key))
 
-    def read_t2(self, unit: str, unit_key: str, state_ids: np.ndarray | None = None) -> pa.Table | None:
-        tables = [pq.read_table(f) for f in self.t2_files(unit, unit_key)]
+    def read_t2(self, unit: str, unit_key: str, state_ids: np.ndarray | None = None, stock: int | None = None) -> pa.Table | None:
+        tables = [pq.read_table(f, filters=_of(stock)) for f in self.t2_files(unit, unit_key)]
         if not tables:
             return None
         t = pa.concat_tables(tables, promote_options="default")
@@ -95,9 +107,9 @@ class ParquetStore:
         if table.num_rows:
             atomic_write(self.root / "journal" / run_id / f"{key}.parquet", parquet_bytes(table))
 
-    def read_journal(self) -> pa.Table | None:
+    def read_journal(self, stock: int | None = None) -> pa.Table | None:
         files = sorted((self.root / "journal").glob("*/*.parquet"))
-        return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default") if files else None
+        return pa.concat_tables([pq.read_table(f, filters=_of(stock)) for f in files], promote_options="default") if files else None
 
     def t3_dir(self, channel: str, key: str) -> Path:
         return self.root / "t3" / channel / key
@@ -105,17 +117,23 @@ class ParquetStore:
     def write_t3_objects(self, channel: str, key: str, table: pa.Table) -> None:
         atomic_write(self.t3_dir(channel, key) / "objects.parquet", parquet_bytes(table))
 
-    def read_t3_objects(self) -> pa.Table | None:
+    def read_t3_objects(self, stock: int | None = None) -> pa.Table | None:
         files = sorted((self.root / "t3").glob("*/*/objects.parquet"))
-        return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default") if files else None
+        return pa.concat_tables([pq.read_table(f, filters=_of(stock)) for f in files], promote_options="default") if files else None
 
     def write_manifest(self, run_id: str, manifest: dict[str, Any]) -> Path:
         path = self.root / "runs" / f"{run_id}.json"
-        atomic_write(path, (json.dumps(manifest, indent=1, sort_keys=False, default=str) + "\n").encode())
+        sync()  # everything the run wrote is on disk before its manifest says so
+        _atomic_write(path, (json.dumps(manifest, indent=1, sort_keys=False, default=str) + "\n").encode())
         return path
 
     def manifests(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted((self.root / "runs").glob("*.json"))]
+
+
+def _of(stock: int | None) -> list | None:
+    """Row filter on one object (what ``explain`` reads), or None for all rows."""
+    return None if stock is None else [("stock", "=", int(stock))]
 
 
 class _DoneIds:
@@ -144,6 +162,16 @@ def contains(sorted_ids: np.ndarray, values: np.ndarray) -> np.ndarray:
         return np.zeros(len(values), dtype=bool)
     pos = np.clip(np.searchsorted(sorted_ids, values), 0, len(sorted_ids) - 1)
     return sorted_ids[pos] == values
+
+
+def spec_for(location: str | Path, path: str | None = None) -> dict:
+    """A store spec from a ``--store`` argument: a ``mongodb://host:port/DB`` URI (database from the
+    path, default ampel_dask; ``path``: the local folder for T3 files) or a Parquet store folder."""
+    from .mongo_store import is_mongo_uri, uri_database
+
+    if is_mongo_uri(str(location)):
+        return {"kind": "mongo", "uri": str(location), "database": uri_database(str(location)), "path": path or "store"}
+    return {"kind": "parquet", "path": str(Path(location).resolve())}
 
 
 def open_store(spec: dict) -> Any:

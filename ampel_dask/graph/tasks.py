@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import lru_cache
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 
 from ..io.layout import DATAPOINT
 from ..tiers.base import T2StateUnit, T3Context, Verdict
+from ..tiers.columns import SUMMARY
 from ..tiers.states import alert_access
 from .plan import ChannelPlan
 from .store import contains, open_store
@@ -28,11 +30,32 @@ PROVENANCE = ["state_id", "stock", "alert_id", "unit", "unit_version", "config_h
 
 
 def read_partition(archive_root: str, rel_path: str, columns: list[str] | None) -> pa.Table:
+    """The columns T0 needs (never the nested history unless a filter asks for it)."""
     path = f"{archive_root}/{rel_path}"
+    pf = pq.ParquetFile(path)
     if columns is not None:
-        names = set(pq.read_schema(path).names)
+        names = set(pf.schema_arrow.names)
+        if any(c in SUMMARY and c not in names for c in columns):
+            columns = [*columns, "dps"]  # an archive written before the summary columns existed
         columns = [c for c in columns if c in names]
-    return pq.read_table(path, columns=columns)
+    table = pf.read(columns=columns, use_threads=False)
+    return table.replace_schema_metadata({b"ampel_dask.path": path.encode()})
+
+
+@lru_cache(maxsize=2)
+def _histories(path: str) -> pa.ChunkedArray:
+    """The nested history of a partition: read once per process however many channels need it."""
+    return pq.read_table(path, columns=["dps"], use_threads=False).column("dps")
+
+
+def with_histories(table: pa.Table) -> pa.Table:
+    """Add ``dps`` to a batch read without it (rows in file order, as read_partition returns them)."""
+    if "dps" in table.column_names:
+        return table
+    path = (table.schema.metadata or {}).get(b"ampel_dask.path")
+    if path is None:
+        raise ValueError("batch has neither dps nor the path of its partition")
+    return table.append_column("dps", _histories(path.decode()))
 
 
 @dataclass
@@ -46,20 +69,19 @@ def run_t0(table: pa.Table, plan: ChannelPlan) -> T0Result:
     v = Verdict.accept_all(table.num_rows)
     v.reject(~alert_access(table, plan.access), "access")
     for f in plan.filters:
-        ok = v.accepted
-        if not ok.any():
+        if not v.accepted.any():
             break
-        sub = f.verdict(table.filter(pa.array(ok)))
-        codes = np.zeros(table.num_rows, dtype=np.int16)
-        codes[ok] = sub.codes
-        v = v & Verdict(codes, sub.reasons)
+        v = v & f.verdict(table)  # whole batch (vectorised); earlier rejections keep their reason
     return T0Result(v, v.counts())
 
 
 def run_t1(table: pa.Table, t0: T0Result, plan: ChannelPlan, store_spec: dict, key: str, run_id: str, history: pa.Table | None = None) -> pa.Table:
     """States of the accepted alerts; stored as the channel's selection for this work unit."""
     store = open_store(store_spec)
-    passing = table.filter(pa.array(t0.verdict.accepted))
+    accepted = t0.verdict.accepted
+    passing = with_histories(table).filter(pa.array(accepted)) if accepted.any() else None
+    if passing is None:
+        passing = table.slice(0, 0).append_column("dps", pa.array([], pa.list_(DATAPOINT))) if "dps" not in table.column_names else table.slice(0, 0)
     states = plan.t1.states(passing, plan.access, history)
     store.write_states(plan.name, key, states)
     store.write_journal(run_id, key, _journal(states.column("stock"), run_id, 0, plan.name, "accepted", alert_id=states.column("alert_id")))
@@ -70,7 +92,9 @@ def run_t1(table: pa.Table, t0: T0Result, plan: ChannelPlan, store_spec: dict, k
 
 
 def passing_alerts(table: pa.Table, t0: T0Result) -> pa.Table:
-    return table.filter(pa.array(t0.verdict.accepted))
+    if not t0.verdict.accepted.any():
+        return table.slice(0, 0).append_column("dps", pa.array([], pa.list_(DATAPOINT))) if "dps" not in table.column_names else table.slice(0, 0)
+    return with_histories(table).filter(pa.array(t0.verdict.accepted))
 
 
 def t0_counts(t0: T0Result, n: int) -> dict:

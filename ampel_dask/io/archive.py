@@ -56,15 +56,25 @@ def content_hash(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes to a temp file beside ``path`` and rename it into place."""
+def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write bytes to a temp file beside ``path`` and rename it into place.
+
+    ``durable=False`` skips the per-file fsync (the rename is still atomic): for many small files whose
+    writer calls :func:`sync` once at a checkpoint instead (a run's end, a live batch's commit).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     with open(tmp, "wb") as fh:
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def sync() -> None:
+    """Flush every file written so far to disk (one call instead of an fsync per file)."""
+    os.sync()
 
 
 @dataclass(frozen=True)

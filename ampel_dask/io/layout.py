@@ -62,6 +62,10 @@ COMMON = [
     pa.field("flux", pa.float64()),
     pa.field("flux_err", pa.float64()),
     pa.field("isdiffpos", pa.bool_()),
+    # history aggregates, so that filters on them need not read the nested history
+    pa.field("ndet", pa.int32()),  # detections in the packet (trigger included)
+    pa.field("first_det_mjd", pa.float64()),
+    pa.field("last_det_mjd", pa.float64()),
     pa.field("schema", pa.string()),
     pa.field("source", pa.string()),
 ]

@@ -34,6 +34,7 @@ from .normalize import (
     cutouts_table,
     f64,
     flatten,
+    history_summary,
     i64,
     nan_to_null,
     record_fields,
@@ -115,6 +116,7 @@ def normalize(records: list[Record], ws: WriterSchema, sources: list[str]) -> No
     parts.append(_forced(values, ws))
     parts.append(_limits(values, ws))
     dps = assemble_dps(n, parts)
+    common.update(history_summary(dps))
     arrays = [common[f.name] if f.name in common else extras[f.name] for f in SCHEMA if f.name != "dps"] + [dps]
     table = pa.Table.from_arrays(arrays, schema=SCHEMA)
     keep, rejects = reject_rows(

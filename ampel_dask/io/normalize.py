@@ -153,6 +153,25 @@ def assemble_dps(n_alerts: int, parts: list[DatapointPart]) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), struct)
 
 
+def history_summary(dps: pa.ListArray) -> dict[str, pa.Array]:
+    """Per alert: number of detections and first / last detection time in its nested history."""
+    n = len(dps)
+    offsets = np.asarray(dps.offsets)
+    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(offsets))
+    values = dps.values
+    det = values.field("kind").to_numpy(zero_copy_only=False) == 0
+    mjd = f64(values.field("mjd"))
+    r, t = rows[det], mjd[det]
+    ndet = np.bincount(r, minlength=n).astype(np.int32)
+    first = np.full(n, np.nan)
+    last = np.full(n, np.nan)
+    if len(r):
+        starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
+        first[r[starts]] = np.fmin.reduceat(t, starts)
+        last[r[starts]] = np.fmax.reduceat(t, starts)
+    return {"ndet": pa.array(ndet), "first_det_mjd": nan_to_null(first), "last_det_mjd": nan_to_null(last)}
+
+
 def cutouts_table(alert_ids: pa.Array, science: list, template: list, difference: list) -> pa.Table:
     return pa.Table.from_arrays(
         [alert_ids, pa.array(science, pa.binary()), pa.array(template, pa.binary()), pa.array(difference, pa.binary())],

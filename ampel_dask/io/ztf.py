@@ -35,6 +35,7 @@ from .normalize import (
     cutouts_table,
     f64,
     flatten,
+    history_summary,
     i64,
     nan_to_null,
     record_fields,
@@ -112,6 +113,7 @@ def normalize(records: list[Record], ws: WriterSchema, sources: list[str]) -> No
         "source": pa.array(sources, pa.string()),
     }
     dps = assemble_dps(n, [_trigger_dps(cols, common), *_prv_dps(values, ws), _fp_dps(values, ws)])
+    common.update(history_summary(dps))
     arrays = [common[f.name] if f.name in common else cols[f.name] for f in SCHEMA if f.name != "dps"] + [dps]
     table = pa.Table.from_arrays(arrays, schema=SCHEMA)
     keep, rejects = reject_rows(

@@ -47,3 +47,20 @@ def per_row(values: np.ndarray, rows: np.ndarray, n: int, how: str, empty: float
     ufunc = {"min": np.fmin, "max": np.fmax, "sum": np.add}[how]
     out[rows[starts]] = ufunc.reduceat(values.astype(np.float64), starts)
     return out
+
+
+SUMMARY = ("ndet", "first_det_mjd", "last_det_mjd")
+
+
+def detections(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(number of detections, first and last detection time) per alert: from the ingest's summary
+    columns when the batch has them (no need to read the nested history), else from ``dps``."""
+    if all(c in table.column_names for c in SUMMARY):
+        return (np.nan_to_num(num(table, "ndet"), nan=0).astype(np.int64), num(table, "first_det_mjd"), num(table, "last_det_mjd"))
+    from ..io.layout import DETECTION
+
+    n = table.num_rows
+    t, rows, _ = history(table, "mjd")
+    kind, _, _ = history(table, "kind")
+    det = kind == DETECTION
+    return per_row(t[det], rows[det], n, "count"), per_row(t[det], rows[det], n, "min"), per_row(t[det], rows[det], n, "max")

@@ -16,8 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 
-from ..io.layout import DETECTION
-from .columns import history, per_row
+from .columns import detections
 
 Array = np.ndarray
 FUNCS: dict[str, Callable[[Array], Array]] = {
@@ -46,12 +45,8 @@ def _isnull(x: Array) -> Array:
 
 def _column(table: pa.Table, name: str) -> Array:
     if name in DERIVED:
-        t, rows, _ = history(table, "mjd")
-        kind, _, _ = history(table, "kind")
-        det = kind == DETECTION
-        if name == "ndet":
-            return per_row(t[det], rows[det], table.num_rows, "count").astype(np.float64)
-        return per_row(t[det], rows[det], table.num_rows, "max") - per_row(t[det], rows[det], table.num_rows, "min")
+        ndet, first, last = detections(table)
+        return ndet.astype(np.float64) if name == "ndet" else last - first
     col = table.column(name)
     if pa.types.is_boolean(col.type) or pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
         return col.cast(pa.float64()).to_numpy(zero_copy_only=False)

@@ -9,9 +9,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from ...io.layout import DETECTION
 from ..base import T0Filter, UnitConfig, Verdict
-from ..columns import history, num, per_row, present
+from ..columns import SUMMARY, detections, num, present
 from ..expression import Expression, ExpressionError
 from ..sky import galactic_latitude
 
@@ -63,7 +62,7 @@ class DecentFilter(T0Filter):
     """
 
     Config = DecentFilterConfig
-    columns: ClassVar = [*KEYS_TO_CHECK, "drb", "jdstarthist", "jdendhist", "dps"]
+    columns: ClassVar = [*KEYS_TO_CHECK, "drb", "jdstarthist", "jdendhist", *SUMMARY]
 
     def __init__(self, config=None, **kw):
         super().__init__(config, **kw)
@@ -81,12 +80,9 @@ class DecentFilter(T0Filter):
         c = self.config
         n = alerts.num_rows
         v = Verdict.accept_all(n)
-        t, rows, _ = history(alerts, "mjd")
-        kind, _, _ = history(alerts, "kind")
-        det = kind == DETECTION
-        ndet = per_row(t[det], rows[det], n, "count")
+        ndet, first, last = detections(alerts)
         v.reject(ndet < c.min_ndet, "nDet")
-        tspan = per_row(t[det], rows[det], n, "max") - per_row(t[det], rows[det], n, "min")
+        tspan = last - first
         v.reject(~((c.min_tspan <= tspan) & (tspan <= c.max_tspan)), "tSpan")
         for key in KEYS_TO_CHECK:
             v.reject(~present(alerts, key), f"missing={key}")
@@ -136,14 +132,13 @@ class LSSTQualityFilter(T0Filter):
 
     Config = LSSTQualityConfig
     columns: ClassVar = ["reliability", "snr", "flux", "isdiffpos", "psfFlux_flag", "pixelFlags", "centroid_flag",
-                         "isDipole", "ssObjectId", "diaObjectId", "extendedness", "dps"]  # fmt: skip
+                         "isDipole", "ssObjectId", "diaObjectId", "extendedness", "flux_err", *SUMMARY]  # fmt: skip
 
     def apply(self, alerts: pa.Table) -> Verdict:
         c = self.config
         n = alerts.num_rows
         v = Verdict.accept_all(n)
-        kind, rows, _ = history(alerts, "kind")
-        ndet = per_row(kind[kind == DETECTION], rows[kind == DETECTION], n, "count")
+        ndet, _, _ = detections(alerts)
         v.reject(ndet < c.min_ndet, "ndet")
         if c.positive_only:
             v.reject(~np.asarray(alerts.column("isdiffpos").fill_null(True)), "negative")
@@ -193,7 +188,7 @@ class ExpressionFilter(T0Filter):
             raise UnitConfigError(self.name(), err) from None
         from ..expression import DERIVED
 
-        self.columns = [c for c in self.expression.columns if c not in DERIVED] + ["dps"]
+        self.columns = [c for c in self.expression.columns if c not in DERIVED] + list(SUMMARY)
 
     def apply(self, alerts: pa.Table) -> Verdict:
         return Verdict.from_mask(self.expression(alerts), self.config.reason or self.config.expr)
