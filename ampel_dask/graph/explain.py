@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from ..io.archive import Archive
 from ..io.layout import ztf_name, ztf_stock
-from .store import ParquetStore
+from .store import open_store, spec_for
 
 SKIP_BODY = {"state_id", "stock", "alert_id", "unit", "unit_version", "config_hash", "t2_key", "run_id", "code"}
 
@@ -35,8 +35,9 @@ def _filter_stock(table: pa.Table | None, stock: int) -> pa.Table | None:
 
 
 def explain(obj: str, store_dir: str | Path, archive_dir: str | Path | None = None) -> dict:
+    """``store_dir``: a Parquet store folder or a ``mongodb://host:port/DB`` URI."""
     stock, name = resolve_stock(obj)
-    store = ParquetStore(store_dir)
+    store = open_store(spec_for(store_dir))
     manifests = store.manifests()
     if archive_dir is None and manifests:
         archive_dir = manifests[-1].get("archive")
@@ -52,27 +53,27 @@ def explain(obj: str, store_dir: str | Path, archive_dir: str | Path | None = No
             out["object"] = rows[0]["object_id"]
         elif stock > 0 and not rows and re.fullmatch(r"\d+", obj) and stock < 100 * 26**7:
             out["object"] = ztf_name(stock)
-    journal = _filter_stock(store.read_journal(), stock)
+    journal = _filter_stock(store.read_journal(stock=stock), stock)
     runs_by_alert: dict[tuple, set] = {}
     if journal is not None:
         for r in journal.to_pylist():
             runs_by_alert.setdefault((r["channel"], r["alert_id"]), set()).add(r["run_id"])
     for channel in store.channels():
-        states = _filter_stock(store.read_states(channel, columns=["state_id", "stock", "alert_id", "mjd", "dps"]), stock)
+        states = _filter_stock(store.read_states(channel, columns=["state_id", "stock", "alert_id", "mjd", "dps"], stock=stock), stock)
         if states is None:
             continue
         for r in states.to_pylist():
             out["states"].append({"channel": channel, "state_id": r["state_id"], "alert_id": r["alert_id"], "mjd": r["mjd"],
                                   "datapoints": len(r["dps"]), "runs": sorted(runs_by_alert.get((channel, r["alert_id"]), []))})  # fmt: skip
     for unit, key in store.t2_units():
-        res = _filter_stock(store.read_t2(unit, key), stock)
+        res = _filter_stock(store.read_t2(unit, key, stock=stock), stock)
         if res is None:
             continue
         for r in res.to_pylist():
             body = {k: v for k, v in r.items() if k not in SKIP_BODY}
             out["t2"].append({"unit": unit, "unit_version": r["unit_version"], "config_hash": r["config_hash"], "state_id": r["state_id"],
                               "code": r["code"], "run_id": r["run_id"], "body": body})  # fmt: skip
-    t3 = _filter_stock(store.read_t3_objects(), stock)
+    t3 = _filter_stock(store.read_t3_objects(stock=stock), stock)
     if t3 is not None:
         for r in t3.to_pylist():
             info = store.task_info(r["t3_key"]) or {}

@@ -1,0 +1,366 @@
+"""MongoDB result store: the same interface and semantics as :class:`~.store.ParquetStore`, AMPEL-like.
+
+Collections (one database per store)::
+
+    stock     one doc per object: _id = stock, channel (channels it entered), run (run ids that touched it)
+    t1        T1 states: channel, key (the T1 task), state_id, stock, object_id, alert_id, mjd, ra, dec, dps
+              unique (channel, key, state_id, alert_id)
+    t2        T2 results: unit, unit_key, state_id, stock, alert_id, code, run_id, unit_version,
+              config_hash, t2_key, task (the stage that computed it), body {the unit's columns}
+              unique (unit_key, state_id)
+    journal   one doc per (stock, run_id, tier, channel, unit, action, alert_id, state_id), unique on all
+    t3        objects of T3 outputs: stock, channel, t3_key, state_id, object_id, unit, run_id
+              unique (stock, channel, t3_key, state_id)
+    tasks     finished-task markers: _id = task key, the task's counts
+    runs      run manifests: _id = run id
+    schemas   the Arrow schemas the tables were written with (_id = "<collection>:<group>"), so what is
+              read back has the written types (int8, float32, nested list<struct> datapoints, ...)
+
+Results, states, journal and T3 objects are immutable records keyed by content: they are written as
+unordered bulk inserts, and a duplicate-key error (the record exists: a task run twice, racing tasks)
+is the idempotent outcome, not an error. That is an upsert with ``$setOnInsert`` in effect, without its
+read-before-write (2-3x faster on SecantusDB, and no upsert race on a real replica set). Task markers and
+manifests are replaced by ``_id``; ``stock`` docs grow by ``$addToSet``. A store made twice from the same
+data holds the same documents.
+
+T3 outputs are files: :meth:`MongoStore.t3_dir` is a local folder under ``path`` (default ``store``);
+only the objects and task markers go to MongoDB.
+
+The store pickles as its spec; the ``MongoClient`` is made lazily, one per process and URI (a forked or
+spawned Dask worker makes its own), and the indexes are ensured once per process before its first use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+#: columns of a T2 table that are provenance; the others are the unit's body
+T2_PROVENANCE = ("state_id", "stock", "alert_id", "unit", "unit_version", "config_hash", "t2_key", "run_id", "code")
+JOURNAL_IDENTITY = ("stock", "run_id", "tier", "channel", "unit", "action", "alert_id", "state_id")
+WRITE_BATCH = 1000  # rows converted to documents and sent per bulk_write
+READ_BATCH = 10_000  # documents converted to Arrow at a time; also the size of $in chunks
+DUPLICATE_KEY = 11000
+
+INDEXES: dict[str, list[tuple[list[tuple[str, int]], dict]]] = {
+    "t1": [([("channel", 1), ("key", 1), ("state_id", 1), ("alert_id", 1)], {"unique": True, "name": "t1_identity"}),
+           ([("stock", 1)], {"name": "t1_stock"})],
+    "t2": [([("unit_key", 1), ("state_id", 1)], {"unique": True, "name": "t2_identity"}),
+           ([("stock", 1)], {"name": "t2_stock"})],
+    "journal": [([(f, 1) for f in JOURNAL_IDENTITY], {"unique": True, "name": "journal_identity"})],
+    "t3": [([("stock", 1), ("channel", 1), ("t3_key", 1), ("state_id", 1)], {"unique": True, "name": "t3_identity"})],
+    "schemas": [([("collection", 1), ("group", 1)], {"name": "schemas_group"})],
+}  # fmt: skip
+
+_LOCK = threading.Lock()
+_CLIENTS: dict[tuple[int, str], Any] = {}  # (pid, uri) -> MongoClient: one per process
+_INDEXED: set[tuple[int, str, str]] = set()  # (pid, uri, database) whose indexes this process ensured
+
+
+def is_mongo_uri(location: str | os.PathLike | None) -> bool:
+    return isinstance(location, str) and location.startswith(("mongodb://", "mongodb+srv://"))
+
+
+def uri_database(uri: str, default: str = "ampel_dask") -> str:
+    """The database named in a URI's path (``mongodb://host:port/DB?opts``), else ``default``.
+    Parsed by hand: pymongo's parser resolves ``mongodb+srv`` names through DNS."""
+    rest = re.sub(r"^mongodb(\+srv)?://", "", uri)
+    _, slash, path = rest.partition("/")
+    name = path.split("?", 1)[0] if slash else ""
+    return name or default
+
+
+def redact(uri: str) -> str:
+    """The URI without its password (for manifests and messages)."""
+    return re.sub(r"^(mongodb(?:\+srv)?://[^:/@]+):[^@/]*@", r"\1:***@", uri)
+
+
+def _client(uri: str):
+    from pymongo import MongoClient
+
+    key = (os.getpid(), uri)
+    with _LOCK:
+        client = _CLIENTS.get(key)
+        if client is None:
+            client = _CLIENTS[key] = MongoClient(uri, serverSelectionTimeoutMS=30_000)
+        return client
+
+
+class MongoStore:
+    kind = "mongo"
+
+    def __init__(self, uri: str, database: str = "ampel_dask", path: str | os.PathLike | None = None):
+        self.uri = uri
+        self.database = database
+        self.root = Path(path or "store").resolve()  # local folder for T3 output files
+        self._schemas_seen: set[tuple[str, bytes]] = set()  # (schema doc id, schema) registered by this process
+
+    def __reduce__(self):  # pickles as its arguments: no client, no cache crosses a process boundary
+        return (MongoStore, (self.uri, self.database, str(self.root)))
+
+    def __repr__(self) -> str:
+        return f"MongoStore({redact(self.uri)!r}, {self.database!r}, {str(self.root)!r})"
+
+    @property
+    def spec(self) -> dict:
+        return {"kind": "mongo", "uri": self.uri, "database": self.database, "path": str(self.root)}
+
+    @property
+    def db(self):
+        """The database, its indexes ensured (once per process): what writes and the T2 skip check use."""
+        db = self._rdb
+        key = (os.getpid(), self.uri, self.database)
+        if key not in _INDEXED:
+            for name, indexes in INDEXES.items():
+                for keys, opts in indexes:
+                    db[name].create_index(keys, **opts)
+            _INDEXED.add(key)
+        return db
+
+    @property
+    def _rdb(self):
+        """The database for reading only (explain of a mistyped database name creates nothing)."""
+        return _client(self.uri)[self.database]
+
+    def sync(self) -> None:
+        """Nothing to do: every write returned after the server acknowledged it (durability is the write
+        concern of the URI, e.g. ``?w=majority&journal=true``)."""
+
+    # --- task markers ---
+    def task_info(self, key: str) -> dict | None:
+        doc = self._rdb.tasks.find_one({"_id": key})
+        if doc is None:
+            return None
+        doc.pop("_id")
+        return doc
+
+    def mark_task(self, key: str, info: dict) -> None:
+        doc = json.loads(json.dumps(info, sort_keys=True))  # the same values the Parquet store's JSON keeps
+        self.db.tasks.replace_one({"_id": key}, doc, upsert=True)
+
+    # --- T1 states ---
+    def write_states(self, channel: str, key: str, table: pa.Table) -> None:
+        if not table.num_rows:  # as in the Parquet store: nothing stored for a work unit where nothing passed
+            return
+        _reserved(table, ("_id", "channel", "key"), "states")
+        self._register("t1", channel, table.schema)
+        self._insert("t1", ({"channel": channel, "key": key, **row} for row in _rows(table)))
+
+    def read_states(self, channel: str, keys: list[str] | None = None, columns: list[str] | None = None, stock: int | None = None) -> pa.Table | None:
+        schema = self._schema("t1", channel)
+        if schema is None:
+            return None
+        if columns is not None:
+            schema = pa.schema([schema.field(c) for c in columns if c in schema.names])
+        query: dict = {"channel": channel}
+        if stock is not None:
+            query["stock"] = int(stock)
+        projection = {"_id": 0, **{f: 1 for f in schema.names}}
+        if keys is None:
+            docs = self._rdb.t1.find(query, projection, batch_size=READ_BATCH)
+            return _table(docs, schema)
+        return _table((d for part in _chunks(list(keys)) for d in self._rdb.t1.find({**query, "key": {"$in": part}}, projection, batch_size=READ_BATCH)), schema)
+
+    def channels(self) -> list[str]:
+        return sorted(d["group"] for d in self._rdb.schemas.find({"collection": "t1"}, {"group": 1}))
+
+    # --- T2 results ---
+    def write_t2(self, unit: str, unit_key: str, key: str, table: pa.Table) -> None:
+        _reserved(table, ("_id", "unit_key", "task", "body"), "T2 results")
+        self._register("t2", unit_key, table.schema, unit=unit)
+        prov = [c for c in table.column_names if c in T2_PROVENANCE]
+        body = [c for c in table.column_names if c not in T2_PROVENANCE]
+
+        def docs() -> Iterator[dict]:
+            for row in _rows(table):
+                doc = {"unit": unit, "unit_key": unit_key, **{c: row[c] for c in prov}, "task": key}
+                doc["body"] = {c: row[c] for c in body}
+                yield doc
+
+        self._insert("t2", docs())
+
+    def t2_files(self, unit: str, unit_key: str) -> list[str]:
+        """The stage tasks whose results are stored for this unit key (the Parquet store's file names)."""
+        return sorted(self._rdb.t2.distinct("task", {"unit_key": unit_key}))
+
+    def done_state_ids(self, unit: str, unit_key: str) -> np.ndarray:
+        """Sorted state ids with a result for this unit key: a query covered by the (unit_key, state_id)
+        index, returning nothing but the ids."""
+        cursor = self.db.t2.find({"unit_key": unit_key}, {"state_id": 1, "_id": 0}, batch_size=100_000).hint("t2_identity")
+        ids = np.fromiter((d["state_id"] for d in cursor), dtype=np.int64)
+        ids.sort()
+        return ids
+
+    def read_t2(self, unit: str, unit_key: str, state_ids: np.ndarray | None = None, stock: int | None = None) -> pa.Table | None:
+        schema = self._schema("t2", unit_key)
+        if schema is None:
+            return None
+        query: dict = {"unit_key": unit_key}
+        if stock is not None:
+            query["stock"] = int(stock)
+        projection = {"_id": 0, "unit_key": 0, "task": 0}
+        if state_ids is None:
+            found: Iterable[dict] = self._rdb.t2.find(query, projection, batch_size=READ_BATCH)
+        else:
+            ids = np.unique(np.asarray(state_ids, dtype=np.int64)).tolist()
+            found = (d for part in _chunks(ids) for d in self._rdb.t2.find({**query, "state_id": {"$in": part}}, projection, batch_size=READ_BATCH))
+        table = _table(({**d, **(d.pop("body", None) or {})} for d in found), schema)
+        return table.sort_by("state_id")
+
+    def t2_units(self) -> list[tuple[str, str]]:
+        return sorted((d["unit"], d["group"]) for d in self._rdb.schemas.find({"collection": "t2"}, {"unit": 1, "group": 1}))
+
+    # --- journal, T3, manifests ---
+    def write_journal(self, run_id: str, key: str, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        self._register("journal", "", table.schema)
+        self._insert("journal", _rows(table))
+        self._update_stock(table)
+
+    def _update_stock(self, table: pa.Table) -> None:
+        """stock docs: the channels an object entered and the runs that touched it ($addToSet: idempotent)."""
+        from pymongo import UpdateOne
+
+        stock = table.column("stock").to_numpy()
+        chan = table.column("channel").to_pylist() if "channel" in table.column_names else [None] * len(stock)
+        runs = table.column("run_id").to_pylist()
+        by_stock: dict[int, tuple[set, set]] = {}
+        for s, c, r in zip(stock.tolist(), chan, runs):
+            cs, rs = by_stock.setdefault(s, (set(), set()))
+            if c is not None:
+                cs.add(c)
+            rs.add(r)
+        ops = []
+        for s, (cs, rs) in sorted(by_stock.items()):
+            add = {"run": {"$each": sorted(rs)}}
+            if cs:
+                add["channel"] = {"$each": sorted(cs)}
+            ops.append(UpdateOne({"_id": s}, {"$addToSet": add}, upsert=True))
+        for part in _chunks(ops, WRITE_BATCH):
+            _bulk(self.db.stock, part, retry_duplicates=True)
+
+    def read_journal(self, stock: int | None = None) -> pa.Table | None:
+        schema = self._schema("journal", "")
+        if schema is None:
+            return None
+        query = {} if stock is None else {"stock": int(stock)}
+        return _table(self._rdb.journal.find(query, {"_id": 0}, batch_size=READ_BATCH), schema)
+
+    def t3_dir(self, channel: str, key: str) -> Path:
+        return self.root / "t3" / channel / key
+
+    def write_t3_objects(self, channel: str, key: str, table: pa.Table) -> None:
+        self._register("t3", "", table.schema)
+        self._insert("t3", _rows(table))
+
+    def read_t3_objects(self, stock: int | None = None) -> pa.Table | None:
+        schema = self._schema("t3", "")
+        if schema is None:
+            return None
+        query = {} if stock is None else {"stock": int(stock)}
+        return _table(self._rdb.t3.find(query, {"_id": 0}, batch_size=READ_BATCH), schema)
+
+    def write_manifest(self, run_id: str, manifest: dict[str, Any]) -> str:
+        doc = json.loads(json.dumps(manifest, default=str))
+        if isinstance(doc.get("store"), dict) and doc["store"].get("uri"):
+            doc["store"]["uri"] = redact(doc["store"]["uri"])
+        self.db.runs.replace_one({"_id": run_id}, doc, upsert=True)
+        return f"{redact(self.uri).rstrip('/')}/{self.database}.runs/{run_id}"
+
+    def manifests(self) -> list[dict]:
+        out = []
+        for doc in self._rdb.runs.find({}).sort("_id", 1):
+            doc.pop("_id")
+            out.append(doc)
+        return out
+
+    # --- helpers ---
+    def _insert(self, collection: str, docs: Iterable[dict]) -> None:
+        from pymongo import InsertOne
+
+        col = self.db[collection]
+        batch: list = []
+        for doc in docs:
+            batch.append(InsertOne(doc))
+            if len(batch) >= WRITE_BATCH:
+                _bulk(col, batch)
+                batch = []
+        if batch:
+            _bulk(col, batch)
+
+    def _register(self, collection: str, group: str, schema: pa.Schema, **extra: Any) -> None:
+        """Record the Arrow schema a table of this collection/group was written with (once per process)."""
+        from bson import Binary
+
+        blob = schema.remove_metadata().serialize().to_pybytes()
+        _id = f"{collection}:{group}"
+        if (_id, blob) in self._schemas_seen:
+            return
+        self.db.schemas.update_one(
+            {"_id": _id},
+            {"$setOnInsert": {"collection": collection, "group": group, **extra}, "$addToSet": {"schemas": Binary(blob)}},
+            upsert=True,
+        )
+        self._schemas_seen.add((_id, blob))
+
+    def _schema(self, collection: str, group: str) -> pa.Schema | None:
+        doc = self._rdb.schemas.find_one({"_id": f"{collection}:{group}"})
+        if not doc or not doc.get("schemas"):
+            return None
+        schemas = [pa.ipc.read_schema(pa.py_buffer(bytes(b))) for b in doc["schemas"]]
+        return schemas[0] if len(schemas) == 1 else pa.unify_schemas(schemas, promote_options="default")
+
+
+def _rows(table: pa.Table) -> Iterator[dict]:
+    """Rows as dicts, converted a batch at a time."""
+    for batch in table.to_batches(max_chunksize=WRITE_BATCH):
+        yield from batch.to_pylist()
+
+
+def _table(docs: Iterable[dict], schema: pa.Schema) -> pa.Table:
+    """Documents -> one table with the written schema, converted a batch at a time."""
+    parts, batch = [], []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) >= READ_BATCH:
+            parts.append(pa.Table.from_pylist(batch, schema=schema))
+            batch = []
+    if batch or not parts:
+        parts.append(pa.Table.from_pylist(batch, schema=schema))
+    return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+
+
+def _chunks(items: list, size: int = READ_BATCH) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _reserved(table: pa.Table, names: tuple[str, ...], what: str) -> None:
+    clash = sorted(set(table.column_names) & set(names))
+    if clash:
+        raise ValueError(f"{what} cannot have columns named {', '.join(clash)} in a Mongo store (its own fields)")
+
+
+def _bulk(col, ops: list, retry_duplicates: bool = False) -> None:
+    """Unordered bulk write; duplicate keys are the idempotent outcome (the record is there already).
+    ``retry_duplicates``: upserts that raced another process's insert of the same _id are sent again."""
+    from pymongo.errors import BulkWriteError
+
+    try:
+        col.bulk_write(ops, ordered=False)
+    except BulkWriteError as exc:
+        errors = exc.details.get("writeErrors", [])
+        other = [e for e in errors if e.get("code") != DUPLICATE_KEY]
+        if other or exc.details.get("writeConcernErrors"):
+            raise
+        if retry_duplicates:
+            col.bulk_write([ops[e["index"]] for e in errors], ordered=False)

@@ -1,0 +1,56 @@
+"""Nearest-neighbour match of each state's position against a local HEALPix-indexed catalog."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
+
+from ..base import T2StateUnit, UnitConfig
+from ..catalog import HPX, open_catalog
+
+OK, NO_POSITION = 0, 1
+
+
+class T2CatalogMatchConfig(UnitConfig):
+    catalog: str = Field(..., description="catalog file written by ampel_dask.tiers.catalog.build_catalog")
+    radius_arcsec: float = Field(2.0, gt=0, le=3600.0, description="search radius [arcsec]")
+    columns: list[str] | None = Field(None, description="catalog columns returned for the nearest match (None: all)")
+    prefix: str = Field("cat_", description="prefix of the result columns, so several catalogs can sit side by side")
+
+
+class T2CatalogMatch(T2StateUnit):
+    """The nearest catalog source within the radius: its columns, ``{prefix}dist_arcsec``, ``{prefix}matched``.
+
+    ``code``: 0 = searched (matched or not), 1 = the state has no valid position. The catalog is named by
+    path: rebuild it under a new name (or bump the unit config) to get new results.
+    """
+
+    Config = T2CatalogMatchConfig
+    version = "1"
+
+    def __init__(self, config=None, **kw):
+        super().__init__(config, **kw)
+        self.catalog = open_catalog(self.config.catalog)
+        cols = self.config.columns if self.config.columns is not None else self.catalog.columns
+        unknown = [c for c in cols if c not in self.catalog.columns]
+        if unknown:
+            raise ValueError(f"T2CatalogMatch: columns {unknown} not in catalog {self.config.catalog}")
+        self.out_columns = [c for c in cols if c != HPX]
+
+    def process(self, states: pa.Table, inputs: dict[str, pa.Table] | None = None) -> pa.Table:
+        p = self.config.prefix
+        ra = pc.fill_null(pc.cast(states.column("ra"), pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+        dec = pc.fill_null(pc.cast(states.column("dec"), pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+        index, dist = self.catalog.cone_match(ra, dec, self.config.radius_arcsec)
+        rows = self.catalog.take(index, self.out_columns)
+        cols = {f"{p}{c}": rows.column(c) for c in self.out_columns}
+        cols[f"{p}dist_arcsec"] = pa.array(dist)
+        cols[f"{p}matched"] = pa.array(index >= 0)
+        valid = np.isfinite(ra) & np.isfinite(dec) & (np.abs(dec) <= 90)
+        cols["code"] = pa.array(np.where(valid, OK, NO_POSITION).astype(np.int32))
+        return pa.table(cols)
+
+
+__all__ = ["T2CatalogMatch", "T2CatalogMatchConfig"]

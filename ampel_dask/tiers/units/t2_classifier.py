@@ -1,0 +1,126 @@
+"""A saved scikit-learn classifier applied to T2LightCurveFeatures results, a whole batch per call.
+
+The model file (joblib) carries what makes its predictions meaningful: the estimator (imputation
+included), the feature columns in order, the classes, and the config of the feature unit it was trained
+on. Both that feature config and a hash of the model file enter this unit's config, so a retrained model
+or other features give other result keys. Loading a model file runs pickled code: only load your own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
+
+from ..base import T2StateUnit, UnitConfig
+from .t2_lightcurve import T2LightCurveFeatures, T2LightCurveFeaturesConfig
+
+MODEL_FORMAT = "ampel_dask.classifier/1"
+OK, NO_FEATURES = 0, 1
+
+
+def model_hash(path: str | Path) -> str:
+    """Content hash of a model file (blake2b, 16 hex digits)."""
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=4)
+def _load(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    import joblib
+
+    bundle = joblib.load(path)
+    if not isinstance(bundle, dict) or bundle.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path}: not an ampel_dask classifier bundle ({MODEL_FORMAT})")
+    return bundle
+
+
+def load_model(path: str | Path) -> dict[str, Any]:
+    """The model bundle, cached per file and process (a rewritten file is reloaded)."""
+    st = Path(path).stat()
+    return _load(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+def feature_matrix(table: pa.Table, columns: list[str]) -> np.ndarray:
+    """Float64 (rows, columns) array; nulls and +-inf become NaN, as in training."""
+    x = np.empty((table.num_rows, len(columns)))
+    for j, c in enumerate(columns):
+        x[:, j] = pc.fill_null(pc.cast(table.column(c), pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+    x[~np.isfinite(x)] = np.nan
+    return x
+
+
+def class_column(name: str) -> str:
+    return "p_" + re.sub(r"\W+", "_", str(name)).strip("_")
+
+
+class T2ClassifierConfig(UnitConfig):
+    model: str = Field(..., description="model bundle written by scripts/train_classifier.py (joblib)")
+    model_hash: str | None = Field(None, description="content hash of the model file; None: taken from the file (a mismatch is an error)")
+    features: T2LightCurveFeaturesConfig | None = Field(None, description="feature unit config; None: the one the model was trained with")
+    columns: list[str] | None = Field(None, description="feature columns in model order; None: from the model file")
+
+
+class T2Classifier(T2StateUnit):
+    """Class probabilities (``p_<class>``) and the most probable class (``classification``) per state.
+
+    ``code``: 0 ok; 1 = the feature unit found no usable light curve (probabilities NaN, class null).
+    """
+
+    Config = T2ClassifierConfig
+    version = "1"
+
+    def __init__(self, config=None, **kw):
+        super().__init__(config, **kw)
+        c = self.config
+        bundle = load_model(c.model)
+        digest = model_hash(c.model)
+        if c.model_hash is not None and c.model_hash != digest:
+            raise ValueError(f"T2Classifier: {c.model} has hash {digest}, config expects {c.model_hash}")
+        trained = T2LightCurveFeaturesConfig.model_validate(bundle["feature_unit"]["config"])
+        if c.features is not None and c.features != trained:
+            raise ValueError("T2Classifier: features config differs from the one the model was trained with")
+        columns = list(bundle["features"])
+        if c.columns is not None and list(c.columns) != columns:
+            raise ValueError("T2Classifier: columns differ from the model's feature columns")
+        self.config = c.model_copy(update={"model_hash": digest, "features": trained, "columns": columns})
+        self.model = bundle["model"]
+        self.classes = [str(k) for k in bundle["classes"]]
+        self.feature_unit = T2LightCurveFeatures(trained)
+
+    def dependencies(self) -> list[T2StateUnit]:
+        return [self.feature_unit]
+
+    def process(self, states: pa.Table, inputs: dict[str, pa.Table] | None = None) -> pa.Table:
+        feats = (inputs or {}).get(self.feature_unit.name())
+        if feats is None:  # standalone use: compute the features here
+            feats = self.feature_unit.process(states)
+        if feats.num_rows != states.num_rows:
+            raise ValueError(f"T2Classifier: {feats.num_rows} feature rows for {states.num_rows} states")
+        n = states.num_rows
+        ok = pc.fill_null(pc.equal(feats.column("code"), 0), False).to_numpy(zero_copy_only=False)
+        proba = np.full((n, len(self.classes)), np.nan)
+        if ok.any():
+            p = self.model.predict_proba(feature_matrix(feats, self.config.columns)[ok])
+            order = [list(map(str, self.model.classes_)).index(k) for k in self.classes]
+            proba[ok] = p[:, order]
+        best = np.argmax(np.where(ok[:, None], proba, -1.0), axis=1) if n else np.zeros(0, dtype=np.int64)
+        labels = np.asarray(self.classes, dtype=object)[best]
+        cols: dict[str, pa.Array] = {"classification": pa.array(labels, pa.string(), mask=~ok)}
+        for j, k in enumerate(self.classes):
+            cols[class_column(k)] = pa.array(proba[:, j])
+        cols["code"] = pa.array(np.where(ok, OK, NO_FEATURES).astype(np.int32))
+        return pa.table(cols)
+
+
+__all__ = ["T2Classifier", "T2ClassifierConfig", "load_model", "model_hash", "feature_matrix", "MODEL_FORMAT"]
