@@ -173,8 +173,9 @@ RUN_KEYS = ("run_id", "alerts", "channels", "t2", "t3", "tasks", "seconds")
 @click.option("--cluster", type=click.Choice(["local", "slurm", "address"]), default=None, help="override cluster.kind")
 @click.option("--jobs", type=click.IntRange(min=1), default=None, help="SLURM worker jobs (with --cluster slurm)")
 @click.option("--progress/--no-progress", default=None, help="progress bar (default: on a terminal)")
+@click.option("--run-id", default=None, hidden=True, help="use this run id (set by `submit`)")
 @click.option("--json", "as_json", is_flag=True, help="print the run summary as JSON on the last stdout line")
-def run(workflow, archive, store, workers, cluster, jobs, progress, as_json) -> None:
+def run(workflow, archive, store, workers, cluster, jobs, progress, run_id, as_json) -> None:
     """Run a workflow over an archive: T0 filters, T1 states, T2 units, T3 reactions."""
     from .graph.runner import RunOptions, run_workflow
     from .graph.workflow import WorkflowError, load_workflow
@@ -184,7 +185,7 @@ def run(workflow, archive, store, workers, cluster, jobs, progress, as_json) -> 
         summary = run_workflow(
             wf,
             RunOptions(archive=archive, store=store, workers=workers, cluster=cluster, jobs=jobs, progress=progress,
-                       echo=lambda line: click.echo(line, err=True)),  # fmt: skip
+                       run_id=run_id, echo=lambda line: click.echo(line, err=True)),  # fmt: skip
         )
     except WorkflowError as exc:
         raise click.UsageError(str(exc)) from None
@@ -240,6 +241,55 @@ def demo(out, workers, progress) -> None:
     if not summary.get("report"):
         raise click.ClickException("the demo produced no report")
     click.echo(summary["report"])
+
+
+@main.command()
+@click.argument("workflow", type=click.Path(exists=True, dir_okay=False))
+@click.option("--store", default="store", show_default=True, type=click.Path(file_okay=False), help="result store folder")
+@click.option("--archive", type=click.Path(file_okay=False), help="archive folder (overrides archive.path)")
+@click.option("--cluster", type=click.Choice(["local", "slurm", "address"]), default=None, help="cluster inside the driver job (default: the workflow's)")
+@click.option("--jobs", type=click.IntRange(min=1), default=None, help="SLURM worker jobs")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="local workers inside the driver job")
+@click.option("--partition", default=None, help="SLURM partition of the driver job")
+@click.option("--time", "walltime", default="04:00:00", show_default=True, help="driver job time limit")
+@click.option("--mem", default="2G", show_default=True, help="driver job memory")
+@click.option("--cpus", default=1, show_default=True, help="driver job CPUs (for --cluster local, the workers' cores)")
+@click.option("--json", "as_json", is_flag=True, help="print the submission as JSON on the last stdout line")
+def submit(workflow, store, archive, cluster, jobs, workers, partition, walltime, mem, cpus, as_json) -> None:
+    """Submit a driver job that runs WORKFLOW inside a SLURM allocation; prints the job id."""
+    from .graph.submit import SlurmError, submit as do_submit
+
+    try:
+        rec = do_submit(workflow, store, archive, cluster, jobs, workers, {"partition": partition, "time": walltime, "mem": mem, "cpus": cpus})
+    except SlurmError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"submitted job {rec['job_id']} for run {rec['run_id']} (log: {rec['log']}); follow with `ampel-dask status {rec['run_id']} --store {store}`", err=True)
+    if as_json:
+        _emit_json(rec)
+    else:
+        click.echo(rec["job_id"])
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--store", default="store", show_default=True, type=click.Path(file_okay=False), help="result store folder")
+@click.option("--json", "as_json", is_flag=True, help="print the status as JSON on the last stdout line")
+def status(run_id, store, as_json) -> None:
+    """State of a run: its SLURM job (if submitted) and, once finished, its manifest's counts."""
+    from .graph.submit import status as get_status
+
+    try:
+        info = get_status(run_id, store)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+    line = f"run {run_id}: {info['state']}"
+    if "job_id" in info:
+        line += f" (SLURM job {info['job_id']}: {info.get('slurm_state')})"
+    if info["state"] == "finished":
+        line += f"; {info['alerts']} alerts, T2 computed {info['t2']['computed']}, reused {info['t2']['reused']}, {info['seconds']} s"
+    click.echo(line, err=as_json)
+    if as_json:
+        _emit_json(info)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ import yaml
 
 from .workflow import ClusterSpec, WorkflowError
 
+try:  # dask-jobqueue installs a SIGINT handler at import, which only the main thread may do
+    import dask_jobqueue  # noqa: F401
+except (ImportError, ValueError):  # not installed, or this module was first imported off the main thread
+    pass
+
 
 def cores() -> int:
     try:
@@ -66,20 +71,20 @@ def make_cluster(spec: ClusterSpec, kind: str, workers: int | None = None, jobs:
 
 
 def jobqueue_settings(spec: ClusterSpec) -> dict:
-    """SLURMCluster keyword arguments: the config file's ``jobqueue.slurm`` section, then the workflow's."""
-    settings: dict = {}
+    """dask-jobqueue ``jobqueue.slurm`` settings: the config file's (e.g. slurm/jobqueue.yaml), then the
+    workflow's ``cluster.jobqueue`` on top; keys as in dask-jobqueue's own yaml (``log-directory``)."""
+    settings: dict = {"cores": 1, "memory": "1GB", "scheduler-options": {"dashboard_address": ":0"}}
     if spec.config_file:
         data = yaml.safe_load(Path(spec.config_file).read_text()) or {}
         settings.update((data.get("jobqueue") or {}).get("slurm") or {})
-    settings.update(spec.jobqueue)
-    return {k.replace("-", "_"): v for k, v in settings.items() if v is not None}
+    settings.update({k.replace("_", "-"): v for k, v in spec.jobqueue.items()})
+    return settings
 
 
 def slurm_cluster(spec: ClusterSpec):
+    """A SLURMCluster from those settings (as keyword arguments: dask-jobqueue reads its config again
+    whenever it makes a job, so a temporary config would be gone by then)."""
     from dask_jobqueue import SLURMCluster
 
-    kwargs = jobqueue_settings(spec)
-    kwargs.setdefault("cores", 1)
-    kwargs.setdefault("memory", "1GB")
-    kwargs.setdefault("scheduler_options", {"dashboard_address": ":0"})
+    kwargs = {("job_name" if k == "name" else k.replace("-", "_")): v for k, v in jobqueue_settings(spec).items() if v is not None}
     return SLURMCluster(**kwargs)

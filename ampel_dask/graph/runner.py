@@ -17,7 +17,7 @@ from .. import __version__
 from ..io.archive import Archive
 from .compile import CompiledRun, compile_run
 from .plan import plan_workflow, unit_versions
-from .store import open_store
+from .store import open_store, spec_for
 from .workflow import Workflow, WorkflowError
 
 
@@ -30,6 +30,7 @@ class RunOptions:
     cluster: str | None = None  # override of workflow.cluster.kind
     jobs: int | None = None
     client: Any = None  # an existing distributed.Client (tests, notebooks, live mode)
+    run_id: str | None = None  # chosen in advance (``submit`` ties a SLURM job to its run)
     echo: Any = field(default=None)  # callable for human-readable lines (stderr on the CLI)
 
 
@@ -42,7 +43,9 @@ def store_spec(wf: Workflow, override: str | None) -> dict:
         if not wf.store.uri:
             raise WorkflowError("store.kind is mongo but store.uri is missing")
         return {"kind": "mongo", "uri": wf.store.uri, "database": wf.store.database, "path": wf.store.path or "store"}
-    return {"kind": "parquet", "path": str(Path(override or wf.store.path or "store").resolve())}
+    if override:  # --store: a folder, or a mongodb:// URI
+        return spec_for(override, wf.store.path)
+    return {"kind": "parquet", "path": str(Path(wf.store.path or "store").resolve())}
 
 
 def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
@@ -57,19 +60,21 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
     if not archive.exists():
         raise WorkflowError(f"{archive_path} is not an ampel-dask archive (run `ampel-dask ingest ... --archive {archive_path}` first)")
     store = open_store(store_spec(wf, opts.store))
-    run_id = new_run_id()
+    run_id = opts.run_id or new_run_id()
     parts = [p for p in archive.partitions() if wf.archive.wants(p.survey, p.night)]
     t_compile = time.perf_counter()
     run = compile_run(plans, archive, parts, store, run_id, wf.history_buckets)
     t_exec = time.perf_counter()
     results: dict[str, Any] = {}
     dashboard = None
+    workers: list[dict] = []
     if run.graph:
         with _client(wf, opts) as client:
             dashboard = getattr(client, "dashboard_link", None)
             if dashboard and _tty(opts.progress):
                 echo(f"Dask dashboard: {dashboard}")
             results = _execute(client, run, opts.progress)
+            workers = _workers(client)
     t_done = time.perf_counter()
     summary = _summarise(run, results, store, plans, parts, run_id)
     summary["seconds"] = round(time.perf_counter() - t_start, 3)
@@ -87,10 +92,20 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
         "inputs": [{"path": p.path, "content_hash": p.content_hash, "rows": p.rows} for p in parts],
         "timings": {"compile": round(t_exec - t_compile, 3), "execute": round(t_done - t_exec, 3), "total": summary["seconds"]},
         "dashboard": dashboard,
+        "workers": workers,
         "started": datetime.now(timezone.utc).isoformat(),
     }
     store.write_manifest(run_id, manifest)
     return summary
+
+
+def _workers(client) -> list[dict]:
+    """Where the graph ran: each worker's host, pid and SLURM job (provenance for cluster runs)."""
+    try:
+        info = client.run(lambda: {"host": platform.node(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
+    except Exception:  # a worker leaving while we ask must not fail the run
+        return []
+    return [{"address": addr, **v} for addr, v in sorted(info.items())]
 
 
 def _tty(flag: bool | None) -> bool:

@@ -9,6 +9,7 @@ computed once.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from functools import lru_cache
 from dataclasses import dataclass, field
@@ -194,6 +195,7 @@ def run_t2_stage(store_spec: dict, key: str, run_id: str, inputs: list[tuple[str
     if journal:
         store.write_journal(run_id, key, pa.concat_tables(journal))
     counts["seconds"] = round(time.perf_counter() - t_start, 4)
+    counts["worker"] = {"pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
     if counts["failed"] == 0:
         store.mark_task(key, {"kind": "t2", **counts})
     return counts
