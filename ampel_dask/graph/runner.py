@@ -31,6 +31,7 @@ class RunOptions:
     jobs: int | None = None
     client: Any = None  # an existing distributed.Client (tests, notebooks, live mode)
     run_id: str | None = None  # chosen in advance (``submit`` ties a SLURM job to its run)
+    partitions: list[str] | None = None  # only these archive parts (paths), e.g. a live micro-batch's
     echo: Any = field(default=None)  # callable for human-readable lines (stderr on the CLI)
 
 
@@ -62,6 +63,9 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
     store = open_store(store_spec(wf, opts.store))
     run_id = opts.run_id or new_run_id()
     parts = [p for p in archive.partitions() if wf.archive.wants(p.survey, p.night)]
+    if opts.partitions is not None:
+        wanted = set(opts.partitions)
+        parts = [p for p in parts if p.path in wanted]
     t_compile = time.perf_counter()
     run = compile_run(plans, archive, parts, store, run_id, wf.history_buckets)
     t_exec = time.perf_counter()

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from .archive import Archive, Partition, discard
 from .decode import ChunkResult, decode_chunk
-from .sources import Chunk, chunks, expand
+from .sources import Chunk, Packet, chunks, expand
 
 
 class IngestOptions(BaseModel):
@@ -63,15 +63,44 @@ def ingest(
 ) -> IngestReport:
     """Ingest alert packets into an archive; see :class:`IngestReport` for the reconciled counts."""
     opts = options or IngestOptions()
-    t0 = time.perf_counter()
-    arch = archive if isinstance(archive, Archive) else Archive(archive)
     inputs = expand(sources)
-    arch.create()
-    run_tmp = arch.tmp_dir / uuid.uuid4().hex
     report = IngestReport(skipped_files=[str(p) for p in inputs.skipped])
     work = chunks(inputs, int(opts.chunk_mb * 2**20), opts.chunk_packets)
+    return _ingest(work, archive, opts, client, report, inputs.total_bytes)
+
+
+def ingest_packets(
+    packets: list[Packet],
+    archive: str | Path | Archive,
+    options: IngestOptions | None = None,
+    client=None,
+) -> IngestReport:
+    """Ingest packets already in memory (e.g. Kafka messages; ``source``/``member`` say where each
+    came from, for quarantine). Chunked in the given order, so the same packets give the same parts."""
+    opts = options or IngestOptions()
+    max_bytes, max_packets = int(opts.chunk_mb * 2**20), opts.chunk_packets
+
+    def work() -> Iterator[Chunk]:
+        cur = Chunk(0)
+        for p in packets:
+            cur.packets.append(p)
+            cur.nbytes += len(p.data or b"")
+            if cur.nbytes >= max_bytes or len(cur.packets) >= max_packets:
+                yield cur
+                cur = Chunk(cur.index + 1)
+        if cur.packets:
+            yield cur
+
+    return _ingest(work(), archive, opts, client, IngestReport(), sum(len(p.data or b"") for p in packets))
+
+
+def _ingest(work: Iterator[Chunk], archive: str | Path | Archive, opts: IngestOptions, client, report: IngestReport, total_bytes: int) -> IngestReport:
+    t0 = time.perf_counter()
+    arch = archive if isinstance(archive, Archive) else Archive(archive)
+    arch.create()
+    run_tmp = arch.tmp_dir / uuid.uuid4().hex
     args = (str(run_tmp), str(arch.quarantine_dir), opts.schema_dirs)
-    bar = _progress(opts.progress, inputs.total_bytes)
+    bar = _progress(opts.progress, total_bytes)
     results: dict[int, ChunkResult] = {}
     try:
         for res in _run(work, args, opts.workers, client):
