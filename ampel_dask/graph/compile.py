@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..io.archive import Archive, Partition
 from ..tiers.base import T2StateUnit
 from . import tasks
@@ -29,6 +31,7 @@ class CompiledRun:
     t3_names: list[str] = field(default_factory=list)
     partitions: list[Partition] = field(default_factory=list)
     skipped_partitions: int = 0
+    shuffle_dirs: list[str] = field(default_factory=list)  # removed when the run is done
 
     @property
     def tasks(self) -> int:
@@ -43,7 +46,10 @@ def _units(plans: list[ChannelPlan]) -> list[T2StateUnit]:
     return list(seen.values())
 
 
-def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partition], store, run_id: str, history_buckets: int = 16) -> CompiledRun:
+def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partition], store, run_id: str, history_buckets: int = 16,
+                t3_states: dict[str, list[str]] | None = None) -> CompiledRun:
+    """``t3_states``: per channel, states of earlier runs that T3 reads besides this run's (live mode's
+    selection so far), so that T3 after the last micro-batch sees what one archive run would see."""
     run = CompiledRun(partitions=parts, t1_names={p.name: [] for p in plans}, count_names={p.name: [] for p in plans})
     dsk = run.graph
     spec = store.spec
@@ -107,20 +113,22 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
         run.t2_names += [s for s in stages if s]
         if all(store.task_info(k) for k in names + counts + [s for s in stages if s]):
             continue
+        shuffle = str(store.shuffle_dir(run_id, key_of(c.t1_key, sel_id, hist_id)))
+        run.shuffle_dirs.append(shuffle)
         pass_keys = []
         for part, ck in zip(parts, counts):
             t0 = ensure_read_t0(part, [c])[c.name]
-            dsk[f"pass-{ck}"] = (_pass, f"read-{part.content_hash}", t0, c, spec, ck)
+            dsk[f"pass-{ck}"] = (_pass, f"read-{part.content_hash}", t0, c, spec, ck, shuffle, history_buckets)
             pass_keys.append(f"pass-{ck}")
         stocks_key = f"stocks-{key_of(c.t0_key, sel_id)}"
         dsk[stocks_key] = (tasks.stocks_of, pass_keys)
         hist_keys = []
         for q in sources:
-            hk = f"hist-{key_of(c.t0_key, sel_id, q.content_hash, history_buckets)}"
-            dsk[hk] = (tasks.history_pieces, root, q.path, stocks_key, history_buckets)
-            hist_keys.append(hk)
+            hk = key_of(c.t0_key, sel_id, q.content_hash, history_buckets)
+            dsk[f"hist-{hk}"] = (tasks.history_pieces, root, q.path, stocks_key, shuffle, hk, history_buckets)
+            hist_keys.append(f"hist-{hk}")
         for b, (n, s) in enumerate(zip(names, stages)):
-            dsk[f"t1h-{n}"] = (tasks.run_t1_history, pass_keys, hist_keys, b, history_buckets, c, spec, n, run_id)
+            dsk[f"t1h-{n}"] = (tasks.run_t1_history, shuffle, b, c, spec, n, run_id, hist_keys)
             if s:
                 dsk[f"t2-{s}"] = (_stage, spec, s, run_id, [(c.name, [u.identity.key for u in c.t2])], c.t2, 1, f"t1h-{n}", *packet_stages)
                 run.sinks.append(f"t2-{s}")
@@ -130,12 +138,13 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
     # --- T3 per channel and unit, after the channel's T2 stages ---
     for c in plans:
         t2_deps = [k for k in dsk if k.startswith("t2-")]
+        t3_sel = sorted(set(run.t1_names[c.name]) | set((t3_states or {}).get(c.name, [])))
         for i, unit in enumerate(c.t3):
-            name = key_of("t3", unit.identity.key, c.name, sorted(run.t1_names[c.name]), [u.identity.key for u in c.t2])
+            name = key_of("t3", unit.identity.key, c.name, t3_sel, [u.identity.key for u in c.t2])
             run.t3_names.append(name)
             if store.task_info(name) and not any(k.startswith(("t1", "t2")) for k in dsk):
                 continue
-            dsk[f"t3-{name}"] = (_t3, spec, c, i, name, run_id, sorted(run.t1_names[c.name]), root, *t2_deps)
+            dsk[f"t3-{name}"] = (_t3, spec, c, i, name, run_id, t3_sel, root, *t2_deps)
             run.sinks.append(f"t3-{name}")
     return run
 
@@ -146,12 +155,16 @@ def _stage(spec, key, run_id, meta, units, n_inputs, *deps):
     return tasks.run_t2_stage(spec, key, run_id, inputs, units)
 
 
-def _pass(table, t0, plan, spec, key):
-    """Alerts of one partition that pass a history channel's T0; their counts go to a marker."""
+def _pass(table, t0, plan, spec, key, shuffle, nbuckets):
+    """Alerts of one partition that pass a history channel's T0, written by object bucket; counts go to
+    a marker; returns the passing objects and their latest alert time (small)."""
     from .store import open_store
 
+    passing = tasks.passing_alerts(table, t0)
+    tasks.write_buckets(passing, shuffle, "alerts", key, nbuckets)
     open_store(spec).mark_task(key, {"kind": "t0", "channel": plan.name, **tasks.t0_counts(t0, table.num_rows)})
-    return tasks.passing_alerts(table, t0)
+    mjd = passing.column("mjd").to_numpy() if passing.num_rows else np.empty(0)
+    return np.unique(passing.column("stock").to_numpy()), float(mjd.max()) if len(mjd) else -np.inf
 
 
 def _t3(spec, plan, i, name, run_id, state_names, root, *_after):

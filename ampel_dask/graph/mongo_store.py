@@ -258,6 +258,10 @@ class MongoStore:
     def t3_dir(self, channel: str, key: str) -> Path:
         return self.root / "t3" / channel / key
 
+    def shuffle_dir(self, run_id: str, key: str) -> Path:
+        """Scratch files of a run's shuffle by object stay on (shared) disk, beside the T3 outputs."""
+        return self.root / "_shuffle" / run_id / key
+
     def write_t3_objects(self, channel: str, key: str, table: pa.Table) -> None:
         self._register("t3", "", table.schema)
         self._insert("t3", _rows(table))

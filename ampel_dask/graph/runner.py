@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import secrets
 import sys
 import time
@@ -32,6 +33,8 @@ class RunOptions:
     client: Any = None  # an existing distributed.Client (tests, notebooks, live mode)
     run_id: str | None = None  # chosen in advance (``submit`` ties a SLURM job to its run)
     partitions: list[str] | None = None  # only these archive parts (paths), e.g. a live micro-batch's
+    t3_states: dict[str, list[str]] | None = None  # channel -> earlier runs' state names T3 reads too (live)
+    manifest_extra: dict | None = None  # more provenance for the manifest (live: topic, offsets, batch)
     echo: Any = field(default=None)  # callable for human-readable lines (stderr on the CLI)
 
 
@@ -67,7 +70,7 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
         wanted = set(opts.partitions)
         parts = [p for p in parts if p.path in wanted]
     t_compile = time.perf_counter()
-    run = compile_run(plans, archive, parts, store, run_id, wf.history_buckets)
+    run = compile_run(plans, archive, parts, store, run_id, wf.history_buckets, opts.t3_states)
     t_exec = time.perf_counter()
     results: dict[str, Any] = {}
     dashboard = None
@@ -80,6 +83,8 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
             results = _execute(client, run, opts.progress)
             workers = _workers(client)
     t_done = time.perf_counter()
+    for d in run.shuffle_dirs:
+        shutil.rmtree(d, ignore_errors=True)
     summary = _summarise(run, results, store, plans, parts, run_id)
     summary["seconds"] = round(time.perf_counter() - t_start, 3)
     if not run.graph:
@@ -98,6 +103,7 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
         "dashboard": dashboard,
         "workers": workers,
         "started": datetime.now(timezone.utc).isoformat(),
+        **(opts.manifest_extra or {}),
     }
     store.write_manifest(run_id, manifest)
     return summary
@@ -192,6 +198,7 @@ def _summarise(run: CompiledRun, results: dict, store, plans, parts, run_id: str
         "t2_units": by_unit,
         "t3_outputs": t3_paths,
         "partitions": {"total": len(parts), "skipped": run.skipped_partitions},
+        "state_names": run.t1_names,  # channel -> store names of this run's states (live mode's T3 scope)
     }
 
 

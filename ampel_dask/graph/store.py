@@ -54,6 +54,10 @@ class ParquetStore:
     def mark_task(self, key: str, info: dict) -> None:
         atomic_write(self.root / "tasks" / f"{key}.json", json.dumps(info, sort_keys=True).encode())
 
+    def shuffle_dir(self, run_id: str, key: str) -> Path:
+        """Scratch space of a run's shuffle by object (shared by all workers; removed after the run)."""
+        return self.root / "_shuffle" / run_id / key
+
     # --- T1 states (the channels' selections) ---
     def write_states(self, channel: str, key: str, table: pa.Table) -> None:
         if table.num_rows:  # no file for a work unit where nothing passed

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from functools import lru_cache
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -103,21 +104,20 @@ def t0_counts(t0: T0Result, n: int) -> dict:
     return {"alerts": n, "passed": acc, "rejected": n - acc, "reasons": {k: v for k, v in t0.counts.items() if k != "accepted"}}
 
 
-def run_t1_history(alert_batches: list[pa.Table], hist_batches: list[dict], bucket: int, nbuckets: int, plan: ChannelPlan, store_spec: dict, key: str, run_id: str) -> pa.Table:
-    """States with each object's archived history: the alerts and history of one object bucket."""
-    alerts = [a.filter(pa.array(bucket_of(a.column("stock").to_numpy(), nbuckets) == bucket)) for a in alert_batches if a.num_rows]
-    alerts = [a for a in alerts if a.num_rows]
-    pieces = [h[bucket] for h in hist_batches if bucket in h]
-    history = pa.concat_tables(pieces) if pieces else None
+def run_t1_history(shuffle_dir: str, bucket: int, plan: ChannelPlan, store_spec: dict, key: str, run_id: str, _after: object = None) -> pa.Table:
+    """States with each object's archived history, for the objects of one bucket.
+
+    The passing alerts and the archived datapoints of these objects come from the shuffle files the
+    ``pass`` and ``hist`` tasks wrote for this bucket (a disk shuffle: no table travels through the
+    scheduler, each bucket reads only its own share).
+    """
+    alerts = read_bucket(shuffle_dir, "alerts", bucket)
+    history = read_bucket(shuffle_dir, "history", bucket)
     store = open_store(store_spec)
-    if not alerts:
-        empty = plan.t1.states(alert_batches[0].slice(0, 0), plan.access) if alert_batches else None
-        if empty is not None:
-            store.write_states(plan.name, key, empty)
+    if alerts is None:
         store.mark_task(key, {"kind": "t1h", "channel": plan.name, "states": 0})
-        return empty
-    table = pa.concat_tables(alerts, promote_options="default")
-    states = plan.t1.states(table, plan.access, history)
+        return None
+    states = plan.t1.states(alerts, plan.access, history)
     store.write_states(plan.name, key, states)
     store.write_journal(run_id, key, _journal(states.column("stock"), run_id, 1, plan.name, "state", alert_id=states.column("alert_id")))
     store.mark_task(key, {"kind": "t1h", "channel": plan.name, "states": states.num_rows})
@@ -130,33 +130,57 @@ def bucket_of(stock: np.ndarray, nbuckets: int) -> np.ndarray:
     return (splitmix64(np.asarray(stock, dtype=np.int64)) % np.uint64(nbuckets)).astype(np.int64)
 
 
-def stocks_of(tables: list[pa.Table]) -> tuple[np.ndarray, float]:
+def write_buckets(table: pa.Table, shuffle_dir: str, kind: str, name: str, nbuckets: int) -> None:
+    """Split rows by the bucket of their stock into Arrow IPC files ``<kind>/b<bucket>/<name>.arrow``."""
+    import pyarrow.feather as feather
+
+    from ..io.archive import atomic_write
+
+    if not table.num_rows:
+        return
+    b = bucket_of(table.column("stock").to_numpy(), nbuckets)
+    for k in np.unique(b):
+        sink = pa.BufferOutputStream()
+        feather.write_feather(table.filter(pa.array(b == k)), sink, compression="uncompressed")
+        atomic_write(Path(shuffle_dir) / kind / f"b{int(k):04d}" / f"{name}.arrow", sink.getvalue().to_pybytes(), durable=False)
+
+
+def read_bucket(shuffle_dir: str, kind: str, bucket: int) -> pa.Table | None:
+    import pyarrow.feather as feather
+
+    files = sorted((Path(shuffle_dir) / kind / f"b{bucket:04d}").glob("*.arrow"))
+    tables = [feather.read_table(f) for f in files]
+    tables = [t for t in tables if t.num_rows]
+    return pa.concat_tables(tables, promote_options="default") if tables else None
+
+
+def stocks_of(summaries: list[tuple[np.ndarray, float]]) -> tuple[np.ndarray, float]:
     """Objects that passed (sorted) and the latest alert time among them (history beyond is useless)."""
-    arrs = [t.column("stock").to_numpy() for t in tables if t.num_rows]
+    arrs = [s for s, _ in summaries if len(s)]
     if not arrs:
         return np.empty(0, dtype=np.int64), -np.inf
-    mjd = max(float(pc.max(t.column("mjd")).as_py()) for t in tables if t.num_rows)
-    return np.unique(np.concatenate(arrs)), mjd
+    return np.unique(np.concatenate(arrs)), max(m for s, m in summaries if len(s))
 
 
-def history_pieces(archive_root: str, rel_path: str, stocks_mjd: tuple[np.ndarray, float], nbuckets: int) -> dict[int, pa.Table]:
-    """One archive part's datapoints of the passing objects, split by object bucket (the shuffle)."""
+def history_pieces(archive_root: str, rel_path: str, stocks_mjd: tuple[np.ndarray, float], shuffle_dir: str, name: str, nbuckets: int) -> int:
+    """One archive part's datapoints of the passing objects, written by object bucket (the shuffle)."""
     stocks, max_mjd = stocks_mjd
     if not len(stocks):
-        return {}
-    t = pq.read_table(f"{archive_root}/{rel_path}", columns=["alert_id", "stock", "mjd", "dps"])
-    keep = np.isin(t.column("stock").to_numpy(), stocks) & (t.column("mjd").to_numpy() <= max_mjd + 1e-6)
-    if not keep.any():
-        return {}
-    t = t.filter(pa.array(keep))
+        return 0
+    pf = pq.ParquetFile(f"{archive_root}/{rel_path}")
+    head = pf.read(columns=["stock", "mjd"], use_threads=False)
+    keep = np.isin(head.column("stock").to_numpy(), stocks) & (head.column("mjd").to_numpy() <= max_mjd + 1e-6)
+    if not keep.any():  # only parts holding a passing object pay for reading their histories
+        return 0
+    t = pf.read(columns=["alert_id", "stock", "dps"], use_threads=False).filter(pa.array(keep))
     lists = t.column("dps").combine_chunks()
     flat = lists.flatten()
     lengths = np.diff(np.asarray(lists.offsets))
     stock = np.repeat(t.column("stock").to_numpy(), lengths)
     trigger = flat.field("dp_id").to_numpy(zero_copy_only=False) == np.repeat(t.column("alert_id").to_numpy(), lengths)
     table = pa.table({"stock": stock, "trigger": trigger, **{f.name: flat.field(f.name) for f in DATAPOINT}})
-    b = bucket_of(stock, nbuckets)
-    return {int(k): table.filter(pa.array(b == k)) for k in np.unique(b)}
+    write_buckets(table, shuffle_dir, "history", name, nbuckets)
+    return table.num_rows
 
 
 def run_t2_stage(store_spec: dict, key: str, run_id: str, inputs: list[tuple[str, list[str], pa.Table]], units: list[T2StateUnit]) -> dict:
