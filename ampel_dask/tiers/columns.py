@@ -11,7 +11,10 @@ def num(table: pa.Table, name: str) -> np.ndarray:
     """Float64 numpy view of a column (nulls and missing columns -> NaN)."""
     if name not in table.column_names:
         return np.full(table.num_rows, np.nan)
-    return pc.cast(table.column(name), pa.float64(), safe=False).to_numpy(zero_copy_only=False)
+    col = table.column(name)
+    if col.num_chunks == 1 and col.null_count == 0 and pa.types.is_floating(col.type):
+        return col.chunk(0).to_numpy().astype(np.float64, copy=False)  # the common case, no Arrow cast
+    return pc.cast(col, pa.float64(), safe=False).to_numpy(zero_copy_only=False)
 
 
 def present(table: pa.Table, name: str) -> np.ndarray:

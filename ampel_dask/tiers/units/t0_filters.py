@@ -84,25 +84,28 @@ class DecentFilter(T0Filter):
         v.reject(ndet < c.min_ndet, "nDet")
         tspan = last - first
         v.reject(~((c.min_tspan <= tspan) & (tspan <= c.max_tspan)), "tSpan")
+        col = {k: num(alerts, k) for k in {*KEYS_TO_CHECK, "drb", "jdstarthist", "jdendhist"} - {"isdiffpos"}}  # each column once
+        isdiffpos = alerts.column("isdiffpos") if "isdiffpos" in alerts.column_names else pa.nulls(n, pa.bool_())
         for key in KEYS_TO_CHECK:
-            v.reject(~present(alerts, key), f"missing={key}")
-        isdiffpos = np.asarray(alerts.column("isdiffpos").fill_null(True))
-        v.reject(~isdiffpos, "isdiffpos")
-        v.reject(num(alerts, "rb") < c.min_rb, "rb")
+            missing = np.asarray(isdiffpos.is_null()) if key == "isdiffpos" else np.isnan(col[key])
+            v.reject(missing, f"missing={key}")
+        v.reject(~np.asarray(isdiffpos.fill_null(True)), "isdiffpos")
+        v.reject(col["rb"] < c.min_rb, "rb")
         if c.min_drb > 0:
-            v.reject(num(alerts, "drb") < c.min_drb, "drb")  # NaN (older alerts without drb) passes
-        v.reject(num(alerts, "fwhm") > c.max_fwhm, "fwhm")
-        v.reject(num(alerts, "elong") > c.max_elong, "elong")
-        v.reject(np.abs(num(alerts, "magdiff")) > c.max_magdiff, "magdiff")
-        span = num(alerts, "jdendhist") - num(alerts, "jdstarthist")
-        has_span = ~np.isnan(span)
-        v.reject(has_span & ~((c.min_archive_tspan < span) & (span < c.max_archive_tspan)), "archive_tspan")
-        sso = num(alerts, "ssdistnr")
+            v.reject(col["drb"] < c.min_drb, "drb")  # NaN (older alerts without drb) passes
+        v.reject(col["fwhm"] > c.max_fwhm, "fwhm")
+        v.reject(col["elong"] > c.max_elong, "elong")
+        v.reject(np.abs(col["magdiff"]) > c.max_magdiff, "magdiff")
+        span = col["jdendhist"] - col["jdstarthist"]
+        v.reject(~np.isnan(span) & ~((c.min_archive_tspan < span) & (span < c.max_archive_tspan)), "archive_tspan")
+        sso = col["ssdistnr"]
         v.reject((sso >= 0) & (sso < c.min_sso_dist), "ssdistnr")
-        b = galactic_latitude(num(alerts, "ra"), num(alerts, "dec"))
+        pending = v.accepted  # the sky math only for alerts still in the running
+        b = np.full(n, 90.0)
+        b[pending] = galactic_latitude(col["ra"][pending], col["dec"][pending])
         v.reject(np.abs(b) < c.min_gal_lat, "galPlane")
-        d1, d2, d3 = (num(alerts, f"distpsnr{i}") for i in (1, 2, 3))
-        s1, s2, s3 = (num(alerts, f"sgscore{i}") for i in (1, 2, 3))
+        d1, d2, d3 = col["distpsnr1"], col["distpsnr2"], col["distpsnr3"]
+        s1, s2, s3 = col["sgscore1"], col["sgscore2"], col["sgscore3"]
         v.reject((d1 < c.ps1_sgveto_rad) & (s1 > c.ps1_sgveto_th), "distpsnr1")
         very_close = np.maximum(np.maximum(d1, d2), d3) < c.ps1_confusion_rad
         confused = np.maximum(np.maximum(np.abs(s1 - 0.5), np.abs(s2 - 0.5)), np.abs(s3 - 0.5)) < c.ps1_confusion_sg_tol
@@ -111,7 +114,7 @@ class DecentFilter(T0Filter):
             pending = v.accepted
             if pending.any():
                 star = np.zeros(n, dtype=bool)
-                star[pending] = self._gaia.is_star(num(alerts, "ra")[pending], num(alerts, "dec")[pending])
+                star[pending] = self._gaia.is_star(col["ra"][pending], col["dec"][pending])
                 v.reject(star, "gaiaIsStar")
         return v
 
