@@ -170,7 +170,7 @@ def test_worker_killed_mid_run_still_completes_identically(tmp_path, data_dir):
 
     archive = tmp_path / "elasticc"
     ingest([str(data_dir / "lsst/elasticc_v0_9_alerce.tar.gz")], archive, IngestOptions(workers=0, progress=False))
-    w = Workflow.model_validate({"name": "elasticc", "archive": {"nights": {"from": 20220101, "to": 20220731}}, "channels": [
+    w = Workflow.model_validate({"name": "elasticc", "archive": {"nights": {"from": 20220101, "to": 20220731}}, "batch_rows": 1, "channels": [
         {"name": "ALL", "access": ["LSST"], "filters": [{"unit": "ExpressionFilter", "config": {"expr": "ndet >= 2"}}], "t2": ["T2LightCurveSummary"]}]})  # fmt: skip
     reference = run(archive, tmp_path / "ref", w, workers=0)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:

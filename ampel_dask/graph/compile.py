@@ -35,7 +35,8 @@ class CompiledRun:
 
     @property
     def tasks(self) -> int:
-        return len(self.graph)
+        """Graph tasks (the channel plans are data keys, not tasks)."""
+        return sum(1 for v in self.graph.values() if isinstance(v, tuple))
 
 
 def _units(plans: list[ChannelPlan]) -> list[T2StateUnit]:
@@ -46,7 +47,45 @@ def _units(plans: list[ChannelPlan]) -> list[T2StateUnit]:
     return list(seen.values())
 
 
-def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partition], store, run_id: str, history_buckets: int = 16,
+@dataclass(frozen=True)
+class WorkUnit:
+    """One part, or several small parts of the same survey and month read as one batch."""
+
+    parts: tuple[Partition, ...]
+
+    @property
+    def key(self) -> str:
+        return key_of([p.content_hash for p in self.parts])
+
+    @property
+    def paths(self) -> list[str]:
+        return [p.path for p in self.parts]
+
+
+def work_units(parts: list[Partition], min_rows: int = 10_000) -> list[WorkUnit]:
+    """Group small parts so each task has enough rows to amortise its fixed cost.
+
+    Deterministic and local: small parts are grouped only with parts of the same survey and month
+    (night // 100), in (night, path) order, so adding a night changes at most one month's groups.
+    """
+    out: list[WorkUnit] = []
+    buf: list[Partition] = []
+    month = None
+    for p in sorted(parts, key=lambda p: (p.survey, p.night, p.path)):
+        if p.rows >= min_rows:
+            out.append(WorkUnit((p,)))
+            continue
+        if buf and ((p.survey, p.night // 100) != month or sum(x.rows for x in buf) >= min_rows):
+            out.append(WorkUnit(tuple(buf)))
+            buf = []
+        buf.append(p)
+        month = (p.survey, p.night // 100)
+    if buf:
+        out.append(WorkUnit(tuple(buf)))
+    return out
+
+
+def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partition], store, run_id: str, history_buckets: int = 16, batch_rows: int = 10_000,
                 t3_states: dict[str, list[str]] | None = None) -> CompiledRun:
     """``t3_states``: per channel, states of earlier runs that T3 reads besides this run's (live mode's
     selection so far), so that T3 after the last micro-batch sees what one archive run would see."""
@@ -56,24 +95,30 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
     root = str(archive.root)
     packet = [p for p in plans if not p.history]
     hist = [p for p in plans if p.history]
+    # each channel plan (units, models, catalogs) is one graph key, shipped once per worker and
+    # referenced by the tasks, instead of being pickled into every task
+    pk = {c.name: f"plan-{key_of(c.name, c.t1_key, [u.identity.key for u in [*c.t2, *c.t3]])}" for c in plans}
+    for c in plans:
+        dsk[pk[c.name]] = c
 
-    def ensure_read_t0(part: Partition, chans: list[ChannelPlan]) -> dict[str, str]:
-        h = part.content_hash
+    def ensure_read_t0(unit: WorkUnit, chans: list[ChannelPlan]) -> dict[str, str]:
+        h = unit.key
         cols = None
         if all(c.columns is not None for c in plans):
             cols = sorted(set().union(*(c.columns for c in plans)))
-        dsk.setdefault(f"read-{h}", (tasks.read_partition, root, part.path, cols))
+        dsk.setdefault(f"read-{h}", (tasks.read_partition, root, unit.paths, cols))
         out = {}
         for c in chans:
             k = f"t0-{key_of(c.t0_key, h)}"
-            dsk.setdefault(k, (tasks.run_t0, f"read-{h}", c))
+            dsk.setdefault(k, (tasks.run_t0, f"read-{h}", pk[c.name]))
             out[c.name] = k
         return out
 
     # --- channels on the packet's own history: everything per partition ---
     stage_units = _units(packet)
-    for part in parts:
-        h = part.content_hash
+    units = work_units(parts, batch_rows)
+    for part in units:
+        h = part.key
         names = {c.name: key_of(c.t1_key, h) for c in packet}
         for c in packet:
             run.t1_names[c.name].append(names[c.name])
@@ -86,14 +131,13 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
             run.t2_names.append(stage)
         finished = all(store.task_info(n) for n in names.values()) and (stage is None or store.task_info(stage))
         if finished:
-            run.skipped_partitions += 1
+            run.skipped_partitions += len(part.parts)
             continue
         t0 = ensure_read_t0(part, packet)
         for c in packet:
-            dsk[f"t1-{names[c.name]}"] = (tasks.run_t1, f"read-{h}", t0[c.name], c, spec, names[c.name], run_id)
+            dsk[f"t1-{names[c.name]}"] = (tasks.run_t1, f"read-{h}", t0[c.name], pk[c.name], spec, names[c.name], run_id)
         if stage:
-            meta = [(ch, ukeys) for ch, ukeys, _ in inputs]
-            dsk[f"t2-{stage}"] = (_stage, spec, stage, run_id, meta, stage_units, len(inputs), *[f"t1-{n}" for _, _, n in inputs])
+            dsk[f"t2-{stage}"] = (_stage, spec, stage, run_id, len(inputs), *[pk[c.name] for c in packet], *[f"t1-{n}" for _, _, n in inputs])
             run.sinks.append(f"t2-{stage}")
         else:
             run.sinks += [f"t1-{names[c.name]}" for c in packet]
@@ -107,7 +151,7 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
         hist_id = key_of([p.content_hash for p in sources])
         names = [key_of("t1h", c.t1_key, sel_id, hist_id, b, history_buckets) for b in range(history_buckets)]
         stages = [key_of("t2h", n, [u.identity.key for u in c.t2]) if c.t2 else None for n in names]
-        counts = [key_of("t0c", c.t0_key, p.content_hash) for p in parts]
+        counts = [key_of("t0c", c.t0_key, u.key) for u in units]
         run.t1_names[c.name] += names
         run.count_names[c.name] += counts
         run.t2_names += [s for s in stages if s]
@@ -116,21 +160,21 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
         shuffle = str(store.shuffle_dir(run_id, key_of(c.t1_key, sel_id, hist_id)))
         run.shuffle_dirs.append(shuffle)
         pass_keys = []
-        for part, ck in zip(parts, counts):
-            t0 = ensure_read_t0(part, [c])[c.name]
-            dsk[f"pass-{ck}"] = (_pass, f"read-{part.content_hash}", t0, c, spec, ck, shuffle, history_buckets)
+        for unit, ck in zip(units, counts):
+            t0 = ensure_read_t0(unit, [c])[c.name]
+            dsk[f"pass-{ck}"] = (_pass, f"read-{unit.key}", t0, pk[c.name], spec, ck, shuffle, history_buckets)
             pass_keys.append(f"pass-{ck}")
         stocks_key = f"stocks-{key_of(c.t0_key, sel_id)}"
         dsk[stocks_key] = (tasks.stocks_of, pass_keys)
         hist_keys = []
-        for q in sources:
-            hk = key_of(c.t0_key, sel_id, q.content_hash, history_buckets)
-            dsk[f"hist-{hk}"] = (tasks.history_pieces, root, q.path, stocks_key, shuffle, hk, history_buckets)
+        for q in work_units(sources, batch_rows):
+            hk = key_of(c.t0_key, sel_id, q.key, history_buckets)
+            dsk[f"hist-{hk}"] = (tasks.history_pieces, root, q.paths, stocks_key, shuffle, hk, history_buckets)
             hist_keys.append(f"hist-{hk}")
         for b, (n, s) in enumerate(zip(names, stages)):
-            dsk[f"t1h-{n}"] = (tasks.run_t1_history, shuffle, b, c, spec, n, run_id, hist_keys)
+            dsk[f"t1h-{n}"] = (tasks.run_t1_history, shuffle, b, pk[c.name], spec, n, run_id, hist_keys)
             if s:
-                dsk[f"t2-{s}"] = (_stage, spec, s, run_id, [(c.name, [u.identity.key for u in c.t2])], c.t2, 1, f"t1h-{n}", *packet_stages)
+                dsk[f"t2-{s}"] = (_stage, spec, s, run_id, 1, pk[c.name], f"t1h-{n}", *packet_stages)
                 run.sinks.append(f"t2-{s}")
             else:
                 run.sinks.append(f"t1h-{n}")
@@ -144,15 +188,18 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
             run.t3_names.append(name)
             if store.task_info(name) and not any(k.startswith(("t1", "t2")) for k in dsk):
                 continue
-            dsk[f"t3-{name}"] = (_t3, spec, c, i, name, run_id, t3_sel, root, *t2_deps)
+            dsk[f"t3-{name}"] = (_t3, spec, pk[c.name], i, name, run_id, t3_sel, root, *t2_deps)
             run.sinks.append(f"t3-{name}")
+    if not run.tasks:
+        dsk.clear()  # only the plans: nothing to compute
     return run
 
 
-def _stage(spec, key, run_id, meta, units, n_inputs, *deps):
-    """deps: the ``n_inputs`` states tables named in ``meta``, then tasks that only have to finish first."""
-    inputs = [(ch, ukeys, s) for (ch, ukeys), s in zip(meta, deps[:n_inputs])]
-    return tasks.run_t2_stage(spec, key, run_id, inputs, units)
+def _stage(spec, key, run_id, n, *deps):
+    """deps: ``n`` channel plans, their ``n`` states tables, then tasks that only have to finish first."""
+    plans, states = deps[:n], deps[n : 2 * n]
+    inputs = [(p.name, [u.identity.key for u in p.t2], s) for p, s in zip(plans, states)]
+    return tasks.run_t2_stage(spec, key, run_id, inputs, _units(list(plans)))
 
 
 def _pass(table, t0, plan, spec, key, shuffle, nbuckets):

@@ -31,20 +31,25 @@ log = logging.getLogger("ampel_dask")
 PROVENANCE = ["state_id", "stock", "alert_id", "unit", "unit_version", "config_hash", "t2_key", "run_id", "code"]
 
 
-def read_partition(archive_root: str, rel_path: str, columns: list[str] | None) -> pa.Table:
-    """The columns T0 needs (never the nested history unless a filter asks for it)."""
-    path = f"{archive_root}/{rel_path}"
-    pf = pq.ParquetFile(path)
-    if columns is not None:
-        names = set(pf.schema_arrow.names)
-        if any(c in SUMMARY and c not in names for c in columns):
-            columns = [*columns, "dps"]  # an archive written before the summary columns existed
-        columns = [c for c in columns if c in names]
-    table = pf.read(columns=columns, use_threads=False)
-    return table.replace_schema_metadata({b"ampel_dask.path": path.encode()})
+def read_partition(archive_root: str, rel_paths: str | list[str], columns: list[str] | None) -> pa.Table:
+    """The columns T0 needs (never the nested history unless a filter asks for it), of one part or of
+    a work unit of small parts (their rows concatenated in the given order)."""
+    paths = [f"{archive_root}/{p}" for p in ([rel_paths] if isinstance(rel_paths, str) else rel_paths)]
+    tables = []
+    for path in paths:
+        pf = pq.ParquetFile(path)
+        cols = columns
+        if cols is not None:
+            names = set(pf.schema_arrow.names)
+            if any(c in SUMMARY and c not in names for c in cols):
+                cols = [*cols, "dps"]  # an archive written before the summary columns existed
+            cols = [c for c in cols if c in names]
+        tables.append(pf.read(columns=cols, use_threads=False))
+    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
+    return table.replace_schema_metadata({b"ampel_dask.paths": "\n".join(paths).encode()})
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=4)
 def _histories(path: str) -> pa.ChunkedArray:
     """The nested history of a partition: read once per process however many channels need it."""
     return pq.read_table(path, columns=["dps"], use_threads=False).column("dps")
@@ -54,10 +59,11 @@ def with_histories(table: pa.Table) -> pa.Table:
     """Add ``dps`` to a batch read without it (rows in file order, as read_partition returns them)."""
     if "dps" in table.column_names:
         return table
-    path = (table.schema.metadata or {}).get(b"ampel_dask.path")
-    if path is None:
-        raise ValueError("batch has neither dps nor the path of its partition")
-    return table.append_column("dps", _histories(path.decode()))
+    paths = (table.schema.metadata or {}).get(b"ampel_dask.paths")
+    if paths is None:
+        raise ValueError("batch has neither dps nor the paths of its partitions")
+    chunks = [c for p in paths.decode().split("\n") for c in _histories(p).chunks]
+    return table.append_column("dps", pa.chunked_array(chunks, type=pa.list_(DATAPOINT)) if chunks else pa.array([], pa.list_(DATAPOINT)))
 
 
 @dataclass
@@ -162,17 +168,21 @@ def stocks_of(summaries: list[tuple[np.ndarray, float]]) -> tuple[np.ndarray, fl
     return np.unique(np.concatenate(arrs)), max(m for s, m in summaries if len(s))
 
 
-def history_pieces(archive_root: str, rel_path: str, stocks_mjd: tuple[np.ndarray, float], shuffle_dir: str, name: str, nbuckets: int) -> int:
-    """One archive part's datapoints of the passing objects, written by object bucket (the shuffle)."""
+def history_pieces(archive_root: str, rel_paths: list[str], stocks_mjd: tuple[np.ndarray, float], shuffle_dir: str, name: str, nbuckets: int) -> int:
+    """Archive parts' datapoints of the passing objects, written by object bucket (the shuffle)."""
     stocks, max_mjd = stocks_mjd
     if not len(stocks):
         return 0
-    pf = pq.ParquetFile(f"{archive_root}/{rel_path}")
-    head = pf.read(columns=["stock", "mjd"], use_threads=False)
-    keep = np.isin(head.column("stock").to_numpy(), stocks) & (head.column("mjd").to_numpy() <= max_mjd + 1e-6)
-    if not keep.any():  # only parts holding a passing object pay for reading their histories
+    pieces = []
+    for rel in rel_paths:
+        pf = pq.ParquetFile(f"{archive_root}/{rel}")
+        head = pf.read(columns=["stock", "mjd"], use_threads=False)
+        keep = np.isin(head.column("stock").to_numpy(), stocks) & (head.column("mjd").to_numpy() <= max_mjd + 1e-6)
+        if keep.any():  # only parts holding a passing object pay for reading their histories
+            pieces.append(pf.read(columns=["alert_id", "stock", "dps"], use_threads=False).filter(pa.array(keep)))
+    if not pieces:
         return 0
-    t = pf.read(columns=["alert_id", "stock", "dps"], use_threads=False).filter(pa.array(keep))
+    t = pa.concat_tables(pieces)
     lists = t.column("dps").combine_chunks()
     flat = lists.flatten()
     lengths = np.diff(np.asarray(lists.offsets))

@@ -92,6 +92,7 @@ class Workflow(Model):
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
     history_buckets: int = Field(16, ge=1, description="object buckets of the history join (channels with T1 history: archive)")
+    batch_rows: int = Field(10_000, ge=1, description="small archive parts are read together up to this many alerts per task")
 
     @model_validator(mode="after")
     def _unique_channels(self) -> Workflow:
