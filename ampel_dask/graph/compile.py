@@ -211,7 +211,7 @@ def _pass(table, t0, plan, spec, key, shuffle, nbuckets):
     tasks.write_buckets(passing, shuffle, "alerts", key, nbuckets)
     open_store(spec).mark_task(key, {"kind": "t0", "channel": plan.name, **tasks.t0_counts(t0, table.num_rows)})
     mjd = passing.column("mjd").to_numpy() if passing.num_rows else np.empty(0)
-    return np.unique(passing.column("stock").to_numpy()), float(mjd.max()) if len(mjd) else -np.inf
+    return np.unique(passing.column("stock").to_numpy()), float(mjd.max()) if len(mjd) else -np.inf, passing.column("alert_id").to_numpy()
 
 
 def _t3(spec, plan, i, name, run_id, state_names, root, *_after):

@@ -120,6 +120,9 @@ def run_t1_history(shuffle_dir: str, bucket: int, plan: ChannelPlan, store_spec:
     alerts = read_bucket(shuffle_dir, "alerts", bucket)
     history = read_bucket(shuffle_dir, "history", bucket)
     store = open_store(store_spec)
+    if alerts is not None:  # the passing alerts' own packets are history for each other too
+        own = flat_history(alerts)
+        history = own if history is None else pa.concat_tables([history, own], promote_options="default")
     if alerts is None:
         store.mark_task(key, {"kind": "t1h", "channel": plan.name, "states": 0})
         return None
@@ -160,35 +163,43 @@ def read_bucket(shuffle_dir: str, kind: str, bucket: int) -> pa.Table | None:
     return pa.concat_tables(tables, promote_options="default") if tables else None
 
 
-def stocks_of(summaries: list[tuple[np.ndarray, float]]) -> tuple[np.ndarray, float]:
-    """Objects that passed (sorted) and the latest alert time among them (history beyond is useless)."""
-    arrs = [s for s, _ in summaries if len(s)]
+def stocks_of(summaries: list[tuple[np.ndarray, float, np.ndarray]]) -> tuple[np.ndarray, float, np.ndarray]:
+    """Objects that passed (sorted), the latest alert time among them (history beyond is useless), and
+    the passing alerts' ids (their packets are in the shuffle already)."""
+    arrs = [s for s, _, _ in summaries if len(s)]
     if not arrs:
-        return np.empty(0, dtype=np.int64), -np.inf
-    return np.unique(np.concatenate(arrs)), max(m for s, m in summaries if len(s))
+        return np.empty(0, dtype=np.int64), -np.inf, np.empty(0, dtype=np.int64)
+    ids = np.unique(np.concatenate([a for _, _, a in summaries if len(a)]))
+    return np.unique(np.concatenate(arrs)), max(m for s, m, _ in summaries if len(s)), ids
 
 
-def history_pieces(archive_root: str, rel_paths: list[str], stocks_mjd: tuple[np.ndarray, float], shuffle_dir: str, name: str, nbuckets: int) -> int:
-    """Archive parts' datapoints of the passing objects, written by object bucket (the shuffle)."""
-    stocks, max_mjd = stocks_mjd
+def flat_history(alerts: pa.Table) -> pa.Table:
+    """Alerts' nested histories as flat rows (stock, trigger flag, datapoint fields)."""
+    lists = alerts.column("dps").combine_chunks()
+    flat = lists.flatten()
+    lengths = np.diff(np.asarray(lists.offsets))
+    stock = np.repeat(alerts.column("stock").to_numpy(), lengths)
+    trigger = flat.field("dp_id").to_numpy(zero_copy_only=False) == np.repeat(alerts.column("alert_id").to_numpy(), lengths)
+    return pa.table({"stock": stock, "trigger": trigger, **{f.name: flat.field(f.name) for f in DATAPOINT}})
+
+
+def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.ndarray, float, np.ndarray], shuffle_dir: str, name: str, nbuckets: int) -> int:
+    """The passing objects' *other* alerts in these archive parts, their datapoints written by object
+    bucket (the shuffle). Parts without such alerts cost only a read of two small columns."""
+    stocks, max_mjd, passing_ids = passing
     if not len(stocks):
         return 0
     pieces = []
     for rel in rel_paths:
         pf = pq.ParquetFile(f"{archive_root}/{rel}")
-        head = pf.read(columns=["stock", "mjd"], use_threads=False)
+        head = pf.read(columns=["alert_id", "stock", "mjd"], use_threads=False)
         keep = np.isin(head.column("stock").to_numpy(), stocks) & (head.column("mjd").to_numpy() <= max_mjd + 1e-6)
-        if keep.any():  # only parts holding a passing object pay for reading their histories
+        keep &= ~np.isin(head.column("alert_id").to_numpy(), passing_ids)
+        if keep.any():
             pieces.append(pf.read(columns=["alert_id", "stock", "dps"], use_threads=False).filter(pa.array(keep)))
     if not pieces:
         return 0
-    t = pa.concat_tables(pieces)
-    lists = t.column("dps").combine_chunks()
-    flat = lists.flatten()
-    lengths = np.diff(np.asarray(lists.offsets))
-    stock = np.repeat(t.column("stock").to_numpy(), lengths)
-    trigger = flat.field("dp_id").to_numpy(zero_copy_only=False) == np.repeat(t.column("alert_id").to_numpy(), lengths)
-    table = pa.table({"stock": stock, "trigger": trigger, **{f.name: flat.field(f.name) for f in DATAPOINT}})
+    table = flat_history(pa.concat_tables(pieces))
     write_buckets(table, shuffle_dir, "history", name, nbuckets)
     return table.num_rows
 
