@@ -292,5 +292,96 @@ def status(run_id, store, as_json) -> None:
         _emit_json(info)
 
 
+def _properties(values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        key, sep, val = v.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter("takes KEY=VALUE (an argument without '=' is not echoed: it may hold a secret)", param_hint="-X")
+        out[key.strip()] = val
+    return out
+
+
+def _live_logging(redactor) -> None:
+    """Batch lines (and librdkafka's, redacted) on stderr; secrets never reach a log line."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.addFilter(redactor.filter())
+    logger = logging.getLogger("ampel_dask")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+@main.command()
+@click.argument("workflow", type=click.Path(exists=True, dir_okay=False))
+@click.option("--bootstrap", required=True, envvar="AMPEL_DASK_KAFKA_BOOTSTRAP", help="Kafka bootstrap servers host:port[,...] (or AMPEL_DASK_KAFKA_BOOTSTRAP)")
+@click.option("--topic", "topics", multiple=True, required=True, help="topic to consume (repeatable)")
+@click.option("--group", default=None, help="consumer group (default ampel-dask-<workflow name>)")
+@click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, help="seconds per micro-batch")
+@click.option("--max-batch", type=click.IntRange(min=1), default=10_000, show_default=True, help="close a batch as soon as this many messages wait")
+@click.option("--batches", type=click.IntRange(min=1), default=None, help="stop after N batches (empty ones count)")
+@click.option("--until-idle", is_flag=True, help="stop after the first empty batch (drain the topic)")
+@click.option("--archive", type=click.Path(file_okay=False), help="archive folder (overrides archive.path)")
+@click.option("--store", type=click.Path(file_okay=False), help="result store folder (overrides store.path)")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="local worker processes (default: all cores; 0 = threads in this process)")
+@click.option("--cluster", type=click.Choice(["local", "slurm", "address"]), default=None, help="override cluster.kind")
+@click.option("--jobs", type=click.IntRange(min=1), default=None, help="SLURM worker jobs (with --cluster slurm)")
+@click.option("--schema-dir", "schema_dirs", multiple=True, type=click.Path(exists=True, file_okay=False), help="extra Rubin schema folder (wire format)")
+@click.option("--schema-registry", default=None, help="Confluent schema registry URL for wire-format schemas")
+@click.option("--secrets", "secrets_file", type=click.Path(exists=True, dir_okay=False), help="YAML/JSON/.env with SASL/TLS settings (else AMPEL_DASK_KAFKA_* variables)")
+@click.option("-X", "--property", "props", multiple=True, help="extra librdkafka setting KEY=VALUE (no secrets), e.g. session.timeout.ms=10000")
+@click.option("--offset-reset", type=click.Choice(["earliest", "latest"]), default="earliest", show_default=True, help="where a new group starts")
+@click.option("--t3-scope", type=click.Choice(["stream", "batch"]), default="stream", show_default=True, help="T3 over everything the stream processed so far, or over the batch only")
+@click.option("--metrics-file", type=click.Path(dir_okay=False), default=None, help="Prometheus text file, rewritten after every batch")
+@click.option("--metrics-port", type=click.IntRange(min=0), default=None, help="serve Prometheus metrics on this port (/metrics)")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="address for --metrics-port")
+@click.option("--join-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True, help="seconds to wait for the group's first partitions")
+@click.option("--json", "as_json", is_flag=True, help="print the totals as JSON on the last stdout line")
+def live(workflow, bootstrap, topics, group, interval, max_batch, batches, until_idle, archive, store, workers, cluster, jobs,
+         schema_dirs, schema_registry, secrets_file, props, offset_reset, t3_scope, metrics_file, metrics_port, metrics_host,
+         join_timeout, as_json) -> None:  # fmt: skip
+    """Consume alerts from Kafka in micro-batches: archive, run WORKFLOW, then commit (exactly-once results).
+
+    SIGTERM (or Ctrl-C) finishes the current batch and stops; a second one abandons it uncommitted.
+    Credentials (SASL/TLS) come from AMPEL_DASK_KAFKA_* variables or --secrets, never from the workflow.
+    """
+    from .graph.live import LiveOptions, StopFlag, run_live
+    from .graph.workflow import WorkflowError, load_workflow
+    from .io.kafka import KafkaFailure
+    from .io.kafka_auth import CredentialsError, KafkaCredentials, Redactor
+    from .io.schema_registry import RegistryError
+
+    try:
+        redactor = Redactor(KafkaCredentials.load(secrets_file).secrets())
+    except CredentialsError as exc:
+        raise click.UsageError(str(exc)) from None
+    properties = _properties(props)
+    _live_logging(redactor)
+    try:
+        wf = load_workflow(workflow)
+        opts = LiveOptions(bootstrap=bootstrap, topics=list(topics), group=group, interval=interval, max_batch=max_batch, batches=batches,
+                           until_idle=until_idle, archive=archive, store=store, workers=workers, cluster=cluster, jobs=jobs,
+                           schema_dirs=list(schema_dirs), schema_registry=schema_registry, secrets_file=secrets_file,
+                           properties=properties, offset_reset=offset_reset, t3_scope=t3_scope, metrics_file=metrics_file,
+                           metrics_port=metrics_port, metrics_host=metrics_host, join_timeout=join_timeout)  # fmt: skip
+        with StopFlag().installed() as stop:
+            totals = run_live(wf, opts, stop)
+    except (WorkflowError, CredentialsError) as exc:
+        raise click.UsageError(redactor(exc)) from None
+    except (KafkaFailure, RegistryError) as exc:
+        raise click.ClickException(redactor(exc)) from None
+    except Exception as exc:  # anything else: a redacted one-line reason, never a raw message
+        raise click.ClickException(f"live mode failed: {type(exc).__name__}: {redactor(exc)}") from None
+    line = (f"live: {totals['batches']} batch(es) ({totals['empty_batches']} empty), {totals['alerts']} alerts, "
+            f"quarantined {totals['quarantined']}, T2 computed {totals['t2']['computed']}, reused {totals['t2']['reused']}; "
+            f"stopped: {totals['stopped']}")  # fmt: skip
+    click.echo(line, err=True)
+    if as_json:
+        _emit_json(totals)
+
+
 if __name__ == "__main__":
     main()

@@ -4,43 +4,37 @@ Each batch: poll until ``interval`` s passed or ``max_batch`` messages wait; ing
 de-duplication and quarantine as ``ingest``); run the workflow on the parts that hold the batch's alerts;
 make everything durable; only then commit the offsets. A crash anywhere before the commit means the
 batch is read again, and since part names and result keys are content hashes, the replay adds nothing
-twice: alerts already archived count as duplicates and their parts (found by alert id) are run again,
-where finished tasks are skipped. What a stream has done so far (the states T3 reads) is kept in a
-small record in the store, so T3 after the last batch sees what one archive run over the same alerts
-sees (``t3_scope: stream``); ``batch`` gives T3 only the batch's objects (per-batch notifications).
+twice: alerts already archived count as duplicates, and the parts that hold them (found by alert id)
+are run again unless the stream's record says their run completed; finished tasks are skipped.
+
+The record (``live_record``) also lists the states the stream's T3 reads, so that T3 after the last
+batch sees what one archive run over the same alerts sees (``t3_scope: stream``); ``batch`` gives T3
+only the batch's objects (per-batch notifications). Stopping: ``live_control``.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
-import os
-import re
-import signal
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..io.archive import atomic_write
 from ..io.ingest import IngestOptions, ingest_packets
 from ..io.kafka import Batch, LiveConsumer, consumer_config, wire_schema_ids
 from ..io.kafka_auth import KafkaCredentials, Redactor
 from ..io.schema_registry import SchemaRegistry
+from .live_control import CRASH_ENV, CRASH_POINTS, Abandon, StopFlag, crash, crash_during_run
 from .live_metrics import LiveMetrics
+from .live_record import StreamRecord
 from .plan import key_of
 from .runner import RunOptions, new_run_id, run_workflow, store_spec
 from .store import open_store
 from .workflow import Workflow, WorkflowError
 
 log = logging.getLogger("ampel_dask.live")
-CRASH_ENV = "AMPEL_DASK_LIVE_CRASH_AT"  # test hook: "<point>[:<batch>]", point in CRASH_POINTS
-CRASH_POINTS = ("after_ingest", "during_run", "before_commit", "after_commit")
 
 
 class LiveOptions(BaseModel):
@@ -71,73 +65,6 @@ class LiveOptions(BaseModel):
     metrics_host: str = "127.0.0.1"
     join_timeout: float = Field(60.0, ge=0, description="how long to wait for the group's first assignment")
     chunk_packets: int = Field(2000, ge=1, description="messages per decode task")
-
-
-class Abandon(BaseException):
-    """Raised by a second stop signal: leave the batch uncommitted and exit now."""
-
-
-class StopFlag:
-    """First SIGTERM/SIGINT: finish the current batch, commit it, stop. Second: abandon it (no commit)."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._abandoned = False
-
-    def requested(self) -> bool:
-        return self.signal is not None
-
-    def request(self, signum: int = signal.SIGTERM) -> None:
-        self.signal = signum
-
-    def handler(self, signum: int, _frame: Any) -> None:
-        if self.signal is None:
-            self.signal = signum
-            log.info("%s: finishing the current batch, then stopping (again to abandon it)", signal.Signals(signum).name)
-        elif not self._abandoned:
-            self._abandoned = True
-            raise Abandon()
-
-    @contextmanager
-    def installed(self) -> Iterator[StopFlag]:
-        old = {s: signal.signal(s, self.handler) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield self
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-
-
-class StreamRecord:
-    """What a stream (group, topics, workflow) has processed: the state names its T3 reads, batch count.
-
-    Updated under a file lock and written durably before each commit; merging is a set union, so a
-    replayed batch changes nothing.
-    """
-
-    def __init__(self, root: Path, group: str, topics: list[str], wf: Workflow):
-        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", group)
-        self.path = root / "live" / f"{safe}-{key_of(group, sorted(topics), wf.hash)}.json"
-        self.head = {"group": group, "topics": sorted(topics), "workflow": wf.name, "workflow_hash": wf.hash}
-
-    def load(self) -> dict:
-        if self.path.exists():
-            return json.loads(self.path.read_text())
-        return {**self.head, "states": {}, "batches": 0, "alerts": 0}
-
-    def states(self) -> dict[str, list[str]]:
-        return self.load()["states"]
-
-    def add(self, state_names: dict[str, list[str]], alerts: int) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            rec = self.load()
-            for ch, names in state_names.items():
-                rec["states"][ch] = sorted(set(rec["states"].get(ch, [])) | set(names))
-            rec["batches"] += 1
-            rec["alerts"] += alerts
-            atomic_write(self.path, json.dumps(rec, sort_keys=True).encode(), durable=True)
 
 
 @dataclass
@@ -173,44 +100,39 @@ def run_live(
     t_start = time.time()
     creds = KafkaCredentials.load(opts.secrets_file)
     redactor = Redactor(creds.secrets())
-    archive = Path(opts.archive or wf.archive.path or "")
-    if not str(opts.archive or wf.archive.path or ""):
+    if not (opts.archive or wf.archive.path):
         raise WorkflowError("no archive: give --archive or archive.path in the workflow")
-    archive = archive.resolve()
+    archive = Path(opts.archive or wf.archive.path or "").resolve()
     spec = store_spec(wf, opts.store)
     store = open_store(spec)
     group = opts.group or f"ampel-dask-{wf.name}"
-    record = StreamRecord(Path(store.root), group, opts.topics, wf)
-    schema_dirs = list(opts.schema_dirs)
-    registry = None
+    schema_dirs, registry = list(opts.schema_dirs), None
     if opts.schema_registry:
         folder = archive / "_schemas" / key_of(redactor(opts.schema_registry))
-        registry = SchemaRegistry(opts.schema_registry, folder, creds.schema_registry_username,
-                                  creds.schema_registry_password.get_secret_value() if creds.schema_registry_password else None, redactor)  # fmt: skip
+        password = creds.schema_registry_password.get_secret_value() if creds.schema_registry_password else None
+        registry = SchemaRegistry(opts.schema_registry, folder, creds.schema_registry_username, password, redactor)
         schema_dirs.insert(0, str(folder))
-    conf = consumer_config(opts.bootstrap, group, creds, opts.properties, opts.offset_reset)
+    totals = Totals(channels={c.name: {"passed": 0, "rejected": 0} for c in wf.channels})
+    # the consumer first: a wrong setting or credential fails before a cluster is started
+    consumer = LiveConsumer(consumer_config(opts.bootstrap, group, creds, opts.properties, opts.offset_reset), opts.topics, redactor)
     metrics = LiveMetrics(opts.metrics_file, opts.metrics_port, opts.metrics_host)
     metrics.flush()
-    totals = Totals(channels={c.name: {"passed": 0, "rejected": 0} for c in wf.channels})
-    ctx = _Context(wf, opts, archive, store, spec, group, record, schema_dirs, registry, metrics, totals, on_batch)
-    log.info("live %s: topics %s, group %s, %s, brokers %s; batches every %g s or %d messages; archive %s, store %s",
-             wf.name, ",".join(opts.topics), group, creds.describe(), redactor(opts.bootstrap), opts.interval,
-             opts.max_batch, archive, store.root)  # fmt: skip
+    record = StreamRecord(Path(store.root), group, opts.topics, wf)
+    ctx = _Context(wf, opts, archive, store, group, record, schema_dirs, registry, metrics, totals, on_batch)
+    log.info("live %s: topics %s, group %s, %s, brokers %s; batches every %g s or %d messages; archive %s, store %s%s",
+             wf.name, ",".join(opts.topics), group, creds.describe(), redactor(opts.bootstrap), opts.interval, opts.max_batch,
+             archive, store.root, f"; metrics on http://{opts.metrics_host}:{metrics.port}/metrics" if metrics.port is not None else "")  # fmt: skip
     stopped = "signal"
-    kind = opts.cluster or wf.cluster.kind
     workers = opts.workers if opts.workers is not None else wf.cluster.workers
     try:
-        with make_cluster(wf.cluster, kind, workers, opts.jobs) as client:
+        with make_cluster(wf.cluster, opts.cluster or wf.cluster.kind, workers, opts.jobs) as client:
             ctx.client = client
-            consumer = LiveConsumer(conf, opts.topics, redactor)
-            try:
-                stopped = _loop(ctx, consumer, stop)
-            except Abandon:
-                stopped = "abandoned"
-                log.warning("batch %d abandoned: nothing of it committed; it is read again at the next start", totals.batches + 1)
-            finally:
-                consumer.close()
+            stopped = _loop(ctx, consumer, stop)
+    except Abandon:
+        stopped = "abandoned"
+        log.warning("batch %d abandoned: nothing of it committed; it is read again at the next start", totals.batches + 1)
     finally:
+        consumer.close()
         metrics.close()
     out = _summary(totals, store, archive, group, opts)
     out.update(stopped=stopped, seconds=round(time.time() - t_start, 3))
@@ -225,7 +147,6 @@ class _Context:
     opts: LiveOptions
     archive: Path
     store: Any
-    spec: dict
     group: str
     record: StreamRecord
     schema_dirs: list[str]
@@ -276,8 +197,11 @@ def _process(ctx: _Context, consumer: LiveConsumer, batch: Batch, n: int) -> dic
     iopts = IngestOptions(schema_dirs=ctx.schema_dirs, progress=False, chunk_packets=opts.chunk_packets)
     report = ingest_packets(packets, ctx.archive, iopts, client=ctx.client)
     t_ingest = time.time()
-    _crash("after_ingest", n)
-    parts = sorted({p.path for p in report.new_partitions + report.duplicate_partitions})
+    crash("after_ingest", n)
+    # the parts holding the batch's alerts: new ones, and archived ones whose run never completed
+    # (a replay after a crash); parts this stream finished are not run again
+    done = ctx.record.done_parts()
+    parts = sorted({p.path for p in report.new_partitions} | {p.path for p in report.duplicate_partitions if p.path not in done})
     summary: dict | None = None
     if parts:
         extra = {"live": {"batch": n, "group": ctx.group, "topics": opts.topics, "offsets": batch.ranges(),
@@ -285,19 +209,21 @@ def _process(ctx: _Context, consumer: LiveConsumer, batch: Batch, n: int) -> dic
         ropts = RunOptions(archive=str(ctx.archive), store=opts.store, client=ctx.client, partitions=parts, progress=False,
                            run_id=f"live-{new_run_id()}", manifest_extra=extra,
                            t3_states=ctx.record.states() if opts.t3_scope == "stream" else None)  # fmt: skip
-        with _crash_during_run(n, Path(ctx.store.root)):
+        with crash_during_run(n, Path(ctx.store.root)):
             summary = run_workflow(ctx.wf, ropts)
-        ctx.record.add(summary["state_names"], report.read)
+        ctx.record.add(summary["state_names"], parts, report.read)
+    t_run = time.time()
     ctx.store.sync()  # the partition and every result file on disk before the offsets move
-    _crash("before_commit", n)
+    crash("before_commit", n)
     committed = consumer.commit(batch)
-    _crash("after_commit", n)
+    crash("after_commit", n)
     t_done = time.time()
     ts = batch.timestamps()
     latency = round(t_done - ts[0], 3) if ts else None
     info = {"batch": n, "messages": len(batch), "alerts": report.read, "ingested": report.ingested, "duplicates": report.duplicates,
             "quarantined": report.quarantined, "partitions": len(parts), "offsets": batch.ranges(), "committed": committed,
-            "seconds": round(t_done - t0, 3), "ingest_seconds": round(t_ingest - t0, 3), "latency": latency, "polled_seconds": round(batch.closed - batch.opened, 3),
+            "seconds": round(t_done - t0, 3), "ingest_seconds": round(t_ingest - t0, 3),
+            "run_seconds": round(t_run - t_ingest, 3), "commit_seconds": round(t_done - t_run, 3), "latency": latency, "polled_seconds": round(batch.closed - batch.opened, 3),
             "run_id": summary["run_id"] if summary else None,
             "channels": summary["channels"] if summary else {}, "t2": summary["t2"] if summary else {"computed": 0, "reused": 0},
             "t3_outputs": summary["t3"]["outputs"] if summary else 0}  # fmt: skip
@@ -350,7 +276,8 @@ def _line(info: dict, ts: tuple[float, float] | None, t_done: float) -> str:
     return (f"batch {info['batch']}: {info['alerts']} alerts (ingested {info['ingested']}, duplicates {info['duplicates']}, "
             f"quarantined {info['quarantined']}) from {len(info['offsets'])} partition(s); passed {passed}; "
             f"T2 computed {info['t2'].get('computed', 0)}, reused {info['t2'].get('reused', 0)}; T3 outputs {info['t3_outputs']}; "
-            f"{info['seconds']:.2f} s (ingest {info['ingest_seconds']:.2f} s), {lat}; {commit}")  # fmt: skip
+            f"{info['seconds']:.2f} s (ingest {info['ingest_seconds']:.2f}, run {info['run_seconds']:.2f}, sync+commit "
+            f"{info['commit_seconds']:.2f}), {lat}; {commit}")  # fmt: skip
 
 
 def _summary(t: Totals, store: Any, archive: Path, group: str, opts: LiveOptions) -> dict:
@@ -375,49 +302,4 @@ def _summary(t: Totals, store: Any, archive: Path, group: str, opts: LiveOptions
     }
 
 
-# --- test hooks: die at a chosen point of a chosen batch, as a crash would -------------------------
-
-
-def _crash_spec() -> tuple[str, int] | None:
-    value = os.environ.get(CRASH_ENV)
-    if not value:
-        return None
-    point, _, batch = value.partition(":")
-    if point not in CRASH_POINTS:
-        raise WorkflowError(f"{CRASH_ENV}={value!r}: the point is one of {', '.join(CRASH_POINTS)}")
-    return point, int(batch or 1)
-
-
-def _die(point: str, n: int) -> None:
-    log.warning("%s: SIGKILL at %s of batch %d (test hook)", CRASH_ENV, point, n)
-    for h in logging.getLogger().handlers + log.handlers:
-        h.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _crash(point: str, n: int) -> None:
-    if _crash_spec() == (point, n):
-        _die(point, n)
-
-
-@contextmanager
-def _crash_during_run(n: int, store_root: Path) -> Iterator[None]:
-    """With the hook at ``during_run``: die as soon as the run has finished its first task."""
-    if _crash_spec() != ("during_run", n):
-        yield
-        return
-    tasks = store_root / "tasks"
-    before = set(tasks.glob("*.json")) if tasks.exists() else set()
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            if tasks.exists() and set(tasks.glob("*.json")) - before:
-                _die("during_run", n)
-            time.sleep(0.005)
-
-    threading.Thread(target=watch, name="crash-during-run", daemon=True).start()
-    try:
-        yield
-    finally:
-        done.set()
+__all__ = ["LiveOptions", "run_live", "StopFlag", "Abandon", "StreamRecord", "CRASH_ENV", "CRASH_POINTS"]

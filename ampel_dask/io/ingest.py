@@ -45,6 +45,9 @@ class IngestReport:
     skipped_files: list[str] = field(default_factory=list)
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     new_partitions: list[Partition] = field(default_factory=list)
+    # archived parts that already held this ingest's duplicates: with new_partitions, every part that
+    # holds an alert of the input (live mode runs a replayed batch on them)
+    duplicate_partitions: list[Partition] = field(default_factory=list)
 
     def summary(self) -> dict:
         return {k: getattr(self, k) for k in ("read", "ingested", "duplicates", "quarantined", "partitions", "seconds")}
@@ -52,6 +55,7 @@ class IngestReport:
     def as_dict(self) -> dict:
         d = asdict(self)
         d["new_partitions"] = [p.path for p in self.new_partitions]
+        d["duplicate_partitions"] = [p.path for p in self.duplicate_partitions]
         return d
 
 
@@ -119,9 +123,13 @@ def _ingest(work: Iterator[Chunk], archive: str | Path | Archive, opts: IngestOp
 
 def _finalize(arch: Archive, results: list[ChunkResult], report: IngestReport) -> None:
     """De-duplicate staged parts in input order and publish them; one index update at the end."""
-    seen: dict[str, set[int]] = {}  # alert ids per survey: archived (where ranges overlap) or met in this run
+    # alert ids per survey -> the archived part holding them (where ranges overlap), or "" when first
+    # met in this run (then the part is among the new ones)
+    seen: dict[str, dict[int, str]] = {}
     loaded: set[str] = set()
     archived = arch.partitions()
+    by_path = {p.path: p for p in archived}
+    dup_paths: set[str] = set()
     new: list[Partition] = []
     for res in results:
         report.read += res.read
@@ -129,17 +137,22 @@ def _finalize(arch: Archive, results: list[ChunkResult], report: IngestReport) -
         for reason, n in res.reasons.items():
             report.quarantine_reasons[reason] = report.quarantine_reasons.get(reason, 0) + n
         for staged in res.staged:
-            known = seen.setdefault(staged.survey, set())
+            known = seen.setdefault(staged.survey, {})
             lo, hi = int(staged.alert_ids.min()), int(staged.alert_ids.max())
             overlapping = [p for p in archived if p.survey == staged.survey and p.max_alert_id >= lo and p.min_alert_id <= hi]
             for part in overlapping:
                 if part.path not in loaded:
                     loaded.add(part.path)
-                    known.update(arch.read(part, ["alert_id"]).column("alert_id").to_pylist())
+                    for a in arch.read(part, ["alert_id"]).column("alert_id").to_pylist():
+                        known.setdefault(a, part.path)
             keep = np.empty(len(staged.alert_ids), dtype=bool)
             for i, a in enumerate(staged.alert_ids.tolist()):
-                keep[i] = a not in known
-                known.add(a)
+                where = known.get(a)
+                keep[i] = where is None
+                if where is None:
+                    known[a] = ""
+                elif where:
+                    dup_paths.add(where)
             report.duplicates += int((~keep).sum())
             report.ingested += int(keep.sum())
             part = arch.publish(staged, keep)
@@ -148,6 +161,7 @@ def _finalize(arch: Archive, results: list[ChunkResult], report: IngestReport) -
     arch.add_partitions(new)
     report.partitions = len(new)
     report.new_partitions = new
+    report.duplicate_partitions = [by_path[p] for p in sorted(dup_paths)]
     for res in results:  # anything a failed publish left behind
         for staged in res.staged:
             discard(staged)

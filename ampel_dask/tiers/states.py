@@ -88,14 +88,22 @@ def _flat(dps: pa.ChunkedArray | pa.ListArray) -> tuple[pa.StructArray, np.ndarr
     return flat, rows
 
 
+STOCK_SALT = np.uint64(0xD6E8FEB86659FD93)  # the stock is mixed apart from datapoint ids (see below)
+
+
 def state_ids(stock: np.ndarray, dp_id: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
-    """64-bit state ids: order-independent hash of each row's datapoint ids, mixed with its stock."""
+    """64-bit state ids: order-independent hash of each row's datapoint ids, mixed with its stock.
+
+    The stock goes through a salted mix, never the datapoints' own: Rubin numbers a new object after
+    its first diaSource, so a one-detection state has dp_id == stock, and equal mixes would cancel.
+    """
     mixed = splitmix64(dp_id.astype(np.int64))
     sums = np.zeros(n, dtype=np.uint64)
     _reduce_sum(sums, mixed, rows)
     counts = np.bincount(rows, minlength=n).astype(np.uint64)
     with np.errstate(over="ignore"):
-        h = splitmix64(sums ^ splitmix64(stock.astype(np.int64)) ^ (counts * np.uint64(0x9E3779B97F4A7C15)))
+        stock_mix = splitmix64(stock.astype(np.int64).view(np.uint64) ^ STOCK_SALT)
+        h = splitmix64(sums + stock_mix * np.uint64(0x9E3779B97F4A7C15) + counts)
     return h.view(np.int64)
 
 
