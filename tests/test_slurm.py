@@ -24,11 +24,11 @@ CHANNELS = [{"name": "ALL", "access": ["ZTF_PUB", "ZTF_PRIV", "LSST"], "filters"
              "t2": ["T2LightCurveSummary"]}]  # fmt: skip
 
 
-def slurm_workflow(tmp_path: Path, **cluster) -> Workflow:
+def slurm_workflow(tmp_path: Path, batch_rows: int = 10000, **cluster) -> Workflow:
     jobqueue = {"log-directory": str(tmp_path / "worker-logs"), "local-directory": str(tmp_path / "scratch"),
                 "walltime": "00:10:00", "scheduler-options": {"dashboard_address": ":0"}}  # fmt: skip
     return Workflow.model_validate({"name": "slurm-test", "channels": CHANNELS, "archive": {"nights": {"from": 20181101, "to": 20220731}},
-                                    "cluster": {"kind": "slurm", "config_file": str(REPO / "slurm" / "jobqueue.yaml"), "jobqueue": jobqueue, **cluster}})  # fmt: skip
+                                    "batch_rows": batch_rows, "cluster": {"kind": "slurm", "config_file": str(REPO / "slurm" / "jobqueue.yaml"), "jobqueue": jobqueue, **cluster}})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,8 @@ def test_workflow_on_slurm_jobs_matches_local_run(slurm, archive, reference, tmp
 def test_scancel_of_a_worker_job_mid_run_gives_the_same_results(slurm, archive, reference, tmp_path):  # noqa: F811
     ref_store, ref = reference
     store = tmp_path / "store"
-    wf = slurm_workflow(tmp_path, adaptive={"minimum_jobs": 2, "maximum_jobs": 2, "interval": "500ms"})
+    # one alert per batch: ~190 stage tasks instead of 16, so there is a "mid-run" to cancel in
+    wf = slurm_workflow(tmp_path, batch_rows=1, adaptive={"minimum_jobs": 2, "maximum_jobs": 2, "interval": "500ms"})
     result: dict = {}
     errors: list = []
 
@@ -77,7 +78,7 @@ def test_scancel_of_a_worker_job_mid_run_gives_the_same_results(slurm, archive, 
     t = threading.Thread(target=target)
     t.start()
     deadline = time.time() + 180
-    while time.time() < deadline and len(list((store / "tasks").glob("*.json"))) < 30:
+    while time.time() < deadline and t.is_alive() and len(list((store / "tasks").glob("*.json"))) < 20:
         time.sleep(0.1)
     running = slurm.squeue("-t", "RUNNING", "-n", "ampel-dask-worker", "-o", "%A").split()
     assert t.is_alive() and running, "no running worker job to cancel mid-run"

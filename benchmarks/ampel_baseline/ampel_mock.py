@@ -13,15 +13,19 @@ Database backend (``AMPEL_BENCH_DB``):
   differences needed for a whole job: all clients share ONE mongomock ``ServerStore`` (AmpelDB opens one
   client per role, e.g. ``logger`` and ``writer``; by default each mongomock client has a private store,
   so T2Worker would never see what the T0 ingester wrote), and the ``storageEngine`` option of the
-  ``log`` collection (unknown to mongomock) is dropped.
+  ``log`` collection (unknown to mongomock) is dropped; like the fixture, codec options are not checked
+  and bulk updates accept ``sort=None``.
 * ``mongodb://host:port``: a real Mongo-wire server (e.g. SecantusDB). The URI replaces
   ``resource.mongo`` of the AMPEL config for every client AmpelDB opens.
 
 Instrumentation (cheap, always on):
 
 * every task (``AbsEventUnit.run``: AlertConsumer = T0, T2Worker = T2) is timed with
-  ``time.perf_counter``; a line ``AMPEL_BENCH task=... seconds=...`` goes to stderr;
+  ``time.perf_counter`` and ``time.process_time`` (+ the CPU time of the DB server if
+  ``AMPEL_BENCH_SERVER_PID`` is set); lines ``AMPEL_BENCH task_start/task=...`` go to stderr;
+* wall time inside DB client calls (mongomock or pymongo Collection/Database/Cursor methods) per task;
 * ``FilterBlock.filter`` is wrapped to record which alert ids a channel accepted (one list append);
+* every ``AMPEL_BENCH_PROGRESS_EVERY`` (500) alerts handed out by ZiAlertSupplier, a progress line;
 * after the job, the data collections are counted (stock, t0, t1, t2 by code) and AMPEL's own
   ``event`` documents (which carry AMPEL's ``duration`` per task) are read back.
 
@@ -98,22 +102,99 @@ else:
 
 
 # --- instrumentation -------------------------------------------------------------------------
+import inspect  # noqa: E402
+import threading  # noqa: E402
+
+# Time spent inside the database client API (mongomock: the whole in-process "database"; pymongo: the
+# client side plus waiting for the server). Only the outermost call is counted (re-entrancy guard), so
+# T0 seconds minus DB seconds is what AMPEL itself spends (supplier, filter, shaping, ingest logic).
+_DB_TIME = {"main": 0.0, "other": 0.0, "calls": 0}
+_tl = threading.local()
+
+
+def _wrap_db(fn):
+    def wrapper(*args, **kwargs):
+        if getattr(_tl, "depth", 0):
+            return fn(*args, **kwargs)
+        _tl.depth = 1
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _tl.depth = 0
+            key = "main" if threading.current_thread() is threading.main_thread() else "other"
+            _DB_TIME[key] += time.perf_counter() - t
+            _DB_TIME["calls"] += 1
+    wrapper.__wrapped__ = fn
+    wrapper.__name__ = getattr(fn, "__name__", "db_call")
+    return wrapper
+
+
+def _instrument(cls) -> None:
+    for name, attr in list(vars(cls).items()):
+        if (name.startswith("_") and name != "__next__") or name in ("with_options", "codec_options"):
+            continue
+        if inspect.isfunction(attr):
+            setattr(cls, name, _wrap_db(attr))
+
+
+if _DB_SPEC == "mongomock":
+    import mongomock.command_cursor
+    _db_classes = [mongomock.collection.Collection, mongomock.collection.Cursor,
+                   mongomock.database.Database, mongomock.command_cursor.CommandCursor]
+else:
+    import pymongo.collection
+    import pymongo.command_cursor
+    import pymongo.cursor
+    import pymongo.database
+    _db_classes = [pymongo.collection.Collection, pymongo.cursor.Cursor, pymongo.database.Database,
+                   pymongo.command_cursor.CommandCursor]
+for _c in _db_classes:
+    _instrument(_c)
+
 from ampel.abstract.AbsEventUnit import AbsEventUnit  # noqa: E402
 from ampel.alert.FilterBlock import FilterBlock  # noqa: E402
 
 _orig_run = AbsEventUnit.run
 
 
+_SERVER_PID = os.environ.get("AMPEL_BENCH_SERVER_PID")
+_CLK = os.sysconf("SC_CLK_TCK")
+
+
+def _server_cpu() -> float | None:
+    """utime+stime (s) of the DB server process (run_ampel.py passes its PID), None if unknown."""
+    if not _SERVER_PID:
+        return None
+    try:
+        with open(f"/proc/{_SERVER_PID}/stat") as fh:
+            f = fh.read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / _CLK
+    except OSError:
+        return None
+
+
 def _timed_run(self, *args, **kwargs):
+    print(f"AMPEL_BENCH task_start unit={type(self).__name__} t={time.perf_counter() - _T_START:.4f}",
+          file=sys.stderr, flush=True)
+    s0 = _server_cpu()
+    d0 = dict(_DB_TIME)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     ret = _orig_run(self, *args, **kwargs)
     dt = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    s1 = _server_cpu()
+    db = {k: _DB_TIME[k] - d0[k] for k in _DB_TIME}
     unit = type(self).__name__
     _REPORT["tasks"].append({
         "unit": unit, "seconds": dt, "return": ret if isinstance(ret, (int, float, type(None))) else str(ret),
-        "started_at_s": t0 - _T_START,
+        "started_at_s": t0 - _T_START, "cpu_seconds": cpu,
+        "server_cpu_seconds": (s1 - s0) if s0 is not None and s1 is not None else None,
+        "db_seconds": db["main"], "db_seconds_other_threads": db["other"], "db_calls": db["calls"],
     })
-    print(f"AMPEL_BENCH task={unit} seconds={dt:.4f} return={ret}", file=sys.stderr, flush=True)
+    print(f"AMPEL_BENCH task={unit} seconds={dt:.4f} return={ret} started_at={t0 - _T_START:.4f}",
+          file=sys.stderr, flush=True)
     return ret
 
 
@@ -131,6 +212,29 @@ def _recording_filter(self, alert):
 
 
 FilterBlock.filter = _recording_filter
+
+# progress curve: perf_counter every PROGRESS_EVERY alerts handed out by the supplier, to see whether the
+# T0 rate drops as documents accumulate in the database
+from ampel.ztf.alert.ZiAlertSupplier import ZiAlertSupplier  # noqa: E402
+
+_PROGRESS_EVERY = int(os.environ.get("AMPEL_BENCH_PROGRESS_EVERY", "500"))
+_REPORT["progress"] = []  # [alerts supplied so far, seconds since process start]
+_orig_next = ZiAlertSupplier.__next__
+_n_supplied = 0
+
+
+def _counting_next(self):
+    global _n_supplied
+    alert = _orig_next(self)
+    _n_supplied += 1
+    if _n_supplied % _PROGRESS_EVERY == 0:
+        _REPORT["progress"].append([_n_supplied, round(time.perf_counter() - _T_START, 4)])
+        # also streamed, so a run killed by a timeout still tells how far it got
+        print(f"AMPEL_BENCH progress alerts={_n_supplied} t={_REPORT['progress'][-1][1]}", file=sys.stderr, flush=True)
+    return alert
+
+
+ZiAlertSupplier.__next__ = _counting_next
 
 
 def _collect_db_stats(prefix: str) -> dict:
