@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run the real ``ampel`` CLI (AMPEL from PyPI) for benchmarks, without a MongoDB server.
 
-This file runs *inside the AMPEL venv* (``/work/main/.bench/ampel-venv``); it imports nothing from
+This file runs *inside the AMPEL venv* (``.bench/ampel-venv``); it imports nothing from
 ampel-dask. ``run_ampel.py`` starts it as a subprocess::
 
     AMPEL_BENCH_REPORT=/tmp/r.json python ampel_mock.py job -config ampel_conf.yaml -schema job.yaml -no-conf-check

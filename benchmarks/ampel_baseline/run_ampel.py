@@ -5,7 +5,7 @@
         [--no-filter] [--backend mongomock|secantus|both] [--replicate N] --json
 
 Standard library only: it runs under any python3 (also the project's .venv). AMPEL itself runs in its
-own venv (/work/main/.bench/ampel-venv, created on first use; see setup_ampel.sh) as a subprocess:
+own venv (.bench/ampel-venv, created on first use; see setup_ampel.sh) as a subprocess:
 ``ampel_mock.py job -config .bench/ampel_conf.yaml -schema <rendered job_decent.yaml>``.
 
 Per repeat, one ``ampel job`` process runs both tasks on a fresh database:

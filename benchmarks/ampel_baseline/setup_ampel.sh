@@ -1,8 +1,8 @@
 #!/bin/bash
 # Idempotent setup for the AMPEL baseline benchmark:
-#   /work/main/.bench/ampel-venv      pinned AMPEL 0.10 stable set + mongomock
-#   /work/main/.bench/ampel_conf.yaml built with `ampel config build` (rebuilt only if the versions change)
-#   /work/main/.bench/secantus-venv   SecantusDB (Mongo-wire server), only with --secantus
+#   .bench/ampel-venv      pinned AMPEL 0.10 stable set + mongomock
+#   .bench/ampel_conf.yaml built with `ampel config build` (rebuilt only if the versions change)
+#   .bench/secantus-venv   SecantusDB (Mongo-wire server), only with --secantus
 # Usage: benchmarks/ampel_baseline/setup_ampel.sh [--secantus] [--rebuild-config]
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
