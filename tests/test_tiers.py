@@ -269,3 +269,15 @@ def test_verdict_keeps_first_failing_reason():
     v.reject(np.array([True, False, False, True]), "a")
     v.reject(np.array([True, True, False, False]), "b")
     assert v.reason_of() == ["a", "b", None, "a"] and v.counts() == {"accepted": 1, "a": 2, "b": 1}
+
+
+def test_galactic_latitude_matches_astropy_on_real_alert_positions(ztf_alerts):
+    import astropy.units as u
+    from astropy.coordinates import SkyCoord
+
+    from ampel_dask.tiers.sky import galactic_latitude
+
+    ra, dec = ztf_alerts.column("ra").to_numpy(), ztf_alerts.column("dec").to_numpy()
+    ref = SkyCoord(ra=ra * u.deg, dec=dec * u.deg, frame="icrs").galactic.b.deg
+    assert np.abs(galactic_latitude(ra, dec) - ref).max() < 1e-9  # degrees
+    assert (np.abs(ref) < 14).any() and (np.abs(ref) > 14).any()  # the DecentFilter cut falls inside the sample

@@ -183,6 +183,14 @@ def flat_history(alerts: pa.Table) -> pa.Table:
     return pa.table({"stock": stock, "trigger": trigger, **{f.name: flat.field(f.name) for f in DATAPOINT}})
 
 
+def in_sorted(values: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
+    """np.isin for a sorted unique right side: a binary search (np.isin hashes both sides each call)."""
+    if not len(sorted_unique):
+        return np.zeros(len(values), dtype=bool)
+    idx = np.minimum(np.searchsorted(sorted_unique, values), len(sorted_unique) - 1)
+    return sorted_unique[idx] == values
+
+
 def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.ndarray, float, np.ndarray], shuffle_dir: str, name: str, nbuckets: int) -> int:
     """The passing objects' *other* alerts in these archive parts, their datapoints written by object
     bucket (the shuffle). Parts without such alerts cost only a read of two small columns."""
@@ -193,8 +201,8 @@ def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.nd
     for rel in rel_paths:
         pf = pq.ParquetFile(f"{archive_root}/{rel}")
         head = pf.read(columns=["alert_id", "stock", "mjd"], use_threads=False)
-        keep = np.isin(head.column("stock").to_numpy(), stocks) & (head.column("mjd").to_numpy() <= max_mjd + 1e-6)
-        keep &= ~np.isin(head.column("alert_id").to_numpy(), passing_ids)
+        keep = in_sorted(head.column("stock").to_numpy(), stocks) & (head.column("mjd").to_numpy() <= max_mjd + 1e-6)
+        keep &= ~in_sorted(head.column("alert_id").to_numpy(), passing_ids)
         if keep.any():
             pieces.append(pf.read(columns=["alert_id", "stock", "dps"], use_threads=False).filter(pa.array(keep)))
     if not pieces:

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 
 
-@lru_cache(maxsize=1)
-def _icrs_to_galactic() -> np.ndarray:
-    """astropy's ICRS -> Galactic rotation, read off once by transforming the three unit vectors."""
-    import astropy.units as u
-    from astropy.coordinates import SkyCoord
-
-    c = SkyCoord(ra=[0.0, 90.0, 0.0] * u.deg, dec=[0.0, 0.0, 90.0] * u.deg, frame="icrs")
-    g = c.galactic.cartesian
-    return np.array([g.x.value, g.y.value, g.z.value])  # rows: galactic x, y, z of each icrs axis
+# ICRS -> Galactic rotation as astropy computes it (SkyCoord(...).galactic of the three ICRS unit vectors;
+# rows: galactic x, y, z). A constant: asking astropy costs ~2 s of imports in every worker process, and
+# tests/test_tiers.py checks the latitudes against astropy.
+ICRS_TO_GALACTIC = np.array([
+    [-0.05487565771259168, -0.8734370519556163, -0.4838350736167155],
+    [0.4941094371927275, -0.44482972122329517, 0.7469821839866676],
+    [-0.8676661375596587, -0.19807633727300075, 0.4559838136873016],
+])  # fmt: skip
 
 
 def unit_vectors(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
@@ -26,7 +23,7 @@ def unit_vectors(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
 
 def galactic_latitude(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
     """Galactic latitude in degrees (agrees with astropy's SkyCoord(...).galactic.b)."""
-    z = _icrs_to_galactic()[2] @ unit_vectors(ra_deg, dec_deg)
+    z = ICRS_TO_GALACTIC[2] @ unit_vectors(ra_deg, dec_deg)
     return np.degrees(np.arcsin(np.clip(z, -1.0, 1.0)))
 
 
