@@ -84,7 +84,7 @@ def bench_ingest(n: int) -> dict:
 
 
 # --- pipeline -----------------------------------------------------------------------------------
-def bench_pipeline(n: int, slurm: bool) -> dict:
+def bench_pipeline(n: int) -> dict:
     from ampel_dask.graph.workflow import load_workflow
     from benchmarks.bench_pipeline import run_once
     from benchmarks.make_archive import build
@@ -99,8 +99,7 @@ def bench_pipeline(n: int, slurm: bool) -> dict:
         log(f"pipeline: {n} alerts, LocalCluster {workers} worker(s)")
         res = run_once(wf, archive, store, workers)
         out["runs"].append({"cluster": f"LocalCluster, {workers} worker(s)", "workers": workers, **res})
-    if slurm:
-        out["runs"] += bench_pipeline_slurm(wf, archive)
+        log(f"  {json.dumps(res, default=str)[:400]}")
     return out
 
 
@@ -121,6 +120,7 @@ def bench_pipeline_slurm(wf, archive: Path) -> list[dict]:
             s = run_workflow(w, RunOptions(archive=str(archive), store=str(store), progress=False))
             dt = time.perf_counter() - t
             res[label] = {"seconds": round(dt, 2), "alerts": s["alerts"], "alerts_per_s": round(s["alerts"] / dt), "tasks": s["tasks"], "t2": s["t2"]}
+            log(f"  {label}: {res[label]}")
         rows.append({"cluster": f"SLURM, {jobs} worker job(s) (incl. job start)", "workers": jobs, **res})
     return rows
 
@@ -308,10 +308,25 @@ def main() -> None:
     n_pipe = args.pipeline_alerts or (50_000 if args.quick else 1_000_000)
     res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(), "versions": versions(),
            "command": "python -m benchmarks " + " ".join(sys.argv[1:])}  # fmt: skip
-    res["ingest"] = bench_ingest(n_ingest)
-    res["pipeline"] = bench_pipeline(n_pipe, args.slurm)
+    partial = WORK / "partial.json"  # each phase's figures as soon as it ends: a later hang loses nothing
+
+    def keep(phase: str, value: dict) -> None:
+        res[phase] = value
+        WORK.mkdir(exist_ok=True)
+        partial.write_text(json.dumps(res, indent=1, default=str))
+        log(f"{phase} done; figures so far in {partial}")
+
+    keep("ingest", bench_ingest(n_ingest))
+    keep("pipeline", bench_pipeline(n_pipe))
     if args.ampel:
-        res["ampel"] = bench_ampel(args.ampel_replicate, repeat=1 if args.quick else 3)
+        keep("ampel", bench_ampel(args.ampel_replicate, repeat=1 if args.quick else 3))
+    if args.slurm:  # last: worker jobs depend on a scheduler outside this process
+        from ampel_dask.graph.workflow import load_workflow
+        from benchmarks.make_archive import build
+
+        wf = load_workflow(REPO / "workflows" / "ztf_archive.yml")
+        runs = bench_pipeline_slurm(wf, build(WORK / f"pipeline-archive-{n_pipe}", n_pipe))
+        keep("pipeline", {**res["pipeline"], "runs": res["pipeline"]["runs"] + runs})
     text = table(res)
     print(text)
     RESULTS.mkdir(exist_ok=True)
