@@ -178,6 +178,7 @@ RUN_KEYS = ("run_id", "alerts", "channels", "t2", "t3", "tasks", "seconds")
 def run(workflow, archive, store, workers, cluster, jobs, progress, run_id, as_json) -> None:
     """Run a workflow over an archive: T0 filters, T1 states, T2 units, T3 reactions."""
     from .graph.runner import RunOptions, run_workflow
+    from .graph.watchdog import StalledRun
     from .graph.workflow import WorkflowError, load_workflow
 
     try:
@@ -189,6 +190,8 @@ def run(workflow, archive, store, workers, cluster, jobs, progress, run_id, as_j
         )
     except WorkflowError as exc:
         raise click.UsageError(str(exc)) from None
+    except StalledRun as exc:
+        raise click.ClickException(str(exc)) from None
     _report_run(summary, as_json)
 
 

@@ -191,6 +191,36 @@ def test_worker_killed_mid_run_still_completes_identically(tmp_path, data_dir):
     assert t2_rows(tmp_path / "killed") == t2_rows(tmp_path / "ref")
 
 
+def test_paused_workers_fail_the_run_with_the_reason_and_a_rerun_completes(first_run, archive, tmp_path):
+    """A worker near its memory limit pauses; when no worker can run for stall_timeout seconds the run
+    fails with a reason instead of waiting for ever, and a later run on a healthy cluster completes."""
+    import dask
+    from distributed import Client, LocalCluster
+    from distributed.core import Status
+
+    from ampel_dask.graph.watchdog import StalledRun, Watchdog
+
+    w = wf(cluster={"stall_timeout": 2})
+    # the worker's memory monitor would resume a worker that is in fact far below its limit: off here
+    no_auto_resume = dask.config.set({"distributed.worker.memory.pause": False})
+    with no_auto_resume, LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+        async def set_status(dask_worker, status):  # in the worker's event loop, as its memory monitor does
+            dask_worker.status = status
+
+        client.run(set_status, status=Status.paused)  # what a worker does above 80% of its memory limit
+        deadline = time.monotonic() + 10
+        while Watchdog(client, [], None).workers_state()[1] != {"paused": 1} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        t = time.monotonic()
+        with pytest.raises(StalledRun, match=r"2 s \(1 paused\).*memory limit"):
+            run(archive, tmp_path / "store", w, client=client)
+        assert time.monotonic() - t < 60
+        client.run(set_status, status=Status.running)
+        summary = run(archive, tmp_path / "store", w, client=client)
+    assert summary["channels"] == first_run[1]["channels"]
+    assert t2_rows(tmp_path / "store") == t2_rows(first_run[0])
+
+
 def test_explain_a_real_object(first_run):
     store, summary = first_run
     proc = subprocess.run([sys.executable, "-m", "ampel_dask.cli", "explain", "ZTF21abiuvdk", "--store", str(store), "--json"], capture_output=True, text=True)

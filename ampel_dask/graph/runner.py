@@ -19,6 +19,7 @@ from ..io.archive import Archive
 from .compile import CompiledRun, compile_run
 from .plan import plan_workflow, unit_versions
 from .store import open_store, spec_for
+from .watchdog import StalledRun, Watchdog
 from .workflow import Workflow, WorkflowError
 
 
@@ -80,7 +81,7 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
             dashboard = getattr(client, "dashboard_link", None)
             if dashboard and _tty(opts.progress):
                 echo(f"Dask dashboard: {dashboard}")
-            results = _execute(client, run, opts.progress)
+            results = _execute(client, run, opts.progress, wf.cluster.stall_timeout)
             workers = _workers(client)
     t_done = time.perf_counter()
     for d in run.shuffle_dirs:
@@ -135,7 +136,9 @@ def _client(wf: Workflow, opts: RunOptions) -> Iterator[Any]:
         yield client
 
 
-def _execute(client, run: CompiledRun, progress: bool | None) -> dict:
+def _execute(client, run: CompiledRun, progress: bool | None, stall_timeout: float | None = None) -> dict:
+    from concurrent.futures import CancelledError
+
     from distributed import as_completed
 
     futures = client.get(run.graph, run.sinks, sync=False)
@@ -145,14 +148,22 @@ def _execute(client, run: CompiledRun, progress: bool | None) -> dict:
 
         bar = tqdm(total=len(futures), desc="run", unit="task", file=sys.stderr)
     results = {}
-    for fut in as_completed(futures):
-        value = fut.result()
-        if not hasattr(value, "num_rows"):  # T1 sinks return tables: keep only small summaries
-            results[fut.key] = value
+    try:
+        with Watchdog(client, futures, stall_timeout) as dog:
+            for fut in as_completed(futures):
+                try:
+                    value = fut.result()
+                except CancelledError:
+                    if dog.reason:
+                        raise StalledRun(dog.reason) from None
+                    raise
+                if not hasattr(value, "num_rows"):  # T1 sinks return tables: keep only small summaries
+                    results[fut.key] = value
+                if bar is not None:
+                    bar.update(1)
+    finally:
         if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
     return results
 
 
