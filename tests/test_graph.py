@@ -121,6 +121,7 @@ def test_rerun_computes_nothing_and_gives_identical_results(first_run, archive):
 def test_history_channel_joins_archived_datapoints(first_run):
     """ZTF21abiuvdk (34 alerts): with history: archive a state holds datapoints older than its packet."""
     store, _ = first_run
+    assert not (store / "_shuffle").exists(), "the history shuffle's scratch files outlive the run"
     s = ParquetStore(store)
     full = s.read_states("FULLHIST")
     packet = s.read_states("BRIGHT")

@@ -86,6 +86,11 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
     t_done = time.perf_counter()
     for d in run.shuffle_dirs:
         shutil.rmtree(d, ignore_errors=True)
+        for parent in (Path(d).parent, Path(d).parent.parent):  # _shuffle/<run id>, then _shuffle, if empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
     summary = _summarise(run, results, store, plans, parts, run_id)
     summary["seconds"] = round(time.perf_counter() - t_start, 3)
     if not run.graph:
