@@ -58,7 +58,7 @@ def test_jobqueue_yaml_is_accepted(tmp_path):
         script = cluster.job_script()
         assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")  # interface lo
     for line in ("#SBATCH -J ampel-dask-worker", "#SBATCH -p debug", "#SBATCH --cpus-per-task=1",
-                 "#SBATCH --mem=954M", "#SBATCH -t 00:05:00", "#SBATCH --export=ALL"):
+                 "#SBATCH --mem=2G", "#SBATCH -t 00:05:00", "#SBATCH --export=ALL"):
         assert line in script, f"{line!r} not in job script:\n{script}"
     assert "--interface lo" in script and "--nthreads 1" in script and "--memory-limit 1.86GiB" in script
 
