@@ -9,7 +9,8 @@ one sample per object (its latest alert's state). Do not read its predictions as
     python scripts/train_classifier.py --archive /tmp/arch --out model.joblib   # already ingested
 
 The bundle (joblib) holds the sklearn pipeline (median imputation + random forest), the feature columns
-in order, the classes, and the T2LightCurveFeatures config (name, version, config) it was trained on.
+in order, the classes, and the T2LightCurveFeatures config (name, version, config) it was trained on;
+`<out>.meta.json` repeats all but the estimator, with the file's hash, so planning needs no unpickling.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 from ampel_dask.io.archive import Archive  # noqa: E402
 from ampel_dask.tiers.states import T1PolicyConfig, build_states  # noqa: E402
-from ampel_dask.tiers.units.t2_classifier import MODEL_FORMAT, feature_matrix  # noqa: E402
+from ampel_dask.tiers.units.t2_classifier import MODEL_FORMAT, feature_matrix, write_metadata  # noqa: E402
 from ampel_dask.tiers.units.t2_lightcurve import T2LightCurveFeatures, T2LightCurveFeaturesConfig  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -133,6 +134,7 @@ def train(archive: str | Path, labels: str | Path, out: str | Path, features: T2
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     joblib.dump(bundle, out)
+    write_metadata(out, bundle)  # <out>.meta.json: planning a workflow reads this, not the pickle
     return summary
 
 

@@ -391,6 +391,37 @@ def test_training_runs_on_the_labelled_alerts(trained_model):
     assert "mechanics" in bundle["training"]["note"]
 
 
+def test_classifier_is_planned_from_the_sidecar_without_unpickling(trained_model, ztf_states, tmp_path):
+    """The training script writes <model>.meta.json; a unit built from it has the identity of one
+    built from the bundle, loads the estimator only when it runs, and ignores a sidecar of another file."""
+    import json
+    import shutil
+
+    from ampel_dask.tiers.units import t2_classifier as tc
+
+    path, _ = trained_model
+    assert tc.meta_path(path).exists()
+    copy = tmp_path / "model.joblib"
+    shutil.copy(path, copy)
+    tc._load.cache_clear()
+    assert not tc.meta_path(copy).exists()
+    from_bundle = T2Classifier(model=str(copy))  # no sidecar: metadata from the model itself
+    assert tc._load.cache_info().currsize == 1
+    tc.write_metadata(copy)
+    tc._load.cache_clear()
+    planned = T2Classifier(model=str(copy))
+    assert tc._load.cache_info().currsize == 0, "planning unpickled the model although the sidecar describes it"
+    assert planned.identity == from_bundle.identity
+    out = planned.process(ztf_states)
+    assert tc._load.cache_info().currsize == 1
+    assert out.to_pandas().equals(from_bundle.process(ztf_states).to_pandas())  # NaN where both are NaN
+    meta = json.loads(tc.meta_path(copy).read_text())
+    tc.meta_path(copy).write_text(json.dumps(meta | {"model_hash": "0" * 16, "classes": ["x", "y", "z"]}))
+    tc._load.cache_clear()
+    stale = T2Classifier(model=str(copy))  # a sidecar of another file is never trusted
+    assert stale.classes == from_bundle.classes and tc._load.cache_info().currsize == 1
+
+
 def test_classifier_on_states(trained_model, ztf_states):
     path, summary = trained_model
     unit = T2Classifier(model=str(path))

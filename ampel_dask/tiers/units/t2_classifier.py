@@ -3,7 +3,9 @@
 The model file (joblib) carries what makes its predictions meaningful: the estimator (imputation
 included), the feature columns in order, the classes, and the config of the feature unit it was trained
 on. Both that feature config and a hash of the model file enter this unit's config, so a retrained model
-or other features give other result keys. Loading a model file runs pickled code: only load your own.
+or other features give other result keys. A ``<model>.meta.json`` sidecar (written by the training script)
+repeats the metadata with the file's hash, so planning needs no unpickling; the estimator is loaded where
+it runs. Loading a model file runs pickled code: only load your own.
 """
 
 from __future__ import annotations
@@ -51,6 +53,45 @@ def load_model(path: str | Path) -> dict[str, Any]:
     return _load(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
 
 
+META_KEYS = ("format", "features", "classes", "feature_unit")
+
+
+def meta_path(path: str | Path) -> Path:
+    return Path(f"{path}.meta.json")
+
+
+def write_metadata(path: str | Path, bundle: dict[str, Any] | None = None) -> Path:
+    """Write ``<model>.meta.json``: what planning needs (features, classes, feature config) and the
+    model file's hash, so a workflow is planned without unpickling the model (sklearn import + load)."""
+    import json
+    import os
+
+    bundle = bundle if bundle is not None else load_model(path)
+    meta = {k: bundle[k] for k in META_KEYS} | {"model_hash": model_hash(path)}
+    out, tmp = meta_path(path), Path(f"{meta_path(path)}.tmp")
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+    os.replace(tmp, out)
+    return out
+
+
+def model_metadata(path: str | Path) -> dict[str, Any]:
+    """The bundle's metadata plus ``model_hash``: from the sidecar when it describes this very file,
+    else from the model itself (a missing or stale sidecar costs time, never a wrong identity)."""
+    import json
+
+    digest = model_hash(path)
+    side = meta_path(path)
+    if side.exists():
+        try:
+            meta = json.loads(side.read_text())
+        except ValueError:
+            meta = {}
+        if meta.get("model_hash") == digest and meta.get("format") == MODEL_FORMAT and all(k in meta for k in META_KEYS):
+            return meta
+    bundle = load_model(path)
+    return {k: bundle[k] for k in META_KEYS} | {"model_hash": digest}
+
+
 def feature_matrix(table: pa.Table, columns: list[str]) -> np.ndarray:
     """Float64 (rows, columns) array; nulls and +-inf become NaN, as in training."""
     x = np.empty((table.num_rows, len(columns)))
@@ -83,20 +124,30 @@ class T2Classifier(T2StateUnit):
     def __init__(self, config=None, **kw):
         super().__init__(config, **kw)
         c = self.config
-        bundle = load_model(c.model)
-        digest = model_hash(c.model)
+        meta = model_metadata(c.model)
+        digest = meta["model_hash"]
         if c.model_hash is not None and c.model_hash != digest:
             raise ValueError(f"T2Classifier: {c.model} has hash {digest}, config expects {c.model_hash}")
-        trained = T2LightCurveFeaturesConfig.model_validate(bundle["feature_unit"]["config"])
+        trained = T2LightCurveFeaturesConfig.model_validate(meta["feature_unit"]["config"])
         if c.features is not None and c.features != trained:
             raise ValueError("T2Classifier: features config differs from the one the model was trained with")
-        columns = list(bundle["features"])
+        columns = list(meta["features"])
         if c.columns is not None and list(c.columns) != columns:
             raise ValueError("T2Classifier: columns differ from the model's feature columns")
         self.config = c.model_copy(update={"model_hash": digest, "features": trained, "columns": columns})
-        self.model = bundle["model"]
-        self.classes = [str(k) for k in bundle["classes"]]
+        self.classes = [str(k) for k in meta["classes"]]
         self.feature_unit = T2LightCurveFeatures(trained)
+        self._model: Any = None
+
+    @property
+    def model(self) -> Any:
+        """The estimator, loaded on first use: the driver that plans a workflow never unpickles it."""
+        if self._model is None:
+            bundle = load_model(self.config.model)
+            if model_hash(self.config.model) != self.config.model_hash:
+                raise ValueError(f"T2Classifier: {self.config.model} changed since the workflow was planned")
+            self._model = bundle["model"]
+        return self._model
 
     def dependencies(self) -> list[T2StateUnit]:
         return [self.feature_unit]
@@ -123,4 +174,4 @@ class T2Classifier(T2StateUnit):
         return pa.table(cols)
 
 
-__all__ = ["T2Classifier", "T2ClassifierConfig", "load_model", "model_hash", "feature_matrix", "MODEL_FORMAT"]
+__all__ = ["T2Classifier", "T2ClassifierConfig", "load_model", "model_hash", "model_metadata", "write_metadata", "feature_matrix", "MODEL_FORMAT"]
