@@ -64,14 +64,13 @@ def write_metadata(path: str | Path, bundle: dict[str, Any] | None = None) -> Pa
     """Write ``<model>.meta.json``: what planning needs (features, classes, feature config) and the
     model file's hash, so a workflow is planned without unpickling the model (sklearn import + load)."""
     import json
-    import os
+
+    from ...io.archive import atomic_write
 
     bundle = bundle if bundle is not None else load_model(path)
     meta = {k: bundle[k] for k in META_KEYS} | {"model_hash": model_hash(path)}
-    out, tmp = meta_path(path), Path(f"{meta_path(path)}.tmp")
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
-    os.replace(tmp, out)
-    return out
+    atomic_write(meta_path(path), json.dumps(meta, indent=1, sort_keys=True).encode())
+    return meta_path(path)
 
 
 def model_metadata(path: str | Path) -> dict[str, Any]:
