@@ -172,10 +172,18 @@ def _with_history(alerts: pa.Table, flat: pa.StructArray, rows: np.ndarray, hist
     then the latest. The look-ahead cut is applied afterwards, on the chosen times.
     """
     h_stock = history.column("stock").to_numpy(zero_copy_only=False)
-    order = np.argsort(h_stock, kind="stable")
+    h_ids = history.column("dp_id").to_numpy(zero_copy_only=False)
+    h_mjd = pc.fill_null(history.column("mjd"), np.inf).to_numpy(zero_copy_only=False)
+    h_trigger = history.column("trigger").to_numpy(zero_copy_only=False) if "trigger" in history.column_names else np.zeros(len(h_ids), bool)
+    # one copy per (object, datapoint) before the join, so each alert row gets its object's distinct
+    # datapoints rather than every packet's copy of them: the trigger copy, else the latest
+    order = np.lexsort((-h_mjd, ~h_trigger, h_ids, h_stock))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (h_stock[order][1:] != h_stock[order][:-1]) | (h_ids[order][1:] != h_ids[order][:-1])
+    order = order[first]
     h_stock = h_stock[order]
     h_dps = pa.StructArray.from_arrays([history.column(f.name).combine_chunks().take(pa.array(order)) for f in DATAPOINT], fields=list(DATAPOINT))
-    h_trigger = history.column("trigger").to_numpy(zero_copy_only=False)[order] if "trigger" in history.column_names else np.zeros(len(order), bool)
+    h_trigger = h_trigger[order]
     a_stock = alerts.column("stock").to_numpy(zero_copy_only=False)
     lo = np.searchsorted(h_stock, a_stock, "left")
     hi = np.searchsorted(h_stock, a_stock, "right")
