@@ -260,17 +260,25 @@ def _unique_states(states: pa.Table) -> pa.Table:
 
 
 def _dep_results(store, dep: T2StateUnit, batch: pa.Table, fresh: dict[str, pa.Table]) -> pa.Table:
-    """The dependency's results aligned row by row with ``batch`` (fresh from this stage, else stored)."""
-    sid = batch.column("state_id")
+    """The dependency's results aligned row by row with ``batch``: fresh from this stage where there,
+    the store only for the states this stage did not compute (a stage never re-reads every result)."""
+    sid = batch.column("state_id").to_numpy()
     pieces = [fresh[dep.identity.key]] if dep.identity.key in fresh else []
-    stored = store.read_t2(dep.name(), dep.identity.key, sid.to_numpy())
-    if stored is not None:
-        pieces.append(stored)
+    have = np.sort(pieces[0].column("state_id").to_numpy()) if pieces else np.empty(0, dtype=np.int64)
+    missing = sid[~contains(have, sid)]
+    if len(missing):
+        stored = store.read_t2(dep.name(), dep.identity.key, missing)
+        if stored is not None:
+            pieces.append(stored)
     if not pieces:
         raise RuntimeError(f"no results of {dep.name()} for the states of a dependent unit")
     table = _unique_states(pa.concat_tables(pieces, promote_options="default"))
-    pos = {s: i for i, s in enumerate(table.column("state_id").to_pylist())}
-    return table.take(pa.array([pos[s] for s in sid.to_pylist()]))
+    ids = table.column("state_id").to_numpy()
+    order = np.argsort(ids)
+    pos = np.clip(np.searchsorted(ids[order], sid), 0, max(len(ids) - 1, 0))
+    if not len(ids) or (ids[order][pos] != sid).any():
+        raise RuntimeError(f"no results of {dep.name()} for some states of a dependent unit")
+    return table.take(pa.array(order[pos]))
 
 
 def _as_table(out: pa.Table | list[dict], n: int, unit: T2StateUnit) -> pa.Table:
