@@ -159,7 +159,7 @@ def filter_cmd(archive, unit_name, config_path, surveys, nights, out_csv, as_jso
 def _part_columns(arch, part) -> set[str]:
     import pyarrow.parquet as pq
 
-    return set(pq.read_schema(arch.root / part.path).names)
+    return set(pq.read_schema(arch.root / part.path).names) | {"dps"}  # dps: in the part's history file
 
 
 RUN_KEYS = ("run_id", "alerts", "channels", "t2", "t3", "tasks", "seconds")

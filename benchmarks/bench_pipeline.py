@@ -58,11 +58,24 @@ class PeakMemory:
         self._t.join()
 
 
+# what a long-lived worker (SLURM job, live mode) has imported after its first batch: ampel-dask's units,
+# sklearn (the classifier; 1.5 s), matplotlib (the report), light-curve
+WARM_MODULES = ("ampel_dask.tiers.units.t0_filters", "ampel_dask.tiers.units.t2_classifier", "sklearn.pipeline",
+                "sklearn.ensemble", "matplotlib.figure", "matplotlib.backends.backend_agg", "light_curve")
+
+
+def warm_imports() -> None:
+    import importlib
+
+    for name in WARM_MODULES:
+        importlib.import_module(name)
+
+
 def run_once(wf, archive: Path, store: Path, workers: int) -> dict:
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
-        client.run(lambda: __import__("ampel_dask.tiers.units.t0_filters"))  # imports are not the pipeline
+        client.run(warm_imports)  # a worker imports its libraries once in its life: not the pipeline's cost
         out = {}
         for label in ("first", "rerun"):
             with PeakMemory(cluster) as mem:

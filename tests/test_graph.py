@@ -118,6 +118,34 @@ def test_rerun_computes_nothing_and_gives_identical_results(first_run, archive):
     assert t2_rows(store) == before
 
 
+def test_archive_with_histories_inside_parquet_gives_identical_results(first_run, archive, tmp_path):
+    """An archive of the earlier layout (history nested in each part's Parquet file, no history files,
+    an index without their column) is read the same: identical states and T2 results."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from ampel_dask.io.archive import INDEX, parquet_bytes
+
+    old = tmp_path / "old_layout"
+    shutil.copytree(archive, old)
+    arch = Archive(old)
+    for part in arch.partitions():
+        assert part.dps and "dps" not in pq.read_schema(old / part.path).names  # the current layout
+        table = arch.read(part)
+        (old / part.dps).unlink()
+        (old / part.path).write_bytes(parquet_bytes(table))
+    pq.write_table(arch.index().drop_columns(["dps"]), old / INDEX)
+    assert all(p.dps is None for p in arch.partitions())
+    store = tmp_path / "store"
+    summary = run(old, store, workers=0)
+    assert summary["channels"] == first_run[1]["channels"]
+    assert t2_rows(store) == t2_rows(first_run[0])
+    for channel in ("DECENT", "FULLHIST"):
+        a, b = ParquetStore(store).read_states(channel), ParquetStore(first_run[0]).read_states(channel)
+        assert a.sort_by("state_id").equals(b.sort_by("state_id")), channel
+
+
 def test_history_channel_joins_archived_datapoints(first_run):
     """ZTF21abiuvdk (34 alerts): with history: archive a state holds datapoints older than its packet."""
     store, _ = first_run

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..io.archive import read_dps, read_part
 from ..io.layout import DATAPOINT
 from ..tiers.base import T2StateUnit, T3Context, Verdict
 from ..tiers.columns import SUMMARY
@@ -37,14 +38,13 @@ def read_partition(archive_root: str, rel_paths: str | list[str], columns: list[
     paths = [f"{archive_root}/{p}" for p in ([rel_paths] if isinstance(rel_paths, str) else rel_paths)]
     tables = []
     for path in paths:
-        pf = pq.ParquetFile(path)
         cols = columns
         if cols is not None:
-            names = set(pf.schema_arrow.names)
+            names = set(pq.read_schema(path).names) | {"dps"}
             if any(c in SUMMARY and c not in names for c in cols):
                 cols = [*cols, "dps"]  # an archive written before the summary columns existed
             cols = [c for c in cols if c in names]
-        tables.append(pf.read(columns=cols, use_threads=False))
+        tables.append(read_part(path, cols))
     table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
     return table.replace_schema_metadata({b"ampel_dask.paths": "\n".join(paths).encode()})
 
@@ -52,7 +52,7 @@ def read_partition(archive_root: str, rel_paths: str | list[str], columns: list[
 @lru_cache(maxsize=4)
 def _histories(path: str) -> pa.ChunkedArray:
     """The nested history of a partition: read once per process however many channels need it."""
-    return pq.ParquetFile(path).read(columns=["dps"], use_threads=False).column("dps")  # no dataset discovery
+    return read_dps(path)
 
 
 def with_histories(table: pa.Table) -> pa.Table:
@@ -148,10 +148,13 @@ def write_buckets(table: pa.Table, shuffle_dir: str, kind: str, name: str, nbuck
     if not table.num_rows:
         return
     b = bucket_of(table.column("stock").to_numpy(), nbuckets)
-    for k in np.unique(b):
+    order = np.argsort(b, kind="stable")  # one take, then a zero-copy slice per bucket
+    table, b = table.take(pa.array(order)), b[order]
+    starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
+    for start, stop in zip(starts, [*starts[1:], len(b)]):
         sink = pa.BufferOutputStream()
-        feather.write_feather(table.filter(pa.array(b == k)), sink, compression="uncompressed")
-        atomic_write(Path(shuffle_dir) / kind / f"b{int(k):04d}" / f"{name}.arrow", sink.getvalue().to_pybytes(), durable=False)
+        feather.write_feather(table.slice(start, stop - start), sink, compression="uncompressed")
+        atomic_write(Path(shuffle_dir) / kind / f"b{int(b[start]):04d}" / f"{name}.arrow", sink.getvalue().to_pybytes(), durable=False)
 
 
 def read_bucket(shuffle_dir: str, kind: str, bucket: int) -> pa.Table | None:
@@ -199,12 +202,12 @@ def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.nd
         return 0
     pieces = []
     for rel in rel_paths:
-        pf = pq.ParquetFile(f"{archive_root}/{rel}")
-        head = pf.read(columns=["alert_id", "stock", "mjd"], use_threads=False)
+        path = f"{archive_root}/{rel}"
+        head = pq.ParquetFile(path).read(columns=["alert_id", "stock", "mjd"], use_threads=False)
         keep = in_sorted(head.column("stock").to_numpy(), stocks) & (head.column("mjd").to_numpy() <= max_mjd + 1e-6)
         keep &= ~in_sorted(head.column("alert_id").to_numpy(), passing_ids)
         if keep.any():
-            pieces.append(pf.read(columns=["alert_id", "stock", "dps"], use_threads=False).filter(pa.array(keep)))
+            pieces.append(head.select(["alert_id", "stock"]).append_column("dps", read_dps(path)).filter(pa.array(keep)))
     if not pieces:
         return 0
     table = flat_history(pa.concat_tables(pieces))
