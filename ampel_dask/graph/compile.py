@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..io.archive import Archive, Partition
+from ..io.arrays import sorted_unique
 from ..tiers.base import T2StateUnit
 from . import tasks
 from .plan import ChannelPlan, key_of
@@ -211,7 +212,7 @@ def _pass(table, t0, plan, spec, key, shuffle, nbuckets):
     tasks.write_buckets(passing, shuffle, "alerts", key, nbuckets)
     open_store(spec).mark_task(key, {"kind": "t0", "channel": plan.name, **tasks.t0_counts(t0, table.num_rows)})
     mjd = passing.column("mjd").to_numpy() if passing.num_rows else np.empty(0)
-    return np.unique(passing.column("stock").to_numpy()), float(mjd.max()) if len(mjd) else -np.inf, passing.column("alert_id").to_numpy()
+    return sorted_unique(passing.column("stock").to_numpy()), float(mjd.max()) if len(mjd) else -np.inf, passing.column("alert_id").to_numpy()
 
 
 def _t3(spec, plan, i, name, run_id, state_names, root, *_after):

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..io.archive import read_dps, read_part
+from ..io.arrays import order_by, sorted_unique
 from ..io.layout import DATAPOINT
 from ..tiers.base import T2StateUnit, T3Context, Verdict
 from ..tiers.columns import SUMMARY
@@ -172,8 +173,8 @@ def stocks_of(summaries: list[tuple[np.ndarray, float, np.ndarray]]) -> tuple[np
     arrs = [s for s, _, _ in summaries if len(s)]
     if not arrs:
         return np.empty(0, dtype=np.int64), -np.inf, np.empty(0, dtype=np.int64)
-    ids = np.unique(np.concatenate([a for _, _, a in summaries if len(a)]))
-    return np.unique(np.concatenate(arrs)), max(m for s, m, _ in summaries if len(s)), ids
+    ids = sorted_unique(np.concatenate([a for _, _, a in summaries if len(a)]))
+    return sorted_unique(np.concatenate(arrs)), max(m for s, m, _ in summaries if len(s)), ids
 
 
 def flat_history(alerts: pa.Table) -> pa.Table:
@@ -336,7 +337,7 @@ def selection(store, plan: ChannelPlan, state_keys: list[str]) -> pa.Table | Non
     stock = states.column("stock").to_numpy()
     mjd = states.column("mjd").to_numpy()
     alert = states.column("alert_id").to_numpy()
-    order = np.lexsort((-alert, -mjd, stock))
+    order = order_by((stock, "ascending"), (mjd, "descending"), (alert, "descending"))
     first = order[np.r_[True, stock[order][1:] != stock[order][:-1]]]
     sel = states.take(pa.array(np.sort(first)))
     sid = sel.column("state_id").to_numpy()
@@ -346,7 +347,7 @@ def selection(store, plan: ChannelPlan, state_keys: list[str]) -> pa.Table | Non
             continue
         body = [c for c in res.column_names if c not in PROVENANCE or c == "code"]
         sel = _left_join(sel, res.select(["state_id", *body]), prefix=f"{unit.name()}__")
-    order = np.lexsort((sel.column("alert_id").to_numpy(), sel.column("stock").to_numpy()))
+    order = order_by((sel.column("stock").to_numpy(), "ascending"), (sel.column("alert_id").to_numpy(), "ascending"))
     return sel.take(pa.array(order))
 
 

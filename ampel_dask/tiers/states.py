@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from ..io.arrays import order_by
 from ..io.layout import DATAPOINT, DETECTION, FLAG_BAD_PHOT, FORCED, UPPER_LIMIT, splitmix64
 from .base import Unit, UnitConfig
 
@@ -177,31 +178,35 @@ def _with_history(alerts: pa.Table, flat: pa.StructArray, rows: np.ndarray, hist
     h_trigger = history.column("trigger").to_numpy(zero_copy_only=False) if "trigger" in history.column_names else np.zeros(len(h_ids), bool)
     # one copy per (object, datapoint) before the join, so each alert row gets its object's distinct
     # datapoints rather than every packet's copy of them: the trigger copy, else the latest
-    order = np.lexsort((-h_mjd, ~h_trigger, h_ids, h_stock))
+    order = order_by((h_stock, "ascending"), (h_ids, "ascending"), (h_trigger, "descending"), (h_mjd, "descending"))
     first = np.ones(len(order), dtype=bool)
     first[1:] = (h_stock[order][1:] != h_stock[order][:-1]) | (h_ids[order][1:] != h_ids[order][:-1])
     order = order[first]
     h_stock = h_stock[order]
-    h_dps = pa.StructArray.from_arrays([history.column(f.name).combine_chunks().take(pa.array(order)) for f in DATAPOINT], fields=list(DATAPOINT))
-    h_trigger = h_trigger[order]
     a_stock = alerts.column("stock").to_numpy(zero_copy_only=False)
     lo = np.searchsorted(h_stock, a_stock, "left")
     hi = np.searchsorted(h_stock, a_stock, "right")
     counts = hi - lo
     extra_rows = np.repeat(np.arange(len(a_stock), dtype=np.int64), counts)
-    extra_idx = (np.repeat(lo - np.r_[0, np.cumsum(counts)[:-1]], counts) + np.arange(counts.sum())).astype(np.int64)
+    extra = order[(np.repeat(lo - np.r_[0, np.cumsum(counts)[:-1]], counts) + np.arange(counts.sum())).astype(np.int64)]  # history rows
+    # candidates: the packets' copies, then the objects' copies; chosen on numpy columns, and only the
+    # chosen ones are gathered from the two sources (no concatenated struct of every candidate)
     all_rows = np.concatenate([rows, extra_rows])
-    all_flat = pa.concat_arrays([flat.cast(DATAPOINT), h_dps.take(pa.array(extra_idx))])
-    ids = all_flat.field("dp_id").to_numpy(zero_copy_only=False)
-    mjd = pc.fill_null(all_flat.field("mjd"), np.inf).to_numpy(zero_copy_only=False)
-    own = ids[: len(rows)] == alerts.column("alert_id").to_numpy(zero_copy_only=False)[rows]
-    prio = np.concatenate([np.where(own, 0, 1), np.where(h_trigger[extra_idx], 0, 2)])
-    by = np.lexsort((-mjd, prio, ids, all_rows))
+    p_ids = flat.field("dp_id").to_numpy(zero_copy_only=False)
+    ids = np.concatenate([p_ids, h_ids[extra]])
+    mjd = np.concatenate([pc.fill_null(flat.field("mjd"), np.inf).to_numpy(zero_copy_only=False), h_mjd[extra]])
+    own = p_ids == alerts.column("alert_id").to_numpy(zero_copy_only=False)[rows]
+    prio = np.concatenate([np.where(own, 0, 1), np.where(h_trigger[extra], 0, 2)])
+    by = order_by((all_rows, "ascending"), (ids, "ascending"), (prio, "ascending"), (mjd, "descending"))
     rep = np.zeros(len(ids), dtype=bool)
     rep[1:] = (all_rows[by][1:] == all_rows[by][:-1]) & (ids[by][1:] == ids[by][:-1])
     sel = by[~rep]
-    final = sel[np.lexsort((ids[sel], mjd[sel], all_rows[sel]))]  # time order within each row
-    return all_flat.take(pa.array(final)), all_rows[final]
+    final = sel[order_by((all_rows[sel], "ascending"), (mjd[sel], "ascending"), (ids[sel], "ascending"))]  # time order within each row
+    from_packet = final < len(rows)
+    src = np.where(from_packet, final, len(rows) + extra[np.where(from_packet, 0, final - len(rows))] if len(extra) else final)
+    h_struct = pa.StructArray.from_arrays([history.column(f.name).combine_chunks() for f in DATAPOINT], fields=list(DATAPOINT))
+    both = pa.chunked_array([flat.cast(DATAPOINT), h_struct], type=h_struct.type)
+    return both.take(pa.array(src)).combine_chunks(), all_rows[final]
 
 
 __all__ = ["T1Policy", "T1PolicyConfig", "build_states", "state_ids", "access_mask", "alert_access", "STATE_COLUMNS"]
