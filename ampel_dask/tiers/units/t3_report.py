@@ -148,6 +148,8 @@ def _bands(band: np.ndarray) -> list[str]:
 def light_curve_figure(dps: pa.StructArray | None, object_id: str, alert_mjd: float | None, dpi: int) -> Any:
     """Magnitude vs MJD per band: detections with errors, upper limits as open down-triangles,
     forced photometry (S/N >= 3) as open squares."""
+    from matplotlib.ticker import MaxNLocator
+
     fig = _figure(6.4, 3.4, dpi, left=0.11, right=0.89, bottom=0.14, top=0.91)
     ax = fig.add_subplot()
     n = 0
@@ -183,7 +185,10 @@ def light_curve_figure(dps: pa.StructArray | None, object_id: str, alert_mjd: fl
         ax.axvline(alert_mjd, color="0.6", ls=":", lw=1)
     ax.set_xlabel("MJD")
     ax.set_ylabel("mag (AB)")
-    ax.set_title(str(object_id), fontsize="medium")
+    # a fixed title height: the automatic one measures every tick label first (a third of the draw)
+    ax.set_title(str(object_id), fontsize="medium", y=1.0, pad=4)
+    ax.xaxis.set_major_locator(MaxNLocator(6))  # each tick is a few artists to build and draw
+    ax.yaxis.set_major_locator(MaxNLocator(5))
     return fig
 
 
