@@ -141,29 +141,38 @@ def bucket_of(stock: np.ndarray, nbuckets: int) -> np.ndarray:
 
 
 def write_buckets(table: pa.Table, shuffle_dir: str, kind: str, name: str, nbuckets: int) -> None:
-    """Split rows by the bucket of their stock into Arrow IPC files ``<kind>/b<bucket>/<name>.arrow``."""
-    import pyarrow.feather as feather
-
+    """Rows grouped by the bucket of their stock into one Arrow IPC file ``<kind>/<name>.arrow`` whose
+    record batch *i* holds bucket *i* (empty or not): one file per task instead of one per bucket, and
+    each reader reads only its batch of every file."""
     from ..io.archive import atomic_write
 
     if not table.num_rows:
         return
     b = bucket_of(table.column("stock").to_numpy(), nbuckets)
-    order = np.argsort(b, kind="stable")  # one take, then a zero-copy slice per bucket
-    table, b = table.take(pa.array(order)), b[order]
-    starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
-    for start, stop in zip(starts, [*starts[1:], len(b)]):
-        sink = pa.BufferOutputStream()
-        feather.write_feather(table.slice(start, stop - start), sink, compression="uncompressed")
-        atomic_write(Path(shuffle_dir) / kind / f"b{int(b[start]):04d}" / f"{name}.arrow", sink.getvalue().to_pybytes(), durable=False)
+    order = np.argsort(b, kind="stable")
+    table = table.take(pa.array(order)).combine_chunks()
+    bounds = np.searchsorted(b[order], np.arange(nbuckets + 1))
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        for k in range(nbuckets):
+            writer.write_batch(_one_batch(table.slice(bounds[k], bounds[k + 1] - bounds[k])))
+    atomic_write(Path(shuffle_dir) / kind / f"{name}.arrow", sink.getvalue().to_pybytes(), durable=False)
+
+
+def _one_batch(table: pa.Table) -> pa.RecordBatch:
+    batches = table.to_batches()
+    if len(batches) == 1:
+        return batches[0]
+    return pa.RecordBatch.from_arrays([c.combine_chunks() for c in table.columns], schema=table.schema)
 
 
 def read_bucket(shuffle_dir: str, kind: str, bucket: int) -> pa.Table | None:
-    import pyarrow.feather as feather
-
-    files = sorted((Path(shuffle_dir) / kind / f"b{bucket:04d}").glob("*.arrow"))
-    tables = [feather.read_table(f) for f in files]
-    tables = [t for t in tables if t.num_rows]
+    tables = []
+    for f in sorted((Path(shuffle_dir) / kind).glob("*.arrow")):
+        with pa.OSFile(str(f)) as src:  # reads the footer and this bucket's batch only
+            batch = pa.ipc.open_file(src).get_batch(bucket)
+        if batch.num_rows:
+            tables.append(pa.Table.from_batches([batch]))
     return pa.concat_tables(tables, promote_options="default") if tables else None
 
 
