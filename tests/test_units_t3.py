@@ -200,6 +200,28 @@ def test_report_top_n_by_t2_score_with_cutouts(selection, archive_root, tmp_path
     assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
 
 
+def test_report_figures_drawn_across_workers_are_the_same_files(selection, archive_root, tmp_path):
+    """Inside a Dask worker the report hands its figures to the cluster (T3Context.map): same page,
+    same PNG bytes as drawn in one process, and the chunks really ran as their own tasks."""
+    from distributed import Client, LocalCluster, get_task_stream
+
+    unit = T3HtmlReport(sort_by="T2Classifier__p_SN", top_n=12)
+    local = tmp_path / "local"
+    [rec_local] = unit.react(selection, context(local, Archive(archive_root)))
+    remote = tmp_path / "remote"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl, Client(cl) as client:
+        with get_task_stream(client) as ts:
+            [rec_remote] = client.submit(unit.react, selection, context(remote, Archive(archive_root))).result()
+    assert sum(str(t["key"]).startswith("draw_figures") for t in ts.data) == 3  # 12 objects, 5 per task
+    assert {k: v for k, v in rec_remote.items() if k != "path"} == {k: v for k, v in rec_local.items() if k != "path"}
+    a, b = Path(rec_local["path"]).parent, Path(rec_remote["path"]).parent
+    pngs = sorted(p.name for p in a.glob("*.png"))
+    assert len(pngs) == 24 and pngs == sorted(p.name for p in b.glob("*.png"))
+    for name in pngs:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert parse_page(a / "index.html").objects == parse_page(b / "index.html").objects
+
+
 def test_report_default_order_without_archive_and_rerun(selection, tmp_path):
     ctx = context(tmp_path)
     [rec] = T3HtmlReport(top_n=4, columns=["T2Classifier__p_SN"]).react(selection, ctx)

@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -207,6 +207,27 @@ class T3Context:
     run_id: str
     channel: str
     archive: Any = None  # ampel_dask.io.archive.Archive, for light curves and cutouts
+
+    def map(self, fn: Callable[[Any], Any], items: list) -> list:
+        """``[fn(x) for x in items]``, spread over the cluster when the unit runs in a Dask worker: for
+        per-object work (figures, uploads) that would otherwise leave the other workers idle at the
+        end of a run. The calling task leaves its worker slot while it waits (``worker_client``)."""
+        if len(items) < 2 or not _in_worker():
+            return [fn(x) for x in items]
+        from distributed import worker_client
+
+        with worker_client() as client:
+            return client.gather(client.map(fn, items, pure=False))
+
+
+def _in_worker() -> bool:
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return True
+    except (ImportError, ValueError):
+        return False
 
 
 class T3Unit(Unit):

@@ -16,6 +16,8 @@ import json
 import logging
 import math
 import warnings
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -92,29 +94,25 @@ class T3HtmlReport(T3Unit):
         stamps = {}
         if c.cutouts and context.archive is not None and top.num_rows:
             stamps = load_cutouts(context.archive, top.column("alert_id").to_pylist())
-        rows, images, used = [], 0, set()
-        cutouts = CutoutCanvas(c.dpi) if stamps else None
         base = {k: top.column(k).to_pylist() for k in ("object_id", "stock", "alert_id", "ra", "dec", "mjd")}
         values = {k: top.column(k).to_pylist() for k in shown}
         dps_col = top.column("dps").combine_chunks() if "dps" in top.column_names else None
+        rows, jobs, used = [], [], set()
         for i in range(top.num_rows):
             rec = {k: v[i] for k, v in base.items()}
             stem = safe_name(rec["object_id"])
             stem = stem if stem not in used else f"{stem}_{rec['stock']}"
             used.add(stem)
             dps = dps_col[i].values if dps_col is not None else None
-            lc = f"{stem}_lc.png"
-            self._save(light_curve_figure(dps, rec["object_id"], rec["mjd"], c.dpi), out / lc)
-            images += 1
-            cut = None
-            blobs = stamps.get(rec["alert_id"])
-            fig = cutouts.render(blobs) if cutouts is not None and blobs else None
-            if fig is not None:
-                cut = f"{stem}_cutouts.png"
-                self._save(fig, out / cut)
-                images += 1
-            rec.update(lc=lc, cutouts=cut, latest=latest_mag(dps), values=[values[k][i] for k in shown])
+            rec.update(latest=latest_mag(dps), values=[values[k][i] for k in shown])
             rows.append(rec)
+            jobs.append(FigureJob(out, stem, dps, rec["object_id"], rec["mjd"], stamps.get(rec["alert_id"])))
+        # figures are most of a report's time: chunks of them go to the cluster's workers when there is one
+        chunks = [jobs[k : k + FIGURES_PER_TASK] for k in range(0, len(jobs), FIGURES_PER_TASK)]
+        drawn = [f for part in context.map(partial(draw_figures, dpi=c.dpi), chunks) for f in part]
+        for rec, (lc, cut) in zip(rows, drawn):
+            rec.update(lc=lc, cutouts=cut)
+        images = sum(1 for lc, cut in drawn for f in (lc, cut) if f)
         index = out / "index.html"
         page = render_page(c, context, rows, shown, selection.num_rows)
         with atomic_target(index) as tmp:
@@ -122,10 +120,42 @@ class T3HtmlReport(T3Unit):
         _remove_stale(out, {r["lc"] for r in rows} | {r["cutouts"] for r in rows if r["cutouts"]})
         return [{"kind": "html", "path": str(index), "images": images, "objects": len(rows)}]
 
-    @staticmethod
-    def _save(fig: Any, path: Path) -> None:
-        with atomic_target(path) as tmp:
-            fig.savefig(tmp, format="png", pil_kwargs={"compress_level": 1})  # zlib level 6 costs a third more time for ~10% smaller files
+
+
+FIGURES_PER_TASK = 5
+
+
+@dataclass
+class FigureJob:
+    """One object's figures: where to write them, and what to draw."""
+
+    out: Path
+    stem: str
+    dps: pa.StructArray | None
+    object_id: str
+    alert_mjd: float | None
+    stamps: dict[str, bytes | None] | None
+
+
+def draw_figures(jobs: list[FigureJob], dpi: int) -> list[tuple[str, str | None]]:
+    """Light curve (and cutouts, when there are stamps) of each job; returns the file names written."""
+    canvas = CutoutCanvas(dpi) if any(j.stamps for j in jobs) else None
+    out = []
+    for j in jobs:
+        lc = f"{j.stem}_lc.png"
+        _save(light_curve_figure(j.dps, j.object_id, j.alert_mjd, dpi), j.out / lc)
+        cut = None
+        fig = canvas.render(j.stamps) if canvas is not None and j.stamps else None
+        if fig is not None:
+            cut = f"{j.stem}_cutouts.png"
+            _save(fig, j.out / cut)
+        out.append((lc, cut))
+    return out
+
+
+def _save(fig: Any, path: Path) -> None:
+    with atomic_target(path) as tmp:
+        fig.savefig(tmp, format="png", pil_kwargs={"compress_level": 1})  # zlib level 6 costs a third more time for ~10% smaller files
 
 
 # --- figures --------------------------------------------------------------------------------------
