@@ -66,7 +66,7 @@ class ParquetStore:
     def read_states(self, channel: str, keys: list[str] | None = None, columns: list[str] | None = None, stock: int | None = None) -> pa.Table | None:
         folder = self.root / "states" / channel
         files = [folder / f"{k}.parquet" for k in keys] if keys is not None else sorted(folder.glob("*.parquet"))
-        tables = [pq.read_table(f, columns=columns, filters=_of(stock)) for f in files if f.exists()]
+        tables = [_read(f, columns, stock) for f in files if f.exists()]
         return pa.concat_tables(tables, promote_options="default") if tables else None
 
     def channels(self) -> list[str]:
@@ -92,7 +92,7 @@ class ParquetStore:
         return _DONE.ids(self._t2_dir(unit, unit_key))
 
     def read_t2(self, unit: str, unit_key: str, state_ids: np.ndarray | None = None, stock: int | None = None) -> pa.Table | None:
-        tables = [pq.read_table(f, filters=_of(stock)) for f in self.t2_files(unit, unit_key)]
+        tables = [_read(f, None, stock) for f in self.t2_files(unit, unit_key)]
         if not tables:
             return None
         t = pa.concat_tables(tables, promote_options="default")
@@ -113,7 +113,7 @@ class ParquetStore:
 
     def read_journal(self, stock: int | None = None) -> pa.Table | None:
         files = sorted((self.root / "journal").glob("*/*.parquet"))
-        return pa.concat_tables([pq.read_table(f, filters=_of(stock)) for f in files], promote_options="default") if files else None
+        return pa.concat_tables([_read(f, None, stock) for f in files], promote_options="default") if files else None
 
     def t3_dir(self, channel: str, key: str) -> Path:
         return self.root / "t3" / channel / key
@@ -123,7 +123,7 @@ class ParquetStore:
 
     def read_t3_objects(self, stock: int | None = None) -> pa.Table | None:
         files = sorted((self.root / "t3").glob("*/*/objects.parquet"))
-        return pa.concat_tables([pq.read_table(f, filters=_of(stock)) for f in files], promote_options="default") if files else None
+        return pa.concat_tables([_read(f, None, stock) for f in files], promote_options="default") if files else None
 
     def write_manifest(self, run_id: str, manifest: dict[str, Any]) -> Path:
         path = self.root / "runs" / f"{run_id}.json"
@@ -133,6 +133,14 @@ class ParquetStore:
 
     def manifests(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted((self.root / "runs").glob("*.json"))]
+
+
+def _read(path: Path, columns: list[str] | None = None, stock: int | None = None) -> pa.Table:
+    """One store file; the dataset reader only when filtering on an object (it costs ~8 ms per file
+    in discovery, against ~0.4 ms for a plain ParquetFile read, and a run reads hundreds)."""
+    if stock is None:
+        return pq.ParquetFile(path).read(columns=columns, use_threads=False)
+    return pq.read_table(path, columns=columns, filters=_of(stock))
 
 
 def _of(stock: int | None) -> list | None:
@@ -150,7 +158,7 @@ class _DoneIds:
         files, ids = self._seen.get(folder, (set(), np.empty(0, dtype=np.int64)))
         new = [p for p in (folder.glob("*.parquet") if folder.exists() else []) if p.name not in files]
         if new:
-            parts = [pq.read_table(p, columns=["state_id"]).column("state_id").to_numpy() for p in new]
+            parts = [_read(p, ["state_id"]).column("state_id").to_numpy() for p in new]
             ids = np.union1d(ids, np.concatenate(parts))
             files = files | {p.name for p in new}
             self._seen[folder] = (files, ids)
