@@ -151,6 +151,10 @@ def test_history_channel_joins_archived_datapoints(first_run):
     store, _ = first_run
     assert not (store / "_shuffle").exists(), "the history shuffle's scratch files outlive the run"
     s = ParquetStore(store)
+    import pyarrow.parquet as pq
+
+    files = sorted((store / "states" / "FULLHIST").glob("*.parquet"))
+    assert files and all("dps" not in pq.read_schema(f).names and (f.parent / f"_dps-{f.name[:-8]}.arrow").exists() for f in files)
     full = s.read_states("FULLHIST")
     packet = s.read_states("BRIGHT")
     obj = pc.equal(full.column("object_id"), "ZTF21abiuvdk")

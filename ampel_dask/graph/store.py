@@ -7,6 +7,7 @@ durable at once.
 Parquet layout (every file written atomically, named by the content-hash key of the task that made it)::
 
     STORE/states/<channel>/<t1 key>.parquet          T1 states of one work unit (the channel's selection)
+    STORE/states/<channel>/_dps-<t1 key>.arrow        their datapoints (Arrow IPC, zstd), same row order
     STORE/t2/<Unit>/<unit key>/<stage key>.parquet   T2 results: state_id, code, body columns, provenance
     STORE/tasks/<key>.json                           a finished task and its counts (a re-run skips it)
     STORE/journal/<run id>/<key>.parquet             one row per (stock, run, tier, channel, action)
@@ -26,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..io.archive import atomic_write as _atomic_write, parquet_bytes, sync
+from ..io.archive import atomic_write as _atomic_write, dps_bytes, dps_path, parquet_bytes, read_part, sync
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -60,13 +61,21 @@ class ParquetStore:
 
     # --- T1 states (the channels' selections) ---
     def write_states(self, channel: str, key: str, table: pa.Table) -> None:
-        if table.num_rows:  # no file for a work unit where nothing passed
-            atomic_write(self.root / "states" / channel / f"{key}.parquet", parquet_bytes(table))
+        """The datapoints go beside the Parquet file, as in the archive (see ``io.archive``): writing
+        a nested column to Parquet cost 6x its Arrow IPC bytes, and a state's datapoints are read back
+        whole. The datapoint file is written first: a Parquet file never lacks its datapoints."""
+        if not table.num_rows:  # no file for a work unit where nothing passed
+            return
+        path = self.root / "states" / channel / f"{key}.parquet"
+        if "dps" in table.column_names:
+            atomic_write(dps_path(path), dps_bytes(table.column("dps")))
+            table = table.drop_columns(["dps"])
+        atomic_write(path, parquet_bytes(table))
 
     def read_states(self, channel: str, keys: list[str] | None = None, columns: list[str] | None = None, stock: int | None = None) -> pa.Table | None:
         folder = self.root / "states" / channel
         files = [folder / f"{k}.parquet" for k in keys] if keys is not None else sorted(folder.glob("*.parquet"))
-        tables = [_read(f, columns, stock) for f in files if f.exists()]
+        tables = [t for f in files if f.exists() and (t := _read_states(f, columns, stock)) is not None]
         return pa.concat_tables(tables, promote_options="default") if tables else None
 
     def channels(self) -> list[str]:
@@ -141,6 +150,17 @@ def _read(path: Path, columns: list[str] | None = None, stock: int | None = None
     if stock is None:
         return pq.ParquetFile(path).read(columns=columns, use_threads=False)
     return pq.read_table(path, columns=columns, filters=_of(stock))
+
+
+def _read_states(path: Path, columns: list[str] | None, stock: int | None) -> pa.Table | None:
+    """States with their datapoints joined back (as ``read_part`` does for archive parts); for one
+    object, only files that hold it are read whole."""
+    if stock is None:
+        return read_part(path, columns)
+    mask = pc.equal(pq.ParquetFile(path).read(columns=["stock"], use_threads=False).column("stock"), int(stock))
+    if not pc.any(mask).as_py():
+        return None
+    return read_part(path, columns).filter(mask)
 
 
 def _of(stock: int | None) -> list | None:

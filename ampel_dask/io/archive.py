@@ -102,7 +102,8 @@ def dps_bytes(dps: pa.ChunkedArray | pa.Array) -> bytes:
 
 
 def dps_path(part_path: str | Path) -> Path:
-    """The history file of a part: ``part-<hash>.parquet`` -> ``_dps-<hash>.arrow`` in the same folder."""
+    """The datapoint file beside a Parquet file: ``part-<hash>.parquet`` -> ``_dps-<hash>.arrow`` (a
+    store's ``<key>.parquet`` -> ``_dps-<key>.arrow``)."""
     p = Path(part_path)
     return p.with_name("_dps-" + p.name.removeprefix("part-").removesuffix(".parquet") + ".arrow")
 
