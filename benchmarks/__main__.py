@@ -282,16 +282,21 @@ def update_readme(text: str) -> None:
 
 
 def compare_quick(res: dict) -> None:
-    rec_path = RESULTS / "recorded.json"
+    """Like with like: this quick run against the recorded quick run (same sizes), each figure taken
+    as a multiple of the fastavro ceiling measured in its own run, so a slower or faster host (the
+    ceiling moves with it) does not read as a regression."""
+    rec_path = RESULTS / "recorded-quick.json"
     if not rec_path.exists():
-        log("no recorded figures yet (benchmarks/results/recorded.json): nothing to compare")
+        log(f"no recorded quick figures yet ({rec_path}; make them with --quick --record): nothing to compare")
         return
     rec = json.loads(rec_path.read_text())
     pairs = []
     for a, b in zip(res.get("ingest", {}).get("runs", []), rec.get("ingest", {}).get("runs", [])):
-        pairs.append((f"ingest {a['label']} x ceiling", a["ratio_to_ceiling"], b["ratio_to_ceiling"]))
+        pairs.append((f"ingest {a['label']}, x fastavro ceiling", a["ratio_to_ceiling"], b["ratio_to_ceiling"]))
+    ceil_now, ceil_then = res["ingest"]["ceiling_alerts_per_s"], rec["ingest"]["ceiling_alerts_per_s"]
     for a, b in zip(res.get("pipeline", {}).get("runs", []), rec.get("pipeline", {}).get("runs", [])):
-        pairs.append((f"pipeline {a['cluster']} first, alerts/s", a["first"]["alerts_per_s"], b["first"]["alerts_per_s"]))
+        pairs.append((f"pipeline {a['cluster']} first run, x fastavro ceiling", a["first"]["alerts_per_s"] / ceil_now, b["first"]["alerts_per_s"] / ceil_then))
+    print(f"compared with the quick run of {rec['date']} ({rec_path.name})")
     for name, now, then in pairs:
         ratio = now / then if then else float("nan")
         flag = "  WARNING: below 0.8x of the recorded figure" if ratio < 0.8 else ""
@@ -306,7 +311,7 @@ def main() -> None:
     ap.add_argument("--slurm", action="store_true", help="also run the pipeline on SLURM worker jobs (needs a running SLURM)")
     ap.add_argument("--ingest-alerts", type=int, default=None)
     ap.add_argument("--pipeline-alerts", type=int, default=None)
-    ap.add_argument("--record", action="store_true", help="store these figures as the reference for --quick")
+    ap.add_argument("--record", action="store_true", help="store these figures as the reference (with --quick: the reference of later --quick runs)")
     args = ap.parse_args()
     n_ingest = args.ingest_alerts or (3_000 if args.quick else 100_000)
     n_pipe = args.pipeline_alerts or (50_000 if args.quick else 1_000_000)
@@ -338,6 +343,8 @@ def main() -> None:
     (RESULTS / f"{'quick-' if args.quick else ''}{stamp}.json").write_text(json.dumps(res, indent=1, default=str))
     if args.quick:
         compare_quick(res)
+        if args.record:
+            (RESULTS / "recorded-quick.json").write_text(json.dumps(res, indent=1, default=str))
         return
     (RESULTS / "latest.json").write_text(json.dumps(res, indent=1, default=str))
     if args.record:
