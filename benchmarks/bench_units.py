@@ -49,8 +49,8 @@ def load(archive: Path, columns: list[str] | None, min_rows: int = 0) -> list[pa
     for p in arch.partitions():
         if p.rows < min_rows:
             continue
-        names = set(pq.read_schema(arch.root / p.path).names)
-        out.append(pq.read_table(arch.root / p.path, columns=[c for c in columns if c in names] if columns else None, use_threads=False))
+        names = set(pq.read_schema(arch.root / p.path).names) | {"dps"}  # dps: the part's history file
+        out.append(arch.read(p, [c for c in columns if c in names] if columns else None))
     return out
 
 
