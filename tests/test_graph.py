@@ -118,7 +118,7 @@ def test_rerun_computes_nothing_and_gives_identical_results(first_run, archive):
     assert t2_rows(store) == before
 
 
-def test_archive_with_histories_inside_parquet_gives_identical_results(first_run, archive, tmp_path):
+def test_archive_with_histories_inside_parquet_gives_identical_results(first_run, archive, tmp_path, data_dir):
     """An archive of the earlier layout (history nested in each part's Parquet file, no history files,
     an index without their column) is read the same: identical states and T2 results."""
     import shutil
@@ -144,6 +144,15 @@ def test_archive_with_histories_inside_parquet_gives_identical_results(first_run
     for channel in ("DECENT", "FULLHIST"):
         a, b = ParquetStore(store).read_states(channel), ParquetStore(first_run[0]).read_states(channel)
         assert a.sort_by("state_id").equals(b.sort_by("state_id")), channel
+    # a new night ingested into the old archive is written in the current layout beside the old parts
+    report = ingest([str(data_dir / "ztf" / "fink_local_202001")], old, IngestOptions(workers=0, progress=False))
+    assert report.ingested > 0
+    parts = Archive(old).partitions()
+    assert {p.dps is None for p in parts} == {True, False}
+    again = run(old, store, workers=0)
+    assert again["alerts"] == summary["alerts"] + report.ingested
+    assert again["partitions"]["skipped"] == len([p for p in parts if p.dps is None])  # the old parts: done
+    assert all(c["passed"] + c["rejected"] == again["alerts"] for c in again["channels"].values())
 
 
 def test_history_channel_joins_archived_datapoints(first_run):
