@@ -39,13 +39,14 @@ def read_partition(archive_root: str, rel_paths: str | list[str], columns: list[
     paths = [f"{archive_root}/{p}" for p in ([rel_paths] if isinstance(rel_paths, str) else rel_paths)]
     tables = []
     for path in paths:
+        pf = pq.ParquetFile(path)  # opened once: a work unit may be a hundred small parts
         cols = columns
         if cols is not None:
-            names = set(pq.read_schema(path).names) | {"dps"}
+            names = set(pf.schema_arrow.names) | {"dps"}
             if any(c in SUMMARY and c not in names for c in cols):
                 cols = [*cols, "dps"]  # an archive written before the summary columns existed
             cols = [c for c in cols if c in names]
-        tables.append(read_part(path, cols))
+        tables.append(read_part(path, cols, pf))
     table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
     return table.replace_schema_metadata({b"ampel_dask.paths": "\n".join(paths).encode()})
 

@@ -121,9 +121,10 @@ def _ipc_dps(path: Path) -> pa.ChunkedArray:
         return pa.ipc.open_file(src).read_all().column("dps")
 
 
-def read_part(part_path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """A part's rows: the flat columns from Parquet, ``dps`` (if asked for) from its history file."""
-    pf = pq.ParquetFile(part_path)
+def read_part(part_path: str | Path, columns: list[str] | None = None, pf: pq.ParquetFile | None = None) -> pa.Table:
+    """A part's rows: the flat columns from Parquet, ``dps`` (if asked for) from its history file
+    (``pf``: the part's Parquet file if the caller has it open already)."""
+    pf = pf or pq.ParquetFile(part_path)
     names = pf.schema_arrow.names
     if "dps" in names:  # an older part: everything in one file
         return pf.read(columns=columns, use_threads=False)
