@@ -9,9 +9,7 @@ summed over workers, so with 2 workers a phase can be busy for up to twice its s
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -22,9 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ampel_dask.graph.runner import RunOptions, run_workflow  # noqa: E402
-from ampel_dask.graph.workflow import load_workflow  # noqa: E402
-from benchmarks.bench_pipeline import WORK, warm_imports  # noqa: E402
-from benchmarks.make_archive import build  # noqa: E402
+from benchmarks.bench_pipeline import setup, warm_imports  # noqa: E402
 
 
 def phases(task_stream: list[dict], t0: float) -> dict[str, dict]:
@@ -45,17 +41,7 @@ def phases(task_stream: list[dict], t0: float) -> dict[str, dict]:
 def main() -> None:
     from distributed import Client, LocalCluster, get_task_stream
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--alerts", type=int, default=1_000_000)
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--workflow", default=str(REPO / "workflows" / "ztf_archive.yml"))
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    os.chdir(REPO)  # the workflow's model path is relative to the repository
-    archive = build(WORK / f"pipeline-archive-{args.alerts}", args.alerts)
-    store = WORK / "phases-store"
-    shutil.rmtree(store, ignore_errors=True)
-    wf = load_workflow(args.workflow)
+    args, wf, archive, store = setup(__doc__.split("\n")[0], "phases-store")
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
         client.run(warm_imports)
         with get_task_stream(client) as ts:

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ampel_dask.graph.runner import RunOptions, run_workflow  # noqa: E402
-from ampel_dask.graph.workflow import load_workflow  # noqa: E402
+from ampel_dask.graph.workflow import Workflow, load_workflow  # noqa: E402
 from benchmarks.make_archive import build  # noqa: E402
 
 WORK = REPO / ".bench"
@@ -94,8 +94,10 @@ def run_once(wf, archive: Path, store: Path, workers: int) -> dict:
         return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def setup(description: str, store_name: str) -> tuple[argparse.Namespace, Workflow, Path, Path]:
+    """The command line shared by the pipeline benchmarks: the archive (built once, cached), an empty
+    store, the workflow."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--alerts", type=int, default=1_000_000)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--workflow", default=str(REPO / "workflows" / "ztf_archive.yml"))
@@ -103,9 +105,13 @@ def main() -> None:
     args = ap.parse_args()
     os.chdir(REPO)  # the workflow's model path is relative to the repository
     archive = build(WORK / f"pipeline-archive-{args.alerts}", args.alerts)
-    store = WORK / "pipeline-store"
+    store = WORK / store_name
     shutil.rmtree(store, ignore_errors=True)
-    wf = load_workflow(args.workflow)
+    return args, load_workflow(args.workflow), archive, store
+
+
+def main() -> None:
+    args, wf, archive, store = setup(__doc__.split("\n")[0], "pipeline-store")
     res = run_once(wf, archive, store, args.workers)
     first, rerun = res["first"], res["rerun"]
     print(f"{wf.name} on {first['alerts']:,} replicated real ZTF alerts, {args.workers} workers")
