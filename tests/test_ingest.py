@@ -176,6 +176,22 @@ def test_cutouts_stored_beside_partition(group_archives, data_dir, manifest):
     assert cut["cutout_difference"] == rec["cutoutDifference"]["stampData"]
 
 
+def test_histories_in_their_own_file_and_a_missing_one_is_named(group_archives, tmp_path):
+    import shutil
+
+    root, _ = group_archives["ztf_kowalski"]
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    arch = Archive(copy)
+    part = arch.partitions()[0]
+    assert part.dps and "dps" not in pq.read_schema(copy / part.path).names
+    assert arch.read(part).column("dps").equals(Archive(root).read(part).column("dps"))
+    (copy / part.dps).unlink()
+    with pytest.raises(FileNotFoundError, match=part.dps.split("/")[-1]):
+        arch.read(part)
+    assert "dps" not in arch.read(part, ["alert_id", "stock"]).column_names  # flat columns still read
+
+
 def test_parallel_ingest_gives_identical_partitions_and_ids(group_archives, data_dir, manifest, tmp_path):
     """Two ingests (in-process and on a 2-worker LocalCluster) of the same input: same hashes, same dp ids."""
     for group in ("ztf_fink_sim_20181129", "ztf_kowalski", "lsst_wire_format"):

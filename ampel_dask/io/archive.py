@@ -113,7 +113,10 @@ def read_dps(part_path: str | Path) -> pa.ChunkedArray:
     side = dps_path(part_path)
     if side.exists():
         return _ipc_dps(side)
-    return pq.ParquetFile(part_path).read(columns=["dps"], use_threads=False).column("dps")
+    pf = pq.ParquetFile(part_path)
+    if "dps" not in pf.schema_arrow.names:
+        raise FileNotFoundError(f"{side}: the history file of {part_path} is missing: the archive is incomplete")
+    return pf.read(columns=["dps"], use_threads=False).column("dps")
 
 
 def _ipc_dps(path: Path) -> pa.ChunkedArray:
