@@ -202,8 +202,10 @@ def _with_history(alerts: pa.Table, flat: pa.StructArray, rows: np.ndarray, hist
     rep[1:] = (all_rows[by][1:] == all_rows[by][:-1]) & (ids[by][1:] == ids[by][:-1])
     sel = by[~rep]
     final = sel[order_by((all_rows[sel], "ascending"), (mjd[sel], "ascending"), (ids[sel], "ascending"))]  # time order within each row
-    from_packet = final < len(rows)
-    src = np.where(from_packet, final, len(rows) + extra[np.where(from_packet, 0, final - len(rows))] if len(extra) else final)
+    # where each chosen copy lives: row i of the packets' datapoints, or len(rows) + row j of history
+    src = final.copy()
+    from_history = final >= len(rows)
+    src[from_history] = len(rows) + extra[final[from_history] - len(rows)]
     h_struct = pa.StructArray.from_arrays([history.column(f.name).combine_chunks() for f in DATAPOINT], fields=list(DATAPOINT))
     both = pa.chunked_array([flat.cast(DATAPOINT), h_struct], type=h_struct.type)
     return both.take(pa.array(src)).combine_chunks(), all_rows[final]
