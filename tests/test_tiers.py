@@ -18,10 +18,9 @@ import yaml
 
 from ampel_dask.io.archive import Archive
 from ampel_dask.io.ingest import IngestOptions, ingest
-from ampel_dask.io.layout import DATAPOINT
 from ampel_dask.tiers.adapters import AlertView, PerAlertFilter
 from ampel_dask.tiers.base import UnitConfigError, Verdict
-from ampel_dask.tiers.states import T1PolicyConfig, alert_access, build_states
+from ampel_dask.tiers.states import T1PolicyConfig, alert_access, build_states, flat_history, one_copy
 from ampel_dask.tiers.units.t0_filters import DecentFilter, ExpressionFilter, LSSTQualityFilter
 
 DECENT = {  # the cuts of ../shared/recipes/ampel/ztf_decent.yaml (AMPEL's reference run)
@@ -152,9 +151,7 @@ def test_no_look_ahead_with_archived_history(tmp_path, data_dir):
     alerts = pa.concat_tables([arch.read(p) for p in arch.partitions()])
     alerts = alerts.filter(pc.equal(alerts.column("object_id"), "ZTF21abiuvdk"))
     assert alerts.num_rows == 34
-    flat = pc.list_flatten(alerts.column("dps"))
-    stocks = np.repeat(alerts.column("stock").to_numpy(), pc.list_value_length(alerts.column("dps")).to_numpy())
-    history = pa.table({"stock": stocks, **{f.name: flat.combine_chunks().field(f.name) for f in DATAPOINT}})
+    history = flat_history(alerts)
     for policy in (T1PolicyConfig(), T1PolicyConfig(kinds=["detection", "upper_limit", "forced"])):
         states = build_states(alerts, policy, ALL_ACCESS, history=history)
         later_seen = 0
@@ -168,6 +165,35 @@ def test_no_look_ahead_with_archived_history(tmp_path, data_dir):
     last = int(np.argmax(alerts.column("mjd").to_numpy()))
     full = build_states(alerts, T1PolicyConfig(), ALL_ACCESS, history=history).column("dps")[last].as_py()
     assert len({d["dp_id"] for d in full}) == len(full) > len(alerts.column("dps")[last].as_py())
+
+
+def test_archived_history_states_match_a_per_alert_reference(tmp_path, data_dir):
+    """34 alerts of ZTF21abiuvdk, some copies of datapoints altered: each state holds exactly its
+    object's datapoints up to the alert, once each, in time order, as the trigger copy or else the copy
+    of the earliest packet; thinning pieces of the history first changes nothing."""
+    ingest([str(data_dir / "ztf/pitt_google")], tmp_path, IngestOptions(workers=0, progress=False))
+    arch = Archive(tmp_path)
+    alerts = pa.concat_tables([arch.read(p) for p in arch.partitions()])
+    alerts = alerts.filter(pc.equal(alerts.column("object_id"), "ZTF21abiuvdk")).to_pylist()
+    for i, a in enumerate(alerts):  # every packet's copy differs, so the chosen copy shows
+        for d in a["dps"]:
+            if d["dp_id"] != a["alert_id"]:
+                d["rb"] = float(i)
+    alerts = pa.Table.from_pylist(alerts, schema=arch.read(arch.partitions()[0]).schema)
+    history = flat_history(alerts)
+    policy = T1PolicyConfig(kinds=["detection", "upper_limit", "forced"])
+    states = build_states(alerts.drop_columns(["dps"]), policy, ALL_ACCESS, history=history)
+    copies: dict[int, list[tuple]] = {}
+    for a in alerts.to_pylist():
+        for d in a["dps"]:
+            copies.setdefault(d["dp_id"], []).append((d["dp_id"] != a["alert_id"], a["mjd"], a["alert_id"], d))
+    chosen = {k: min(v, key=lambda c: c[:3])[3] for k, v in copies.items()}
+    for mjd, dps in zip(states.column("mjd").to_pylist(), states.column("dps").to_pylist()):
+        want = sorted((d for d in chosen.values() if d["mjd"] <= mjd + 1e-6 and not d["flags"] & policy.exclude_flags),
+                      key=lambda d: (d["mjd"], d["dp_id"]))  # fmt: skip
+        assert dps == want
+    pieces = [one_copy(history.slice(k, 200)) for k in range(0, history.num_rows, 200)]
+    assert one_copy(pa.concat_tables(pieces)).equals(one_copy(history))
 
 
 def test_public_channel_never_sees_partnership_photometry(ztf_alerts):

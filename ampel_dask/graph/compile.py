@@ -3,8 +3,8 @@
 Per archive partition (content hash h): ``read-h`` -> ``t0-<filters, access, h>`` per distinct filter
 chain -> ``t1-<chain, policy, h>`` per channel -> one ``t2-...`` stage for all T2 units of all channels
 (states de-duplicated across channels, stored states skipped). Channels whose T1 policy joins the
-archived history get a shuffle by object: passing alerts -> their objects' datapoints from every
-archive part -> ``t1h`` per object bucket -> a T2 stage per bucket. T3 runs per channel and unit after
+archived history get a shuffle by object: passing alerts, and their objects' packets from every
+archive part as flat datapoints (one copy each) -> ``t1h`` per object bucket -> a T2 stage per bucket. T3 runs per channel and unit after
 its channel's T2 stages. Identical work has identical keys, so it collapses within a run; finished
 work has a marker in the store, so a re-run leaves it out of the graph entirely.
 """
@@ -13,10 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from ..io.archive import Archive, Partition
-from ..io.arrays import sorted_unique
 from ..tiers.base import T2StateUnit
 from . import tasks
 from .plan import ChannelPlan, key_of
@@ -205,14 +203,13 @@ def _stage(spec, key, run_id, n, *deps):
 
 def _pass(table, t0, plan, spec, key, shuffle, nbuckets):
     """Alerts of one partition that pass a history channel's T0, written by object bucket; counts go to
-    a marker; returns the passing objects and their latest alert time (small)."""
+    a marker; returns the passing alerts' (stock, mjd) (small)."""
     from .store import open_store
 
     passing = tasks.passing_alerts(table, t0)
     tasks.write_buckets(passing, shuffle, "alerts", key, nbuckets)
     open_store(spec).mark_task(key, {"kind": "t0", "channel": plan.name, **tasks.t0_counts(t0, table.num_rows)})
-    mjd = passing.column("mjd").to_numpy() if passing.num_rows else np.empty(0)
-    return sorted_unique(passing.column("stock").to_numpy()), float(mjd.max()) if len(mjd) else -np.inf, passing.column("alert_id").to_numpy()
+    return passing.column("stock").to_numpy(), passing.column("mjd").to_numpy()
 
 
 def _t3(spec, plan, i, name, run_id, state_names, root, *_after):

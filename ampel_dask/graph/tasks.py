@@ -11,21 +11,21 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from functools import lru_cache
 from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..io.archive import read_dps, read_part
-from ..io.arrays import order_by, sorted_unique
+from ..io.arrays import order_by
 from ..io.layout import DATAPOINT
 from ..tiers.base import T2StateUnit, T3Context, Verdict
 from ..tiers.columns import SUMMARY
-from ..tiers.states import alert_access
+from ..tiers.states import HISTORY_SCHEMA, STATE_COLUMNS, alert_access, first_copies, flat_history
 from .plan import ChannelPlan
 from .store import contains, open_store
 
@@ -102,9 +102,8 @@ def run_t1(table: pa.Table, t0: T0Result, plan: ChannelPlan, store_spec: dict, k
 
 
 def passing_alerts(table: pa.Table, t0: T0Result) -> pa.Table:
-    if not t0.verdict.accepted.any():
-        return table.slice(0, 0).append_column("dps", pa.array([], pa.list_(DATAPOINT))) if "dps" not in table.column_names else table.slice(0, 0)
-    return with_histories(table).filter(pa.array(t0.verdict.accepted))
+    """What a state needs of the alerts that pass (their datapoints come from the history join)."""
+    return table.select([c for c in STATE_COLUMNS if c not in ("state_id", "dps")]).filter(pa.array(t0.verdict.accepted))
 
 
 def t0_counts(t0: T0Result, n: int) -> dict:
@@ -122,12 +121,11 @@ def run_t1_history(shuffle_dir: str, bucket: int, plan: ChannelPlan, store_spec:
     alerts = read_bucket(shuffle_dir, "alerts", bucket)
     history = read_bucket(shuffle_dir, "history", bucket)
     store = open_store(store_spec)
-    if alerts is not None:  # the passing alerts' own packets are history for each other too
-        own = flat_history(alerts)
-        history = own if history is None else pa.concat_tables([history, own], promote_options="default")
     if alerts is None:
         store.mark_task(key, {"kind": "t1h", "channel": plan.name, "states": 0})
         return None
+    if history is None:  # passing alerts whose packets hold no datapoint at all
+        history = HISTORY_SCHEMA.empty_table()
     states = plan.t1.states(alerts, plan.access, history)
     store.write_states(plan.name, key, states)
     store.write_journal(run_id, key, _journal(states.column("stock"), run_id, 1, plan.name, "state", alert_id=states.column("alert_id")))
@@ -144,20 +142,22 @@ def bucket_of(stock: np.ndarray, nbuckets: int) -> np.ndarray:
 def write_buckets(table: pa.Table, shuffle_dir: str, kind: str, name: str, nbuckets: int) -> None:
     """Rows grouped by the bucket of their stock into one Arrow IPC file ``<kind>/<name>.arrow`` whose
     record batch *i* holds bucket *i* (empty or not): one file per task instead of one per bucket, and
-    each reader reads only its batch of every file."""
-    from ..io.archive import atomic_write
-
+    each reader reads only its batch of every file. Rows already in bucket order are not moved."""
     if not table.num_rows:
         return
     b = bucket_of(table.column("stock").to_numpy(), nbuckets)
-    order = np.argsort(b, kind="stable")
-    table = table.take(pa.array(order)).combine_chunks()
-    bounds = np.searchsorted(b[order], np.arange(nbuckets + 1))
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, table.schema) as writer:
+    if (b[1:] < b[:-1]).any():
+        order = np.argsort(b, kind="stable")
+        table, b = table.take(pa.array(order)), b[order]
+    table = table.combine_chunks()
+    bounds = np.searchsorted(b, np.arange(nbuckets + 1))
+    path = Path(shuffle_dir) / kind / f"{name}.arrow"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # written in place, then renamed (atomic)
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         for k in range(nbuckets):
             writer.write_batch(_one_batch(table.slice(bounds[k], bounds[k + 1] - bounds[k])))
-    atomic_write(Path(shuffle_dir) / kind / f"{name}.arrow", sink.getvalue().to_pybytes(), durable=False)
+    os.replace(tmp, path)
 
 
 def _one_batch(table: pa.Table) -> pa.RecordBatch:
@@ -177,53 +177,43 @@ def read_bucket(shuffle_dir: str, kind: str, bucket: int) -> pa.Table | None:
     return pa.concat_tables(tables, promote_options="default") if tables else None
 
 
-def stocks_of(summaries: list[tuple[np.ndarray, float, np.ndarray]]) -> tuple[np.ndarray, float, np.ndarray]:
-    """Objects that passed (sorted), the latest alert time among them (history beyond is useless), and
-    the passing alerts' ids (their packets are in the shuffle already)."""
-    arrs = [s for s, _, _ in summaries if len(s)]
-    if not arrs:
-        return np.empty(0, dtype=np.int64), -np.inf, np.empty(0, dtype=np.int64)
-    ids = sorted_unique(np.concatenate([a for _, _, a in summaries if len(a)]))
-    return sorted_unique(np.concatenate(arrs)), max(m for s, m, _ in summaries if len(s)), ids
+def stocks_of(summaries: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The objects that passed (sorted) and each one's latest passing alert time, from the (stock, mjd)
+    of every passing alert."""
+    stock = np.concatenate([s for s, _ in summaries] or [np.empty(0, np.int64)])
+    mjd = np.concatenate([m for _, m in summaries] or [np.empty(0)])
+    if not len(stock):
+        return stock, mjd
+    order = np.argsort(stock, kind="stable")
+    stock, mjd = stock[order], mjd[order]
+    starts = np.flatnonzero(np.r_[True, stock[1:] != stock[:-1]])
+    return stock[starts], np.maximum.reduceat(mjd, starts)
 
 
-def flat_history(alerts: pa.Table) -> pa.Table:
-    """Alerts' nested histories as flat rows (stock, trigger flag, datapoint fields)."""
-    lists = alerts.column("dps").combine_chunks()
-    flat = lists.flatten()
-    lengths = np.diff(np.asarray(lists.offsets))
-    stock = np.repeat(alerts.column("stock").to_numpy(), lengths)
-    trigger = flat.field("dp_id").to_numpy(zero_copy_only=False) == np.repeat(alerts.column("alert_id").to_numpy(), lengths)
-    return pa.table({"stock": stock, "trigger": trigger, **{f.name: flat.field(f.name) for f in DATAPOINT}})
-
-
-def in_sorted(values: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
-    """np.isin for a sorted unique right side: a binary search (np.isin hashes both sides each call)."""
-    if not len(sorted_unique):
-        return np.zeros(len(values), dtype=bool)
-    idx = np.minimum(np.searchsorted(sorted_unique, values), len(sorted_unique) - 1)
-    return sorted_unique[idx] == values
-
-
-def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.ndarray, float, np.ndarray], shuffle_dir: str, name: str, nbuckets: int) -> int:
-    """The passing objects' *other* alerts in these archive parts, their datapoints written by object
-    bucket (the shuffle). Parts without such alerts cost only a read of two small columns."""
-    stocks, max_mjd, passing_ids = passing
+def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.ndarray, np.ndarray], shuffle_dir: str, name: str, nbuckets: int) -> int:
+    """The passing objects' packets in these archive parts, up to each object's latest passing alert
+    (later packets add nothing to its states), as flat datapoints thinned to one copy per object and
+    datapoint, written by object bucket (the shuffle). Parts without such alerts cost only a read of
+    two small columns."""
+    stocks, until = passing
     if not len(stocks):
         return 0
     pieces = []
     for rel in rel_paths:
         path = f"{archive_root}/{rel}"
         head = pq.ParquetFile(path).read(columns=["alert_id", "stock", "mjd"], use_threads=False)
-        keep = in_sorted(head.column("stock").to_numpy(), stocks) & (head.column("mjd").to_numpy() <= max_mjd + 1e-6)
-        keep &= ~in_sorted(head.column("alert_id").to_numpy(), passing_ids)
+        stock = head.column("stock").to_numpy()
+        at = np.minimum(np.searchsorted(stocks, stock), len(stocks) - 1)
+        keep = (stocks[at] == stock) & (head.column("mjd").to_numpy() <= until[at] + 1e-6)
         if keep.any():
-            pieces.append(head.select(["alert_id", "stock"]).append_column("dps", read_dps(path)).filter(pa.array(keep)))
+            pieces.append(head.append_column("dps", read_dps(path)).filter(pa.array(keep)))
     if not pieces:
         return 0
-    table = flat_history(pa.concat_tables(pieces))
-    write_buckets(table, shuffle_dir, "history", name, nbuckets)
-    return table.num_rows
+    flat = flat_history(pa.concat_tables(pieces))
+    rows = first_copies(flat)
+    rows = rows[np.argsort(bucket_of(flat.column("stock").to_numpy()[rows], nbuckets), kind="stable")]
+    write_buckets(flat.take(pa.array(rows)), shuffle_dir, "history", name, nbuckets)
+    return len(rows)
 
 
 def run_t2_stage(store_spec: dict, key: str, run_id: str, inputs: list[tuple[str, list[str], pa.Table]], units: list[T2StateUnit]) -> dict:

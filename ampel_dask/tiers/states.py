@@ -118,31 +118,45 @@ def _reduce_sum(out: np.ndarray, values: np.ndarray, rows: np.ndarray) -> None:
 
 
 def build_states(alerts: pa.Table, policy: T1PolicyConfig, access: list[str], history: pa.Table | None = None) -> pa.Table:
-    """One state per alert row: policy + data rights applied to its datapoints, then hashed."""
+    """One state per alert row: policy + data rights applied to its datapoints, then hashed.
+
+    Without ``history`` a state's datapoints come from the alert's own packet (``dps``), in packet
+    order. With ``history`` (flat rows, see :func:`flat_history`) they are the object's archived
+    datapoints up to the alert's time, one copy each (:func:`one_copy`), in time order; the alerts need
+    no ``dps`` then (if they have it, their packets join the history).
+    """
     n = alerts.num_rows
-    flat, rows = _flat(alerts.column("dps"))
-    if history is not None and history.num_rows:
-        flat, rows = _with_history(alerts, flat, rows, history)
+    if history is None:
+        source, rows = _flat(alerts.column("dps"))
+        cand = None
+    else:
+        if "dps" in alerts.column_names:
+            history = pa.concat_tables([history, flat_history(alerts)], promote_options="default")
+        source, rows, cand = _object_history(alerts, history)
+
+    def at(values: np.ndarray) -> np.ndarray:  # a datapoint column, one value per candidate
+        return values if cand is None else values[cand]
+
     alert_mjd = alerts.column("mjd").to_numpy(zero_copy_only=False)
-    mjd = pc.fill_null(flat.field("mjd"), np.inf).to_numpy(zero_copy_only=False)
-    kind = flat.field("kind").to_numpy(zero_copy_only=False)
-    flags = pc.fill_null(flat.field("flags"), 0).to_numpy(zero_copy_only=False)
+    mjd = at(pc.fill_null(source.field("mjd"), np.inf).to_numpy(zero_copy_only=False))
+    kind = at(source.field("kind").to_numpy(zero_copy_only=False))
     keep = mjd <= alert_mjd[rows] + TIME_EPS  # no look-ahead
     keep &= np.isin(kind, [KINDS[k] for k in policy.kinds])
     if policy.exclude_flags:
+        flags = at(pc.fill_null(source.field("flags"), 0).to_numpy(zero_copy_only=False))
         keep &= (flags & policy.exclude_flags) == 0
     if policy.exclude_bands:
-        keep &= ~np.asarray(pc.is_in(flat.field("band"), value_set=pa.array(policy.exclude_bands)).fill_null(False))
+        keep &= ~at(np.asarray(pc.is_in(source.field("band"), value_set=pa.array(policy.exclude_bands)).fill_null(False)))
     if policy.min_rb is not None:
-        rb = pc.fill_null(pc.cast(flat.field("rb"), pa.float64()), np.inf).to_numpy(zero_copy_only=False)
+        rb = at(pc.fill_null(pc.cast(source.field("rb"), pa.float64()), np.inf).to_numpy(zero_copy_only=False))
         keep &= (kind != DETECTION) | (rb >= policy.min_rb)
     survey = np.asarray(alerts.column("survey").to_numpy(zero_copy_only=False))[rows]
-    pid = pc.cast(flat.field("programid"), pa.float64()).to_numpy(zero_copy_only=False)
+    pid = at(pc.cast(source.field("programid"), pa.float64()).to_numpy(zero_copy_only=False))
     keep &= access_mask(survey, pid, access)
 
     idx = np.flatnonzero(keep)
     kept_rows = rows[idx]
-    kept = flat.take(pa.array(idx))
+    kept = source.take(pa.array(idx if cand is None else cand[idx]))
     offsets = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(np.bincount(kept_rows, minlength=n), out=offsets[1:])
     dps = pa.ListArray.from_arrays(pa.array(offsets), kept)
@@ -162,53 +176,76 @@ def build_states(alerts: pa.Table, policy: T1PolicyConfig, access: list[str], hi
     return pa.table(cols)
 
 
-def _with_history(alerts: pa.Table, flat: pa.StructArray, rows: np.ndarray, history: pa.Table) -> tuple[pa.StructArray, np.ndarray]:
-    """Add each object's archived datapoints (``history``: flat, ``stock`` + DATAPOINT columns, and
-    ``trigger``: the copy from the alert this datapoint triggered) to its rows.
+HISTORY_SCHEMA = pa.schema([("stock", pa.int64()), ("packet", pa.int64()), ("packet_mjd", pa.float64()), *DATAPOINT])
 
-    A join by object done with sorted arrays: history sorted by stock, each alert row finds its
-    object's block with ``searchsorted``. A datapoint listed in several packets keeps one copy, chosen
-    the same way whatever the partitioning: the copy from its own alert (that alert's time is
-    authoritative; some rewritten packets carry other times in their history), then this packet's,
-    then the latest. The look-ahead cut is applied afterwards, on the chosen times.
+
+def flat_history(alerts: pa.Table) -> pa.Table:
+    """Alerts' packets as flat history rows: the object, the packet (its alert id and time) and the
+    datapoint's fields."""
+    flat, rows = _flat(alerts.column("dps"))
+    return pa.table(
+        {
+            "stock": alerts.column("stock").to_numpy(zero_copy_only=False)[rows],
+            "packet": alerts.column("alert_id").to_numpy(zero_copy_only=False)[rows],
+            "packet_mjd": alerts.column("mjd").to_numpy(zero_copy_only=False)[rows],
+            **{f.name: flat.field(f.name) for f in DATAPOINT},
+        }
+    )
+
+
+def one_copy(history: pa.Table) -> pa.Table:
+    """Each (object, datapoint) once, in (stock, dp_id) order (see :func:`first_copies`)."""
+    return history.take(pa.array(first_copies(history))) if history.num_rows else history
+
+
+def first_copies(history: pa.Table) -> np.ndarray:
+    """Rows of ``history`` that keep each (object, datapoint) once, in (stock, dp_id) order: the copy
+    from the alert the datapoint triggered (that alert is authoritative), else the copy of the
+    earliest packet that carries it (ties: the lower alert id).
+
+    The earliest packet carrying a datapoint is never later than any alert whose state holds it, so
+    the copy is never looked ahead. The rule is a total order, so thinning pieces of a history first
+    (the ``hist`` tasks do) and their union afterwards gives what one pass over the whole would.
     """
-    h_stock = history.column("stock").to_numpy(zero_copy_only=False)
-    h_ids = history.column("dp_id").to_numpy(zero_copy_only=False)
-    h_mjd = pc.fill_null(history.column("mjd"), np.inf).to_numpy(zero_copy_only=False)
-    h_trigger = history.column("trigger").to_numpy(zero_copy_only=False) if "trigger" in history.column_names else np.zeros(len(h_ids), bool)
-    # one copy per (object, datapoint) before the join, so each alert row gets its object's distinct
-    # datapoints rather than every packet's copy of them: the trigger copy, else the latest
-    order = order_by((h_stock, "ascending"), (h_ids, "ascending"), (h_trigger, "descending"), (h_mjd, "descending"))
+    stock = history.column("stock").to_numpy(zero_copy_only=False)
+    dp_id = history.column("dp_id").to_numpy(zero_copy_only=False)
+    packet = history.column("packet").to_numpy(zero_copy_only=False)
+    order = order_by((stock, "ascending"), (dp_id, "ascending"), (packet == dp_id, "descending"),
+                     (history.column("packet_mjd").to_numpy(zero_copy_only=False), "ascending"), (packet, "ascending"))  # fmt: skip
+    s, d = stock[order], dp_id[order]
     first = np.ones(len(order), dtype=bool)
-    first[1:] = (h_stock[order][1:] != h_stock[order][:-1]) | (h_ids[order][1:] != h_ids[order][:-1])
-    order = order[first]
-    h_stock = h_stock[order]
+    first[1:] = (s[1:] != s[:-1]) | (d[1:] != d[:-1])
+    return order[first]
+
+
+def _object_history(alerts: pa.Table, history: pa.Table) -> tuple[pa.StructArray, np.ndarray, np.ndarray]:
+    """A join by object done with sorted arrays: each alert row's candidates are its object's
+    datapoints (one copy each) up to the alert's time, a contiguous run of the history sorted by
+    (stock, mjd). Returns the datapoints, and per candidate its alert row and its datapoint."""
+    h = one_copy(history)
+    h_stock = h.column("stock").to_numpy(zero_copy_only=False)
+    h_mjd = pc.fill_null(h.column("mjd"), np.inf).to_numpy(zero_copy_only=False)
+    order = order_by((h_stock, "ascending"), (h_mjd, "ascending"), (h.column("dp_id").to_numpy(zero_copy_only=False), "ascending"))
+    h_stock, h_mjd = h_stock[order], h_mjd[order]
     a_stock = alerts.column("stock").to_numpy(zero_copy_only=False)
+    n, m = len(a_stock), len(h_stock)
     lo = np.searchsorted(h_stock, a_stock, "left")
-    hi = np.searchsorted(h_stock, a_stock, "right")
-    counts = hi - lo
-    extra_rows = np.repeat(np.arange(len(a_stock), dtype=np.int64), counts)
-    extra = order[(np.repeat(lo - np.r_[0, np.cumsum(counts)[:-1]], counts) + np.arange(counts.sum())).astype(np.int64)]  # history rows
-    # candidates: the packets' copies, then the objects' copies; chosen on numpy columns, and only the
-    # chosen ones are gathered from the two sources (no concatenated struct of every candidate)
-    all_rows = np.concatenate([rows, extra_rows])
-    p_ids = flat.field("dp_id").to_numpy(zero_copy_only=False)
-    ids = np.concatenate([p_ids, h_ids[extra]])
-    mjd = np.concatenate([pc.fill_null(flat.field("mjd"), np.inf).to_numpy(zero_copy_only=False), h_mjd[extra]])
-    own = p_ids == alerts.column("alert_id").to_numpy(zero_copy_only=False)[rows]
-    prio = np.concatenate([np.where(own, 0, 1), np.where(h_trigger[extra], 0, 2)])
-    by = order_by((all_rows, "ascending"), (ids, "ascending"), (prio, "ascending"), (mjd, "descending"))
-    rep = np.zeros(len(ids), dtype=bool)
-    rep[1:] = (all_rows[by][1:] == all_rows[by][:-1]) & (ids[by][1:] == ids[by][:-1])
-    sel = by[~rep]
-    final = sel[order_by((all_rows[sel], "ascending"), (mjd[sel], "ascending"), (ids[sel], "ascending"))]  # time order within each row
-    # where each chosen copy lives: row i of the packets' datapoints, or len(rows) + row j of history
-    src = final.copy()
-    from_history = final >= len(rows)
-    src[from_history] = len(rows) + extra[final[from_history] - len(rows)]
-    h_struct = pa.StructArray.from_arrays([history.column(f.name).combine_chunks() for f in DATAPOINT], fields=list(DATAPOINT))
-    both = pa.chunked_array([flat.cast(DATAPOINT), h_struct], type=h_struct.type)
-    return both.take(pa.array(src)).combine_chunks(), all_rows[final]
+    # where each alert's (stock, time) falls among the sorted datapoints: one merge (a sort of both),
+    # datapoints before alerts at equal keys; the datapoints before it are its run's end
+    merged = order_by(
+        (np.concatenate([h_stock, a_stock]), "ascending"),
+        (np.concatenate([h_mjd, alerts.column("mjd").to_numpy(zero_copy_only=False) + TIME_EPS]), "ascending"),
+        (np.concatenate([np.zeros(m, np.int8), np.ones(n, np.int8)]), "ascending"),
+    )
+    at = np.flatnonzero(merged >= m)
+    hi = np.empty(n, dtype=np.int64)
+    hi[merged[at] - m] = at - np.arange(len(at))
+    counts = np.maximum(hi - lo, 0)
+    rows = np.repeat(np.arange(n, dtype=np.int64), counts)
+    starts = np.repeat(lo - (np.cumsum(counts) - counts), counts)
+    cand = order[starts + np.arange(len(rows), dtype=np.int64)]
+    source = pa.StructArray.from_arrays([h.column(f.name).combine_chunks() for f in DATAPOINT], fields=list(DATAPOINT))
+    return source, rows, cand
 
 
-__all__ = ["T1Policy", "T1PolicyConfig", "build_states", "state_ids", "access_mask", "alert_access", "STATE_COLUMNS"]
+__all__ = ["T1Policy", "T1PolicyConfig", "build_states", "state_ids", "access_mask", "alert_access", "STATE_COLUMNS", "flat_history", "one_copy", "first_copies", "HISTORY_SCHEMA"]
