@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from ..io.archive import Archive, Partition
 from ..tiers.base import T2StateUnit
+from ..tiers.states import HISTORY_RULE
 from . import tasks
 from .plan import ChannelPlan, key_of
 
@@ -148,7 +149,7 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
         sel_id = key_of([p.content_hash for p in parts])
         sources = archive.partitions(sorted({p.survey for p in parts}))
         hist_id = key_of([p.content_hash for p in sources])
-        names = [key_of("t1h", c.t1_key, sel_id, hist_id, b, history_buckets) for b in range(history_buckets)]
+        names = [key_of("t1h", HISTORY_RULE, c.t1_key, sel_id, hist_id, b, history_buckets) for b in range(history_buckets)]
         stages = [key_of("t2h", n, [u.identity.key for u in c.t2]) if c.t2 else None for n in names]
         counts = [key_of("t0c", c.t0_key, u.key) for u in units]
         run.t1_names[c.name] += names

@@ -26,6 +26,7 @@ ZTF_ACCESS = {"ZTF_PUB": {1}, "ZTF_PRIV": {2}, "ZTF_COLLAB": {2}, "ZTF_CALTECH":
 PUBLIC_SURVEYS = {"lsst": {"LSST", "LSST_PUB"}}
 TIME_EPS = 1e-6  # days (~0.1 s): a datapoint at the alert's own time belongs to the state
 
+HISTORY_RULE = 2  # which copy of an archived datapoint a state holds (see first_copies); part of t1h keys
 STATE_COLUMNS = ["state_id", "stock", "object_id", "alert_id", "survey", "mjd", "ra", "dec", "dps"]
 
 
@@ -248,4 +249,4 @@ def _object_history(alerts: pa.Table, history: pa.Table) -> tuple[pa.StructArray
     return source, rows, cand
 
 
-__all__ = ["T1Policy", "T1PolicyConfig", "build_states", "state_ids", "access_mask", "alert_access", "STATE_COLUMNS", "flat_history", "one_copy", "first_copies", "HISTORY_SCHEMA"]
+__all__ = ["T1Policy", "T1PolicyConfig", "build_states", "state_ids", "access_mask", "alert_access", "STATE_COLUMNS", "flat_history", "one_copy", "first_copies", "HISTORY_RULE", "HISTORY_SCHEMA"]
