@@ -152,7 +152,9 @@ def bench_ampel(replicate: int | None, repeat: int) -> dict:
 
 def ours_same_job(inputs: list[str], workers: int) -> dict:
     """ampel-dask on AMPEL's job: ingest the tarballs, then the same filter + T2 unit (timed apart)."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from ampel_dask.io.processes import local_cluster
 
     from ampel_dask.graph.runner import RunOptions, run_workflow
     from ampel_dask.graph.workflow import load_workflow
@@ -162,7 +164,7 @@ def ours_same_job(inputs: list[str], workers: int) -> dict:
     arch, store = WORK / "ampel-cmp-archive", WORK / "ampel-cmp-store"
     for d in (arch, store):
         shutil.rmtree(d, ignore_errors=True)
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cl, Client(cl) as client:
+    with local_cluster(workers, dashboard_address=None) as cl, Client(cl) as client:
         client.run(lambda: __import__("ampel_dask.tiers.units.t0_filters"))
         t = time.perf_counter()
         rep = ingest(inputs, arch, IngestOptions(progress=False), client=client)

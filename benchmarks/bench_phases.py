@@ -39,10 +39,12 @@ def phases(task_stream: list[dict], t0: float) -> dict[str, dict]:
 
 
 def main() -> None:
-    from distributed import Client, LocalCluster, get_task_stream
+    from distributed import Client, get_task_stream
+
+    from ampel_dask.io.processes import local_cluster
 
     args, wf, archive, store = setup(__doc__.split("\n")[0], "phases-store")
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+    with local_cluster(args.workers, dashboard_address=None) as cluster, Client(cluster) as client:
         client.run(warm_imports)
         with get_task_stream(client) as ts:
             t0 = time.time()

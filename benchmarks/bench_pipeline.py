@@ -72,9 +72,11 @@ def warm_imports() -> None:
 
 
 def run_once(wf, archive: Path, store: Path, workers: int) -> dict:
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+    from ampel_dask.io.processes import local_cluster
+
+    with local_cluster(workers, dashboard_address=None) as cluster, Client(cluster) as client:
         client.run(warm_imports)  # a worker imports its libraries once in its life: not the pipeline's cost
         out = {}
         for label in ("first", "rerun"):

@@ -5,26 +5,19 @@ The same workflow and graph run unchanged on each; only this module knows the di
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
 
+from ..io.processes import WORKER_MALLOC, local_cluster
 from .workflow import ClusterSpec, WorkflowError
 
 try:  # dask-jobqueue installs a SIGINT handler at import, which only the main thread may do
     import dask_jobqueue  # noqa: F401
 except (ImportError, ValueError):  # not installed, or this module was first imported off the main thread
     pass
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 @contextmanager
@@ -56,13 +49,7 @@ def make_cluster(spec: ClusterSpec, kind: str, workers: int | None = None, jobs:
     if workers == 0:  # no worker processes: threads in this process (debugging, tiny inputs)
         cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0")
     else:
-        cluster = LocalCluster(
-            n_workers=workers or cores(),
-            threads_per_worker=1,
-            processes=True,
-            memory_limit=spec.memory_limit or "auto",
-            dashboard_address=":0",
-        )
+        cluster = local_cluster(workers, spec.memory_limit or "auto")
     try:
         with Client(cluster) as client:
             yield client
@@ -87,4 +74,7 @@ def slurm_cluster(spec: ClusterSpec):
     from dask_jobqueue import SLURMCluster
 
     kwargs = {("job_name" if k == "name" else k.replace("-", "_")): v for k, v in jobqueue_settings(spec).items() if v is not None}
+    # the job's nanny takes these from its environment over its config (see WORKER_MALLOC)
+    exports = " ".join(f"{k}={v}" for k, v in WORKER_MALLOC.items())
+    kwargs["job_script_prologue"] = [f"export {exports}", *(kwargs.get("job_script_prologue") or [])]
     return SLURMCluster(**kwargs)

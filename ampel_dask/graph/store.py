@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..io.archive import atomic_write as _atomic_write, dps_bytes, dps_path, parquet_bytes, read_part, sync
+from ..io.arrays import first_rows, sorted_unique
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -108,8 +109,7 @@ class ParquetStore:
         if state_ids is not None:
             t = t.filter(pc.is_in(t.column("state_id"), value_set=pa.array(np.asarray(state_ids, dtype=np.int64))))
         # one row per state (a state computed twice by racing tasks gives identical rows)
-        _, first = np.unique(t.column("state_id").to_numpy(), return_index=True)
-        return t.take(pa.array(np.sort(first)))
+        return t.take(pa.array(first_rows(t.column("state_id").to_numpy())))
 
     def t2_units(self) -> list[tuple[str, str]]:
         d = self.root / "t2"
@@ -179,7 +179,7 @@ class _DoneIds:
         new = [p for p in (folder.glob("*.parquet") if folder.exists() else []) if p.name not in files]
         if new:
             parts = [_read(p, ["state_id"]).column("state_id").to_numpy() for p in new]
-            ids = np.union1d(ids, np.concatenate(parts))
+            ids = sorted_unique(np.concatenate([ids, *parts]))
             files = files | {p.name for p in new}
             self._seen[folder] = (files, ids)
         return ids

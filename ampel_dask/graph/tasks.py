@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..io.archive import read_dps, read_part
-from ..io.arrays import order_by
+from ..io.arrays import first_rows, order_by
 from ..io.layout import DATAPOINT
 from ..tiers.base import T2StateUnit, T3Context, Verdict
 from ..tiers.columns import SUMMARY
@@ -259,8 +259,8 @@ def run_t2_stage(store_spec: dict, key: str, run_id: str, inputs: list[tuple[str
 
 
 def _unique_states(states: pa.Table) -> pa.Table:
-    _, first = np.unique(states.column("state_id").to_numpy(), return_index=True)
-    return states.take(pa.array(np.sort(first)))
+    first = first_rows(states.column("state_id").to_numpy())
+    return states if len(first) == states.num_rows else states.take(pa.array(first))  # no copy when all differ
 
 
 def _dep_results(store, dep: T2StateUnit, batch: pa.Table, fresh: dict[str, pa.Table]) -> pa.Table:

@@ -21,6 +21,17 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
     return s[np.r_[True, s[1:] != s[:-1]]]
 
 
+def first_rows(values: np.ndarray) -> np.ndarray:
+    """Row numbers of the first occurrence of each distinct value, in row order (what
+    ``np.sort(np.unique(values, return_index=True)[1])`` gives, with one stable sort)."""
+    values = np.asarray(values)
+    if len(values) < 2:
+        return np.arange(len(values))
+    order = np.argsort(values, kind="stable")
+    s = values[order]
+    return np.sort(order[np.r_[True, s[1:] != s[:-1]]])
+
+
 def order_by(*keys: tuple[np.ndarray, str]) -> np.ndarray:
     """Stable sort indices by several ``(values, "ascending" | "descending")`` keys, the first the most
     significant (``np.lexsort`` takes them the other way round); NaN sorts last either way."""

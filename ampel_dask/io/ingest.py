@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from .archive import Archive, Partition, discard
 from .decode import ChunkResult, decode_chunk
+from .processes import local_cluster
 from .sources import Chunk, Packet, chunks, expand
 
 
@@ -173,13 +174,11 @@ def _run(work: Iterator[Chunk], args: tuple, workers: int | None, client) -> Ite
         for ch in work:
             yield decode_chunk(ch, *args)
         return
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import Client, as_completed
 
     own = client is None
     if own:
-        cluster = LocalCluster(
-            n_workers=workers or _cores(), threads_per_worker=1, processes=True, dashboard_address=None
-        )
+        cluster = local_cluster(workers, dashboard_address=None)
         client = Client(cluster)
     try:
         nworkers = max(1, len(client.scheduler_info()["workers"]))
@@ -197,14 +196,6 @@ def _run(work: Iterator[Chunk], args: tuple, workers: int | None, client) -> Ite
             client.close()
             cluster.close()
 
-
-def _cores() -> int:
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _progress(enabled: bool | None, total: int) -> Callable | None:
