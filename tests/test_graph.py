@@ -263,6 +263,32 @@ def test_paused_workers_fail_the_run_with_the_reason_and_a_rerun_completes(first
     assert t2_rows(tmp_path / "store") == t2_rows(first_run[0])
 
 
+def test_t3_waits_for_its_own_channel_only(archive, tmp_path):
+    """A channel's T3 depends on the tasks that write its states and T2 results: without any T2 unit it
+    waits for its T1 tasks, and a packet channel's T3 does not wait for another channel's history join."""
+    from ampel_dask.graph.compile import compile_run
+    from ampel_dask.graph.plan import plan_workflow
+    from ampel_dask.graph.store import open_store
+
+    export = {"unit": "T3Export", "config": {"formats": ["parquet"]}}
+    arch = Archive(archive)
+
+    def t3_deps(w: Workflow, channel: str) -> tuple[set[str], dict]:
+        run = compile_run(plan_workflow(w), arch, arch.partitions(), open_store({"kind": "parquet", "path": str(tmp_path / "s")}), "r", 4, 100)
+        (key,) = [k for k, v in run.graph.items() if k.startswith("t3-") and isinstance(v, tuple) and run.graph[v[2]].name == channel]
+        return set(run.graph[key][8:]), run
+
+    only = wf(channels=[{**WORKFLOW["channels"][1], "name": "NO_T2", "t2": [], "t3": [export]}])
+    deps, run = t3_deps(only, "NO_T2")
+    assert deps == {f"t1-{n}" for n in run.t1_names["NO_T2"]}
+    deps, run = t3_deps(wf(channels=[{**WORKFLOW["channels"][0], "t3": [export]}, WORKFLOW["channels"][2]]), "DECENT")
+    hist_stages = {k for k, v in run.graph.items() if k.startswith("t2-") and isinstance(v, tuple) and any(str(a).startswith("t1h-") for a in v)}
+    assert deps and hist_stages and not deps & hist_stages
+    run_workflow(only, RunOptions(archive=str(archive), store=str(tmp_path / "store"), progress=False, workers=0))
+    s = ParquetStore(tmp_path / "store")
+    assert s.read_t3_objects().num_rows == len(set(s.read_states("NO_T2").column("stock").to_pylist())) > 0
+
+
 def test_explain_a_real_object(first_run):
     store, summary = first_run
     proc = subprocess.run([sys.executable, "-m", "ampel_dask.cli", "explain", "ZTF21abiuvdk", "--store", str(store), "--json"], capture_output=True, text=True)

@@ -32,6 +32,7 @@ class CompiledRun:
     partitions: list[Partition] = field(default_factory=list)
     skipped_partitions: int = 0
     shuffle_dirs: list[str] = field(default_factory=list)  # removed when the run is done
+    produced_by: dict[str, list[str]] = field(default_factory=dict)  # channel -> tasks its T3 waits for
 
     @property
     def tasks(self) -> int:
@@ -141,6 +142,8 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
             run.sinks.append(f"t2-{stage}")
         else:
             run.sinks += [f"t1-{names[c.name]}" for c in packet]
+        for c in packet:
+            run.produced_by.setdefault(c.name, []).append(f"t2-{stage}" if stage else f"t1-{names[c.name]}")
 
     # --- channels joining each object's archived history: shuffle by object bucket ---
     # their T2 stages run after the partition stages, so a state both reach is computed once
@@ -178,10 +181,12 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
                 run.sinks.append(f"t2-{s}")
             else:
                 run.sinks.append(f"t1h-{n}")
+            run.produced_by.setdefault(c.name, []).append(f"t2-{s}" if s else f"t1h-{n}")
 
-    # --- T3 per channel and unit, after the channel's T2 stages ---
+    # --- T3 per channel and unit, after the tasks that write the channel's states and T2 results (not
+    # every channel's: one channel's report can be drawn while another's history join still runs) ---
     for c in plans:
-        t2_deps = [k for k in dsk if k.startswith("t2-")]
+        t2_deps = run.produced_by.get(c.name, [])
         t3_sel = sorted(set(run.t1_names[c.name]) | set((t3_states or {}).get(c.name, [])))
         for i, unit in enumerate(c.t3):
             name = key_of("t3", unit.identity.key, c.name, t3_sel, [u.identity.key for u in c.t2])
