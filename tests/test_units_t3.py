@@ -222,6 +222,25 @@ def test_report_figures_drawn_across_workers_are_the_same_files(selection, archi
     assert parse_page(a / "index.html").objects == parse_page(b / "index.html").objects
 
 
+def test_light_curve_figure_does_not_depend_on_the_objects_drawn_before(selection):
+    """The report keeps one figure and swaps its artists: a light curve drawn after others is the same
+    PNG as on a fresh figure, and differs from its neighbours'."""
+    import io
+
+    from ampel_dask.tiers.units.t3_report import LightCurveCanvas
+
+    def png(canvas, i):
+        buf = io.BytesIO()
+        dps = selection.column("dps")[i].values
+        canvas.render(dps, selection.column("object_id")[i].as_py(), selection.column("mjd")[i].as_py()).savefig(buf, format="png")
+        return buf.getvalue()
+
+    reused = LightCurveCanvas(60)
+    drawn = [png(reused, i) for i in range(6)]
+    assert png(LightCurveCanvas(60), 4) == drawn[4] and png(LightCurveCanvas(60), 0) == drawn[0]
+    assert len(set(drawn)) == 6 and all(d.startswith(PNG_SIGNATURE) for d in drawn)
+
+
 def test_report_default_order_without_archive_and_rerun(selection, tmp_path):
     ctx = context(tmp_path)
     [rec] = T3HtmlReport(top_n=4, columns=["T2Classifier__p_SN"]).react(selection, ctx)

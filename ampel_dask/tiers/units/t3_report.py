@@ -140,10 +140,11 @@ class FigureJob:
 def draw_figures(jobs: list[FigureJob], dpi: int) -> list[tuple[str, str | None]]:
     """Light curve (and cutouts, when there are stamps) of each job; returns the file names written."""
     canvas = CutoutCanvas(dpi) if any(j.stamps for j in jobs) else None
+    curves = LightCurveCanvas(dpi)
     out = []
     for j in jobs:
         lc = f"{j.stem}_lc.png"
-        _save(light_curve_figure(j.dps, j.object_id, j.alert_mjd, dpi), j.out / lc)
+        _save(curves.render(j.dps, j.object_id, j.alert_mjd), j.out / lc)
         cut = None
         fig = canvas.render(j.stamps) if canvas is not None and j.stamps else None
         if fig is not None:
@@ -176,50 +177,95 @@ def _bands(band: np.ndarray) -> list[str]:
 
 
 def light_curve_figure(dps: pa.StructArray | None, object_id: str, alert_mjd: float | None, dpi: int) -> Any:
-    """Magnitude vs MJD per band: detections with errors, upper limits as open down-triangles,
-    forced photometry (S/N >= 3) as open squares."""
-    from matplotlib.ticker import MaxNLocator
+    """One object's light curve on a figure of its own (see :class:`LightCurveCanvas`)."""
+    return LightCurveCanvas(dpi).render(dps, object_id, alert_mjd)
 
-    fig = _figure(6.4, 3.4, dpi, left=0.11, right=0.89, bottom=0.14, top=0.91)
-    ax = fig.add_subplot()
-    n = 0
-    if dps is not None and len(dps):
-        f = {k: pc.cast(dps.field(k), pa.float64()).to_numpy(zero_copy_only=False) for k in
-             ("mjd", "mag", "mag_err", "maglim", "flux", "flux_err")}  # fmt: skip
-        kind = dps.field("kind").to_numpy(zero_copy_only=False)
-        band = np.asarray(dps.field("band").to_pylist(), dtype=object)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            snr = f["flux"] / f["flux_err"]
-            fmag, fmag_err = flux_to_mag(f["flux"]), 1.0857 * f["flux_err"] / f["flux"]
-        for b in _bands(band):
-            color, sel = BAND_COLORS.get(b, "#1f77b4"), band == b
-            det = sel & (kind == DETECTION) & np.isfinite(f["mag"]) & np.isfinite(f["mjd"])
-            if det.any():
-                err = np.where(np.isfinite(f["mag_err"][det]), f["mag_err"][det], 0.0)
-                ax.errorbar(f["mjd"][det], f["mag"][det], yerr=err, fmt="o", ms=4, color=color, label=b)
-            ul = sel & (kind == UPPER_LIMIT) & np.isfinite(f["maglim"]) & np.isfinite(f["mjd"])
-            if ul.any():
-                label = None if det.any() else b  # a band with limits only still gets a legend entry
-                ax.scatter(f["mjd"][ul], f["maglim"][ul], marker="v", s=22, facecolors="none", edgecolors=color, alpha=0.6, label=label)
-            fp = sel & (kind == FORCED) & (snr >= 3) & np.isfinite(fmag) & np.isfinite(f["mjd"])
-            if fp.any():
-                ax.errorbar(f["mjd"][fp], fmag[fp], yerr=fmag_err[fp], fmt="s", ms=3, mfc="none", color=color, alpha=0.7)
-            n += int(det.sum() + ul.sum() + fp.sum())
-    if n:
-        ax.invert_yaxis()
-        # outside the axes: the newest points (right edge) stay visible; 'best' would also be slow
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-    else:
-        ax.text(0.5, 0.5, "no photometry", ha="center", va="center", transform=ax.transAxes)
-    if alert_mjd is not None and math.isfinite(alert_mjd):
-        ax.axvline(alert_mjd, color="0.6", ls=":", lw=1)
-    ax.set_xlabel("MJD")
-    ax.set_ylabel("mag (AB)")
-    # a fixed title height: the automatic one measures every tick label first (a third of the draw)
-    ax.set_title(str(object_id), fontsize="medium", y=1.0, pad=4)
-    ax.xaxis.set_major_locator(MaxNLocator(6))  # each tick is a few artists to build and draw
-    ax.yaxis.set_major_locator(MaxNLocator(5))
-    return fig
+
+class LightCurveCanvas:
+    """Magnitude vs MJD per band: detections with errors, upper limits as open down-triangles, forced
+    photometry (S/N >= 3) as open squares; the alert's time as a dotted line.
+
+    One figure is kept and only the plotted artists are swapped per object (as :class:`CutoutCanvas`
+    does): building axes, ticks and labels was half of each figure's cost. Limits are set from the
+    plotted points every time, so a figure never depends on the objects drawn before it.
+    """
+
+    def __init__(self, dpi: int):
+        from matplotlib.ticker import MaxNLocator
+
+        self.fig = _figure(6.4, 3.4, dpi, left=0.11, right=0.89, bottom=0.14, top=0.91)
+        self.ax = ax = self.fig.add_subplot()
+        ax.set_xlabel("MJD")
+        ax.set_ylabel("mag (AB)")
+        ax.xaxis.set_major_locator(MaxNLocator(6))  # each tick is a few artists to build and draw
+        ax.yaxis.set_major_locator(MaxNLocator(5))
+        # a fixed title height: the automatic one measures every tick label first (a third of the draw)
+        self.title = ax.set_title("", fontsize="medium", y=1.0, pad=4)
+        self.empty = ax.text(0.5, 0.5, "no photometry", ha="center", va="center", transform=ax.transAxes)
+        self.alert_line = ax.axvline(0.0, color="0.6", ls=":", lw=1)
+        self.drawn: list[Any] = []
+
+    def render(self, dps: pa.StructArray | None, object_id: str, alert_mjd: float | None) -> Any:
+        ax = self.ax
+        for artist in self.drawn:
+            artist.remove()
+        self.drawn = []
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+        xs: list[np.ndarray] = []
+        ys: list[np.ndarray] = []
+        if dps is not None and len(dps):
+            f = {k: pc.cast(dps.field(k), pa.float64()).to_numpy(zero_copy_only=False) for k in
+                 ("mjd", "mag", "mag_err", "maglim", "flux", "flux_err")}  # fmt: skip
+            kind = dps.field("kind").to_numpy(zero_copy_only=False)
+            band = np.asarray(dps.field("band").to_pylist(), dtype=object)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                snr = f["flux"] / f["flux_err"]
+                fmag, fmag_err = flux_to_mag(f["flux"]), 1.0857 * f["flux_err"] / f["flux"]
+            for b in _bands(band):
+                color, sel = BAND_COLORS.get(b, "#1f77b4"), band == b
+                det = sel & (kind == DETECTION) & np.isfinite(f["mag"]) & np.isfinite(f["mjd"])
+                if det.any():
+                    err = np.where(np.isfinite(f["mag_err"][det]), f["mag_err"][det], 0.0)
+                    self.drawn.append(ax.errorbar(f["mjd"][det], f["mag"][det], yerr=err, fmt="o", ms=4, color=color, label=b))
+                    xs.append(f["mjd"][det])
+                    ys += [f["mag"][det] - err, f["mag"][det] + err]
+                ul = sel & (kind == UPPER_LIMIT) & np.isfinite(f["maglim"]) & np.isfinite(f["mjd"])
+                if ul.any():
+                    label = None if det.any() else b  # a band with limits only still gets a legend entry
+                    self.drawn.append(ax.scatter(f["mjd"][ul], f["maglim"][ul], marker="v", s=22, facecolors="none", edgecolors=color, alpha=0.6, label=label))
+                    xs.append(f["mjd"][ul])
+                    ys.append(f["maglim"][ul])
+                fp = sel & (kind == FORCED) & (snr >= 3) & np.isfinite(fmag) & np.isfinite(f["mjd"])
+                if fp.any():
+                    self.drawn.append(ax.errorbar(f["mjd"][fp], fmag[fp], yerr=fmag_err[fp], fmt="s", ms=3, mfc="none", color=color, alpha=0.7))
+                    xs.append(f["mjd"][fp])
+                    ys += [fmag[fp] - fmag_err[fp], fmag[fp] + fmag_err[fp]]
+        has_alert = alert_mjd is not None and math.isfinite(alert_mjd)
+        self.alert_line.set_visible(has_alert)
+        if has_alert:
+            self.alert_line.set_xdata([alert_mjd, alert_mjd])
+            xs.append(np.array([alert_mjd]))
+        self.empty.set_visible(not ys)
+        if ys:
+            # outside the axes: the newest points (right edge) stay visible; 'best' would also be slow
+            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+        ax.set_xlim(*_padded(xs, (0.0, 1.0)))
+        lo, hi = _padded(ys, (0.0, 1.0))
+        ax.set_ylim(hi, lo)  # magnitudes: brighter up
+        self.title.set_text(str(object_id))
+        return self.fig
+
+
+def _padded(values: list[np.ndarray], empty: tuple[float, float]) -> tuple[float, float]:
+    """Data range plus 5% on each side (matplotlib's default margins); a single value gets +-1."""
+    v = np.concatenate(values) if values else np.empty(0)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return empty
+    lo, hi = float(v.min()), float(v.max())
+    pad = 0.05 * (hi - lo) if hi > lo else 1.0
+    return lo - pad, hi + pad
 
 
 def fits_image(blob: bytes) -> np.ndarray | None:
@@ -377,4 +423,4 @@ def _remove_stale(folder: Path, keep: set[str]) -> None:
             p.unlink(missing_ok=True)
 
 
-__all__ = ["T3HtmlReport", "T3HtmlReportConfig", "light_curve_figure", "CutoutCanvas", "load_cutouts"]
+__all__ = ["T3HtmlReport", "T3HtmlReportConfig", "light_curve_figure", "LightCurveCanvas", "CutoutCanvas", "load_cutouts"]
