@@ -276,7 +276,8 @@ def test_t3_waits_for_its_own_channel_only(archive, tmp_path):
     def t3_deps(w: Workflow, channel: str) -> tuple[set[str], dict]:
         run = compile_run(plan_workflow(w), arch, arch.partitions(), open_store({"kind": "parquet", "path": str(tmp_path / "s")}), "r", 4, 100)
         (key,) = [k for k, v in run.graph.items() if k.startswith("t3-") and isinstance(v, tuple) and run.graph[v[2]].name == channel]
-        return set(run.graph[key][8:]), run
+        sel = run.graph[key][6]  # the channel's selection, shared by its T3 units
+        return set(run.graph[sel][4:]), run
 
     only = wf(channels=[{**WORKFLOW["channels"][1], "name": "NO_T2", "t2": [], "t3": [export]}])
     deps, run = t3_deps(only, "NO_T2")

@@ -185,15 +185,18 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
 
     # --- T3 per channel and unit, after the tasks that write the channel's states and T2 results (not
     # every channel's: one channel's report can be drawn while another's history join still runs) ---
+    # (the channel's selection is one task, shared by its T3 units)
     for c in plans:
         t2_deps = run.produced_by.get(c.name, [])
         t3_sel = sorted(set(run.t1_names[c.name]) | set((t3_states or {}).get(c.name, [])))
+        sel_key = f"sel-{key_of('sel', c.name, t3_sel, [u.identity.key for u in c.t2])}"
         for i, unit in enumerate(c.t3):
             name = key_of("t3", unit.identity.key, c.name, t3_sel, [u.identity.key for u in c.t2])
             run.t3_names.append(name)
             if store.task_info(name) and not any(k.startswith(("t1", "t2")) for k in dsk):
                 continue
-            dsk[f"t3-{name}"] = (_t3, spec, pk[c.name], i, name, run_id, t3_sel, root, *t2_deps)
+            dsk.setdefault(sel_key, (_selection, spec, pk[c.name], t3_sel, *t2_deps))
+            dsk[f"t3-{name}"] = (tasks.run_t3, spec, pk[c.name], i, name, run_id, sel_key, root)
             run.sinks.append(f"t3-{name}")
     if not run.tasks:
         dsk.clear()  # only the plans: nothing to compute
@@ -218,5 +221,7 @@ def _pass(table, t0, plan, spec, key, shuffle, nbuckets):
     return passing.column("stock").to_numpy(), passing.column("mjd").to_numpy()
 
 
-def _t3(spec, plan, i, name, run_id, state_names, root, *_after):
-    return tasks.run_t3(spec, plan, i, name, run_id, state_names, root)
+def _selection(spec, plan, state_names, *_after):
+    from .store import open_store
+
+    return tasks.selection(open_store(spec), plan, state_names)

@@ -369,12 +369,12 @@ def _left_join(left: pa.Table, right: pa.Table, prefix: str) -> pa.Table:
     return left
 
 
-def run_t3(store_spec: dict, plan: ChannelPlan, unit_index: int, key: str, run_id: str, state_keys: list[str], archive_root: str | None, _after: list | None = None) -> dict:
+def run_t3(store_spec: dict, plan: ChannelPlan, unit_index: int, key: str, run_id: str, sel: pa.Table | None, archive_root: str | None) -> dict:
+    """One T3 unit over its channel's selection (computed once per channel, see :func:`selection`)."""
     from ..io.archive import Archive
 
     store = open_store(store_spec)
     unit = plan.t3[unit_index]
-    sel = selection(store, plan, state_keys)
     out_dir = store.t3_dir(plan.name, key)
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs: list[dict] = []
