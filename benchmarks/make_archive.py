@@ -93,7 +93,7 @@ def replica(base: pa.Table, k: int, rng: np.random.Generator, nights: int = 10) 
 def build(target: Path, alerts: int, part_rows: int = 25_000, nights: int = 10, work: Path | None = None) -> Path:
     """Write an archive of ``alerts`` replicated real ZTF alerts into ``target`` (cached when complete)."""
     marker = target / "_bench.json"
-    wanted = {"alerts": alerts, "part_rows": part_rows, "nights": nights, "layout": 2}  # 2: histories in _dps-*.arrow
+    wanted = {"alerts": alerts, "part_rows": part_rows, "nights": nights, "layout": 3}  # 2: histories in _dps-*.arrow; 3: Parquet LZ4
     if marker.exists() and json.loads(marker.read_text()).get("params") == wanted:
         return target
     shutil.rmtree(target, ignore_errors=True)

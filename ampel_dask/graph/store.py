@@ -7,7 +7,7 @@ durable at once.
 Parquet layout (every file written atomically, named by the content-hash key of the task that made it)::
 
     STORE/states/<channel>/<t1 key>.parquet          T1 states of one work unit (the channel's selection)
-    STORE/states/<channel>/_dps-<t1 key>.arrow        their datapoints (Arrow IPC, zstd), same row order
+    STORE/states/<channel>/_dps-<t1 key>.arrow        their datapoints (Arrow IPC, LZ4), same row order
     STORE/t2/<Unit>/<unit key>/<stage key>.parquet   T2 results: state_id, code, body columns, provenance
     STORE/tasks/<key>.json                           a finished task and its counts (a re-run skips it)
     STORE/journal/<run id>/<key>.parquet             one row per (stock, run, tier, channel, action)
@@ -69,7 +69,7 @@ class ParquetStore:
             return
         path = self.root / "states" / channel / f"{key}.parquet"
         if "dps" in table.column_names:
-            atomic_write(dps_path(path), dps_bytes(table.column("dps")))
+            atomic_write(dps_path(path), dps_bytes(table.column("dps"), "lz4"))
             table = table.drop_columns(["dps"])
         atomic_write(path, parquet_bytes(table))
 
