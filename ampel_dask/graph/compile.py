@@ -118,6 +118,7 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
     # --- channels on the packet's own history: everything per partition ---
     stage_units = _units(packet)
     units = work_units(parts, batch_rows)
+    t1_of_unit: dict[str, list[tuple[str, str]]] = {}  # work unit -> its packet channels' (T1, T0) tasks
     for part in units:
         h = part.key
         names = {c.name: key_of(c.t1_key, h) for c in packet}
@@ -137,6 +138,7 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
         t0 = ensure_read_t0(part, packet)
         for c in packet:
             dsk[f"t1-{names[c.name]}"] = (tasks.run_t1, f"read-{h}", t0[c.name], pk[c.name], spec, names[c.name], run_id)
+            t1_of_unit.setdefault(h, []).append((f"t1-{names[c.name]}", t0[c.name]))
         if stage:
             dsk[f"t2-{stage}"] = (_stage, spec, stage, run_id, len(inputs), *[pk[c.name] for c in packet], *[f"t1-{n}" for _, _, n in inputs])
             run.sinks.append(f"t2-{stage}")
@@ -172,8 +174,13 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
         hist_keys = []
         for q in work_units(sources, batch_rows):
             hk = key_of(c.t0_key, sel_id, q.key, history_buckets)
-            dsk[f"hist-{hk}"] = (tasks.history_pieces, root, q.paths, stocks_key, shuffle, hk, history_buckets)
+            read = f"read-{q.key}" if f"read-{q.key}" in dsk else None
+            # a unit the run read: its histories are decoded once, here, for its packet channels' T1 too
+            t1s = t1_of_unit.pop(q.key, []) if read else []
+            dsk[f"hist-{hk}"] = (tasks.history_pieces, root, q.paths, stocks_key, shuffle, hk, history_buckets, read, [t0 for _, t0 in t1s])
             hist_keys.append(f"hist-{hk}")
+            for k, _ in t1s:
+                dsk[k] = (*dsk[k], f"hist-{hk}")
         for b, (n, s) in enumerate(zip(names, stages)):
             dsk[f"t1h-{n}"] = (tasks.run_t1_history, shuffle, b, pk[c.name], spec, n, run_id, hist_keys)
             if s:

@@ -85,14 +85,22 @@ def run_t0(table: pa.Table, plan: ChannelPlan) -> T0Result:
     return T0Result(v, v.counts())
 
 
-def run_t1(table: pa.Table, t0: T0Result, plan: ChannelPlan, store_spec: dict, key: str, run_id: str, history: pa.Table | None = None) -> pa.Table:
-    """States of the accepted alerts; stored as the channel's selection for this work unit."""
+def run_t1(table: pa.Table, t0: T0Result, plan: ChannelPlan, store_spec: dict, key: str, run_id: str, carried: dict | None = None) -> pa.Table:
+    """States of the accepted alerts; stored as the channel's selection for this work unit.
+
+    ``carried``: what this unit's ``hist`` task returned, when a history channel decoded the unit's
+    histories already: the rows any packet channel accepted, with their histories (one decode)."""
     store = open_store(store_spec)
     accepted = t0.verdict.accepted
-    passing = with_histories(table).filter(pa.array(accepted)) if accepted.any() else None
+    if accepted.any() and carried and "dps" in carried:
+        rows = np.flatnonzero(accepted)
+        dps = carried["dps"].take(pa.array(np.searchsorted(carried["rows"], rows)))
+        passing = table.filter(pa.array(accepted)).append_column("dps", dps)
+    else:
+        passing = with_histories(table).filter(pa.array(accepted)) if accepted.any() else None
     if passing is None:
         passing = table.slice(0, 0).append_column("dps", pa.array([], pa.list_(DATAPOINT))) if "dps" not in table.column_names else table.slice(0, 0)
-    states = plan.t1.states(passing, plan.access, history)
+    states = plan.t1.states(passing, plan.access)
     store.write_states(plan.name, key, states)
     store.write_journal(run_id, key, _journal(states.column("stock"), run_id, 0, plan.name, "accepted", alert_id=states.column("alert_id")))
     n = table.num_rows
@@ -190,30 +198,52 @@ def stocks_of(summaries: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarra
     return stock[starts], np.maximum.reduceat(mjd, starts)
 
 
-def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.ndarray, np.ndarray], shuffle_dir: str, name: str, nbuckets: int) -> int:
+def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.ndarray, np.ndarray], shuffle_dir: str, name: str, nbuckets: int,
+                   table: pa.Table | None = None, packet_t0: list[T0Result] | None = None) -> dict:
     """The passing objects' packets in these archive parts, up to each object's latest passing alert
     (later packets add nothing to its states), as flat datapoints thinned to one copy per object and
-    datapoint, written by object bucket (the shuffle). Parts without such alerts cost only a read of
-    two small columns."""
+    datapoint, written by object bucket (the shuffle).
+
+    ``table``: these parts' rows as read for T0, when the run read them; their histories are then
+    decoded here once for the packet channels' T1 as well: the rows any of ``packet_t0`` accepted are
+    returned with their histories (``rows``, ``dps``). Without it, parts without such alerts cost only
+    a read of three small columns."""
     stocks, until = passing
-    if not len(stocks):
-        return 0
-    pieces = []
-    for rel in rel_paths:
-        path = f"{archive_root}/{rel}"
-        head = pq.ParquetFile(path).read(columns=["alert_id", "stock", "mjd"], use_threads=False)
+    out: dict = {"written": 0}
+
+    def wanted(head: pa.Table) -> np.ndarray:
+        if not len(stocks):
+            return np.zeros(head.num_rows, dtype=bool)
         stock = head.column("stock").to_numpy()
         at = np.minimum(np.searchsorted(stocks, stock), len(stocks) - 1)
-        keep = (stocks[at] == stock) & (head.column("mjd").to_numpy() <= until[at] + 1e-6)
-        if keep.any():
-            pieces.append(head.append_column("dps", read_dps(path)).filter(pa.array(keep)))
-    if not pieces:
-        return 0
-    flat = flat_history(pa.concat_tables(pieces))
-    rows = first_copies(flat)
-    rows = rows[np.argsort(bucket_of(flat.column("stock").to_numpy()[rows], nbuckets), kind="stable")]
-    write_buckets(flat.take(pa.array(rows)), shuffle_dir, "history", name, nbuckets)
-    return len(rows)
+        return (stocks[at] == stock) & (head.column("mjd").to_numpy() <= until[at] + 1e-6)
+
+    pieces = []
+    if table is not None:
+        keep = wanted(table)
+        carry = np.zeros(table.num_rows, dtype=bool)
+        for t0 in packet_t0 or []:
+            carry |= t0.verdict.accepted
+        if keep.any() or carry.any():
+            full = with_histories(table.select(["alert_id", "stock", "mjd"]))
+            if keep.any():
+                pieces.append(full.filter(pa.array(keep)))
+            if carry.any():
+                out.update(rows=np.flatnonzero(carry), dps=full.column("dps").take(pa.array(np.flatnonzero(carry))))
+    elif len(stocks):
+        for rel in rel_paths:
+            path = f"{archive_root}/{rel}"
+            head = pq.ParquetFile(path).read(columns=["alert_id", "stock", "mjd"], use_threads=False)
+            keep = wanted(head)
+            if keep.any():
+                pieces.append(head.append_column("dps", read_dps(path)).filter(pa.array(keep)))
+    if pieces:
+        flat = flat_history(pa.concat_tables(pieces))
+        rows = first_copies(flat)
+        rows = rows[np.argsort(bucket_of(flat.column("stock").to_numpy()[rows], nbuckets), kind="stable")]
+        write_buckets(flat.take(pa.array(rows)), shuffle_dir, "history", name, nbuckets)
+        out["written"] = len(rows)
+    return out
 
 
 def run_t2_stage(store_spec: dict, key: str, run_id: str, inputs: list[tuple[str, list[str], pa.Table]], units: list[T2StateUnit]) -> dict:
