@@ -89,11 +89,16 @@ def test_counts_reconcile_and_manifest_has_provenance(first_run, archive):
     assert {i["content_hash"] for i in manifest["inputs"]} == {p.content_hash for p in Archive(archive).partitions()}
     assert any(u["unit"] == "DecentFilter" and u["version"] for u in manifest["units"].values())
     s = ParquetStore(store)
+    seen: set[str] = set()
     for unit, key in s.t2_units():
         t = s.read_t2(unit, key)
         for col in ("run_id", "unit_version", "config_hash", "state_id", "t2_key"):
             assert t.column(col).null_count == 0
         assert set(t.column("run_id").to_pylist()) == {summary["run_id"]}
+        keys = t.column("t2_key").to_pylist()  # one key per (unit config, state), 16 hex digits
+        assert len(set(keys)) == t.num_rows and all(len(k) == 16 and int(k, 16) >= 0 for k in keys)
+        assert not seen & set(keys)
+        seen |= set(keys)
     assert summary["t3"]["outputs"] == 1
 
 

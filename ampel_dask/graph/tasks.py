@@ -323,8 +323,6 @@ def _as_table(out: pa.Table | list[dict], n: int, unit: T2StateUnit) -> pa.Table
 
 
 def _with_provenance(out: pa.Table, states: pa.Table, unit: T2StateUnit, run_id: str) -> pa.Table:
-    from ..tiers.base import short_hash
-
     n = states.num_rows
     ukey = unit.identity.key
     sid = states.column("state_id")
@@ -335,12 +333,26 @@ def _with_provenance(out: pa.Table, states: pa.Table, unit: T2StateUnit, run_id:
         "unit": pa.array([unit.name()] * n),
         "unit_version": pa.array([str(unit.version)] * n),
         "config_hash": pa.array([unit.config_hash] * n),
-        "t2_key": pa.array([short_hash(f"{ukey}|{s}") for s in sid.to_pylist()]),
+        "t2_key": t2_keys(ukey, sid.to_numpy()),
         "run_id": pa.array([run_id] * n),
         "code": out.column("code").cast(pa.int32()) if "code" in out.column_names else pa.array(np.zeros(n, dtype=np.int32)),
     }
     body = {c: out.column(c) for c in out.column_names if c not in prov}
     return pa.table({**prov, **body})
+
+
+def t2_keys(unit_key: str, state_ids: np.ndarray) -> pa.Array:
+    """One 16-hex-digit key per (unit identity, state): the state id mixed with a 64-bit salt of the
+    unit's key (splitmix64), vectorised; a per-row blake2b cost ~2 us per result."""
+    import hashlib
+
+    from ..io.layout import splitmix64
+
+    salt = np.uint64(int.from_bytes(hashlib.blake2b(unit_key.encode(), digest_size=8).digest(), "big"))
+    mixed = splitmix64(np.asarray(state_ids, dtype=np.int64).view(np.uint64) ^ salt)
+    n = len(mixed)
+    text = mixed.astype(">u8").tobytes().hex().encode()
+    return pa.StringArray.from_buffers(n, pa.py_buffer(np.arange(0, 16 * n + 1, 16, dtype=np.int32)), pa.py_buffer(text))
 
 
 def _journal(stock: pa.ChunkedArray | pa.Array, run_id: str, tier: int, channel_or_unit: str, action: str, alert_id=None, state_id=None) -> pa.Table:

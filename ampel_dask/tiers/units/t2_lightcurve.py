@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
+from ...io.arrays import codes_of
 from ..base import T2StateUnit, UnitConfig
 from ..states import KINDS
 
@@ -99,7 +100,7 @@ def band_curves(states: pa.Table, bands: list[str], kinds: list[str], value: Lit
     start, end = int(offsets[0]), int(offsets[-1])
     flat = arr.values.slice(start, end - start)
     rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(offsets))
-    code = pc.fill_null(pc.index_in(flat.field("band"), value_set=pa.array(bands)), -1).to_numpy(zero_copy_only=False)
+    code = codes_of(flat.field("band"), bands)
     kind = _numpy(flat.field("kind"), np.int8)
     err_name = "mag_err" if value == "mag" else "flux_err"
     t, m, s = _numpy(flat.field("mjd")), _numpy(flat.field(value)), _numpy(flat.field(err_name))
