@@ -20,7 +20,7 @@ from ampel_dask.io.archive import Archive
 from ampel_dask.io.ingest import IngestOptions, ingest
 from ampel_dask.tiers.adapters import AlertView, PerAlertFilter
 from ampel_dask.tiers.base import UnitConfigError, Verdict
-from ampel_dask.tiers.states import T1PolicyConfig, alert_access, build_states, flat_history, one_copy
+from ampel_dask.tiers.states import T1PolicyConfig, alert_access, build_states, flat_history, one_copy, thinned_history
 from ampel_dask.tiers.units.t0_filters import DecentFilter, ExpressionFilter, LSSTQualityFilter
 
 DECENT = {  # the cuts of ../shared/recipes/ampel/ztf_decent.yaml (AMPEL's reference run)
@@ -194,6 +194,10 @@ def test_archived_history_states_match_a_per_alert_reference(tmp_path, data_dir)
         assert dps == want
     pieces = [one_copy(history.slice(k, 200)) for k in range(0, history.num_rows, 200)]
     assert one_copy(pa.concat_tables(pieces)).equals(one_copy(history))
+    # the hist tasks' single-gather version, on alerts in several chunks and a subset of them
+    chunked = pa.concat_tables([alerts.slice(0, 10), alerts.slice(10, 15), alerts.slice(25)])
+    keep = np.arange(chunked.num_rows) % 3 != 1
+    assert thinned_history(chunked, keep).equals(one_copy(flat_history(chunked.filter(pa.array(keep)))))
 
 
 def test_public_channel_never_sees_partnership_photometry(ztf_alerts):

@@ -25,7 +25,7 @@ from ..io.arrays import first_rows, order_by
 from ..io.layout import DATAPOINT
 from ..tiers.base import T2StateUnit, T3Context, Verdict
 from ..tiers.columns import SUMMARY
-from ..tiers.states import HISTORY_SCHEMA, STATE_COLUMNS, alert_access, first_copies, flat_history
+from ..tiers.states import HISTORY_SCHEMA, STATE_COLUMNS, alert_access, thinned_history
 from .plan import ChannelPlan
 from .store import contains, open_store
 
@@ -218,7 +218,7 @@ def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.nd
         at = np.minimum(np.searchsorted(stocks, stock), len(stocks) - 1)
         return (stocks[at] == stock) & (head.column("mjd").to_numpy() <= until[at] + 1e-6)
 
-    pieces = []
+    pieces = []  # (alerts with their histories, which rows to keep)
     if table is not None:
         keep = wanted(table)
         carry = np.zeros(table.num_rows, dtype=bool)
@@ -227,7 +227,7 @@ def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.nd
         if keep.any() or carry.any():
             full = with_histories(table.select(["alert_id", "stock", "mjd"]))
             if keep.any():
-                pieces.append(full.filter(pa.array(keep)))
+                pieces.append((full, keep))
             if carry.any():
                 out.update(rows=np.flatnonzero(carry), dps=full.column("dps").take(pa.array(np.flatnonzero(carry))))
     elif len(stocks):
@@ -236,13 +236,12 @@ def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.nd
             head = pq.ParquetFile(path).read(columns=["alert_id", "stock", "mjd"], use_threads=False)
             keep = wanted(head)
             if keep.any():
-                pieces.append(head.append_column("dps", read_dps(path)).filter(pa.array(keep)))
+                pieces.append((head.append_column("dps", read_dps(path)), keep))
     if pieces:
-        flat = flat_history(pa.concat_tables(pieces))
-        rows = first_copies(flat)
-        rows = rows[np.argsort(bucket_of(flat.column("stock").to_numpy()[rows], nbuckets), kind="stable")]
-        write_buckets(flat.take(pa.array(rows)), shuffle_dir, "history", name, nbuckets)
-        out["written"] = len(rows)
+        alerts = pa.concat_tables([a for a, _ in pieces])
+        flat = thinned_history(alerts, np.concatenate([k for _, k in pieces]), group=lambda stock: bucket_of(stock, nbuckets))
+        write_buckets(flat, shuffle_dir, "history", name, nbuckets)
+        out["written"] = flat.num_rows
     return out
 
 

@@ -8,6 +8,7 @@ Nothing later than the alert ever enters its state (no look-ahead).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -128,7 +129,8 @@ def build_states(alerts: pa.Table, policy: T1PolicyConfig, access: list[str], hi
     """
     n = alerts.num_rows
     if history is None:
-        source, rows = _flat(alerts.column("dps"))
+        flat, rows = _flat(alerts.column("dps"))
+        source = pa.table({f.name: flat.field(f.name) for f in DATAPOINT})
         cand = None
     else:
         if "dps" in alerts.column_names:
@@ -138,26 +140,30 @@ def build_states(alerts: pa.Table, policy: T1PolicyConfig, access: list[str], hi
     def at(values: np.ndarray) -> np.ndarray:  # a datapoint column, one value per candidate
         return values if cand is None else values[cand]
 
+    def col(name: str) -> pa.ChunkedArray:
+        return source.column(name)
+
     alert_mjd = alerts.column("mjd").to_numpy(zero_copy_only=False)
-    mjd = at(pc.fill_null(source.field("mjd"), np.inf).to_numpy(zero_copy_only=False))
-    kind = at(source.field("kind").to_numpy(zero_copy_only=False))
+    mjd = at(pc.fill_null(col("mjd"), np.inf).to_numpy())
+    kind = at(col("kind").to_numpy())
     keep = mjd <= alert_mjd[rows] + TIME_EPS  # no look-ahead
     keep &= np.isin(kind, [KINDS[k] for k in policy.kinds])
     if policy.exclude_flags:
-        flags = at(pc.fill_null(source.field("flags"), 0).to_numpy(zero_copy_only=False))
+        flags = at(pc.fill_null(col("flags"), 0).to_numpy())
         keep &= (flags & policy.exclude_flags) == 0
     if policy.exclude_bands:
-        keep &= ~at(np.asarray(pc.is_in(source.field("band"), value_set=pa.array(policy.exclude_bands)).fill_null(False)))
+        keep &= ~at(np.asarray(pc.is_in(col("band"), value_set=pa.array(policy.exclude_bands)).fill_null(False)))
     if policy.min_rb is not None:
-        rb = at(pc.fill_null(pc.cast(source.field("rb"), pa.float64()), np.inf).to_numpy(zero_copy_only=False))
+        rb = at(pc.fill_null(pc.cast(col("rb"), pa.float64()), np.inf).to_numpy())
         keep &= (kind != DETECTION) | (rb >= policy.min_rb)
     survey = np.asarray(alerts.column("survey").to_numpy(zero_copy_only=False))[rows]
-    pid = at(pc.cast(source.field("programid"), pa.float64()).to_numpy(zero_copy_only=False))
+    pid = at(pc.cast(col("programid"), pa.float64()).to_numpy())
     keep &= access_mask(survey, pid, access)
 
     idx = np.flatnonzero(keep)
     kept_rows = rows[idx]
-    kept = source.take(pa.array(idx if cand is None else cand[idx]))
+    taken = source.take(pa.array(idx if cand is None else cand[idx]))  # the one gather of datapoints
+    kept = pa.StructArray.from_arrays([taken.column(f.name).combine_chunks() for f in DATAPOINT], fields=list(DATAPOINT))
     offsets = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(np.bincount(kept_rows, minlength=n), out=offsets[1:])
     dps = pa.ListArray.from_arrays(pa.array(offsets), kept)
@@ -194,6 +200,35 @@ def flat_history(alerts: pa.Table) -> pa.Table:
     )
 
 
+def thinned_history(alerts: pa.Table, keep: np.ndarray, group: Callable[[np.ndarray], np.ndarray] | None = None) -> pa.Table:
+    """``one_copy(flat_history(alerts.filter(keep)))`` with one gather: the copies are chosen on their
+    numeric keys first, and only the chosen ones are copied (no filtered nested lists in between).
+
+    ``group``: a key computed from the stock; the rows come grouped by it (stable), e.g. by bucket.
+    """
+    stock, packet, packet_mjd = (alerts.column(c).to_numpy(zero_copy_only=False) for c in ("stock", "alert_id", "mjd"))
+    values, where, rows, base = [], [], [], 0
+    r0 = 0
+    for chunk in alerts.column("dps").chunks:
+        sel = np.flatnonzero(keep[r0 : r0 + len(chunk)])
+        off = np.asarray(chunk.offsets)
+        lengths = off[sel + 1] - off[sel]
+        where.append(base + np.repeat(off[sel] - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum(), dtype=np.int64))
+        rows.append(np.repeat(sel + r0, lengths))
+        values.append(chunk.values)
+        base += len(chunk.values)
+        r0 += len(chunk)
+    where_all, row = np.concatenate(where or [np.empty(0, np.int64)]), np.concatenate(rows or [np.empty(0, np.int64)])
+    dp_id = np.concatenate([v.field("dp_id").to_numpy(zero_copy_only=False) for v in values] or [np.empty(0, np.int64)])[where_all]
+    keys = pa.table({"stock": stock[row], "dp_id": dp_id, "packet": packet[row], "packet_mjd": packet_mjd[row]})
+    pick = first_copies(keys) if keys.num_rows else np.empty(0, np.int64)
+    if group is not None and len(pick):
+        pick = pick[np.argsort(group(stock[row[pick]]), kind="stable")]
+    chosen = pa.chunked_array(values, type=DATAPOINT).take(pa.array(where_all[pick])).combine_chunks() if values else pa.array([], DATAPOINT)
+    r = row[pick]
+    return pa.table({"stock": stock[r], "packet": packet[r], "packet_mjd": packet_mjd[r], **{f.name: chosen.field(f.name) for f in DATAPOINT}})
+
+
 def one_copy(history: pa.Table) -> pa.Table:
     """Each (object, datapoint) once, in (stock, dp_id) order (see :func:`first_copies`)."""
     return history.take(pa.array(first_copies(history))) if history.num_rows else history
@@ -219,15 +254,16 @@ def first_copies(history: pa.Table) -> np.ndarray:
     return order[first]
 
 
-def _object_history(alerts: pa.Table, history: pa.Table) -> tuple[pa.StructArray, np.ndarray, np.ndarray]:
+def _object_history(alerts: pa.Table, history: pa.Table) -> tuple[pa.Table, np.ndarray, np.ndarray]:
     """A join by object done with sorted arrays: each alert row's candidates are its object's
     datapoints (one copy each) up to the alert's time, a contiguous run of the history sorted by
-    (stock, mjd). Returns the datapoints, and per candidate its alert row and its datapoint."""
-    h = one_copy(history)
-    h_stock = h.column("stock").to_numpy(zero_copy_only=False)
-    h_mjd = pc.fill_null(h.column("mjd"), np.inf).to_numpy(zero_copy_only=False)
-    order = order_by((h_stock, "ascending"), (h_mjd, "ascending"), (h.column("dp_id").to_numpy(zero_copy_only=False), "ascending"))
-    h_stock, h_mjd = h_stock[order], h_mjd[order]
+    (stock, mjd). Returns the history's datapoint columns, and per candidate its alert row and its
+    history row (nothing is gathered here: the policy's cut comes first)."""
+    pick = first_copies(history) if history.num_rows else np.empty(0, np.int64)
+    h_stock = history.column("stock").to_numpy(zero_copy_only=False)[pick]
+    h_mjd = pc.fill_null(history.column("mjd"), np.inf).to_numpy(zero_copy_only=False)[pick]
+    order = order_by((h_stock, "ascending"), (h_mjd, "ascending"), (history.column("dp_id").to_numpy(zero_copy_only=False)[pick], "ascending"))
+    h_stock, h_mjd, pick = h_stock[order], h_mjd[order], pick[order]
     a_stock = alerts.column("stock").to_numpy(zero_copy_only=False)
     n, m = len(a_stock), len(h_stock)
     lo = np.searchsorted(h_stock, a_stock, "left")
@@ -243,10 +279,8 @@ def _object_history(alerts: pa.Table, history: pa.Table) -> tuple[pa.StructArray
     hi[merged[at] - m] = at - np.arange(len(at))
     counts = np.maximum(hi - lo, 0)
     rows = np.repeat(np.arange(n, dtype=np.int64), counts)
-    starts = np.repeat(lo - (np.cumsum(counts) - counts), counts)
-    cand = order[starts + np.arange(len(rows), dtype=np.int64)]
-    source = pa.StructArray.from_arrays([h.column(f.name).combine_chunks() for f in DATAPOINT], fields=list(DATAPOINT))
-    return source, rows, cand
+    runs = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(len(rows), dtype=np.int64)
+    return history.select([f.name for f in DATAPOINT]), rows, pick[runs]
 
 
-__all__ = ["T1Policy", "T1PolicyConfig", "build_states", "state_ids", "access_mask", "alert_access", "STATE_COLUMNS", "flat_history", "one_copy", "first_copies", "HISTORY_RULE", "HISTORY_SCHEMA"]
+__all__ = ["T1Policy", "T1PolicyConfig", "build_states", "state_ids", "access_mask", "alert_access", "STATE_COLUMNS", "flat_history", "thinned_history", "one_copy", "first_copies", "HISTORY_RULE", "HISTORY_SCHEMA"]
