@@ -136,8 +136,12 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
             run.skipped_partitions += len(part.parts)
             continue
         t0 = ensure_read_t0(part, packet)
+        rows = f"read-{h}"
+        if hist:  # T1 waits for the history channels' hist task: keep only the columns it needs meanwhile
+            rows = f"rows-{h}"
+            dsk[rows] = (tasks.state_rows, f"read-{h}")
         for c in packet:
-            dsk[f"t1-{names[c.name]}"] = (tasks.run_t1, f"read-{h}", t0[c.name], pk[c.name], spec, names[c.name], run_id)
+            dsk[f"t1-{names[c.name]}"] = (tasks.run_t1, rows, t0[c.name], pk[c.name], spec, names[c.name], run_id)
             t1_of_unit.setdefault(h, []).append((f"t1-{names[c.name]}", t0[c.name]))
         if stage:
             dsk[f"t2-{stage}"] = (_stage, spec, stage, run_id, len(inputs), *[pk[c.name] for c in packet], *[f"t1-{n}" for _, _, n in inputs])
@@ -174,7 +178,7 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
         hist_keys = []
         for q in work_units(sources, batch_rows):
             hk = key_of(c.t0_key, sel_id, q.key, history_buckets)
-            read = f"read-{q.key}" if f"read-{q.key}" in dsk else None
+            read = next((k for k in (f"rows-{q.key}", f"read-{q.key}") if k in dsk), None)
             # a unit the run read: its histories are decoded once, here, for its packet channels' T1 too
             t1s = t1_of_unit.pop(q.key, []) if read else []
             dsk[f"hist-{hk}"] = (tasks.history_pieces, root, q.paths, stocks_key, shuffle, hk, history_buckets, read, [t0 for _, t0 in t1s])

@@ -51,7 +51,7 @@ def read_partition(archive_root: str, rel_paths: str | list[str], columns: list[
     return table.replace_schema_metadata({b"ampel_dask.paths": "\n".join(paths).encode()})
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=2)  # a 25k-alert part decodes to ~45 MB
 def _histories(path: str) -> pa.ChunkedArray:
     """The nested history of a partition: read once per process however many channels need it."""
     return read_dps(path)
@@ -107,6 +107,12 @@ def run_t1(table: pa.Table, t0: T0Result, plan: ChannelPlan, store_spec: dict, k
     counts = {"alerts": n, "passed": int(t0.verdict.accepted.sum()), "rejected": n - int(t0.verdict.accepted.sum()), "reasons": {k: v for k, v in t0.counts.items() if k != "accepted"}}
     store.mark_task(key, {"kind": "t1", "channel": plan.name, "states": states.num_rows, **counts})
     return states
+
+
+def state_rows(table: pa.Table) -> pa.Table:
+    """The columns a state takes from its alert (and ``dps`` if the batch has it): what a work unit
+    keeps in memory after T0, while it waits for the history channels' ``hist`` task."""
+    return table.select([c for c in STATE_COLUMNS if c != "state_id" and c in table.column_names])
 
 
 def passing_alerts(table: pa.Table, t0: T0Result) -> pa.Table:
