@@ -22,6 +22,7 @@ from ampel_dask.graph.store import ParquetStore
 from ampel_dask.graph.workflow import Workflow, WorkflowError, load_workflow
 from ampel_dask.io.archive import Archive
 from ampel_dask.io.ingest import IngestOptions, ingest
+from ampel_dask.io.processes import WORKER_MALLOC
 
 from .test_tiers import DECENT
 
@@ -210,6 +211,8 @@ def test_results_identical_with_1_and_2_workers_and_other_partition_sizes(first_
         summary = run(src, store, workers=workers)
         assert t2_rows(store) == t2_rows(store1), (workers, src)
         assert summary["channels"] == first_run[1]["channels"]
+        manifest = json.loads((store / "runs" / f"{summary['run_id']}.json").read_text())
+        assert len(manifest["workers"]) == workers and all(w["malloc"] == WORKER_MALLOC for w in manifest["workers"])  # io/processes.py
 
 
 def test_worker_killed_mid_run_still_completes_identically(tmp_path, data_dir):

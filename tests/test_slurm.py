@@ -15,6 +15,7 @@ from ampel_dask.graph.runner import RunOptions, run_workflow
 from ampel_dask.graph.store import ParquetStore
 from ampel_dask.graph.workflow import Workflow
 from ampel_dask.io.ingest import IngestOptions, ingest
+from ampel_dask.io.processes import WORKER_MALLOC
 
 from .slurm_fixture import slurm  # noqa: F401
 from .test_graph import t2_rows
@@ -55,6 +56,7 @@ def test_workflow_on_slurm_jobs_matches_local_run(slurm, archive, reference, tmp
     manifest = json.loads((store / "runs" / f"{summary['run_id']}.json").read_text())
     jobs = {w["slurm_job_id"] for w in manifest["workers"]}
     assert jobs and None not in jobs  # the workers were sbatch jobs
+    assert all(w["malloc"] == WORKER_MALLOC for w in manifest["workers"])  # exported by the job prologue
     stages = [json.loads(p.read_text()) for p in (store / "tasks").glob("*.json")]
     seen = {s["worker"]["slurm_job_id"] for s in stages if s.get("kind") == "t2"}
     assert seen and None not in seen  # and the tasks ran inside them

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 from .. import __version__
 from ..io.archive import Archive
 from .compile import CompiledRun, compile_run
+from ..io.processes import WORKER_MALLOC
 from .plan import plan_workflow, unit_versions
 from .store import open_store, spec_for
 from .watchdog import StalledRun, Watchdog
@@ -116,9 +117,15 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
 
 
 def _workers(client) -> list[dict]:
-    """Where the graph ran: each worker's host, pid and SLURM job (provenance for cluster runs)."""
+    """Where the graph ran: each worker's host, pid, SLURM job and malloc settings (provenance for
+    cluster runs; the allocator settings move a run's speed, see ``io/processes.py``)."""
+
+    def where() -> dict:
+        return {"host": platform.node(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                "malloc": {k: os.environ.get(k) for k in WORKER_MALLOC}}  # fmt: skip
+
     try:
-        info = client.run(lambda: {"host": platform.node(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
+        info = client.run(where)
     except Exception:  # a worker leaving while we ask must not fail the run
         return []
     return [{"address": addr, **v} for addr, v in sorted(info.items())]
