@@ -4,15 +4,14 @@ Per archive partition (content hash h): ``read-h`` -> ``t0-<filters, access, h>`
 chain -> ``t1-<chain, policy, h>`` per channel -> one ``t2-...`` stage for all T2 units of all channels
 (states de-duplicated across channels, stored states skipped). Channels whose T1 policy joins the
 archived history get a shuffle by object: passing alerts, and their objects' packets from every
-archive part as flat datapoints (one copy each) -> ``t1h`` per object bucket -> a T2 stage per bucket. T3 runs per channel and unit after
-its channel's T2 stages. Identical work has identical keys, so it collapses within a run; finished
+archive part as flat datapoints (one copy each) -> ``t1h`` per object bucket -> a T2 stage per
+bucket. T3 runs per channel and unit after its channel's T2 stages. Identical work has identical keys, so it collapses within a run; finished
 work has a marker in the store, so a re-run leaves it out of the graph entirely.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
 
 from ..io.archive import Archive, Partition
 from ..tiers.base import T2StateUnit

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import uuid
 from functools import lru_cache
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..io.archive import read_dps, read_part
+from ..io.archive import atomic_target, read_dps, read_part
 from ..io.arrays import first_rows, order_by
 from ..io.layout import DATAPOINT
 from ..tiers.base import T2StateUnit, T3Context, Verdict
@@ -165,13 +164,10 @@ def write_buckets(table: pa.Table, shuffle_dir: str, kind: str, name: str, nbuck
         table, b = table.take(pa.array(order)), b[order]
     table = table.combine_chunks()
     bounds = np.searchsorted(b, np.arange(nbuckets + 1))
-    path = Path(shuffle_dir) / kind / f"{name}.arrow"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # written in place, then renamed (atomic)
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        for k in range(nbuckets):
-            writer.write_batch(_one_batch(table.slice(bounds[k], bounds[k + 1] - bounds[k])))
-    os.replace(tmp, path)
+    with atomic_target(Path(shuffle_dir) / kind / f"{name}.arrow") as tmp, pa.OSFile(str(tmp), "wb") as sink:
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            for k in range(nbuckets):
+                writer.write_batch(_one_batch(table.slice(bounds[k], bounds[k + 1] - bounds[k])))
 
 
 def _one_batch(table: pa.Table) -> pa.RecordBatch:

@@ -159,6 +159,20 @@ def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def atomic_target(path: Path) -> Iterator[Path]:
+    """A temp path beside ``path`` for a writer that wants a file name (Arrow, pandas, matplotlib);
+    renamed onto ``path`` when the block succeeds, removed when it fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def sync() -> None:
     """Flush every file written so far to disk (one call instead of an fsync per file)."""
     os.sync()

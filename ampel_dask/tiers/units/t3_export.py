@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +19,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
+from ...io.archive import atomic_target
 from ..base import T3Context, T3Unit, UnitConfig
 
 T2_SEP = "__"  # T2 result columns are named <T2 unit>__<field>
@@ -74,19 +72,6 @@ def to_json_column(col: pa.ChunkedArray | pa.Array) -> pa.Array:
     """A nested column as one JSON string per row (null stays null)."""
     dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
     return pa.array([None if v is None else dumps(json_safe(v)) for v in col.to_pylist()], type=pa.string())
-
-
-@contextmanager
-def atomic_target(path: Path) -> Iterator[Path]:
-    """A temp path beside ``path``; renamed onto it when the block succeeds, removed when it fails."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # --- the unit -------------------------------------------------------------------------------------

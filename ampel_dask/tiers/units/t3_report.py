@@ -29,7 +29,8 @@ from pydantic import Field, field_validator
 
 from ...io.layout import DETECTION, FORCED, UPPER_LIMIT, flux_to_mag
 from ..base import T3Context, T3Unit, UnitConfig
-from .t3_export import atomic_target, json_safe, match_columns, safe_name, t2_columns
+from ...io.archive import atomic_target
+from .t3_export import json_safe, match_columns, safe_name, t2_columns
 
 log = logging.getLogger(__name__)
 
