@@ -215,6 +215,20 @@ def test_results_identical_with_1_and_2_workers_and_other_partition_sizes(first_
         assert len(manifest["workers"]) == workers and all(w["malloc"] == WORKER_MALLOC for w in manifest["workers"])  # io/processes.py
 
 
+def test_workers_get_the_malloc_settings_after_a_plain_cluster_in_this_process():
+    """distributed copies its MALLOC_TRIM_THRESHOLD_ into the starting process's environment and reads
+    the environment over its config: a plain LocalCluster started first must not undo ours."""
+    from distributed import Client, LocalCluster
+
+    from ampel_dask.io.processes import local_cluster
+
+    with LocalCluster(n_workers=1, processes=True, dashboard_address=None):
+        pass
+    with local_cluster(1, dashboard_address=None) as cluster, Client(cluster) as client:
+        seen = client.run(lambda: {k: os.environ.get(k) for k in WORKER_MALLOC})
+    assert list(seen.values()) == [WORKER_MALLOC]
+
+
 def test_worker_killed_mid_run_still_completes_identically(tmp_path, data_dir):
     from distributed import Client, LocalCluster
 

@@ -23,11 +23,21 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+DISTRIBUTED_MALLOC = {"MALLOC_TRIM_THRESHOLD_": "65536"}  # distributed's own pre-spawn value
+
+
 def worker_environ() -> dict:
-    """The nanny's ``pre-spawn-environ`` with :data:`WORKER_MALLOC` (a variable already set in this
-    process's environment still wins: distributed reads it over the config)."""
+    """The nanny's ``pre-spawn-environ`` with :data:`WORKER_MALLOC`.
+
+    distributed reads these variables from this process's environment over its config, and copies
+    them into this environment when it starts workers: after a cluster started earlier in the process
+    with distributed's own value, that value would win over ours. It is dropped from the environment
+    here; any other value found there (the user's) is kept."""
     import dask
 
+    for k, v in DISTRIBUTED_MALLOC.items():
+        if os.environ.get(k) == v:
+            del os.environ[k]
     return {**(dask.config.get("distributed.nanny.pre-spawn-environ") or {}), **WORKER_MALLOC}
 
 
