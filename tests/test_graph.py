@@ -124,6 +124,18 @@ def test_rerun_computes_nothing_and_gives_identical_results(first_run, archive):
     assert t2_rows(store) == before
 
 
+def test_store_deleted_between_runs_in_one_process_is_computed_again(first_run, archive, tmp_path):
+    """Workers cache which results exist; a store deleted while they live on must not count as done."""
+    import shutil
+
+    store = tmp_path / "store"
+    first = run(archive, store, workers=0)
+    shutil.rmtree(store)
+    again = run(archive, store, workers=0)
+    assert again["t2"]["computed"] == first["t2"]["computed"] > 0 and again["t2"]["reused"] == first["t2"]["reused"]
+    assert t2_rows(store) == t2_rows(first_run[0])
+
+
 def test_archive_with_histories_inside_parquet_gives_identical_results(first_run, archive, tmp_path, data_dir):
     """An archive of the earlier layout (history nested in each part's Parquet file, no history files,
     an index without their column) is read the same: identical states and T2 results."""

@@ -18,6 +18,7 @@ Parquet layout (every file written atomically, named by the content-hash key of 
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -169,19 +170,28 @@ def _of(stock: int | None) -> list | None:
 
 
 class _DoneIds:
-    """Per-process cache: result folder -> (files already read, sorted state ids in them)."""
+    """Per-process cache: result folder -> (files already read, by name and inode; sorted state ids in
+    them). A file read before that is gone or replaced (a store deleted or pruned while the workers
+    live on) empties the folder's cache: its ids would otherwise count as done without a result."""
 
     def __init__(self) -> None:
-        self._seen: dict[Path, tuple[set[str], np.ndarray]] = {}
+        self._seen: dict[Path, tuple[set[tuple[str, int]], np.ndarray]] = {}
 
     def ids(self, folder: Path) -> np.ndarray:
         files, ids = self._seen.get(folder, (set(), np.empty(0, dtype=np.int64)))
-        new = [p for p in (folder.glob("*.parquet") if folder.exists() else []) if p.name not in files]
+        try:
+            with os.scandir(folder) as it:
+                present = {(e.name, e.inode()): e.path for e in it if e.name.endswith(".parquet") and not e.name.startswith(".")}
+        except FileNotFoundError:
+            present = {}
+        if not files <= present.keys():
+            files, ids = set(), np.empty(0, dtype=np.int64)
+            self._seen.pop(folder, None)
+        new = [f for f in present if f not in files]
         if new:
-            parts = [_read(p, ["state_id"]).column("state_id").to_numpy() for p in new]
+            parts = [_read(Path(present[f]), ["state_id"]).column("state_id").to_numpy() for f in new]
             ids = sorted_unique(np.concatenate([ids, *parts]))
-            files = files | {p.name for p in new}
-            self._seen[folder] = (files, ids)
+            self._seen[folder] = (files | set(new), ids)
         return ids
 
 
