@@ -446,3 +446,27 @@ def test_classifier_on_states(trained_model, ztf_states):
     with pytest.raises(ValueError, match="features config differs"):
         T2Classifier(model=str(path), features={"min_points": 5})
     assert not math.isnan(summary["train_accuracy"])
+
+
+def test_classifier_direct_tree_calls_equal_sklearn(trained_model, ztf_states):
+    """The forest's trees are called directly (per-call speed); the probabilities are sklearn's own,
+    on real features with missing values, and other estimators go through their predict_proba."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.impute import SimpleImputer
+
+    from ampel_dask.tiers.units.t2_classifier import feature_matrix, load_model, predict_proba
+
+    path, _ = trained_model
+    bundle = load_model(path)
+    feats = T2LightCurveFeatures(bundle["feature_unit"]["config"]).process(ztf_states)
+    x = feature_matrix(feats, bundle["features"])
+    assert np.isnan(x).any() and len(x) > 100
+    model = bundle["model"]
+    np.testing.assert_array_equal(predict_proba(model, x), model.predict_proba(x))
+    forest = model.steps[-1][1]
+    xi = model.steps[0][1].transform(x)
+    np.testing.assert_array_equal(predict_proba(forest, xi), forest.predict_proba(xi))
+    y = np.asarray(bundle["classes"])[np.arange(len(x)) % len(bundle["classes"])]
+    other = make_pipeline(SimpleImputer(keep_empty_features=True), LogisticRegression(max_iter=200)).fit(x, y)
+    np.testing.assert_array_equal(predict_proba(other, x), other.predict_proba(x))

@@ -100,6 +100,33 @@ def feature_matrix(table: pa.Table, columns: list[str]) -> np.ndarray:
     return x
 
 
+def predict_proba(model: Any, x: np.ndarray) -> np.ndarray:
+    """``model.predict_proba(x)``; for a (pipeline ending in a) random forest, the trees are called
+    directly: the forest's own call dispatches each tree through joblib with sklearn's config context,
+    ~0.2 ms per tree, 4-7x the tree evaluation itself on a work unit's few hundred states. The result
+    is the same mean of the trees' probabilities (the test compares them)."""
+    steps = getattr(model, "steps", None)
+    *pre, last = [s for _, s in steps] if steps else [model]
+    trees = getattr(last, "estimators_", None)
+    if not _plain_forest(last, trees):
+        return model.predict_proba(x)
+    for step in pre:
+        x = step.transform(x)
+    x = np.ascontiguousarray(x, dtype=np.float32)  # what the forest's input check makes of it
+    p = trees[0].predict_proba(x, check_input=False)
+    for t in trees[1:]:
+        p += t.predict_proba(x, check_input=False)
+    return p / len(trees)
+
+
+def _plain_forest(est: Any, trees: Any) -> bool:
+    from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
+    from sklearn.tree import BaseDecisionTree
+
+    return (type(est) in (RandomForestClassifier, ExtraTreesClassifier) and isinstance(trees, list) and bool(trees)
+            and all(isinstance(t, BaseDecisionTree) and t.n_outputs_ == 1 for t in trees) and est.n_outputs_ == 1)  # fmt: skip
+
+
 def class_column(name: str) -> str:
     return "p_" + re.sub(r"\W+", "_", str(name)).strip("_")
 
@@ -161,7 +188,7 @@ class T2Classifier(T2StateUnit):
         ok = pc.fill_null(pc.equal(feats.column("code"), 0), False).to_numpy(zero_copy_only=False)
         proba = np.full((n, len(self.classes)), np.nan)
         if ok.any():
-            p = self.model.predict_proba(feature_matrix(feats, self.config.columns)[ok])
+            p = predict_proba(self.model, feature_matrix(feats, self.config.columns)[ok])
             order = [list(map(str, self.model.classes_)).index(k) for k in self.classes]
             proba[ok] = p[:, order]
         best = np.argmax(np.where(ok[:, None], proba, -1.0), axis=1) if n else np.zeros(0, dtype=np.int64)
@@ -173,4 +200,4 @@ class T2Classifier(T2StateUnit):
         return pa.table(cols)
 
 
-__all__ = ["T2Classifier", "T2ClassifierConfig", "load_model", "model_hash", "model_metadata", "write_metadata", "feature_matrix", "MODEL_FORMAT"]
+__all__ = ["T2Classifier", "T2ClassifierConfig", "predict_proba", "load_model", "model_hash", "model_metadata", "write_metadata", "feature_matrix", "MODEL_FORMAT"]
