@@ -173,6 +173,17 @@ def check_png(path: Path) -> None:
         assert im.format == "PNG" and im.size[0] > 0 and im.size[1] > 0
 
 
+def check_svg(path: Path) -> None:
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(path.read_text(encoding="utf-8"))
+    assert root.tag == "{http://www.w3.org/2000/svg}svg" and root.get("viewBox"), path
+
+
+def figures(folder: Path) -> list[str]:
+    return [p.name for p in [*folder.glob("*.png"), *folder.glob("*.svg")]]
+
+
 def test_report_top_n_by_t2_score_with_cutouts(selection, archive_root, tmp_path):
     unit = T3HtmlReport(sort_by="T2Classifier__p_SN", top_n=5, title="Best SN candidates")
     [rec] = unit.react(selection, context(tmp_path, Archive(archive_root)))
@@ -185,24 +196,24 @@ def test_report_top_n_by_t2_score_with_cutouts(selection, archive_root, tmp_path
     assert page.objects == [ids[i] for i in ranked[:5]]
     # every object has a light curve and (the archive keeps ZTF stamps) a cutout figure
     assert rec["images"] == 10 and len(page.imgs) == 10 and rec["objects"] == 5
-    assert sum(s.endswith("_cutouts.png") for s in page.imgs) == 5
+    assert sum(s.endswith("_cutouts.png") for s in page.imgs) == 5 and sum(s.endswith("_lc.svg") for s in page.imgs) == 5
     for src in page.imgs:
-        check_png(index.parent / src)
+        (check_png if src.endswith(".png") else check_svg)(index.parent / src)
     assert all((index.parent / h).exists() for h in page.links)
-    assert sorted(p.name for p in index.parent.glob("*.png")) == sorted(page.imgs)
+    assert sorted(figures(index.parent)) == sorted(page.imgs)
     assert not list(index.parent.glob("*.tmp"))
     text = index.read_text()
     assert "Best SN candidates" in text and "T2BazinFit__rise_time_r" in text and "run-42" in text
 
     import matplotlib.image as mpimg
 
-    img = mpimg.imread(index.parent / page.imgs[0])
+    img = mpimg.imread(index.parent / next(s for s in page.imgs if s.endswith(".png")))
     assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
 
 
 def test_report_figures_drawn_across_workers_are_the_same_files(selection, archive_root, tmp_path):
     """Inside a Dask worker the report hands its figures to the cluster (T3Context.map): same page,
-    same PNG bytes as drawn in one process, and the chunks really ran as their own tasks."""
+    same figure bytes as drawn in one process, and the stamp chunks really ran as their own tasks."""
     from distributed import Client, LocalCluster, get_task_stream
 
     unit = T3HtmlReport(sort_by="T2Classifier__p_SN", top_n=12)
@@ -212,33 +223,60 @@ def test_report_figures_drawn_across_workers_are_the_same_files(selection, archi
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl, Client(cl) as client:
         with get_task_stream(client) as ts:
             [rec_remote] = client.submit(unit.react, selection, context(remote, Archive(archive_root))).result()
-    assert sum(str(t["key"]).startswith("draw_figures") for t in ts.data) == 3  # 12 objects, 5 per task
+    assert sum(str(t["key"]).startswith("draw_cutouts") for t in ts.data) == 3  # 12 objects with stamps, 5 per task
     assert {k: v for k, v in rec_remote.items() if k != "path"} == {k: v for k, v in rec_local.items() if k != "path"}
     a, b = Path(rec_local["path"]).parent, Path(rec_remote["path"]).parent
-    pngs = sorted(p.name for p in a.glob("*.png"))
-    assert len(pngs) == 24 and pngs == sorted(p.name for p in b.glob("*.png"))
-    for name in pngs:
+    names = sorted(figures(a))
+    assert len(names) == 24 and names == sorted(figures(b))
+    for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert parse_page(a / "index.html").objects == parse_page(b / "index.html").objects
 
 
-def test_light_curve_figure_does_not_depend_on_the_objects_drawn_before(selection):
-    """The report keeps one figure and swaps its artists: a light curve drawn after others is the same
-    PNG as on a fresh figure, and differs from its neighbours'."""
-    import io
+def test_light_curve_svg_marks_every_datapoint_of_a_real_object(selection):
+    """One mark per plotted datapoint (detections, upper limits, forced photometry with S/N >= 3),
+    inside the plot area, brighter magnitudes higher; the alert's time is a line; objects differ."""
+    import xml.etree.ElementTree as ET
 
-    from ampel_dask.tiers.units.t3_report import LightCurveCanvas
+    from ampel_dask.io.layout import DETECTION, FORCED, UPPER_LIMIT
+    from ampel_dask.tiers.units.lightcurve_svg import BAND_COLORS as BAND_ORDER, BOTTOM, LEFT, RIGHT, TOP, light_curve_svg
 
-    def png(canvas, i):
-        buf = io.BytesIO()
+    ns = {"s": "http://www.w3.org/2000/svg"}
+    n = selection.num_rows
+    texts = [light_curve_svg(selection.column("dps")[i].values, selection.column("object_id")[i].as_py(), selection.column("mjd")[i].as_py()) for i in range(n)]
+    assert len(set(texts)) == n
+    checked = 0
+    for i, text in enumerate(texts):
+        root = ET.fromstring(text)
         dps = selection.column("dps")[i].values
-        canvas.render(dps, selection.column("object_id")[i].as_py(), selection.column("mjd")[i].as_py()).savefig(buf, format="png")
-        return buf.getvalue()
-
-    reused = LightCurveCanvas(60)
-    drawn = [png(reused, i) for i in range(6)]
-    assert png(LightCurveCanvas(60), 4) == drawn[4] and png(LightCurveCanvas(60), 0) == drawn[0]
-    assert len(set(drawn)) == 6 and all(d.startswith(PNG_SIGNATURE) for d in drawn)
+        kind = dps.field("kind").to_numpy(zero_copy_only=False)
+        mag = np.asarray(dps.field("mag").to_numpy(zero_copy_only=False), dtype=float)
+        mjd = np.asarray(dps.field("mjd").to_numpy(zero_copy_only=False), dtype=float)
+        det = (kind == DETECTION) & np.isfinite(mag) & np.isfinite(mjd)
+        circles = root.findall(".//s:g[@class='det']/s:circle", ns)
+        assert len(circles) == det.sum()
+        cx = np.array([float(c.get("cx")) for c in circles])
+        cy = np.array([float(c.get("cy")) for c in circles])
+        assert ((cx >= LEFT) & (cx <= RIGHT) & (cy >= TOP) & (cy <= BOTTOM)).all()
+        if det.sum() >= 2 and np.ptp(mag[det]) > 0.1 and np.ptp(mjd[det]) > 0.1:
+            # circles come band by band in datapoint order: y grows with magnitude (brighter is higher), x with time
+            band = np.asarray(dps.field("band").to_pylist(), dtype=object)
+            order = np.concatenate([np.flatnonzero(det & (band == b)) for b in dict.fromkeys(band[det])])
+            order = order[np.argsort([list(BAND_ORDER).index(b) if b in BAND_ORDER else 99 for b in band[order]], kind="stable")]
+            assert np.corrcoef(cy, mag[order])[0, 1] > 0.999 and np.corrcoef(cx, mjd[order])[0, 1] > 0.999
+            checked += 1
+        ul = (kind == UPPER_LIMIT) & np.isfinite(dps.field("maglim").to_numpy(zero_copy_only=False).astype(float)) & np.isfinite(mjd)
+        drawn_ul = sum(p.get("d").count("z") for p in root.findall(".//s:path[@class='ul']", ns))
+        assert drawn_ul == ul.sum()
+        flux = dps.field("flux").to_numpy(zero_copy_only=False).astype(float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fp = (kind == FORCED) & (flux / dps.field("flux_err").to_numpy(zero_copy_only=False).astype(float) >= 3) & (flux > 0) & np.isfinite(mjd)
+        assert sum(p.get("d").count("z") for p in root.findall(".//s:path[@class='fp']", ns)) == fp.sum()
+        assert len(root.findall(".//s:path[@class='alert']", ns)) == 1
+        assert selection.column("object_id")[i].as_py() in text
+    assert checked >= 3
+    empty = ET.fromstring(light_curve_svg(None, "ZTFnothing", None))
+    assert "no photometry" in "".join(empty.itertext()) and not empty.findall(".//s:circle", ns)
 
 
 def test_report_default_order_without_archive_and_rerun(selection, tmp_path):
@@ -248,7 +286,7 @@ def test_report_default_order_without_archive_and_rerun(selection, tmp_path):
     mjd, ids = selection.column("mjd").to_numpy(), selection.column("object_id").to_pylist()
     expected = [ids[i] for i in sorted(range(len(ids)), key=lambda i: (-mjd[i], ids[i]))[:4]]
     assert page.objects == expected
-    assert rec["images"] == 4 and all(s.endswith("_lc.png") for s in page.imgs)
+    assert rec["images"] == 4 and all(s.endswith("_lc.svg") for s in page.imgs)
     text = Path(rec["path"]).read_text()
     assert "T2Classifier__p_SN" in text and "T2BazinFit__rise_time_r" not in text
 
@@ -260,7 +298,7 @@ def test_report_default_order_without_archive_and_rerun(selection, tmp_path):
     scored = sorted([12, 4, 2], key=lambda i: p_sn[i])
     assert page2.objects == [ids[i] for i in scored] + sorted([ids[3], ids[11]])
     folder = Path(rec2["path"]).parent
-    assert sorted(p.name for p in folder.glob("*.png")) == sorted(page2.imgs)
+    assert sorted(figures(folder)) == sorted(page2.imgs)
 
 
 def test_report_errors_and_empty(selection, tmp_path):

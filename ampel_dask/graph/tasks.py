@@ -264,7 +264,7 @@ def run_t2_stage(store_spec: dict, key: str, run_id: str, inputs: list[tuple[str
         todo = ~contains(store.done_state_ids(unit.name(), ukey), sid)
         c = {"states": len(sid), "computed": int(todo.sum()), "reused": int((~todo).sum()), "failed": 0}
         if todo.any():
-            batch = states.filter(pa.array(todo))
+            batch = states if todo.all() else states.filter(pa.array(todo))  # a first run copies no datapoints
             deps = {d.name(): _dep_results(store, d, batch, results) for d in unit.dependencies()}
             try:
                 out = _as_table(unit.process(batch, deps), batch.num_rows, unit)

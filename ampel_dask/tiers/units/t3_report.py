@@ -1,9 +1,10 @@
 """T3 HTML report: the top candidates of a run, each with its light curve and cutouts, on one static page.
 
 A scientist scans a night's best candidates in a browser: a table sorted by any column (a T2 score, or
-the latest alert time), a light-curve PNG per object and the alert's science/template/difference
-stamps when the archive has them. Figures are drawn with matplotlib's object API (``Figure`` rendered
-by the Agg canvas), so no pyplot state is kept between objects and the caller's backend is untouched.
+the latest alert time), a light-curve SVG per object (:mod:`.lightcurve_svg`) and the alert's
+science/template/difference stamps when the archive has them. Stamps are drawn with matplotlib's object
+API (``Figure`` rendered by the Agg canvas), so no pyplot state is kept between objects and the caller's
+backend is untouched.
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from ...io.layout import DETECTION, FORCED, UPPER_LIMIT, flux_to_mag
+from ...io.archive import atomic_target, atomic_write
+from ...io.layout import DETECTION
 from ..base import T3Context, T3Unit, UnitConfig
-from ...io.archive import atomic_target
+from .lightcurve_svg import light_curve_svg
 from .t3_export import json_safe, match_columns, safe_name, t2_columns
 
 log = logging.getLogger(__name__)
 
-BAND_COLORS = {"u": "#6a3d9a", "g": "#1b9e3e", "r": "#d62728", "i": "#e6a100", "z": "#8c564b", "y": "#555555"}
 CUTOUT_KINDS = ("science", "template", "difference")
 _FIXED = ("object_id", "ra", "dec", "mjd")
 
@@ -49,7 +50,7 @@ class T3HtmlReportConfig(UnitConfig):
     )
     cutouts: bool = Field(True, description="draw the alert's cutouts when the context has an archive")
     dirname: str | None = Field(None, description="report folder inside out_dir; default '<channel>_report'")
-    dpi: int = Field(80, ge=20, le=300, description="resolution of the PNG figures")
+    dpi: int = Field(80, ge=20, le=300, description="resolution of the cutout PNGs")
 
     @field_validator("dirname")
     @classmethod
@@ -105,15 +106,17 @@ class T3HtmlReport(T3Unit):
             stem = stem if stem not in used else f"{stem}_{rec['stock']}"
             used.add(stem)
             dps = dps_col[i].values if dps_col is not None else None
-            rec.update(latest=latest_mag(dps), values=[values[k][i] for k in shown])
+            rec.update(latest=latest_mag(dps), values=[values[k][i] for k in shown], lc=f"{stem}_lc.svg", cutouts=None)
+            atomic_write(out / rec["lc"], light_curve_svg(dps, rec["object_id"], rec["mjd"]).encode(), durable=False)
             rows.append(rec)
-            jobs.append(FigureJob(out, stem, dps, rec["object_id"], rec["mjd"], stamps.get(rec["alert_id"])))
-        # figures are most of a report's time: chunks of them go to the cluster's workers when there is one
-        chunks = [jobs[k : k + FIGURES_PER_TASK] for k in range(0, len(jobs), FIGURES_PER_TASK)]
-        drawn = [f for part in context.map(partial(draw_figures, dpi=c.dpi), chunks) for f in part]
-        for rec, (lc, cut) in zip(rows, drawn):
-            rec.update(lc=lc, cutouts=cut)
-        images = sum(1 for lc, cut in drawn for f in (lc, cut) if f)
+            if stamps.get(rec["alert_id"]):
+                jobs.append((rec, CutoutJob(out, stem, stamps[rec["alert_id"]])))
+        # stamp figures are most of a report's time: chunks of them go to the cluster's workers when there is one
+        chunks = [[j for _, j in jobs[k : k + FIGURES_PER_TASK]] for k in range(0, len(jobs), FIGURES_PER_TASK)]
+        drawn = [f for part in context.map(partial(draw_cutouts, dpi=c.dpi), chunks) for f in part]
+        for (rec, _), cut in zip(jobs, drawn):
+            rec["cutouts"] = cut
+        images = len(rows) + sum(1 for cut in drawn if cut)
         index = out / "index.html"
         page = render_page(c, context, rows, shown, selection.num_rows)
         with atomic_target(index) as tmp:
@@ -127,31 +130,25 @@ FIGURES_PER_TASK = 5
 
 
 @dataclass
-class FigureJob:
-    """One object's figures: where to write them, and what to draw."""
+class CutoutJob:
+    """One object's stamps and where to write their figure."""
 
     out: Path
     stem: str
-    dps: pa.StructArray | None
-    object_id: str
-    alert_mjd: float | None
-    stamps: dict[str, bytes | None] | None
+    stamps: dict[str, bytes | None]
 
 
-def draw_figures(jobs: list[FigureJob], dpi: int) -> list[tuple[str, str | None]]:
-    """Light curve (and cutouts, when there are stamps) of each job; returns the file names written."""
-    canvas = CutoutCanvas(dpi) if any(j.stamps for j in jobs) else None
-    curves = LightCurveCanvas(dpi)
+def draw_cutouts(jobs: list[CutoutJob], dpi: int) -> list[str | None]:
+    """The stamps figure of each job; returns the file names written (None: no stamp decodes)."""
+    canvas = CutoutCanvas(dpi) if jobs else None
     out = []
     for j in jobs:
-        lc = f"{j.stem}_lc.png"
-        _save(curves.render(j.dps, j.object_id, j.alert_mjd), j.out / lc)
+        fig = canvas.render(j.stamps)
         cut = None
-        fig = canvas.render(j.stamps) if canvas is not None and j.stamps else None
         if fig is not None:
             cut = f"{j.stem}_cutouts.png"
             _save(fig, j.out / cut)
-        out.append((lc, cut))
+        out.append(cut)
     return out
 
 
@@ -165,108 +162,11 @@ def _save(fig: Any, path: Path) -> None:
 
 def _figure(w: float, h: float, dpi: int, **margins: float) -> Any:
     """A figure with fixed margins (an automatic layout engine would double the drawing time)."""
-    from matplotlib.figure import Figure  # imported here: only report runs pay for matplotlib
+    from matplotlib.figure import Figure  # imported here: only reports with stamps pay for matplotlib's canvas
 
     fig = Figure(figsize=(w, h), dpi=dpi)
     fig.subplots_adjust(**margins)
     return fig
-
-
-def _bands(band: np.ndarray) -> list[str]:
-    present = {b for b in band.tolist() if b}
-    return [b for b in BAND_COLORS if b in present] + sorted(present - set(BAND_COLORS))
-
-
-def light_curve_figure(dps: pa.StructArray | None, object_id: str, alert_mjd: float | None, dpi: int) -> Any:
-    """One object's light curve on a figure of its own (see :class:`LightCurveCanvas`)."""
-    return LightCurveCanvas(dpi).render(dps, object_id, alert_mjd)
-
-
-class LightCurveCanvas:
-    """Magnitude vs MJD per band: detections with errors, upper limits as open down-triangles, forced
-    photometry (S/N >= 3) as open squares; the alert's time as a dotted line.
-
-    One figure is kept and only the plotted artists are swapped per object (as :class:`CutoutCanvas`
-    does): building axes, ticks and labels was half of each figure's cost. Limits are set from the
-    plotted points every time, so a figure never depends on the objects drawn before it.
-    """
-
-    def __init__(self, dpi: int):
-        from matplotlib.ticker import MaxNLocator
-
-        self.fig = _figure(6.4, 3.4, dpi, left=0.11, right=0.89, bottom=0.14, top=0.91)
-        self.ax = ax = self.fig.add_subplot()
-        ax.set_xlabel("MJD")
-        ax.set_ylabel("mag (AB)")
-        ax.xaxis.set_major_locator(MaxNLocator(6))  # each tick is a few artists to build and draw
-        ax.yaxis.set_major_locator(MaxNLocator(5))
-        # a fixed title height: the automatic one measures every tick label first (a third of the draw)
-        self.title = ax.set_title("", fontsize="medium", y=1.0, pad=4)
-        self.empty = ax.text(0.5, 0.5, "no photometry", ha="center", va="center", transform=ax.transAxes)
-        self.alert_line = ax.axvline(0.0, color="0.6", ls=":", lw=1)
-        self.drawn: list[Any] = []
-
-    def render(self, dps: pa.StructArray | None, object_id: str, alert_mjd: float | None) -> Any:
-        ax = self.ax
-        for artist in self.drawn:
-            artist.remove()
-        self.drawn = []
-        if ax.get_legend() is not None:
-            ax.get_legend().remove()
-        xs: list[np.ndarray] = []
-        ys: list[np.ndarray] = []
-        if dps is not None and len(dps):
-            f = {k: pc.cast(dps.field(k), pa.float64()).to_numpy(zero_copy_only=False) for k in
-                 ("mjd", "mag", "mag_err", "maglim", "flux", "flux_err")}  # fmt: skip
-            kind = dps.field("kind").to_numpy(zero_copy_only=False)
-            band = np.asarray(dps.field("band").to_pylist(), dtype=object)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                snr = f["flux"] / f["flux_err"]
-                fmag, fmag_err = flux_to_mag(f["flux"]), 1.0857 * f["flux_err"] / f["flux"]
-            for b in _bands(band):
-                color, sel = BAND_COLORS.get(b, "#1f77b4"), band == b
-                det = sel & (kind == DETECTION) & np.isfinite(f["mag"]) & np.isfinite(f["mjd"])
-                if det.any():
-                    err = np.where(np.isfinite(f["mag_err"][det]), f["mag_err"][det], 0.0)
-                    self.drawn.append(ax.errorbar(f["mjd"][det], f["mag"][det], yerr=err, fmt="o", ms=4, color=color, label=b))
-                    xs.append(f["mjd"][det])
-                    ys += [f["mag"][det] - err, f["mag"][det] + err]
-                ul = sel & (kind == UPPER_LIMIT) & np.isfinite(f["maglim"]) & np.isfinite(f["mjd"])
-                if ul.any():
-                    label = None if det.any() else b  # a band with limits only still gets a legend entry
-                    self.drawn.append(ax.scatter(f["mjd"][ul], f["maglim"][ul], marker="v", s=22, facecolors="none", edgecolors=color, alpha=0.6, label=label))
-                    xs.append(f["mjd"][ul])
-                    ys.append(f["maglim"][ul])
-                fp = sel & (kind == FORCED) & (snr >= 3) & np.isfinite(fmag) & np.isfinite(f["mjd"])
-                if fp.any():
-                    self.drawn.append(ax.errorbar(f["mjd"][fp], fmag[fp], yerr=fmag_err[fp], fmt="s", ms=3, mfc="none", color=color, alpha=0.7))
-                    xs.append(f["mjd"][fp])
-                    ys += [fmag[fp] - fmag_err[fp], fmag[fp] + fmag_err[fp]]
-        has_alert = alert_mjd is not None and math.isfinite(alert_mjd)
-        self.alert_line.set_visible(has_alert)
-        if has_alert:
-            self.alert_line.set_xdata([alert_mjd, alert_mjd])
-            xs.append(np.array([alert_mjd]))
-        self.empty.set_visible(not ys)
-        if ys:
-            # outside the axes: the newest points (right edge) stay visible; 'best' would also be slow
-            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-        ax.set_xlim(*_padded(xs, (0.0, 1.0)))
-        lo, hi = _padded(ys, (0.0, 1.0))
-        ax.set_ylim(hi, lo)  # magnitudes: brighter up
-        self.title.set_text(str(object_id))
-        return self.fig
-
-
-def _padded(values: list[np.ndarray], empty: tuple[float, float]) -> tuple[float, float]:
-    """Data range plus 5% on each side (matplotlib's default margins); a single value gets +-1."""
-    v = np.concatenate(values) if values else np.empty(0)
-    v = v[np.isfinite(v)]
-    if not len(v):
-        return empty
-    lo, hi = float(v.min()), float(v.max())
-    pad = 0.05 * (hi - lo) if hi > lo else 1.0
-    return lo - pad, hi + pad
 
 
 def fits_image(blob: bytes) -> np.ndarray | None:
@@ -418,10 +318,10 @@ def render_page(c: T3HtmlReportConfig, context: T3Context, rows: list[dict], sho
 
 
 def _remove_stale(folder: Path, keep: set[str]) -> None:
-    """Drop figures of earlier runs that this page no longer shows."""
-    for p in folder.glob("*.png"):
-        if p.name not in keep and (p.name.endswith("_lc.png") or p.name.endswith("_cutouts.png")):
+    """Drop figures of earlier runs that this page no longer shows (PNG light curves of older versions too)."""
+    for p in [*folder.glob("*.png"), *folder.glob("*.svg")]:
+        if p.name not in keep and p.name.endswith(("_lc.png", "_lc.svg", "_cutouts.png")):
             p.unlink(missing_ok=True)
 
 
-__all__ = ["T3HtmlReport", "T3HtmlReportConfig", "light_curve_figure", "LightCurveCanvas", "CutoutCanvas", "load_cutouts"]
+__all__ = ["T3HtmlReport", "T3HtmlReportConfig", "CutoutCanvas", "draw_cutouts", "load_cutouts"]
