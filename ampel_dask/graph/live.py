@@ -189,7 +189,7 @@ def _empty(ctx: _Context, batch: Batch, n: int) -> dict:
 
 def _process(ctx: _Context, consumer: LiveConsumer, batch: Batch, n: int) -> dict:
     """Ingest, run, make durable, commit: the order that makes results exactly-once."""
-    opts, totals, metrics = ctx.opts, ctx.totals, ctx.metrics
+    opts = ctx.opts
     t0 = time.time()
     packets = batch.packets()
     if ctx.registry is not None:
