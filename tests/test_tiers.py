@@ -311,3 +311,30 @@ def test_galactic_latitude_matches_astropy_on_real_alert_positions(ztf_alerts):
     ref = SkyCoord(ra=ra * u.deg, dec=dec * u.deg, frame="icrs").galactic.b.deg
     assert np.abs(galactic_latitude(ra, dec) - ref).max() < 1e-9  # degrees
     assert (np.abs(ref) < 14).any() and (np.abs(ref) > 14).any()  # the DecentFilter cut falls inside the sample
+
+
+def test_unit_registry_scan_is_kept_and_refreshed_for_a_new_name(monkeypatch):
+    """Entry points are scanned once per process; a unit registered later (pip install in a running
+    notebook) is still found, and an unknown name lists the installed units."""
+    from importlib.metadata import EntryPoint
+
+    from ampel_dask.tiers import registry
+
+    real = registry.entry_points
+    calls = []
+
+    def counting(group):
+        calls.append(group)
+        return real(group=group)
+
+    monkeypatch.setattr(registry, "entry_points", counting)
+    registry.installed(refresh=True)
+    assert registry.load("DecentFilter") is DecentFilter and registry.load("ExpressionFilter") is ExpressionFilter
+    assert len(calls) == 1
+    late = EntryPoint("LateFilter", "ampel_dask.tiers.units.t0_filters:ExpressionFilter", registry.GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [*real(group=group), late])
+    assert registry.load("LateFilter") is ExpressionFilter
+    with pytest.raises(registry.UnknownUnit, match="unknown unit 'Nope'.*DecentFilter"):
+        registry.load("Nope")
+    monkeypatch.setattr(registry, "entry_points", real)
+    registry.installed(refresh=True)

@@ -21,12 +21,22 @@ class UnknownUnit(KeyError):
         return f"unknown unit {name!r}; installed units: {', '.join(sorted(known)) or '(none)'}"
 
 
-def installed() -> dict[str, EntryPoint]:
-    return {ep.name: ep for ep in entry_points(group=GROUP)}
+_INSTALLED: dict[str, EntryPoint] = {}
+
+
+def installed(refresh: bool = False) -> dict[str, EntryPoint]:
+    """Registered units by name. The scan of every installed distribution (~15 ms) is kept per process;
+    a name it lacks triggers a fresh scan (a package installed since, e.g. in a notebook)."""
+    if refresh or not _INSTALLED:
+        _INSTALLED.clear()
+        _INSTALLED.update({ep.name: ep for ep in entry_points(group=GROUP)})
+    return dict(_INSTALLED)
 
 
 def load(name: str) -> type[Unit]:
     eps = installed()
+    if name not in eps:
+        eps = installed(refresh=True)
     if name not in eps:
         raise UnknownUnit(name, list(eps))
     cls = eps[name].load()
