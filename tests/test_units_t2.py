@@ -453,6 +453,7 @@ def test_classifier_direct_tree_calls_equal_sklearn(trained_model, ztf_states):
     on real features with missing values, and other estimators go through their predict_proba."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
     from sklearn.impute import SimpleImputer
 
     from ampel_dask.tiers.units.t2_classifier import feature_matrix, load_model, predict_proba
@@ -468,5 +469,5 @@ def test_classifier_direct_tree_calls_equal_sklearn(trained_model, ztf_states):
     xi = model.steps[0][1].transform(x)
     np.testing.assert_array_equal(predict_proba(forest, xi), forest.predict_proba(xi))
     y = np.asarray(bundle["classes"])[np.arange(len(x)) % len(bundle["classes"])]
-    other = make_pipeline(SimpleImputer(keep_empty_features=True), LogisticRegression(max_iter=200)).fit(x, y)
+    other = make_pipeline(SimpleImputer(keep_empty_features=True), StandardScaler(), LogisticRegression(max_iter=500)).fit(x, y)
     np.testing.assert_array_equal(predict_proba(other, x), other.predict_proba(x))
