@@ -181,7 +181,9 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
             # a unit the run read: its histories are decoded once, here, for its packet channels' T1 too
             t1s = t1_of_unit.pop(q.key, []) if read else []
             dsk[f"hist-{hk}"] = (tasks.history_pieces, root, q.paths, stocks_key, shuffle, hk, history_buckets, read, [t0 for _, t0 in t1s])
-            hist_keys.append(f"hist-{hk}")
+            # the t1h tasks wait for every hist task; they get its row count, not the histories it carries to T1
+            dsk[f"hw-{hk}"] = (_written, f"hist-{hk}")
+            hist_keys.append(f"hw-{hk}")
             for k, _ in t1s:
                 dsk[k] = (*dsk[k], f"hist-{hk}")
         for b, (n, s) in enumerate(zip(names, stages)):
@@ -229,6 +231,10 @@ def _pass(table, t0, plan, spec, key, shuffle, nbuckets):
     tasks.write_buckets(passing, shuffle, "alerts", key, nbuckets)
     open_store(spec).mark_task(key, {"kind": "t0", "channel": plan.name, **tasks.t0_counts(t0, table.num_rows)})
     return passing.column("stock").to_numpy(), passing.column("mjd").to_numpy()
+
+
+def _written(pieces: dict) -> int:
+    return pieces["written"]
 
 
 def _selection(spec, plan, state_names, *_after):
