@@ -218,14 +218,22 @@ def test_public_channel_never_sees_partnership_photometry(ztf_alerts):
     # an alert triggered by a partnership detection is not for a public channel at all
     table = table.set_column(table.column_names.index("programid"), "programid", pa.array([2] + [1] * (table.num_rows - 1), pa.int32()))
     assert alert_access(table, ["ZTF_PUB"]).tolist() == [False] + [True] * (table.num_rows - 1)
-    # several surveys, a missing one, chunked or dictionary-typed: the same as the row-by-row mask
-    from ampel_dask.tiers.states import access_mask
+    # several surveys, a missing one, chunked or dictionary-typed: the same as a row-by-row reference
+    from ampel_dask.tiers.states import PUBLIC_SURVEYS, ZTF_ACCESS, access_mask
+
+    def reference(survey, pid, access):
+        allowed = set().union(*(ZTF_ACCESS.get(t, set()) for t in access))
+        return np.array([("ALL" in access or (not np.isnan(p) and int(p) in allowed)) if s == "ztf" else
+                         (s in PUBLIC_SURVEYS and bool(PUBLIC_SURVEYS[s] & set(access) or "ALL" in access)) for s, p in zip(survey, pid)])  # fmt: skip
 
     names = ["ztf", "lsst", None, "ztf", "decam"] * 60
     mixed = table.set_column(table.column_names.index("survey"), "survey", pa.chunked_array([names[:100], names[100:]], pa.string()))
     pid = np.asarray(mixed.column("programid").to_numpy(), dtype=float)
+    pid[::7] = np.nan
+    mixed = mixed.set_column(mixed.column_names.index("programid"), "programid", pa.array(pid))
     for access in (["ZTF_PUB"], ["ZTF_PUB", "ZTF_PRIV", "LSST"], ["ALL"]):
-        want = access_mask(np.asarray(names, dtype=object), pid, access)
+        want = reference(names, pid, access)
+        assert (access_mask(np.asarray(names, dtype=object), pid, access) == want).all()
         assert want.any() and not want.all()
         assert (alert_access(mixed, access) == want).all()
         as_dict = mixed.set_column(mixed.column_names.index("survey"), "survey", pc.dictionary_encode(mixed.column("survey")))

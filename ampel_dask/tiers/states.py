@@ -53,38 +53,50 @@ class T1Policy(Unit):
         return build_states(alerts, self.config, access, history)
 
 
-def access_mask(survey: np.ndarray, programid: np.ndarray, access: list[str]) -> np.ndarray:
+def access_mask(survey: np.ndarray | pa.Array | pa.ChunkedArray, programid: np.ndarray, access: list[str]) -> np.ndarray:
     """Which datapoints a channel with these access tags may use (unknown ZTF programid: private)."""
+    names, codes = survey_codes(survey if isinstance(survey, (pa.Array, pa.ChunkedArray)) else pa.array(np.asarray(survey, dtype=object), pa.string()))
+    return access_by_survey(names, codes, programid, access)
+
+
+def survey_codes(survey: pa.Array | pa.ChunkedArray) -> tuple[list[str | None], np.ndarray]:
+    """The distinct survey names and each row's index among them (dictionary encoding: a batch holds a
+    handful of names, and a Python string per row cost ~0.1 s per million rows)."""
+    enc = (survey if pa.types.is_dictionary(survey.type) else pc.dictionary_encode(survey))
+    enc = enc.combine_chunks() if isinstance(enc, pa.ChunkedArray) else enc
+    names = [*enc.dictionary.to_pylist(), None]
+    return names, pc.fill_null(enc.indices, len(names) - 1).to_numpy(zero_copy_only=False)
+
+
+def access_by_survey(names: list[str | None], codes: np.ndarray, programid: np.ndarray, access: list[str]) -> np.ndarray:
+    """:func:`access_mask` on survey codes (see :func:`survey_codes`)."""
     allowed_pid: set[int] = set()
     for tag in access:
         allowed_pid |= ZTF_ACCESS.get(tag, set())
-    ok = np.zeros(len(survey), dtype=bool)
-    is_ztf = survey == "ztf"
-    if allowed_pid:
+
+    def of(name: str) -> np.ndarray:
+        return codes == names.index(name) if name in names else np.zeros(len(codes), dtype=bool)
+
+    ok = np.zeros(len(codes), dtype=bool)
+    is_ztf = of("ztf")
+    if allowed_pid and is_ztf.any():
         pid = np.where(np.isnan(programid), -1, programid).astype(np.int64)
         ok |= is_ztf & np.isin(pid, list(allowed_pid))
     for name, tags in PUBLIC_SURVEYS.items():
         if tags & set(access) or "ALL" in access:
-            ok |= survey == name
+            ok |= of(name)
     if "ALL" in access:
         ok |= is_ztf
     return ok
 
 
 def alert_access(alerts: pa.Table, access: list[str]) -> np.ndarray:
-    """May a channel see this alert at all (its trigger datapoint's data rights)?
-
-    The survey names are dictionary-encoded first: a batch holds a handful of distinct names, and
-    one Python string per alert cost ~0.1 s per million alerts and channel."""
-    col = alerts.column("survey")
-    enc = (col if pa.types.is_dictionary(col.type) else pc.dictionary_encode(col)).combine_chunks()
-    names = np.asarray([*enc.dictionary.to_pylist(), None], dtype=object)
-    survey = names[pc.fill_null(enc.indices, len(names) - 1).to_numpy(zero_copy_only=False)]
+    """May a channel see this alert at all (its trigger datapoint's data rights)?"""
     if "programid" in alerts.column_names:
         pid = pc.cast(alerts.column("programid"), pa.float64()).to_numpy(zero_copy_only=False)
     else:
         pid = np.full(alerts.num_rows, np.nan)
-    return access_mask(survey, pid, access)
+    return access_mask(alerts.column("survey"), pid, access)
 
 
 def _flat(dps: pa.ChunkedArray | pa.ListArray) -> tuple[pa.StructArray, np.ndarray]:
@@ -162,9 +174,9 @@ def build_states(alerts: pa.Table, policy: T1PolicyConfig, access: list[str], hi
     if policy.min_rb is not None:
         rb = at(pc.fill_null(pc.cast(col("rb"), pa.float64()), np.inf).to_numpy())
         keep &= (kind != DETECTION) | (rb >= policy.min_rb)
-    survey = np.asarray(alerts.column("survey").to_numpy(zero_copy_only=False))[rows]
+    names, codes = survey_codes(alerts.column("survey"))
     pid = at(pc.cast(col("programid"), pa.float64()).to_numpy())
-    keep &= access_mask(survey, pid, access)
+    keep &= access_by_survey(names, codes[rows], pid, access)
 
     idx = np.flatnonzero(keep)
     kept_rows = rows[idx]
@@ -289,4 +301,4 @@ def _object_history(alerts: pa.Table, history: pa.Table) -> tuple[pa.Table, np.n
     return history.select([f.name for f in DATAPOINT]), rows, pick[runs]
 
 
-__all__ = ["T1Policy", "T1PolicyConfig", "build_states", "state_ids", "access_mask", "alert_access", "STATE_COLUMNS", "flat_history", "thinned_history", "one_copy", "first_copies", "HISTORY_RULE", "HISTORY_SCHEMA"]
+__all__ = ["T1Policy", "T1PolicyConfig", "build_states", "state_ids", "access_mask", "access_by_survey", "survey_codes", "alert_access", "STATE_COLUMNS", "flat_history", "thinned_history", "one_copy", "first_copies", "HISTORY_RULE", "HISTORY_SCHEMA"]
