@@ -225,6 +225,7 @@ def test_results_identical_with_1_and_2_workers_and_other_partition_sizes(first_
         assert summary["channels"] == first_run[1]["channels"]
         manifest = json.loads((store / "runs" / f"{summary['run_id']}.json").read_text())
         assert len(manifest["workers"]) == workers and all(w["malloc"] == WORKER_MALLOC for w in manifest["workers"])  # io/processes.py
+        assert all(w["profiler"] is False for w in manifest["workers"])  # QUIET: no 100 Hz stack sampling
 
 
 def test_workers_get_the_malloc_settings_after_a_plain_cluster_in_this_process():
@@ -239,6 +240,14 @@ def test_workers_get_the_malloc_settings_after_a_plain_cluster_in_this_process()
     with local_cluster(1, dashboard_address=None) as cluster, Client(cluster) as client:
         seen = client.run(lambda: {k: os.environ.get(k) for k in WORKER_MALLOC})
     assert list(seen.values()) == [WORKER_MALLOC]
+
+
+def test_cluster_profile_option_keeps_the_worker_profiler(archive, tmp_path):
+    """Workers run without Dask's profiler unless the workflow asks for it (cluster.profile)."""
+    for profile in (False, True):
+        summary = run(archive, tmp_path / f"store{profile}", wf(cluster={"workers": 1, "profile": profile}, channels=WORKFLOW["channels"][:1]))
+        manifest = json.loads((tmp_path / f"store{profile}" / "runs" / f"{summary['run_id']}.json").read_text())
+        assert [w["profiler"] for w in manifest["workers"]] == [profile]
 
 
 def test_worker_killed_mid_run_still_completes_identically(tmp_path, data_dir):

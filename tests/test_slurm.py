@@ -57,6 +57,7 @@ def test_workflow_on_slurm_jobs_matches_local_run(slurm, archive, reference, tmp
     jobs = {w["slurm_job_id"] for w in manifest["workers"]}
     assert jobs and None not in jobs  # the workers were sbatch jobs
     assert all(w["malloc"] == WORKER_MALLOC for w in manifest["workers"])  # exported by the job prologue
+    assert all(w["profiler"] is False for w in manifest["workers"])  # so is QUIET
     stages = [json.loads(p.read_text()) for p in (store / "tasks").glob("*.json")]
     seen = {s["worker"]["slurm_job_id"] for s in stages if s.get("kind") == "t2"}
     assert seen and None not in seen  # and the tasks ran inside them

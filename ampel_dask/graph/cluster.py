@@ -9,9 +9,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import dask
 import yaml
 
-from ..io.processes import WORKER_MALLOC, local_cluster
+from ..io.processes import QUIET, WORKER_MALLOC, local_cluster, quiet_environ
 from .workflow import ClusterSpec, WorkflowError
 
 try:  # dask-jobqueue installs a SIGINT handler at import, which only the main thread may do
@@ -49,7 +50,7 @@ def make_cluster(spec: ClusterSpec, kind: str, workers: int | None = None, jobs:
     if workers == 0:  # no worker processes: threads in this process (debugging, tiny inputs)
         cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0")
     else:
-        cluster = local_cluster(workers, spec.memory_limit or "auto")
+        cluster = local_cluster(workers, spec.memory_limit or "auto", profile=spec.profile)
     try:
         with Client(cluster) as client:
             yield client
@@ -74,7 +75,8 @@ def slurm_cluster(spec: ClusterSpec):
     from dask_jobqueue import SLURMCluster
 
     kwargs = {("job_name" if k == "name" else k.replace("-", "_")): v for k, v in jobqueue_settings(spec).items() if v is not None}
-    # the job's nanny takes these from its environment over its config (see WORKER_MALLOC)
-    exports = " ".join(f"{k}={v}" for k, v in WORKER_MALLOC.items())
+    # the job's nanny takes these from its environment over its config (see WORKER_MALLOC, QUIET)
+    exports = " ".join(f"{k}={v}" for k, v in {**WORKER_MALLOC, **quiet_environ(spec.profile)}.items())
     kwargs["job_script_prologue"] = [f"export {exports}", *(kwargs.get("job_script_prologue") or [])]
-    return SLURMCluster(**kwargs)
+    with dask.config.set({} if spec.profile else QUIET):  # this process runs the scheduler
+        return SLURMCluster(**kwargs)

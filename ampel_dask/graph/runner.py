@@ -121,8 +121,10 @@ def _workers(client) -> list[dict]:
     cluster runs; the allocator settings move a run's speed, see ``io/processes.py``)."""
 
     def where() -> dict:
+        import dask
+
         return {"host": platform.node(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-                "malloc": {k: os.environ.get(k) for k in WORKER_MALLOC}}  # fmt: skip
+                "malloc": {k: os.environ.get(k) for k in WORKER_MALLOC}, "profiler": dask.config.get("distributed.worker.profile.enabled")}  # fmt: skip
 
     try:
         info = client.run(where)

@@ -41,11 +41,27 @@ def worker_environ() -> dict:
     return {**(dask.config.get("distributed.nanny.pre-spawn-environ") or {}), **WORKER_MALLOC}
 
 
-def local_cluster(workers: int | None = None, memory_limit: str | float | None = "auto", dashboard_address: str | None = ":0") -> Any:
-    """A LocalCluster of single-threaded worker processes (one per core by default)."""
+# distributed's defaults for interactive work that cost a batch pipeline time: each worker's profiler
+# samples every thread's stack 100 times a second (the dashboard's Profile tab; it also takes the GIL
+# from the task thread), and every server checks its event loop every 20 ms. On 1 M alerts with 2
+# workers they were ~11% of the run (workers' CPU ~8.7 -> ~7.8 s each); idle, 1.8 core-s per 10 s.
+# ``cluster.profile: true`` in a workflow keeps the profiler.
+QUIET = {"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s"}
+
+
+def quiet_environ(profile: bool = False) -> dict:
+    """:data:`QUIET` as environment variables, for workers started elsewhere (SLURM jobs)."""
+    return {} if profile else {"DASK_" + k.upper().replace(".", "__").replace("-", "_"): str(v) for k, v in QUIET.items()}
+
+
+def local_cluster(workers: int | None = None, memory_limit: str | float | None = "auto", dashboard_address: str | None = ":0",
+                  profile: bool = False) -> Any:  # fmt: skip
+    """A LocalCluster of single-threaded worker processes (one per core by default), without the
+    profiler unless asked (see :data:`QUIET`)."""
     import dask
     from distributed import LocalCluster
 
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()}):
+    # the nanny hands its config to the worker process; the scheduler reads the tick at start
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ(), **({} if profile else QUIET)}):
         return LocalCluster(n_workers=workers or cores(), threads_per_worker=1, processes=True,
                             memory_limit=memory_limit, dashboard_address=dashboard_address)  # fmt: skip
