@@ -358,3 +358,18 @@ def test_unit_registry_scan_is_kept_and_refreshed_for_a_new_name(monkeypatch):
         registry.load("Nope")
     monkeypatch.setattr(registry, "entry_points", real)
     registry.installed(refresh=True)
+
+
+def test_take_rows_gathers_across_chunks_like_one_array(ztf_alerts):
+    """take_rows never concatenates the whole input, and returns what a take on the concatenation would."""
+    from ampel_dask.io.arrays import take_rows
+
+    values = pc.list_flatten(ztf_alerts.column("dps")).combine_chunks()
+    n = len(values)
+    chunks = [values.slice(0, n // 3), values.slice(n // 3, 0), values.slice(n // 3, n // 2), values.slice(n // 3 + n // 2)]
+    whole = pa.concat_arrays(chunks)
+    rng = np.random.default_rng(7)
+    for idx in (rng.integers(0, n, 5000), np.sort(rng.integers(0, n, 300)), np.array([n - 1, 0, n - 1]), np.array([], dtype=np.int64)):
+        got = take_rows(chunks, idx)
+        assert got.type == values.type and got.equals(whole.take(pa.array(idx, pa.int64())))
+    assert take_rows(pa.chunked_array(chunks), np.arange(n)).equals(whole)

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..io.archive import atomic_target, read_dps, read_part
-from ..io.arrays import first_rows, order_by
+from ..io.arrays import first_rows, order_by, take_rows
 from ..io.layout import DATAPOINT
 from ..tiers.base import T2StateUnit, T3Context, Verdict
 from ..tiers.columns import SUMMARY
@@ -231,7 +231,7 @@ def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.nd
             if keep.any():
                 pieces.append((full, keep))
             if carry.any():
-                out.update(rows=np.flatnonzero(carry), dps=full.column("dps").take(pa.array(np.flatnonzero(carry))))
+                out.update(rows=np.flatnonzero(carry), dps=take_rows(full.column("dps"), np.flatnonzero(carry)))
     elif len(stocks):
         for rel in rel_paths:
             path = f"{archive_root}/{rel}"

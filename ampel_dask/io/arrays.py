@@ -6,6 +6,8 @@
   (:func:`order_by`).
 - Arrow's ``index_in`` hashes every string: ~0.1 us per value; one-character labels (photometric bands)
   are looked up by their byte instead (:func:`codes_of`), ~30x faster.
+- ``ChunkedArray.take`` concatenates every chunk before it gathers: a work unit of three parts copied
+  all ~2 M datapoints of its histories to keep 12% of them, ~80 ms per task (:func:`take_rows`).
 """
 
 from __future__ import annotations
@@ -58,3 +60,25 @@ def codes_of(strings: pa.Array | pa.ChunkedArray, values: list[str]) -> np.ndarr
                 codes[~np.asarray(arr.is_valid())] = -1
             return codes
     return pc.fill_null(pc.index_in(arr, value_set=pa.array(values, pa.string())), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def take_rows(chunks: pa.ChunkedArray | list[pa.Array], idx: np.ndarray) -> pa.Array:
+    """``pa.chunked_array(chunks).take(idx)`` as one array, gathering from each chunk only the rows it
+    holds (no concatenation of the whole input first)."""
+    chunks = list(chunks.chunks) if isinstance(chunks, pa.ChunkedArray) else list(chunks)
+    idx = np.asarray(idx, dtype=np.int64)
+    if len(chunks) == 1:
+        return chunks[0].take(pa.array(idx))
+    bounds = np.cumsum([0, *(len(c) for c in chunks)])
+    which = np.searchsorted(bounds, idx, side="right") - 1
+    order = np.argsort(which, kind="stable")
+    starts = np.searchsorted(which[order], np.arange(len(chunks) + 1))
+    parts = [chunks[c].take(pa.array(idx[order[starts[c] : starts[c + 1]]] - bounds[c])) for c in range(len(chunks)) if starts[c + 1] > starts[c]]
+    if not parts:
+        return chunks[0].slice(0, 0)
+    gathered = pa.concat_arrays(parts) if len(parts) > 1 else parts[0]
+    if bool(np.all(order[1:] > order[:-1])):  # asked in chunk order already
+        return gathered
+    back = np.empty(len(order), dtype=np.int64)
+    back[order] = np.arange(len(order))
+    return gathered.take(pa.array(back))

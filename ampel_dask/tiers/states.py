@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from ..io.arrays import order_by
+from ..io.arrays import order_by, take_rows
 from ..io.layout import DATAPOINT, DETECTION, FLAG_BAD_PHOT, FORCED, UPPER_LIMIT, splitmix64
 from .base import Unit, UnitConfig
 
@@ -242,7 +242,7 @@ def thinned_history(alerts: pa.Table, keep: np.ndarray, group: Callable[[np.ndar
     pick = first_copies(keys) if keys.num_rows else np.empty(0, np.int64)
     if group is not None and len(pick):
         pick = pick[np.argsort(group(stock[row[pick]]), kind="stable")]
-    chosen = pa.chunked_array(values, type=DATAPOINT).take(pa.array(where_all[pick])).combine_chunks() if values else pa.array([], DATAPOINT)
+    chosen = take_rows(values, where_all[pick]) if values else pa.array([], DATAPOINT)
     r = row[pick]
     return pa.table({"stock": stock[r], "packet": packet[r], "packet_mjd": packet_mjd[r], **{f.name: chosen.field(f.name) for f in DATAPOINT}})
 
