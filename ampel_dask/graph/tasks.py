@@ -259,12 +259,13 @@ def run_t2_stage(store_spec: dict, key: str, run_id: str, inputs: list[tuple[str
         batches = [s for _, keys, s in inputs if ukey in keys and s is not None and s.num_rows]
         if not batches:
             continue
-        states = _unique_states(pa.concat_tables(batches, promote_options="default"))
-        sid = states.column("state_id").to_numpy()
-        todo = ~contains(store.done_state_ids(unit.name(), ukey), sid)
-        c = {"states": len(sid), "computed": int(todo.sum()), "reused": int((~todo).sum()), "failed": 0}
+        states = pa.concat_tables(batches, promote_options="default")
+        first = first_rows(states.column("state_id").to_numpy())  # each state once
+        todo = ~contains(store.done_state_ids(unit.name(), ukey), states.column("state_id").to_numpy()[first])
+        c = {"states": len(first), "computed": int(todo.sum()), "reused": int((~todo).sum()), "failed": 0}
         if todo.any():
-            batch = states if todo.all() else states.filter(pa.array(todo))  # a first run copies no datapoints
+            pick = first[todo]  # one gather of the new states' datapoints, none when all rows are new
+            batch = states if len(pick) == states.num_rows else states.take(pa.array(pick))
             deps = {d.name(): _dep_results(store, d, batch, results) for d in unit.dependencies()}
             try:
                 out = _as_table(unit.process(batch, deps), batch.num_rows, unit)
