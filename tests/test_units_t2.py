@@ -468,6 +468,7 @@ def test_classifier_direct_tree_calls_equal_sklearn(trained_model, ztf_states):
     forest = model.steps[-1][1]
     xi = model.steps[0][1].transform(x)
     np.testing.assert_array_equal(predict_proba(forest, xi), forest.predict_proba(xi))
+    np.testing.assert_array_equal(predict_proba(forest, x), forest.predict_proba(x))  # NaNs routed as sklearn does
     y = np.asarray(bundle["classes"])[np.arange(len(x)) % len(bundle["classes"])]
     other = make_pipeline(SimpleImputer(keep_empty_features=True), StandardScaler(), LogisticRegression(max_iter=500)).fit(x, y)
     np.testing.assert_array_equal(predict_proba(other, x), other.predict_proba(x))

@@ -106,7 +106,7 @@ def predict_proba(model: Any, x: np.ndarray) -> np.ndarray:
     ~0.2 ms per tree, 4-7x the tree evaluation itself on a work unit's few hundred states. The result
     is the same mean of the trees' probabilities (the test compares them)."""
     steps = getattr(model, "steps", None)
-    *pre, last = [s for _, s in steps] if steps else [model]
+    *pre, last = [s for _, s in steps if s not in (None, "passthrough")] if steps else [model]
     trees = getattr(last, "estimators_", None)
     if not _plain_forest(last, trees):
         return model.predict_proba(x)
