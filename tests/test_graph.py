@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -226,6 +227,39 @@ def test_results_identical_with_1_and_2_workers_and_other_partition_sizes(first_
         manifest = json.loads((store / "runs" / f"{summary['run_id']}.json").read_text())
         assert len(manifest["workers"]) == workers and all(w["malloc"] == WORKER_MALLOC for w in manifest["workers"])  # io/processes.py
         assert all(w["profiler"] is False for w in manifest["workers"])  # QUIET: no 100 Hz stack sampling
+
+
+def test_catalog_units_run_on_workers_and_a_rebuilt_catalog_is_not_reused(archive, tmp_path):
+    """DecentFilter's Gaia veto and T2CatalogMatch run on a worker process (their catalog travels as path +
+    content hash), and a catalog rebuilt at the same path gives new T0 and T2 keys: the veto's new
+    verdicts and new matches, nothing reused from the old catalog."""
+    from ampel_dask.tiers.catalog import build_catalog
+
+    parts = Archive(archive).partitions()
+    alerts = pa.concat_tables([pq.read_table(f"{archive}/{p.path}", columns=["ra", "dec"]) for p in parts])
+    gaia = {"ra": alerts.column("ra").to_numpy()[::2], "dec": alerts.column("dec").to_numpy()[::2]}  # on every other alert
+    m = len(gaia["ra"])
+    path = tmp_path / "gaia.parquet"
+
+    def catalog(version: int) -> None:
+        """version 0: no source is a star; 1: every other one is (significant parallax), new source ids"""
+        zeros, ones = np.zeros(m), np.ones(m)
+        plx = np.where(np.arange(m) % 2 == 0, 10.0 * version, 0.0)
+        build_catalog(pa.table({**gaia, "source_id": np.arange(m) + version * 10**6, "Mag_G": np.full(m, 15.0), "PMRA": zeros, "ErrPMRA": ones,
+                                "PMDec": zeros, "ErrPMDec": ones, "Plx": plx, "ErrPlx": ones, "ExcessNoiseSig": zeros}), path)  # fmt: skip
+
+    w = wf(channels=[{"name": "GAIA", "access": ["ZTF_PUB", "ZTF_PRIV"], "filters": [{"unit": "DecentFilter", "config": {**DECENT, "gaia_rs": 2, "gaia_catalog": str(path)}}],
+                      "t2": [{"unit": "T2CatalogMatch", "config": {"catalog": str(path), "radius_arcsec": 1, "columns": ["source_id"]}}]}])  # fmt: skip
+    catalog(0)
+    first = run(archive, tmp_path / "store", w, workers=1)
+    catalog(1)
+    second = run(archive, tmp_path / "store", w, workers=1)
+    assert 0 < second["channels"]["GAIA"]["passed"] < first["channels"]["GAIA"]["passed"]  # the new catalog's stars are vetoed
+    assert first["t2"]["computed"] > 0 and second["t2"]["computed"] > 0 and second["t2"]["reused"] == 0
+    s = ParquetStore(tmp_path / "store")
+    res = [s.read_t2("T2CatalogMatch", key) for _, key in s.t2_units()]
+    ids = sorted((set(t.column("cat_source_id").drop_null().to_pylist()) for t in res), key=min)
+    assert len(ids) == 2 and max(ids[0]) < 10**6 <= min(ids[1])  # each run's matches come from its own catalog
 
 
 def test_workers_get_the_malloc_settings_after_a_plain_cluster_in_this_process():

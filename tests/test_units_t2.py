@@ -9,10 +9,11 @@ from pathlib import Path
 import light_curve as lc
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from ampel_dask.tiers.base import UnitConfigError
-from ampel_dask.tiers.catalog import Catalog, build_catalog, search_depth
+from ampel_dask.tiers.catalog import HPX, Catalog, build_catalog, search_depth
 from ampel_dask.tiers.units.gaia import GAIA_COLUMNS, GaiaVeto
 from ampel_dask.tiers.units.t0_filters import DecentFilter
 from ampel_dask.tiers.units.t2_catalog import T2CatalogMatch
@@ -238,8 +239,6 @@ def offset_catalog(tmp_path_factory, positions):
 
 
 def test_catalog_file_is_sorted_by_healpix_with_order_in_metadata(offset_catalog):
-    import pyarrow.parquet as pq
-
     path = offset_catalog[0]
     t = pq.read_table(path)
     assert (np.diff(t.column("_hpx").to_numpy()) >= 0).all()
@@ -300,6 +299,29 @@ def test_t2_catalog_match(offset_catalog, ztf_states, position_rows):
     np.testing.assert_array_equal(full.column("x_dist_arcsec").to_numpy(), dist)
     with pytest.raises(ValueError, match="not in catalog"):
         T2CatalogMatch(catalog=str(path), columns=["nope"])
+
+
+def test_catalog_units_pickle_as_path_and_content_hash(offset_catalog, tmp_path):
+    """A unit travels to the workers pickled: its catalog goes as path + content hash (an open Parquet
+    file cannot be pickled), the hash is in the unit's config (a rebuilt catalog changes its keys),
+    and a worker that finds other content at the path refuses it."""
+    import pickle
+    import shutil
+
+    path = tmp_path / "cat.parquet"
+    shutil.copy(offset_catalog[0], path)
+    unit = T2CatalogMatch(catalog=str(path), columns=["source_id"])
+    assert unit.config.catalog_hash == Catalog(path).content_hash and len(unit.config.catalog_hash) == 32
+    copy = pickle.loads(pickle.dumps(unit))
+    assert copy.identity == unit.identity and copy.catalog.path == path
+    with pytest.raises(ValueError, match="content hash"):
+        T2CatalogMatch(catalog=str(path), catalog_hash="0" * 32)
+    data = pickle.dumps(unit)
+    table = pq.read_table(offset_catalog[0]).drop_columns([HPX])
+    build_catalog(table.slice(1), path, order=10, row_group_size=256)  # one source fewer, same path
+    with pytest.raises(ValueError, match="changed since the workflow was planned"):
+        pickle.loads(data)
+    assert T2CatalogMatch(catalog=str(path), columns=["source_id"]).identity.key != unit.identity.key
 
 
 # --- GaiaVeto -----------------------------------------------------------------------------------

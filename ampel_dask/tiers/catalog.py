@@ -6,11 +6,17 @@ can be read by pixel ranges. A cone search for a whole array of positions: every
 its 8 neighbours at a depth whose cells are wider than the radius cover the cone; a catalog pixel
 range per candidate cell comes from ``searchsorted`` on the sorted index, then exact great-circle
 distances decide. No Python per source.
+
+A catalog's identity is its content hash (:func:`content_hash`): units that read a catalog put it in
+their config, so results computed against one catalog are never reused for a rebuilt one at the same
+path. An open catalog pickles as its path and that hash (a graph ships units to the workers), and a
+worker that finds other content at the path refuses to use it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -96,6 +102,14 @@ class Catalog:
         self._rg_max = np.array([g.column(col).statistics.max for g in groups], dtype=np.int64)
         self._loaded = np.zeros(0, dtype=np.int64)  # row groups whose positions are in memory
         self._merged: tuple[np.ndarray, ...] = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0, np.int64))
+
+    @property
+    def content_hash(self) -> str:
+        return content_hash(self.path)
+
+    def __reduce__(self):  # pickles as path + content (the open file and loaded positions stay here)
+        st = self.path.stat()
+        return _reopen, (str(self.path), self.content_hash, st.st_size, st.st_mtime_ns)
 
     def __len__(self) -> int:
         return int(self._rg_rows.sum())
@@ -210,4 +224,29 @@ def _open(path: str, mtime_ns: int, size: int) -> Catalog:
     return Catalog(path)
 
 
-__all__ = ["build_catalog", "Catalog", "open_catalog", "healpix", "search_depth", "HPX"]
+def content_hash(path: str | Path) -> str:
+    """xxh3-128 of the file's bytes (32 hex digits), computed once per file version and process."""
+    st = Path(path).stat()
+    return _hash(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=32)
+def _hash(path: str, mtime_ns: int, size: int) -> str:
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 23), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _reopen(path: str, digest: str, size: int, mtime_ns: int) -> Catalog:
+    """The catalog a pickled one names, if the file still holds the same content."""
+    st = os.stat(path)
+    if (st.st_size, st.st_mtime_ns) != (size, mtime_ns) and content_hash(path) != digest:
+        raise ValueError(f"catalog {path} changed since the workflow was planned (content hash {digest}, now {content_hash(path)})")
+    return open_catalog(path)
+
+
+__all__ = ["build_catalog", "Catalog", "open_catalog", "content_hash", "healpix", "search_depth", "HPX"]

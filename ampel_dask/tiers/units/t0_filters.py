@@ -47,6 +47,7 @@ class DecentFilterConfig(UnitConfig):
     gaia_veto_gmag_max: float = 20.0
     gaia_excessnoise_sig_max: float = 999.0
     gaia_catalog: str | None = Field(None, description="HEALPix-indexed Gaia Parquet catalog for the Gaia veto")
+    gaia_catalog_hash: str | None = Field(None, description="content hash of gaia_catalog; None: taken from the file (a mismatch is an error)")
 
 
 # AMPEL rejects an alert whose latest detection lacks any of these (in this order)
@@ -73,6 +74,10 @@ class DecentFilter(T0Filter):
                 from .gaia import GaiaVeto
 
                 self._gaia = GaiaVeto(c)
+                digest = self._gaia.catalog.content_hash  # in the config: a rebuilt catalog gives new T0 keys
+                if c.gaia_catalog_hash not in (None, digest):
+                    raise ValueError(f"DecentFilter: {c.gaia_catalog} has content hash {digest}, config expects {c.gaia_catalog_hash}")
+                self.config = c.model_copy(update={"gaia_catalog_hash": digest})
             else:
                 warnings.warn("DecentFilter: gaia_rs > 0 but no gaia_catalog is configured; the Gaia veto is off", stacklevel=2)
 

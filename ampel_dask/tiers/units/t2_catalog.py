@@ -18,13 +18,14 @@ class T2CatalogMatchConfig(UnitConfig):
     radius_arcsec: float = Field(2.0, gt=0, le=3600.0, description="search radius [arcsec]")
     columns: list[str] | None = Field(None, description="catalog columns returned for the nearest match (None: all)")
     prefix: str = Field("cat_", description="prefix of the result columns, so several catalogs can sit side by side")
+    catalog_hash: str | None = Field(None, description="content hash of the catalog file; None: taken from the file (a mismatch is an error)")
 
 
 class T2CatalogMatch(T2StateUnit):
     """The nearest catalog source within the radius: its columns, ``{prefix}dist_arcsec``, ``{prefix}matched``.
 
-    ``code``: 0 = searched (matched or not), 1 = the state has no valid position. The catalog is named by
-    path: rebuild it under a new name (or bump the unit config) to get new results.
+    ``code``: 0 = searched (matched or not), 1 = the state has no valid position. The catalog's content
+    hash is part of the config: a catalog rebuilt at the same path gives new results, never old ones.
     """
 
     Config = T2CatalogMatchConfig
@@ -33,6 +34,10 @@ class T2CatalogMatch(T2StateUnit):
     def __init__(self, config=None, **kw):
         super().__init__(config, **kw)
         self.catalog = open_catalog(self.config.catalog)
+        digest = self.catalog.content_hash
+        if self.config.catalog_hash not in (None, digest):
+            raise ValueError(f"T2CatalogMatch: {self.config.catalog} has content hash {digest}, config expects {self.config.catalog_hash}")
+        self.config = self.config.model_copy(update={"catalog_hash": digest})
         cols = self.config.columns if self.config.columns is not None else self.catalog.columns
         unknown = [c for c in cols if c not in self.catalog.columns]
         if unknown:
