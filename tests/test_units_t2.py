@@ -413,6 +413,31 @@ def test_training_runs_on_the_labelled_alerts(trained_model):
     assert "mechanics" in bundle["training"]["note"]
 
 
+def test_model_pickled_by_another_sklearn_version_is_a_clear_error(trained_model, tmp_path, monkeypatch):
+    """scikit-learn only warns when an estimator was pickled by another version (and it may then
+    predict wrongly): the unit refuses a model file of another minor version and says which versions
+    and what to do; another patch release of the same minor version loads."""
+    import joblib
+    import sklearn.base
+
+    from ampel_dask.tiers.units.t2_classifier import load_model, write_metadata
+
+    bundle = load_model(trained_model[0])
+    old = tmp_path / "old.joblib"
+    with monkeypatch.context() as m:
+        m.setattr(sklearn.base, "__version__", "1.0.0")  # what BaseEstimator.__getstate__ records
+        joblib.dump(bundle, old)
+    write_metadata(old, bundle)  # planning reads the sidecar; the estimator is loaded where it runs
+    unit = T2Classifier(model=str(old))
+    with pytest.raises(ValueError, match=r"old\.joblib: .* pickled by scikit-learn 1\.0\.0, this is .*retrain the model"):
+        unit.model
+    patch = tmp_path / "patch.joblib"
+    with monkeypatch.context() as m:
+        m.setattr(sklearn.base, "__version__", ".".join(sklearn.__version__.split(".")[:2]) + ".99")
+        joblib.dump(bundle, patch)
+    assert set(load_model(patch)) == set(bundle)
+
+
 def test_classifier_is_planned_from_the_sidecar_without_unpickling(trained_model, ztf_states, tmp_path):
     """The training script writes <model>.meta.json; a unit built from it has the identity of one
     built from the bundle, loads the estimator only when it runs, and ignores a sidecar of another file."""

@@ -39,12 +39,33 @@ def model_hash(path: str | Path) -> str:
 
 @lru_cache(maxsize=4)
 def _load(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
-    import joblib
+    """Unpickle a bundle. An estimator pickled by another scikit-learn minor version is an error:
+    sklearn only warns, and such an estimator may predict wrongly or fail deep inside a worker (a
+    patch release is accepted)."""
+    import warnings
 
-    bundle = joblib.load(path)
+    import joblib
+    from sklearn.exceptions import InconsistentVersionWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InconsistentVersionWarning)
+        bundle = joblib.load(path)
+    for other in (c for c in caught if not issubclass(c.category, InconsistentVersionWarning)):
+        warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
+    for w in (c.message for c in caught if issubclass(c.category, InconsistentVersionWarning)):
+        if _minor(w.original_sklearn_version) != _minor(w.current_sklearn_version):
+            raise ValueError(
+                f"{path}: {w.estimator_name} was pickled by scikit-learn {w.original_sklearn_version}, this is "
+                f"{w.current_sklearn_version}; pickles do not carry across versions: retrain the model "
+                f"(scripts/train_classifier.py) or install scikit-learn=={w.original_sklearn_version}"
+            )
     if not isinstance(bundle, dict) or bundle.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path}: not an ampel_dask classifier bundle ({MODEL_FORMAT})")
     return bundle
+
+
+def _minor(version: str) -> tuple[str, ...]:
+    return tuple(version.split(".")[:2])
 
 
 def load_model(path: str | Path) -> dict[str, Any]:
