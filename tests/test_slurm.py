@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import dask
 import pytest
 
 from ampel_dask.graph.runner import RunOptions, run_workflow
@@ -67,8 +68,9 @@ def test_workflow_on_slurm_jobs_matches_local_run(slurm, archive, reference, tmp
 def test_scancel_of_a_worker_job_mid_run_gives_the_same_results(slurm, archive, reference, tmp_path):  # noqa: F811
     ref_store, ref = reference
     store = tmp_path / "store"
-    # one alert per batch: ~190 stage tasks instead of 16, so there is a "mid-run" to cancel in
-    wf = slurm_workflow(tmp_path, batch_rows=1, adaptive={"minimum_jobs": 2, "maximum_jobs": 2, "interval": "500ms"})
+    # one alert per batch: ~190 stage tasks instead of 16, so there is a "mid-run" to cancel in; a fixed
+    # number of jobs, which is kept (the cancelled one is replaced) as an adaptive cluster's minimum is
+    wf = slurm_workflow(tmp_path, batch_rows=1, jobs=2)
     result: dict = {}
     errors: list = []
 
@@ -79,19 +81,27 @@ def test_scancel_of_a_worker_job_mid_run_gives_the_same_results(slurm, archive, 
             errors.append(exc)
 
     t = threading.Thread(target=target)
-    t.start()
-    deadline = time.time() + 180
-    while time.time() < deadline and t.is_alive() and len(list((store / "tasks").glob("*.json"))) < 20:
-        time.sleep(0.1)
-    running = slurm.squeue("-t", "RUNNING", "-n", "ampel-dask-worker", "-o", "%A").split()
-    assert t.is_alive() and running, "no running worker job to cancel mid-run"
-    subprocess.run(["scancel", running[0]], check=True)
-    t.join(timeout=300)
+    # the scheduler forgets a lost worker's job after distributed.deploy.lost-worker-timeout (15 s), and
+    # only then is it replaced: shortened here so that the replacement shows before the run ends
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "200ms"}):
+        t.start()
+        deadline = time.time() + 180
+        while time.time() < deadline and t.is_alive() and len(list((store / "tasks").glob("*.json"))) < 5:
+            time.sleep(0.1)
+        running = slurm.squeue("-t", "RUNNING", "-n", "ampel-dask-worker", "-o", "%A").split()
+        assert t.is_alive() and running, "no running worker job to cancel mid-run"
+        subprocess.run(["scancel", running[0]], check=True)
+        replaced = None
+        while t.is_alive() and replaced is None:  # a new job is submitted in its place while the run goes on
+            replaced = next((j for j in slurm.squeue("-n", "ampel-dask-worker", "-o", "%A").split() if j not in running), None)
+            time.sleep(0.2)
+        t.join(timeout=300)
     assert not t.is_alive() and not errors, errors
     assert result["channels"] == ref["channels"]
     assert t2_rows(store) == t2_rows(ref_store)
     manifest = json.loads((store / "runs" / f"{result['run_id']}.json").read_text())
-    assert running[0] not in {w["slurm_job_id"] for w in manifest["workers"]}  # a replacement job took over
+    assert replaced, "the cancelled job was not replaced"
+    assert running[0] not in {w["slurm_job_id"] for w in manifest["workers"]}
 
 
 @pytest.mark.timeout(300)

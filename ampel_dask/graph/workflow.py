@@ -71,7 +71,7 @@ class ClusterSpec(Model):
     kind: Literal["local", "slurm", "address"] = "local"
     workers: int | None = Field(None, ge=0, description="local: worker processes (None = all cores, 0 = no cluster)")
     memory_limit: str | None = Field("auto", description="local: per-worker memory limit")
-    jobs: int | None = Field(None, ge=1, description="slurm: fixed number of worker jobs")
+    jobs: int | None = Field(None, ge=1, description="slurm: fixed number of worker jobs (one that ends is replaced)")
     adaptive: dict[str, Any] | None = Field(None, description="slurm: adapt() arguments, e.g. {minimum_jobs: 1, maximum_jobs: 4}")
     jobqueue: dict[str, Any] = Field(default_factory=dict, description="slurm: dask-jobqueue SLURMCluster settings")
     config_file: str | None = Field(None, description="slurm: a jobqueue.yaml (e.g. slurm/jobqueue.yaml)")
