@@ -87,8 +87,8 @@ def _at_visit(rec: dict, time_field: str) -> dict:
 
 def rubin_messages(n: int, start: int = 0) -> list[bytes]:
     """Rubin lsst.v9_0 wire messages without cutouts, replicas ``start`` .. of the real Fink sample."""
-    schema = fastavro.parse_schema(json.loads((REPO / "ampel_dask/io/schemas/lsst.v9_0.alert.json").read_text()))
     cache = SchemaCache()
+    schema = cache.from_id(900).parsed
     base = []
     with tarfile.open(DATA / "lsst" / "rubin_fink_v9_0.tar.gz") as tar:
         for m in tar:

@@ -495,10 +495,11 @@ def test_metrics_endpoint_serves_prometheus_text(tmp_path):
 def test_rubin_wire_messages_with_a_schema_registry(kafka, new_topic, data_dir, tmp_path):  # noqa: F811
     import struct
 
-    schemas_dir = ROOT / "ampel_dask" / "io" / "schemas"
+    from ampel_dask.io.avro import SchemaCache
+
     files = sorted((data_dir / "lsst" / "wire_format").rglob("*.avro"))
     originals = sorted({struct.unpack(">I", f.read_bytes()[1:5])[0] for f in files})
-    registry = {5000 + i: (schemas_dir / f"lsst.v{sid // 100}_{sid % 100}.alert.json").read_text() for i, sid in enumerate(originals)}
+    registry = {5000 + i: SchemaCache().from_id(sid).key for i, sid in enumerate(originals)}
     asked: list[int] = []
 
     class Registry(BaseHTTPRequestHandler):

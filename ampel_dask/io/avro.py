@@ -24,7 +24,18 @@ from fastavro._read import HEADER_SCHEMA
 
 MAGIC = b"Obj\x01"
 SYNC_SIZE = 16
-BUILTIN_SCHEMAS = Path(__file__).parent / "schemas"
+
+
+def packaged_schemas() -> Path | None:
+    """Rubin's own schema tree (``<major>/<minor>/lsst.vM_m.alert.avsc``) as installed by
+    lsst-alert-packet, found without importing it (its import pulls in the LSST stack's utilities)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        path = Path(distribution("lsst-alert-packet").locate_file("lsst/alert/packet/schema"))
+    except PackageNotFoundError:
+        return None
+    return path if path.is_dir() else None
 
 
 @dataclass(frozen=True)
@@ -75,7 +86,9 @@ class SchemaCache:
         self.dirs = [Path(d) for d in (schema_dirs or [])]
         if env:
             self.dirs += [Path(p) for p in env.split(os.pathsep) if p]
-        self.dirs.append(BUILTIN_SCHEMAS)
+        packaged = packaged_schemas()
+        if packaged is not None:
+            self.dirs.append(packaged)
 
     def from_text(self, text: bytes) -> WriterSchema:
         ws = self._by_text.get(text)
