@@ -95,7 +95,7 @@ time.sleep(300)  # killed here, without commit or close
 """
 
 
-def test_kafka_group_resumes_after_consumer_is_killed(kafka, new_topic):
+def test_kafka_group_resumes_after_consumer_is_killed(kafka, new_topic):  # noqa: F811
     from confluent_kafka import Consumer, Producer, TopicPartition
 
     topic = new_topic(partitions=2)
@@ -175,7 +175,7 @@ def test_kafka_group_resumes_after_consumer_is_killed(kafka, new_topic):
     c3.close()
 
 
-def test_mongo_unique_index_upsert_bulk(mongo_db):
+def test_mongo_unique_index_upsert_bulk(mongo_db):  # noqa: F811
     from pymongo import ASCENDING, UpdateOne
     from pymongo.errors import DuplicateKeyError
 
