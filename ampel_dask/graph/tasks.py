@@ -382,8 +382,8 @@ def selection(store, plan: ChannelPlan, state_keys: list[str]) -> pa.Table | Non
     mjd = states.column("mjd").to_numpy()
     alert = states.column("alert_id").to_numpy()
     order = order_by((stock, "ascending"), (mjd, "descending"), (alert, "descending"))
-    first = order[np.r_[True, stock[order][1:] != stock[order][:-1]]]
-    sel = states.take(pa.array(np.sort(first)))
+    first = order[np.r_[True, stock[order][1:] != stock[order][:-1]]]  # one row per object, by stock: the
+    sel = states.take(pa.array(first))  # selection's order, so its light curves are gathered once
     sid = sel.column("state_id").to_numpy()
     for unit in plan.t2:
         res = store.read_t2(unit.name(), unit.identity.key, sid)
@@ -391,8 +391,7 @@ def selection(store, plan: ChannelPlan, state_keys: list[str]) -> pa.Table | Non
             continue
         body = [c for c in res.column_names if c not in PROVENANCE or c == "code"]
         sel = _left_join(sel, res.select(["state_id", *body]), prefix=f"{unit.name()}__")
-    order = order_by((sel.column("stock").to_numpy(), "ascending"), (sel.column("alert_id").to_numpy(), "ascending"))
-    return sel.take(pa.array(order))
+    return sel
 
 
 def _left_join(left: pa.Table, right: pa.Table, prefix: str) -> pa.Table:
