@@ -34,10 +34,12 @@ def make_cluster(spec: ClusterSpec, kind: str, workers: int | None = None, jobs:
     if kind == "slurm":
         cluster = slurm_cluster(spec)
         try:
-            n = jobs or spec.jobs or 1
-            # a fixed size is kept by adapt() too: a job that ends (walltime, scancel, node failure) is
-            # replaced, where scale() would leave the run with fewer workers (or none) for good
-            cluster.adapt(**(spec.adaptive if spec.adaptive and not jobs else {"minimum_jobs": n, "maximum_jobs": n}))
+            if spec.adaptive and not jobs:
+                cluster.adapt(**spec.adaptive)
+            else:  # submitted now (adapt's first look comes a second later), then kept by adapt(): a job that
+                n = jobs or spec.jobs or 1  # ends (walltime, scancel, node failure) is replaced, where
+                cluster.scale(jobs=n)  # scale() alone would leave the run short of workers for good
+                cluster.adapt(minimum_jobs=n, maximum_jobs=n)
             with Client(cluster) as client:
                 client.wait_for_workers(1, timeout=180)
                 yield client
