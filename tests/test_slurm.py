@@ -65,7 +65,10 @@ def test_workflow_on_slurm_jobs_matches_local_run(slurm, archive, reference, tmp
 
 
 @pytest.mark.timeout(400)
-def test_scancel_of_a_worker_job_mid_run_gives_the_same_results(slurm, archive, reference, tmp_path):  # noqa: F811
+def test_scancel_of_a_worker_job_mid_run_gives_the_same_results(slurm, archive, reference, tmp_path, monkeypatch):  # noqa: F811
+    from ampel_dask.graph import cluster
+
+    monkeypatch.setattr(cluster, "KEEP_INTERVAL", "200ms")  # look for ended jobs often: the run is short
     ref_store, ref = reference
     store = tmp_path / "store"
     # one alert per batch: ~190 stage tasks instead of 16, so there is a "mid-run" to cancel in; a fixed
