@@ -48,6 +48,14 @@ def short_hash(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
+def pinned_hash(owner: str, path: str, actual: str, expected: str | None) -> str:
+    """The content hash of a file a unit reads, for the unit's config (so results follow the file's
+    content, not its path); a config that names another hash is an error."""
+    if expected is not None and expected != actual:
+        raise ValueError(f"{owner}: {path} has content hash {actual}, config expects {expected}")
+    return actual
+
+
 @dataclass(frozen=True)
 class UnitIdentity:
     name: str

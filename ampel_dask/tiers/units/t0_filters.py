@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from ..base import T0Filter, UnitConfig, Verdict
+from ..base import T0Filter, UnitConfig, Verdict, pinned_hash
 from ..columns import SUMMARY, detections, num, present
 from ..expression import Expression, ExpressionError
 from ..sky import galactic_latitude
@@ -74,10 +74,8 @@ class DecentFilter(T0Filter):
                 from .gaia import GaiaVeto
 
                 self._gaia = GaiaVeto(c)
-                digest = self._gaia.catalog.content_hash  # in the config: a rebuilt catalog gives new T0 keys
-                if c.gaia_catalog_hash not in (None, digest):
-                    raise ValueError(f"DecentFilter: {c.gaia_catalog} has content hash {digest}, config expects {c.gaia_catalog_hash}")
-                self.config = c.model_copy(update={"gaia_catalog_hash": digest})
+                digest = pinned_hash(self.name(), c.gaia_catalog, self._gaia.catalog.content_hash, c.gaia_catalog_hash)
+                self.config = c.model_copy(update={"gaia_catalog_hash": digest})  # a rebuilt catalog: new T0 keys
             else:
                 warnings.warn("DecentFilter: gaia_rs > 0 but no gaia_catalog is configured; the Gaia veto is off", stacklevel=2)
 

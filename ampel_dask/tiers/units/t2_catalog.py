@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from ..base import T2StateUnit, UnitConfig
+from ..base import T2StateUnit, UnitConfig, pinned_hash
 from ..catalog import HPX, open_catalog
 
 OK, NO_POSITION = 0, 1
@@ -34,9 +34,7 @@ class T2CatalogMatch(T2StateUnit):
     def __init__(self, config=None, **kw):
         super().__init__(config, **kw)
         self.catalog = open_catalog(self.config.catalog)
-        digest = self.catalog.content_hash
-        if self.config.catalog_hash not in (None, digest):
-            raise ValueError(f"T2CatalogMatch: {self.config.catalog} has content hash {digest}, config expects {self.config.catalog_hash}")
+        digest = pinned_hash(self.name(), self.config.catalog, self.catalog.content_hash, self.config.catalog_hash)
         self.config = self.config.model_copy(update={"catalog_hash": digest})
         cols = self.config.columns if self.config.columns is not None else self.catalog.columns
         unknown = [c for c in cols if c not in self.catalog.columns]

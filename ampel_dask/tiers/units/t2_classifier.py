@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from ..base import T2StateUnit, UnitConfig
+from ..base import T2StateUnit, UnitConfig, pinned_hash
 from .t2_lightcurve import T2LightCurveFeatures, T2LightCurveFeaturesConfig
 
 MODEL_FORMAT = "ampel_dask.classifier/1"
@@ -172,9 +172,7 @@ class T2Classifier(T2StateUnit):
         super().__init__(config, **kw)
         c = self.config
         meta = model_metadata(c.model)
-        digest = meta["model_hash"]
-        if c.model_hash is not None and c.model_hash != digest:
-            raise ValueError(f"T2Classifier: {c.model} has hash {digest}, config expects {c.model_hash}")
+        digest = pinned_hash(self.name(), c.model, meta["model_hash"], c.model_hash)
         trained = T2LightCurveFeaturesConfig.model_validate(meta["feature_unit"]["config"])
         if c.features is not None and c.features != trained:
             raise ValueError("T2Classifier: features config differs from the one the model was trained with")
