@@ -43,4 +43,17 @@ def group_location(rows: list[dict]) -> str:
     return "/".join(parts[:2])
 
 
+@pytest.fixture(scope="session")
+def group_archives(tmp_path_factory, data_dir, manifest):
+    """Every manifest group ingested into its own archive, in this process: {group: (root, report)}."""
+    from ampel_dask.io.ingest import IngestOptions, ingest
+
+    out = {}
+    for group, rows in sorted(manifest.items()):
+        root = tmp_path_factory.mktemp(group)
+        report = ingest([str(data_dir / group_location(rows))], root, IngestOptions(workers=0, progress=False))
+        out[group] = (root, report)
+    return out
+
+
 from .slurm_fixture import slurm  # noqa: E402,F401  (session fixture: the one-node SLURM of slurm/)

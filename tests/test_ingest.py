@@ -30,17 +30,6 @@ def read_archive(root: Path) -> pa.Table:
     return pa.concat_tables([t.select(cols) for t in tables]) if tables else None
 
 
-@pytest.fixture(scope="session")
-def group_archives(tmp_path_factory, data_dir, manifest):
-    """Every manifest group ingested into its own archive, in this process."""
-    out = {}
-    for group, rows in sorted(manifest.items()):
-        root = tmp_path_factory.mktemp(group)
-        report = ingest([str(data_dir / group_location(rows))], root, IngestOptions(workers=0, progress=False))
-        out[group] = (root, report)
-    return out
-
-
 def test_every_group_reconciles_with_manifest(group_archives, manifest):
     for group, (root, report) in group_archives.items():
         rows = manifest[group]

@@ -296,7 +296,7 @@ class Archive:
             if not keep.any():
                 return None
             mask = pa.array(keep)
-            staged = stage(table.filter(mask), cut.filter(mask) if cut is not None else None, staged.path.parent)
+            staged = stage(table.filter(mask), cut, staged.path.parent)  # stage() picks the kept rows' cutouts
         ndir = self.night_dir(staged.survey, staged.night)
         ndir.mkdir(parents=True, exist_ok=True)
         part_path = ndir / f"part-{staged.content_hash}.parquet"
@@ -340,8 +340,10 @@ class Staged:
     max_mjd: float
 
 
-def stage(table: pa.Table, cutouts: pa.Table | None, tmp_dir: Path) -> Staged:
-    """Sort rows canonically and write the part (and its aligned cutouts) under temporary names."""
+def stage(table: pa.Table, cutouts: pa.Table | None, tmp_dir: Path, durable: bool = True) -> Staged:
+    """Sort rows canonically and write the part (and its aligned cutouts) under temporary names.
+
+    ``durable=False``: not fsync'ed file by file; the caller calls :func:`sync` before publishing."""
     table = sort_rows(table)
     data = parquet_bytes(table.drop_columns(["dps"]) if "dps" in table.column_names else table)
     hist = dps_bytes(table.column("dps")) if "dps" in table.column_names else None
@@ -349,15 +351,16 @@ def stage(table: pa.Table, cutouts: pa.Table | None, tmp_dir: Path) -> Staged:
     tmp_dir.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
     path = tmp_dir / f"part-{digest}.{token}.parquet"
-    atomic_write(path, data)
+    atomic_write(path, data, durable)
     dps_file = None
     if hist is not None:
         dps_file = tmp_dir / f"dps-{digest}.{token}.arrow"
-        atomic_write(dps_file, hist)
+        atomic_write(dps_file, hist, durable)
     cut_path = None
-    if cutouts is not None and cutouts.num_rows:
+    aligned = align_cutouts(table, cutouts) if cutouts is not None else None
+    if aligned is not None and aligned.num_rows:
         cut_path = tmp_dir / f"cutouts-{digest}.{token}.parquet"
-        atomic_write(cut_path, parquet_bytes(align_cutouts(table, cutouts)))
+        atomic_write(cut_path, parquet_bytes(aligned), durable)
     mjd = table.column("mjd").to_numpy(zero_copy_only=False)
     return Staged(
         survey=table.column("survey")[0].as_py(),
@@ -379,10 +382,15 @@ def discard(staged: Staged) -> None:
 
 
 def align_cutouts(table: pa.Table, cutouts: pa.Table) -> pa.Table:
-    """Cutout rows in the order of the part's rows (one per alert id, first copy wins)."""
+    """Cutout rows in the order of the part's rows (one per alert id, first copy wins; alerts without
+    cutouts have no row). Cutouts are most of an archive's bytes: taken once, or not at all when they
+    are in order already."""
     ids = cutouts.column("alert_id").to_numpy()
-    _, first = np.unique(ids, return_index=True)
-    cutouts = cutouts.take(pa.array(np.sort(first)))
-    pos = {int(a): i for i, a in enumerate(cutouts.column("alert_id").to_numpy())}
-    order = [pos[int(a)] for a in table.column("alert_id").to_numpy() if int(a) in pos]
+    uniq, first = np.unique(ids, return_index=True)
+    want = table.column("alert_id").to_numpy()
+    at = np.minimum(np.searchsorted(uniq, want), max(len(uniq) - 1, 0))
+    found = uniq[at] == want if len(uniq) else np.zeros(len(want), dtype=bool)
+    order = first[at[found]]
+    if len(order) == cutouts.num_rows and np.array_equal(order, np.arange(len(order))):
+        return cutouts
     return cutouts.take(pa.array(order, type=pa.int64()))

@@ -82,6 +82,7 @@ class SchemaCache:
     def __init__(self, schema_dirs: list[Path] | None = None):
         self._by_text: dict[bytes, WriterSchema] = {}
         self._by_id: dict[int, WriterSchema | None] = {}
+        self._headers: list[tuple[bytes, WriterSchema, str]] = []  # recent container headers (without sync)
         env = os.environ.get("AMPEL_DASK_SCHEMA_DIR")
         self.dirs = [Path(d) for d in (schema_dirs or [])]
         if env:
@@ -97,6 +98,22 @@ class SchemaCache:
             ws = WriterSchema(key=text.decode(), parsed=parse_schema(raw), raw=raw)
             self._by_text[text] = ws
         return ws
+
+    def header(self, data: bytes) -> tuple[WriterSchema, str, bytes, int]:
+        """A container's (writer schema, codec, sync marker, header length). Packets of one stream
+        share their header up to the sync marker byte for byte, so a known one is recognised by a
+        prefix comparison instead of being decoded again (raises on an unreadable header)."""
+        for prefix, ws, codec in self._headers:
+            if data.startswith(prefix) and len(data) >= len(prefix) + SYNC_SIZE:
+                return ws, codec, data[len(prefix) : len(prefix) + SYNC_SIZE], len(prefix) + SYNC_SIZE
+        bio = io.BytesIO(data)
+        header = schemaless_reader(bio, HEADER_SCHEMA, None)
+        meta = header["meta"]
+        ws = self.from_text(meta["avro.schema"])
+        codec = meta.get("avro.codec", b"null").decode()
+        end = bio.tell()
+        self._headers = [(data[: end - SYNC_SIZE], ws, codec), *self._headers[:7]]
+        return ws, codec, header["sync"], end
 
     def from_id(self, schema_id: int) -> WriterSchema | None:
         if schema_id not in self._by_id:
@@ -207,18 +224,42 @@ def _iter_wire(data: bytes, cache: SchemaCache) -> Iterator[Record | Damage]:
     yield Record(value, ws, 0, 0, data[5:])
 
 
-def _iter_container(data: bytes, cache: SchemaCache) -> Iterator[Record | Damage]:
-    bio = io.BytesIO(data)
+@dataclass
+class Block:
+    """A container block: where it starts, how many records it holds, its decompressed bytes."""
+
+    offset: int
+    count: int
+    data: bytes
+
+
+def frame(data: bytes, cache: SchemaCache) -> tuple[WriterSchema, list[Block]] | None:
+    """A packet's writer schema and blocks, without decoding a record; None unless it is a whole,
+    undamaged container (gzipped or not): everything else takes :func:`iter_packet`'s careful path."""
+    if packet_kind(data) == "gzip":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error):
+            return None
+    if packet_kind(data) != "container":
+        return None
+    blocks: list[Block] = []
+    ws = None
+    for item in _blocks(data, cache):
+        if isinstance(item, Damage):
+            return None
+        ws, block = item
+        blocks.append(block)
+    return (ws, blocks) if ws is not None else None
+
+
+def _blocks(data: bytes, cache: SchemaCache) -> Iterator[tuple[WriterSchema, Block] | Damage]:
+    """A container's blocks, decompressed; a damaged block is skipped to the next sync marker."""
     try:
-        header = schemaless_reader(bio, HEADER_SCHEMA, None)
-        meta = header["meta"]
-        ws = cache.from_text(meta["avro.schema"])
-        codec = meta.get("avro.codec", b"null").decode()
-        sync = header["sync"]
+        ws, codec, sync, pos = cache.header(data)
     except Exception as exc:
         yield Damage(0, f"Avro container header unreadable: {type(exc).__name__}: {exc}", data)
         return
-    pos = bio.tell()
     n = 0
     end = len(data)
     while pos < end:
@@ -240,6 +281,18 @@ def _iter_container(data: bytes, cache: SchemaCache) -> Iterator[Record | Damage
             yield Damage(start, f"damaged container block at byte {start}: {exc}", data[start:resume], n)
             pos = resume
             continue
+        yield ws, Block(start, count, block)
+        n += count
+
+
+def _iter_container(data: bytes, cache: SchemaCache) -> Iterator[Record | Damage]:
+    n = 0
+    for item in _blocks(data, cache):
+        if isinstance(item, Damage):
+            yield item
+            continue
+        ws, blk = item
+        start, count, block = blk.offset, blk.count, blk.data
         bb = io.BytesIO(block)
         for i in range(count):
             rstart = bb.tell()

@@ -1,8 +1,9 @@
 """Decode one chunk of packets into staged archive parts; what fails goes to quarantine.
 
-This runs on Dask workers. Records are grouped by writer schema so that each group is normalised with
-one columnar pass; if a group fails as a whole, its records are retried one by one so that a single
-bad record is quarantined without taking its neighbours with it.
+This runs on Dask workers. Records are grouped by writer schema, decoded into Arrow by DataFusion (see
+:mod:`.columnar`) and normalised with one columnar pass per group; if a group fails as a whole, its
+records are retried one by one so that a single bad record is quarantined without taking its
+neighbours with it.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
 from . import lsst, ztf
-from .archive import Staged, atomic_write, stage
-from .avro import Damage, Record, SchemaCache, WriterSchema, iter_packet, single_record_container
-from .normalize import Normalized
+from .archive import Staged, atomic_write, stage, sync
+from .avro import Block, Damage, Record, SchemaCache, WriterSchema, frame, iter_packet, single_record_container
+from .columnar import decode_blocks, records_rows
+from .normalize import Normalized, rows_where
 from .sources import Chunk, Packet
 
 NORMALIZERS = {"ztf": ztf.normalize, "lsst": lsst.normalize}
@@ -89,16 +92,37 @@ class ChunkResult:
 
 
 @dataclass
-class _Item:
-    record: Record
+class _Origin:
+    """Where one decoded record came from (for quarantine and the ``source`` column)."""
+
     packet: Packet
+    index: int  # record number inside the packet
+    offset: int  # byte offset of its block (container) or 0 (wire message)
+    record: Record | None = None  # fastavro's decoding, when the careful path made it
+
+    @property
+    def label(self) -> str:
+        return f"{self.packet.label}#{self.index}" if self.index else self.packet.label
+
+
+@dataclass
+class _Group:
+    """Records of one writer schema: Arrow rows and, for each, where it came from."""
+
+    survey: str
+    schema: WriterSchema
+    rows: pa.StructArray
+    origins: list[_Origin] = field(default_factory=list)
+    first: int = 0  # position in the chunk of its first packet
 
 
 def decode_chunk(chunk: Chunk, tmp_dir: str, quarantine_dir: str, schema_dirs: list[str] | None = None) -> ChunkResult:
+    """Packets -> staged parts. Whole containers of a known survey take the fast path (their blocks,
+    undecoded, go to DataFusion by schema); anything else, and any batch DataFusion refuses, is decoded
+    record by record with fastavro, so that damage is isolated and quarantined."""
     cache = schema_cache(schema_dirs)
     result = ChunkResult(chunk.index, nbytes=chunk.nbytes)
     qdir = Path(quarantine_dir)
-    groups: dict[tuple[str, str], list[_Item]] = defaultdict(list)
 
     def quarantine(entry: QuarantineEntry) -> None:
         entry.write(qdir)
@@ -110,32 +134,66 @@ def decode_chunk(chunk: Chunk, tmp_dir: str, quarantine_dir: str, schema_dirs: l
         result.read += 1
         quarantine(QuarantineEntry(source, member, None, None, reason, raw))
 
-    for packet in chunk.packets:
+    # packets by position in the chunk: groups are normalised in the order their first packet came, so
+    # of two copies of an alert id the first in the input is the one archived, whichever path they took
+    fast: dict[str, list[tuple[int, Packet, WriterSchema, list[Block]]]] = defaultdict(list)
+    careful: list[tuple[int, Packet, bytes]] = []
+    for pos, packet in enumerate(chunk.packets):
         try:
             data = packet.read()
         except OSError as exc:
             result.read += 1
             quarantine(QuarantineEntry(packet.source, packet.member, None, None, f"unreadable file: {exc}"))
             continue
+        framed = frame(data, cache)
+        if framed is not None and survey_of(framed[0]) is not None:
+            fast[framed[0].key].append((pos, packet, *framed))
+        else:
+            careful.append((pos, packet, data))
+
+    groups: list[_Group] = []
+    for items in fast.values():
+        ws = items[0][2]
+        try:
+            rows = decode_blocks(ws, [(b.count, b.data) for *_, blocks in items for b in blocks], tmp_dir)
+        except Exception:  # e.g. a record that does not decode: find it record by record
+            careful += [(pos, packet, packet.read()) for pos, packet, _, _ in items]
+            continue
+        group = _Group(survey_of(ws), ws, rows, first=items[0][0])
+        for _, packet, _, blocks in items:
+            n = 0
+            for b in blocks:
+                group.origins += [_Origin(packet, n + i, b.offset) for i in range(b.count)]
+                n += b.count
+        result.read += len(group.origins)
+        groups.append(group)
+
+    by_schema: dict[str, list[Record]] = defaultdict(list)
+    origin_of: dict[int, _Origin] = {}
+    first: dict[str, int] = {}
+    for pos, packet, data in sorted(careful, key=lambda c: c[0]):
         for item in iter_packet(data, cache):
             result.read += 1
             if isinstance(item, Damage):
                 quarantine(QuarantineEntry(packet.source, packet.member, item.offset, item.index, item.reason, item.raw))
                 continue
-            survey = survey_of(item.schema)
-            if survey is None:
+            if survey_of(item.schema) is None:
                 reason = f"unknown alert schema {item.schema.name!r} (top-level fields: {', '.join(item.schema.top_fields[:12])})"
                 quarantine(QuarantineEntry(packet.source, packet.member, item.offset, item.index, reason, _raw(item)))
                 continue
-            groups[(survey, item.schema.key)].append(_Item(item, packet))
+            by_schema[item.schema.key].append(item)
+            first.setdefault(item.schema.key, pos)
+            origin_of[id(item)] = _Origin(packet, item.index, item.offset, item)
+    for records in by_schema.values():
+        ws = records[0].schema
+        groups.append(_Group(survey_of(ws), ws, records_rows(records, tmp_dir), [origin_of[id(r)] for r in records], first[ws.key]))
 
     by_survey: dict[str, list[Normalized]] = defaultdict(list)
-    for (survey, _), items in groups.items():
-        for norm, bad in _normalize_group(survey, items):
-            by_survey[survey].append(norm)
-            for it, reason in bad:
-                p, r = it.packet, it.record
-                quarantine(QuarantineEntry(p.source, p.member, r.offset, r.index, f"cannot normalise: {reason}", _raw(r)))
+    for group in sorted(groups, key=lambda g: g.first):
+        for norm, bad in _normalize_group(group.survey, group.schema, group.rows, group.origins):
+            by_survey[group.survey].append(norm)
+            for origin, reason in bad:
+                quarantine(QuarantineEntry(origin.packet.source, origin.packet.member, origin.offset, origin.index, f"cannot normalise: {reason}", _origin_raw(origin, cache)))
 
     for survey, norms in by_survey.items():
         alerts = [n.alerts for n in norms if n.alerts is not None and n.alerts.num_rows]
@@ -143,32 +201,37 @@ def decode_chunk(chunk: Chunk, tmp_dir: str, quarantine_dir: str, schema_dirs: l
             continue
         table = pa.concat_tables(alerts)
         cutouts = pa.concat_tables([n.cutouts for n in norms if n.cutouts is not None])
-        cutouts = cutouts.filter(_has_stamp(cutouts))
-        nights = table.column("night")
-        for night in pc.unique(nights).to_pylist():
-            mask = pc.equal(nights, night)
-            part = table.filter(mask)
-            ids = part.column("alert_id")
-            cut = cutouts.filter(pc.is_in(cutouts.column("alert_id"), value_set=ids))
-            result.staged.append(stage(part, cut if cut.num_rows else None, Path(tmp_dir)))
+        cutouts = rows_where(cutouts, np.asarray(_has_stamp(cutouts)))
+        nights = table.column("night").to_numpy()
+        _, first = np.unique(nights, return_index=True)
+        for night in nights[np.sort(first)]:  # in order of appearance: of two copies of an alert, the first is kept
+            part = rows_where(table, nights == night)
+            result.staged.append(stage(part, cutouts if cutouts.num_rows else None, Path(tmp_dir), durable=False))  # stage() picks this night's cutouts
+    if result.staged:
+        sync()  # once per chunk, not an fsync per file: staged parts are on disk before they are published
     return result
 
 
-def _normalize_group(survey: str, items: list[_Item]) -> list[tuple[Normalized, list[tuple[_Item, str]]]]:
+def _normalize_group(survey: str, ws: WriterSchema, rows: pa.StructArray, origins: list[_Origin]) -> list[tuple[Normalized, list[tuple[_Origin, str]]]]:
     """Normalise a schema group at once; on failure, one record at a time to isolate the bad ones."""
-    records = [it.record for it in items]
     try:
-        norm = NORMALIZERS[survey](records, records[0].schema, [_label(it) for it in items])
+        norm = NORMALIZERS[survey](rows, ws, [o.label for o in origins])
     except Exception as exc:  # a normaliser bug or a value no column can hold: find the culprit(s)
-        if len(items) == 1:
-            return [(Normalized(None, None), [(items[0], f"{type(exc).__name__}: {exc}")])]
-        return [out for it in items for out in _normalize_group(survey, [it])]
-    return [(norm, [(items[i], reason) for i, reason in norm.rejects])]
+        if len(origins) == 1:
+            return [(Normalized(None, None), [(origins[0], f"{type(exc).__name__}: {exc}")])]
+        return [out for i, o in enumerate(origins) for out in _normalize_group(survey, ws, rows.slice(i, 1), [o])]
+    return [(norm, [(origins[i], reason) for i, reason in norm.rejects])]
 
 
-def _label(it: _Item) -> str:
-    label = it.packet.label
-    return f"{label}#{it.record.index}" if it.record.index else label
+def _origin_raw(origin: _Origin, cache: SchemaCache) -> bytes:
+    """What quarantine keeps of a record: a one-record container (fastavro decodes it again if it
+    came by the fast path: rare, only for records that fail normalisation)."""
+    rec = origin.record
+    if rec is None:
+        rec = next((r for r in iter_packet(origin.packet.read(), cache) if isinstance(r, Record) and r.index == origin.index), None)
+        if rec is None:
+            return origin.packet.read()
+    return _raw(rec)
 
 
 def _raw(rec: Record) -> bytes:

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .avro import Record, WriterSchema
+from .avro import WriterSchema
 from .layout import (
     DETECTION,
     FLAG_BAD_PHOT,
@@ -34,12 +34,13 @@ from .normalize import (
     cutouts_table,
     f64,
     flatten,
+    has_field,
     history_summary,
     i64,
     nan_to_null,
-    record_fields,
     reject_rows,
-    stamp,
+    rows_where,
+    texts,
 )
 
 SURVEY = "lsst"
@@ -77,20 +78,18 @@ _VERSION = re.compile(r"(lsst|elasticc)\.v(\d+)_(\d+)")
 MAG_ERR_K = 2.5 / np.log(10)
 
 
-def normalize(records: list[Record], ws: WriterSchema, sources: list[str]) -> Normalized:
-    values = [r.value for r in records]
-    n = len(values)
-    missing_src = np.array([v.get("diaSource") is None for v in values])
-    srcs = [v.get("diaSource") or {} for v in values]
-    present = record_fields(ws, ["diaSource"])
-    extras = {name: column(srcs, names, present, typ) for name, typ, names in SOURCE_FIELDS}
-    alert_id = column(srcs, ["diaSourceId"], present, _L)
-    mjd = f64(column(srcs, MJD, present, _D))
-    band = pc.utf8_lower(column(srcs, BAND, present, pa.string()))
+def normalize(rows: pa.StructArray, ws: WriterSchema, sources: list[str]) -> Normalized:
+    n = len(rows)
+    srcs = pc.struct_field(rows, "diaSource")
+    missing_src = np.asarray(srcs.is_null())
+    extras = {name: column(srcs, names, typ) for name, typ, names in SOURCE_FIELDS}
+    alert_id = column(srcs, ["diaSourceId"], _L)
+    mjd = f64(column(srcs, MJD, _D))
+    band = pc.utf8_lower(column(srcs, BAND, pa.string()))
     flux = f64(extras["psfFlux"])
     flux_err = f64(extras["psfFluxErr"])
-    negative = _negative(srcs, present, flux)
-    stock, object_id = _objects(values, extras)
+    negative = _negative(srcs, flux)
+    stock, object_id = _objects(rows, extras)
 
     common = {
         "alert_id": alert_id,
@@ -99,22 +98,22 @@ def normalize(records: list[Record], ws: WriterSchema, sources: list[str]) -> No
         "survey": pa.array([SURVEY] * n, pa.string()),
         "night": pa.array(night_of(mjd, SURVEY)),
         "mjd": nan_to_null(mjd),
-        "ra": column(srcs, ["ra"], present, _D),
-        "dec": column(srcs, ["dec", "decl"], present, _D),
+        "ra": column(srcs, ["ra"], _D),
+        "dec": column(srcs, ["dec", "decl"], _D),
         "band": band,
         "mag": nan_to_null(flux_to_mag(flux)),
         "mag_err": nan_to_null(_mag_err(flux, flux_err)),
         "flux": nan_to_null(flux),
         "flux_err": nan_to_null(flux_err),
-        "isdiffpos": pa.array(~negative, mask=~np.isfinite(flux) & (not _has_negative_flag(present))),
-        "schema": pa.array([_version(v, ws) for v in values], pa.string()),
+        "isdiffpos": pa.array(~negative, mask=~np.isfinite(flux) & (not _has_negative_flag(srcs))),
+        "schema": pa.array(_versions(rows, ws), pa.string()),
         "source": pa.array(sources, pa.string()),
     }
-    trigger = DatapointPart(np.arange(n, dtype=np.int64), _source_dp_columns(srcs, present))
-    prv_items, prv_alert = flatten(values, "prvDiaSources")
-    parts = [trigger, DatapointPart(prv_alert, _source_dp_columns(prv_items, record_fields(ws, ["prvDiaSources"])))]
-    parts.append(_forced(values, ws))
-    parts.append(_limits(values, ws))
+    trigger = DatapointPart(np.arange(n, dtype=np.int64), _source_dp_columns(srcs))
+    prv_items, prv_alert = flatten(rows, "prvDiaSources")
+    parts = [trigger, DatapointPart(prv_alert, _source_dp_columns(prv_items))]
+    parts.append(_forced(rows))
+    parts.append(_limits(rows))
     dps = assemble_dps(n, parts)
     common.update(history_summary(dps))
     arrays = [common[f.name] if f.name in common else extras[f.name] for f in SCHEMA if f.name != "dps"] + [dps]
@@ -128,31 +127,29 @@ def normalize(records: list[Record], ws: WriterSchema, sources: list[str]) -> No
             (np.array([s is None for s in stock]), "neither diaObjectId nor ssObjectId names the object"),
         ],
     )
-    cut = cutouts_table(
-        alert_id,
-        [stamp(v.get("cutoutScience")) for v in values],
-        [stamp(v.get("cutoutTemplate")) for v in values],
-        [stamp(v.get("cutoutDifference")) for v in values],
-    )
-    mask = pa.array(keep)
-    return Normalized(table.filter(mask), cut.filter(mask), rejects)
+    cut = cutouts_table(alert_id, rows)
+    return Normalized(rows_where(table, keep), rows_where(cut, keep), rejects)
 
 
-def _version(value: dict, ws: WriterSchema) -> str:
-    for text in (ws.name, str(value.get("lsst_schema_version") or "")):
+def _versions(rows: pa.StructArray, ws: WriterSchema) -> list[str]:
+    return [_version(ws.name, str(v or "")) for v in texts(rows, "lsst_schema_version")]
+
+
+def _version(*texts: str) -> str:
+    for text in texts:
         m = _VERSION.search(text)
         if m:
             return f"{m.group(1)} {m.group(2)}.{m.group(3)}"
     return "lsst unknown"
 
 
-def _has_negative_flag(present: set[str]) -> bool:
-    return bool(present & {"isNegative", "is_negative"})
+def _has_negative_flag(records: pa.StructArray) -> bool:
+    return has_field(records, "isNegative") or has_field(records, "is_negative")
 
 
-def _negative(rows: list[dict], present: set[str], flux: np.ndarray) -> np.ndarray:
-    if _has_negative_flag(present):
-        flag = column(rows, ["isNegative", "is_negative"], present, _B)
+def _negative(rows: pa.StructArray, flux: np.ndarray) -> np.ndarray:
+    if _has_negative_flag(rows):
+        flag = column(rows, ["isNegative", "is_negative"], _B)
         return pc.fill_null(flag, False).to_numpy(zero_copy_only=False) | (flux < 0)
     return flux < 0
 
@@ -162,14 +159,16 @@ def _mag_err(flux: np.ndarray, err: np.ndarray) -> np.ndarray:
         return np.where(flux > 0, MAG_ERR_K * err / flux, np.nan)
 
 
-def _objects(values: list[dict], extras: dict[str, pa.Array]) -> tuple[list[int | None], list[str | None]]:
+def _objects(rows: pa.StructArray, extras: dict[str, pa.Array]) -> tuple[list[int | None], list[str | None]]:
     dia = extras["diaObjectId"].to_pylist()
     ss = extras["ssObjectId"].to_pylist()
+    has_obj = has_field(rows, "diaObject")
+    obj = column(pc.struct_field(rows, "diaObject"), ["diaObjectId"], _L).to_pylist() if has_obj else [None] * len(rows)
     stock: list[int | None] = []
     names: list[str | None] = []
-    for v, d, s in zip(values, dia, ss):
+    for d, s, o in zip(dia, ss, obj):
         if not d:
-            d = (v.get("diaObject") or {}).get("diaObjectId")
+            d = o
         if d:
             stock.append(int(d))
             names.append(str(d))
@@ -182,63 +181,61 @@ def _objects(values: list[dict], extras: dict[str, pa.Array]) -> tuple[list[int 
     return stock, names
 
 
-def _source_dp_columns(rows: list[dict], present: set[str]) -> dict[str, pa.Array]:
+def _source_dp_columns(rows: pa.StructArray) -> dict[str, pa.Array]:
     """Datapoint columns of diaSource records (the trigger and prvDiaSources)."""
-    flux = f64(column(rows, FLUX, present, _D))
-    err = f64(column(rows, FLUX_ERR, present, _D))
-    negative = _negative(rows, present, flux)
-    bad = pc.fill_null(column(rows, ["psfFlux_flag"], present, _B), False).to_numpy(zero_copy_only=False)
+    flux = f64(column(rows, FLUX, _D))
+    err = f64(column(rows, FLUX_ERR, _D))
+    negative = _negative(rows, flux)
+    bad = pc.fill_null(column(rows, ["psfFlux_flag"], _B), False).to_numpy(zero_copy_only=False)
     return {
-        "dp_id": column(rows, ["diaSourceId"], present, _L),
-        "mjd": column(rows, MJD, present, _D),
-        "band": pc.utf8_lower(column(rows, BAND, present, pa.string())),
+        "dp_id": column(rows, ["diaSourceId"], _L),
+        "mjd": column(rows, MJD, _D),
+        "band": pc.utf8_lower(column(rows, BAND, pa.string())),
         "kind": pa.array(np.full(len(rows), DETECTION, dtype=np.int8)),
         "flux": nan_to_null(flux),
         "flux_err": nan_to_null(err),
         "mag": nan_to_null(flux_to_mag(flux)),
         "mag_err": nan_to_null(_mag_err(flux, err)),
-        "ra": column(rows, ["ra"], present, _D),
-        "dec": column(rows, ["dec", "decl"], present, _D),
-        "rb": column(rows, ["reliability"], present, _F),
+        "ra": column(rows, ["ra"], _D),
+        "dec": column(rows, ["dec", "decl"], _D),
+        "rb": column(rows, ["reliability"], _F),
         "flags": pa.array((np.where(bad, FLAG_BAD_PHOT, 0) | np.where(negative, FLAG_NEGATIVE, 0)).astype(np.int32)),
     }
 
 
-def _forced(values: list[dict], ws: WriterSchema) -> DatapointPart:
-    items, alert = flatten(values, "prvDiaForcedSources")
-    if not items:
+def _forced(rows: pa.StructArray) -> DatapointPart:
+    items, alert = flatten(rows, "prvDiaForcedSources")
+    if not len(items):
         return DatapointPart(alert, {})
-    present = record_fields(ws, ["prvDiaForcedSources"])
-    flux = f64(column(items, FLUX, present, _D))
+    flux = f64(column(items, FLUX, _D))
     return DatapointPart(
         alert,
         {
-            "dp_id": pa.array(negative_id(FORCED, i64(column(items, ["diaForcedSourceId"], present, _L)))),
-            "mjd": column(items, MJD, present, _D),
-            "band": pc.utf8_lower(column(items, BAND, present, pa.string())),
+            "dp_id": pa.array(negative_id(FORCED, i64(column(items, ["diaForcedSourceId"], _L)))),
+            "mjd": column(items, MJD, _D),
+            "band": pc.utf8_lower(column(items, BAND, pa.string())),
             "kind": pa.array(np.full(len(items), FORCED, dtype=np.int8)),
             "flux": nan_to_null(flux),
-            "flux_err": column(items, FLUX_ERR, present, _D),
-            "ra": column(items, ["ra"], present, _D),
-            "dec": column(items, ["dec", "decl"], present, _D),
+            "flux_err": column(items, FLUX_ERR, _D),
+            "ra": column(items, ["ra"], _D),
+            "dec": column(items, ["dec", "decl"], _D),
             "flags": pa.array(np.where(np.isfinite(flux), 0, FLAG_BAD_PHOT).astype(np.int32)),
         },
     )
 
 
-def _limits(values: list[dict], ws: WriterSchema) -> DatapointPart:
-    items, alert = flatten(values, "prvDiaNondetectionLimits")
-    if not items:
+def _limits(rows: pa.StructArray) -> DatapointPart:
+    items, alert = flatten(rows, "prvDiaNondetectionLimits")
+    if not len(items):
         return DatapointPart(alert, {})
-    present = record_fields(ws, ["prvDiaNondetectionLimits"])
-    mjd = f64(column(items, MJD, present, _D))
-    noise = f64(column(items, ["diaNoise"], present, _D))
+    mjd = f64(column(items, MJD, _D))
+    noise = f64(column(items, ["diaNoise"], _D))
     return DatapointPart(
         alert,
         {
-            "dp_id": pa.array(negative_id(UPPER_LIMIT, i64(column(items, ["ccdVisitId"], present, _L)), mjd, noise)),
+            "dp_id": pa.array(negative_id(UPPER_LIMIT, i64(column(items, ["ccdVisitId"], _L)), mjd, noise)),
             "mjd": nan_to_null(mjd),
-            "band": pc.utf8_lower(column(items, BAND, present, pa.string())),
+            "band": pc.utf8_lower(column(items, BAND, pa.string())),
             "kind": pa.array(np.full(len(items), UPPER_LIMIT, dtype=np.int8)),
             "flux_err": nan_to_null(noise),
             "maglim": nan_to_null(flux_to_mag(5.0 * noise)),

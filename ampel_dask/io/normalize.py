@@ -1,21 +1,20 @@
 """Shared machinery of the survey normalisers: column extraction, nested histories, validation.
 
-A normaliser receives all records of one writer schema from one chunk and builds columns with one
-pyarrow conversion per field (never a dict per alert), derives the rest with numpy, and assembles the
-per-alert histories from flat datapoint arrays plus offsets.
+A normaliser receives all records of one writer schema from one chunk as one Arrow struct array (see
+:mod:`.columnar`), takes its columns with Arrow compute (never a dict per alert), derives the rest with
+numpy, and assembles the per-alert histories from flat datapoint arrays plus offsets.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .avro import Record, WriterSchema
+from .avro import WriterSchema
 from .layout import CUTOUTS, DATAPOINT, DATAPOINT_FIELDS
 
 
@@ -28,77 +27,34 @@ class Normalized:
     rejects: list[tuple[int, str]] = field(default_factory=list)  # (record position in batch, reason)
 
 
-def record_fields(ws: WriterSchema, path: Sequence[str]) -> set[str]:
-    """Field names of the (possibly nested, nullable, array, named-reference) record at ``path``."""
-    named = _named_records(ws.raw)
-    t: object = ws.raw
-    for name in path:
-        t = _unwrap(t, named)
-        fields = t.get("fields", []) if isinstance(t, dict) else []
-        t = next((f["type"] for f in fields if f["name"] == name), None)
-        if t is None:
-            return set()
-    t = _unwrap(t, named)
-    return {f["name"] for f in t.get("fields", [])} if isinstance(t, dict) else set()
-
-
-def _named_records(schema: object) -> dict[str, dict]:
-    """Record definitions by full and short name, so that references by name can be followed."""
-    out: dict[str, dict] = {}
-
-    def walk(t: object, ns: str) -> None:
-        if isinstance(t, list):
-            for x in t:
-                walk(x, ns)
-        elif isinstance(t, dict):
-            kind = t.get("type")
-            if kind == "record":
-                name = t.get("name", "")
-                space = t.get("namespace", ns)
-                full = name if "." in name or not space else f"{space}.{name}"
-                out[full] = out[name.split(".")[-1]] = t
-                for f in t.get("fields", []):
-                    walk(f["type"], full.rsplit(".", 1)[0] if "." in full else space)
-            elif kind == "array":
-                walk(t["items"], ns)
-            elif kind == "map":
-                walk(t["values"], ns)
-            elif isinstance(kind, (dict, list)):
-                walk(kind, ns)
-
-    walk(schema, "")
-    return out
-
-
-def _unwrap(t: object, named: dict[str, dict]) -> object:
-    """Strip null unions and arrays down to the record type, following references by name."""
-    while True:
-        if isinstance(t, list):
-            t = next((x for x in t if x != "null"), None)
-        elif isinstance(t, dict) and t.get("type") == "array":
-            t = t["items"]
-        elif isinstance(t, dict) and isinstance(t.get("type"), (dict, list)):
-            t = t["type"]
-        elif isinstance(t, str) and t in named:
-            t = named[t]
-        else:
-            return t
-
-
-def column(rows: list[dict], names: Sequence[str], present: set[str], typ: pa.DataType) -> pa.Array:
-    """One column from a list of record dicts: the first of ``names`` the schema has, else nulls."""
+def column(rows: pa.StructArray, names: Sequence[str], typ: pa.DataType) -> pa.Array:
+    """One field of the records as ``typ``: the first of ``names`` their type has (null where a record
+    is null), else nulls. Float NaN becomes null, so a value is missing in one way only."""
     for name in names:
-        if name in present:
-            return pa.array(list(map(itemgetter(name), rows)), type=typ, from_pandas=True)
+        if rows.type.get_field_index(name) >= 0:
+            arr = pc.cast(pc.struct_field(rows, name), typ)
+            if pa.types.is_floating(typ) and len(arr) > arr.null_count:
+                arr = pc.if_else(pc.is_nan(arr), pa.scalar(None, typ), arr)
+            return arr
     return pa.nulls(len(rows), typ)
 
 
-def flatten(values: list[dict], key: str) -> tuple[list[dict], np.ndarray]:
-    """Concatenate the list-valued ``key`` of each record; returns the items and their alert index."""
-    lists = [v.get(key) or () for v in values]
-    counts = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-    items = [x for lst in lists for x in lst]
-    return items, np.repeat(np.arange(len(values), dtype=np.int64), counts)
+def has_field(rows: pa.StructArray, name: str) -> bool:
+    return rows.type.get_field_index(name) >= 0
+
+
+def flatten(rows: pa.StructArray, key: str) -> tuple[pa.StructArray, np.ndarray]:
+    """The items of the list-valued field ``key`` of all records, and each item's record position."""
+    lists = pc.struct_field(rows, key) if has_field(rows, key) else None
+    if lists is None or not pa.types.is_list(lists.type):  # absent, or null in every record of the batch
+        return pa.array([], pa.struct([])), np.empty(0, dtype=np.int64)
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+    return lists.flatten(), np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
+
+
+def texts(rows: pa.StructArray, name: str) -> list:
+    """A field's values as Python objects (for the few per-record names, e.g. object ids)."""
+    return column(rows, [name], pa.string()).to_pylist()
 
 
 def f64(a: pa.Array) -> np.ndarray:
@@ -172,20 +128,24 @@ def history_summary(dps: pa.ListArray) -> dict[str, pa.Array]:
     return {"ndet": pa.array(ndet), "first_det_mjd": nan_to_null(first), "last_det_mjd": nan_to_null(last)}
 
 
-def cutouts_table(alert_ids: pa.Array, science: list, template: list, difference: list) -> pa.Table:
-    return pa.Table.from_arrays(
-        [alert_ids, pa.array(science, pa.binary()), pa.array(template, pa.binary()), pa.array(difference, pa.binary())],
-        schema=CUTOUTS,
-    )
+def cutouts_table(alert_ids: pa.Array, rows: pa.StructArray) -> pa.Table:
+    stamps = [stamp(rows, f"cutout{kind}") for kind in ("Science", "Template", "Difference")]
+    return pa.Table.from_arrays([alert_ids, *stamps], schema=CUTOUTS)
 
 
-def stamp(value: object) -> bytes | None:
+def stamp(rows: pa.StructArray, name: str) -> pa.Array:
     """Cutout bytes from a ZTF-style {fileName, stampData} record or a plain bytes field."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        return value.get("stampData")
-    return value  # type: ignore[return-value]
+    if not has_field(rows, name):
+        return pa.nulls(len(rows), pa.binary())
+    arr = pc.struct_field(rows, name)
+    if pa.types.is_struct(arr.type):
+        return column(arr, ["stampData"], pa.binary())
+    return pc.cast(arr, pa.binary())
+
+
+def rows_where(table: pa.Table, mask: np.ndarray) -> pa.Table:
+    """``table.filter(mask)``, without the copy when every row is kept (cutouts are large)."""
+    return table if bool(np.all(mask)) else table.filter(pa.array(mask))
 
 
 def reject_rows(table: pa.Table, checks: list[tuple[np.ndarray, str]]) -> tuple[np.ndarray, list[tuple[int, str]]]:
@@ -199,4 +159,4 @@ def reject_rows(table: pa.Table, checks: list[tuple[np.ndarray, str]]) -> tuple[
     return ~bad, rejects
 
 
-Normalizer = Callable[[list[Record], WriterSchema, list[str]], Normalized]
+Normalizer = Callable[[pa.StructArray, WriterSchema, list[str]], Normalized]

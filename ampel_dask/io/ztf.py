@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .avro import Record, WriterSchema
+from .avro import WriterSchema
 from .layout import (
     DETECTION,
     FLAG_BAD_PHOT,
@@ -35,16 +35,18 @@ from .normalize import (
     cutouts_table,
     f64,
     flatten,
+    has_field,
     history_summary,
     i64,
     nan_to_null,
-    record_fields,
     reject_rows,
-    stamp,
+    rows_where,
+    texts,
 )
 
 SURVEY = "ztf"
 BANDS = pa.array([None, "g", "r", "i"], pa.string())
+POSITIVE = pa.array(["t", "1", "true", "T"], pa.string())
 
 _F, _D, _I, _L, _S = pa.float32(), pa.float64(), pa.int32(), pa.int64(), pa.string()
 # candidate fields of ZTF alert schema 4.02, in schema order (ra, dec, isdiffpos are common columns)
@@ -74,25 +76,21 @@ ZTF_NULL = -99999.0  # forced-photometry "no value" sentinel
 LN10_25 = math.log(10) / 2.5
 
 
-def normalize(records: list[Record], ws: WriterSchema, sources: list[str]) -> Normalized:
-    values = [r.value for r in records]
-    n = len(values)
-    missing_cand = np.array([v.get("candidate") is None for v in values])
-    cands = [v.get("candidate") or {} for v in values]
-    present = record_fields(ws, ["candidate"])
-    cols = {
-        name: column(cands, [name] + ([ALIASES[name]] if name in ALIASES else []), present, typ)
-        for name, typ in CANDIDATE_FIELDS
-    }
+def normalize(rows: pa.StructArray, ws: WriterSchema, sources: list[str]) -> Normalized:
+    n = len(rows)
+    has_cand = has_field(rows, "candidate")
+    cands = pc.struct_field(rows, "candidate") if has_cand else pa.array([{}] * n, pa.struct([]))
+    missing_cand = np.asarray(cands.is_null()) | (not has_cand)
+    cols = {name: column(cands, [name] + ([ALIASES[name]] if name in ALIASES else []), typ) for name, typ in CANDIDATE_FIELDS}
     jd = f64(cols["jd"])
     mjd = jd - MJD_JD_OFFSET
     fid = i64(cols["fid"])
     band = BANDS.take(pa.array(np.where((fid >= 1) & (fid <= 3), fid, 0)))
-    positive = _isdiffpos([c.get("isdiffpos") for c in cands])
+    positive = _isdiffpos(cands)
     mag = f64(cols["magpsf"])
-    flux = np.where(np.array([p is not False for p in positive]), 1.0, -1.0) * mag_to_flux(mag)
+    flux = np.where(_not_false(positive), 1.0, -1.0) * mag_to_flux(mag)
     flux_err = np.abs(flux) * f64(cols["sigmapsf"]) * LN10_25
-    object_ids, stocks = _objects(values)
+    object_ids, stocks = _objects(rows)
 
     common = {
         "alert_id": cols["candid"],
@@ -101,18 +99,18 @@ def normalize(records: list[Record], ws: WriterSchema, sources: list[str]) -> No
         "survey": pa.array([SURVEY] * n, pa.string()),
         "night": pa.array(night_of(mjd, SURVEY)),
         "mjd": nan_to_null(mjd),
-        "ra": column(cands, ["ra"], present, pa.float64()),
-        "dec": column(cands, ["dec"], present, pa.float64()),
+        "ra": column(cands, ["ra"], pa.float64()),
+        "dec": column(cands, ["dec"], pa.float64()),
         "band": band,
         "mag": nan_to_null(mag),
         "mag_err": nan_to_null(f64(cols["sigmapsf"])),
         "flux": nan_to_null(flux),
         "flux_err": nan_to_null(flux_err),
-        "isdiffpos": pa.array(positive, pa.bool_()),
-        "schema": pa.array([f"ztf {_version(v, ws)}" for v in values], pa.string()),
+        "isdiffpos": positive,
+        "schema": pa.array([f"ztf {v}" for v in _versions(rows, ws)], pa.string()),
         "source": pa.array(sources, pa.string()),
     }
-    dps = assemble_dps(n, [_trigger_dps(cols, common), *_prv_dps(values, ws), _fp_dps(values, ws)])
+    dps = assemble_dps(n, [_trigger_dps(cols, common), *_prv_dps(rows), _fp_dps(rows)])
     common.update(history_summary(dps))
     arrays = [common[f.name] if f.name in common else cols[f.name] for f in SCHEMA if f.name != "dps"] + [dps]
     table = pa.Table.from_arrays(arrays, schema=SCHEMA)
@@ -125,52 +123,50 @@ def normalize(records: list[Record], ws: WriterSchema, sources: list[str]) -> No
             (stocks_missing(stocks), "no objectId (and no alertId) to name the object"),
         ],
     )
-    cut = cutouts_table(
-        cols["candid"],
-        [stamp(v.get("cutoutScience")) for v in values],
-        [stamp(v.get("cutoutTemplate")) for v in values],
-        [stamp(v.get("cutoutDifference")) for v in values],
-    )
-    mask = pa.array(keep)
-    return Normalized(table.filter(mask), cut.filter(mask), rejects)
+    cut = cutouts_table(cols["candid"], rows)
+    return Normalized(rows_where(table, keep), rows_where(cut, keep), rejects)
 
 
 def stocks_missing(stocks: list[int | None]) -> np.ndarray:
     return np.array([s is None for s in stocks])
 
 
-def _version(value: dict, ws: WriterSchema) -> str:
-    return str(value.get("schemavsn") or ws.raw.get("version") or ws.name)
+def _versions(rows: pa.StructArray, ws: WriterSchema) -> list[str]:
+    default = str(ws.raw.get("version") or ws.name)
+    return [v or default for v in texts(rows, "schemavsn")]
 
 
-def _isdiffpos(raw: list) -> list[bool | None]:
-    """'t'/'1'/1/True -> True, 'f'/'0'/0/False -> False (schema 1.1 used an int)."""
-    out: list[bool | None] = []
-    for v in raw:
-        if v is None:
-            out.append(None)
-        elif isinstance(v, str):
-            out.append(v in ("t", "1", "true", "T"))
-        else:
-            out.append(bool(v))
-    return out
+def _isdiffpos(records: pa.StructArray) -> pa.Array:
+    """'t'/'1'/1/True -> True, 'f'/'0'/0/False -> False (schema 1.1 used an int); null stays null."""
+    if not has_field(records, "isdiffpos"):
+        return pa.nulls(len(records), pa.bool_())
+    raw = pc.struct_field(records, "isdiffpos")
+    if pa.types.is_string(raw.type):
+        value = pc.is_in(raw, value_set=POSITIVE)
+    else:
+        value = pc.cast(raw, pa.bool_())
+    return pc.if_else(raw.is_null(), pa.scalar(None, pa.bool_()), value)
 
 
-def _objects(values: list[dict]) -> tuple[list[str | None], list[int | None]]:
+def _not_false(flag: pa.Array) -> np.ndarray:
+    return pc.fill_null(flag, True).to_numpy(zero_copy_only=False)
+
+
+def _objects(rows: pa.StructArray) -> tuple[list[str | None], list[int | None]]:
     """ZTF object names and their packed int64 stock; 1.1/1.2 test packets only carry an alertId."""
     names: list[str | None] = []
     stocks: list[int | None] = []
-    for v in values:
-        name = v.get("objectId")
+    alert_ids = column(rows, ["alertId"], pa.int64()).to_pylist()
+    for name, alert_id in zip(texts(rows, "objectId"), alert_ids):
         if name:
             names.append(name)
             try:
                 stocks.append(ztf_stock(name))
             except ValueError:
                 stocks.append(int(negative_id(4, np.array([hash_text(name)]))[0]))
-        elif v.get("alertId") is not None:
+        elif alert_id is not None:
             names.append(None)
-            stocks.append(int(negative_id(3, np.array([int(v["alertId"])]))[0]))
+            stocks.append(int(negative_id(3, np.array([alert_id]))[0]))
         else:
             names.append(None)
             stocks.append(None)
@@ -207,14 +203,13 @@ def _trigger_dps(cols: dict[str, pa.Array], common: dict[str, pa.Array]) -> Data
     )
 
 
-def _prv_dps(values: list[dict], ws: WriterSchema) -> list[DatapointPart]:
+def _prv_dps(rows: pa.StructArray) -> list[DatapointPart]:
     """prv_candidates: entries with a candid are detections, the others upper limits."""
-    items, alert = flatten(values, "prv_candidates")
-    if not items:
+    items, alert = flatten(rows, "prv_candidates")
+    if not len(items):
         return []
-    present = record_fields(ws, ["prv_candidates"])
     get = {
-        name: column(items, [name], present, typ)
+        name: column(items, [name], typ)
         for name, typ in [
             ("candid", _L), ("jd", _D), ("fid", _I), ("pid", _L), ("magpsf", _F), ("sigmapsf", _F),
             ("diffmaglim", _F), ("programid", _I), ("rb", _F), ("ra", _D), ("dec", _D),
@@ -223,7 +218,7 @@ def _prv_dps(values: list[dict], ws: WriterSchema) -> list[DatapointPart]:
     mjd = f64(get["jd"]) - MJD_JD_OFFSET
     fid = i64(get["fid"])
     band = BANDS.take(pa.array(np.where((fid >= 1) & (fid <= 3), fid, 0)))
-    positive = np.array([p is not False for p in _isdiffpos([x.get("isdiffpos") for x in items])])
+    positive = _not_false(_isdiffpos(items))
     is_det = ~np.array(get["candid"].is_null())
     mag = f64(get["magpsf"])
     maglim = f64(get["diffmaglim"])
@@ -255,14 +250,13 @@ def _prv_dps(values: list[dict], ws: WriterSchema) -> list[DatapointPart]:
     ]
 
 
-def _fp_dps(values: list[dict], ws: WriterSchema) -> DatapointPart:
+def _fp_dps(rows: pa.StructArray) -> DatapointPart:
     """fp_hists (schema 4.x): forced-photometry difference fluxes in DN, scaled to nJy by magzpsci."""
-    items, alert = flatten(values, "fp_hists")
-    if not items:
+    items, alert = flatten(rows, "fp_hists")
+    if not len(items):
         return DatapointPart(alert, {})
-    present = record_fields(ws, ["fp_hists"])
     get = {
-        name: column(items, [name], present, typ)
+        name: column(items, [name], typ)
         for name, typ in [
             ("jd", _D), ("fid", _I), ("pid", _L), ("field", _I), ("rcid", _I), ("programid", _I),
             ("forcediffimflux", _F), ("forcediffimfluxunc", _F), ("magzpsci", _F), ("diffmaglim", _F),

@@ -1,0 +1,84 @@
+"""Avro records -> one Arrow struct array per writer schema, decoded by Apache DataFusion's Avro reader.
+
+fastavro builds a Python dict per record: ~1.4 ms for a ZTF alert with its history and cutouts, which
+was nearly all of an ingest's time. DataFusion (arrow-rs) decodes the same bytes straight into Arrow
+columns, ~15x faster. The records of one writer schema are framed into one Avro container (their
+blocks as they are, or their raw bytes as one block) and read at once. Where DataFusion cannot read a
+batch, fastavro's dicts are converted instead; both give the same values on every schema in the shared
+test data (``tests/test_columnar.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import fastavro
+import pyarrow as pa
+
+from .avro import MAGIC, Record, WriterSchema
+
+_SYNC = b"ampel-dask-sync!"  # any 16 bytes: the container is written and read here only
+_EXPANDED: dict[str, bytes] = {}
+
+
+def _long(n: int) -> bytes:
+    """Avro's zig-zag varint."""
+    n = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while n & ~0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _schema_text(ws: WriterSchema) -> bytes:
+    """The writer schema with every named type spelt out where it is used: DataFusion does not follow
+    references by name (e.g. LSST's prvDiaSources -> diaSource). The encoding does not change."""
+    text = _EXPANDED.get(ws.key)
+    if text is None:
+        text = _EXPANDED[ws.key] = json.dumps(fastavro.schema.expand_schema(ws.raw)).encode()
+    return text
+
+
+def write_container(path: Path, ws: WriterSchema, blocks: list[tuple[int, bytes]]) -> None:
+    """An uncompressed Avro container of these (record count, decompressed block bytes), written block
+    by block (a chunk's blocks are tens of megabytes: no concatenated copy)."""
+    meta = {b"avro.schema": _schema_text(ws), b"avro.codec": b"null"}
+    with open(path, "wb") as fh:
+        fh.write(MAGIC + _long(len(meta)) + b"".join(_long(len(k)) + k + _long(len(v)) + v for k, v in meta.items()) + _long(0) + _SYNC)
+        for count, data in blocks:
+            fh.write(_long(count) + _long(len(data)))
+            fh.write(data)
+            fh.write(_SYNC)
+
+
+def decode_blocks(ws: WriterSchema, blocks: list[tuple[int, bytes]], tmp_dir: str | Path) -> pa.StructArray:
+    """All records of these blocks, in order, as one struct array (raises if DataFusion cannot)."""
+    from datafusion import SessionConfig, SessionContext
+
+    expected = sum(count for count, _ in blocks)
+    path = Path(tmp_dir) / f".records-{uuid.uuid4().hex}.avro"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_container(path, ws, blocks)
+        # one thread (a worker process is one core's work), one batch (no concatenation afterwards)
+        ctx = SessionContext(SessionConfig().with_target_partitions(1).with_batch_size(max(expected, 1)))
+        ctx.register_avro("records", str(path))
+        table = ctx.table("records").to_arrow_table()
+    finally:
+        path.unlink(missing_ok=True)
+    if table.num_rows != expected:
+        raise ValueError(f"DataFusion read {table.num_rows} records of {expected}")
+    return table.to_struct_array().combine_chunks() if table.num_rows else pa.array([], pa.struct(list(table.schema)))
+
+
+def records_rows(records: list[Record], tmp_dir: str | Path) -> pa.StructArray:
+    """Records fastavro has decoded already (one schema) as one struct array: DataFusion reads their
+    raw bytes again (the same column types as :func:`decode_blocks`); else their dicts are converted."""
+    try:
+        return decode_blocks(records[0].schema, [(1, r.raw) for r in records], tmp_dir)
+    except Exception:
+        return pa.array([r.value for r in records])
