@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -126,3 +127,69 @@ def test_usage_errors_exit_2(tmp_path):
     proc = cli("ingest", "--archive", str(tmp_path / "a"))
     assert proc.returncode == 2
     assert not Archive(tmp_path / "a").exists()
+
+
+def test_reingest_of_alerts_with_and_without_cutouts(tmp_path, data_dir):
+    """A staged part whose known alerts are dropped as duplicates, while some of its new ones carry no
+    cutouts: the new alerts are archived with the right cutouts (this crashed on filtering the cutouts
+    with the part's row mask)."""
+    paths = sorted((data_dir / GOOD_DIR).glob("*.avro"))[:3]
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, p in enumerate(paths):
+        reader = fastavro.reader(open(p, "rb"))
+        schema, (rec,) = reader.writer_schema, list(reader)
+        if i:  # the second and third without stamps
+            rec.update(cutoutScience=None, cutoutTemplate=None, cutoutDifference=None)
+        with open(src / p.name, "wb") as fh:
+            fastavro.writer(fh, schema, [rec])
+    opts = IngestOptions(workers=0, progress=False)
+    first = ingest([str(src / paths[0].name)], tmp_path / "arch", opts)
+    second = ingest([str(src)], tmp_path / "arch", opts)
+    assert (first.ingested, second.ingested, second.duplicates, second.quarantined) == (1, 2, 1, 0)
+    arch = Archive(tmp_path / "arch")
+    parts = arch.partitions()
+    with_cutouts = [arch.read_cutouts(p) for p in parts if p.cutouts]
+    assert sum(t.num_rows for t in with_cutouts) == 1  # only the first alert has stamps
+    stray = [f for f in (tmp_path / "arch").rglob("part-*.parquet") if f.relative_to(tmp_path / "arch").as_posix() not in {p.path for p in parts}]
+    assert not stray
+
+
+def test_corrupt_gzip_tarball_is_reported(tmp_path, data_dir):
+    """Inverted bytes inside a tarball's gzip stream may still inflate; gzip's CRC at the end tells."""
+    data = bytearray((data_dir / "ztf" / "fink_ztf_public_20181129.tar.gz").read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
+    (tmp_path / "night.tar.gz").write_bytes(bytes(data))
+    proc = cli("ingest", str(tmp_path / "night.tar.gz"), "--archive", str(tmp_path / "a"), "--json", "--workers", "0")
+    assert proc.returncode == 3, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["quarantined"] >= 1 and summary["read"] == summary["ingested"] + summary["duplicates"] + summary["quarantined"]
+    reasons = [json.loads(p.read_text())["reason"] for p in (tmp_path / "a" / "quarantine").glob("*.json")]
+    assert any("tarball corrupt" in r or "tarball unreadable" in r for r in reasons), reasons
+
+
+def test_a_glob_matching_folders_searches_them(tmp_path, data_dir):
+    report = ingest([str(data_dir / "ztf" / "kowalski" / "*")], tmp_path / "a", IngestOptions(workers=0, progress=False))
+    assert report.read == 36 and report.quarantined == 0
+
+
+def test_an_unreadable_folder_is_quarantined_not_skipped(tmp_path, data_dir, monkeypatch):
+    """As root every folder is readable, so the walk's error is simulated (os.walk reports it to onerror)."""
+    from ampel_dask.io import sources
+
+    real_walk = os.walk
+
+    def walk(top, onerror=None, **kw):
+        err = PermissionError(13, "Permission denied")
+        err.filename = str(Path(top) / "locked")
+        onerror(err)
+        yield from real_walk(top, onerror=onerror, **kw)
+
+    monkeypatch.setattr(sources.os, "walk", walk)
+    (tmp_path / "in").mkdir()
+    shutil.copy(next((data_dir / GOOD_DIR).glob("*.avro")), tmp_path / "in")
+    report = ingest([str(tmp_path / "in")], tmp_path / "a", IngestOptions(workers=0, progress=False))
+    assert (report.ingested, report.quarantined) == (1, 1)
+    (entry,) = [json.loads(p.read_text()) for p in (tmp_path / "a" / "quarantine").glob("*.json")]
+    assert entry["source"].endswith("locked") and "unreadable directory: Permission denied" in entry["reason"]

@@ -132,34 +132,36 @@ def _finalize(arch: Archive, results: list[ChunkResult], report: IngestReport) -
     by_path = {p.path: p for p in archived}
     dup_paths: set[str] = set()
     new: list[Partition] = []
-    for res in results:
-        report.read += res.read
-        report.quarantined += res.quarantined
-        for reason, n in res.reasons.items():
-            report.quarantine_reasons[reason] = report.quarantine_reasons.get(reason, 0) + n
-        for staged in res.staged:
-            known = seen.setdefault(staged.survey, {})
-            lo, hi = int(staged.alert_ids.min()), int(staged.alert_ids.max())
-            overlapping = [p for p in archived if p.survey == staged.survey and p.max_alert_id >= lo and p.min_alert_id <= hi]
-            for part in overlapping:
-                if part.path not in loaded:
-                    loaded.add(part.path)
-                    for a in arch.read(part, ["alert_id"]).column("alert_id").to_pylist():
-                        known.setdefault(a, part.path)
-            keep = np.empty(len(staged.alert_ids), dtype=bool)
-            for i, a in enumerate(staged.alert_ids.tolist()):
-                where = known.get(a)
-                keep[i] = where is None
-                if where is None:
-                    known[a] = ""
-                elif where:
-                    dup_paths.add(where)
-            report.duplicates += int((~keep).sum())
-            report.ingested += int(keep.sum())
-            part = arch.publish(staged, keep)
-            if part is not None:
-                new.append(part)
-    arch.add_partitions(new)
+    try:
+        for res in results:
+            report.read += res.read
+            report.quarantined += res.quarantined
+            for reason, n in res.reasons.items():
+                report.quarantine_reasons[reason] = report.quarantine_reasons.get(reason, 0) + n
+            for staged in res.staged:
+                known = seen.setdefault(staged.survey, {})
+                lo, hi = int(staged.alert_ids.min()), int(staged.alert_ids.max())
+                overlapping = [p for p in archived if p.survey == staged.survey and p.max_alert_id >= lo and p.min_alert_id <= hi]
+                for part in overlapping:
+                    if part.path not in loaded:
+                        loaded.add(part.path)
+                        for a in arch.read(part, ["alert_id"]).column("alert_id").to_pylist():
+                            known.setdefault(a, part.path)
+                keep = np.empty(len(staged.alert_ids), dtype=bool)
+                for i, a in enumerate(staged.alert_ids.tolist()):
+                    where = known.get(a)
+                    keep[i] = where is None
+                    if where is None:
+                        known[a] = ""
+                    elif where:
+                        dup_paths.add(where)
+                report.duplicates += int((~keep).sum())
+                report.ingested += int(keep.sum())
+                part = arch.publish(staged, keep)
+                if part is not None:
+                    new.append(part)
+    finally:  # what was renamed into place is indexed even if a later part fails
+        arch.add_partitions(new)
     report.partitions = len(new)
     report.new_partitions = new
     report.duplicate_partitions = [by_path[p] for p in sorted(dup_paths)]

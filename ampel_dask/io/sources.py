@@ -8,9 +8,12 @@ decodes them; tarball members are streamed by the driver (a gzip stream cannot b
 from __future__ import annotations
 
 import glob
+import gzip
 import os
 import tarfile
+import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +59,7 @@ class Inputs:
     files: list[Path]
     tarballs: list[Path]
     skipped: list[Path]
+    problems: list[tuple[str, str | None, str, bytes]] = field(default_factory=list)  # e.g. unreadable folders
 
     @property
     def total_bytes(self) -> int:
@@ -71,17 +75,19 @@ def _is_packet(p: Path) -> bool:
 
 
 def expand(sources: list[str]) -> Inputs:
-    """Resolve SOURCE arguments; a directory is searched recursively for packets and tarballs."""
+    """Resolve SOURCE arguments; a directory (named, or matched by a glob) is searched recursively for
+    packets and tarballs. A directory that cannot be read is a problem of the ingest, never skipped
+    silently."""
     files: list[Path] = []
     tarballs: list[Path] = []
     skipped: list[Path] = []
-    seen: set[Path] = set()
+    problems: list[tuple[str, str | None, str, bytes]] = []
+    seen: set[str] = set()
 
-    def add(p: Path, explicit: bool) -> None:
-        rp = p.resolve()
-        if rp in seen:
+    def add(p: Path, real: str, explicit: bool) -> None:
+        if real in seen:
             return
-        seen.add(rp)
+        seen.add(real)
         if _is_tar(p):
             tarballs.append(p)
         elif explicit or _is_packet(p):
@@ -89,33 +95,42 @@ def expand(sources: list[str]) -> Inputs:
         else:
             skipped.append(p)
 
+    def unreadable(exc: OSError) -> None:
+        problems.append((str(exc.filename), None, f"unreadable directory: {exc.strerror}", b""))
+
+    def walk(top: Path) -> None:
+        for root, dirs, names in os.walk(top, onerror=unreadable):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            real_root = os.path.realpath(root)  # once per folder, not per file: archives hold millions
+            for name in sorted(names):
+                if not name.startswith("."):
+                    add(Path(root) / name, os.path.join(real_root, name), explicit=False)
+
     for src in sources:
         p = Path(src)
         if p.is_dir():
-            for root, dirs, names in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for name in sorted(names):
-                    if not name.startswith("."):
-                        add(Path(root) / name, explicit=False)
+            walk(p)
         elif p.is_file():
-            add(p, explicit=True)
+            add(p, os.path.realpath(p), explicit=True)
         elif glob.has_magic(src):
             matches = sorted(glob.glob(src, recursive=True))
             if not matches:
                 raise SourceError(f"no files match {src!r}")
             for m in matches:
                 mp = Path(m)
-                if mp.is_file():
-                    add(mp, explicit=_is_packet(mp) or _is_tar(mp))
+                if mp.is_dir():
+                    walk(mp)
+                elif mp.is_file():
+                    add(mp, os.path.realpath(mp), explicit=_is_packet(mp) or _is_tar(mp))
         else:
             raise SourceError(f"no such file or directory: {src}")
-    return Inputs(files, tarballs, skipped)
+    return Inputs(files, tarballs, skipped, problems)
 
 
 def chunks(inputs: Inputs, max_bytes: int, max_packets: int) -> Iterator[Chunk]:
     """Deterministic chunks: plain files first (in order), then each tarball's members as streamed."""
     index = 0
-    cur = Chunk(index)
+    cur = Chunk(index, problems=list(inputs.problems))
 
     def full() -> bool:
         return cur.nbytes >= max_bytes or len(cur.packets) >= max_packets
@@ -127,7 +142,7 @@ def chunks(inputs: Inputs, max_bytes: int, max_packets: int) -> Iterator[Chunk]:
             yield cur
             index += 1
             cur = Chunk(index)
-    if cur.packets:
+    if cur.packets or cur.problems:
         yield cur
         index += 1
         cur = Chunk(index)
@@ -152,7 +167,9 @@ def _members(path: Path) -> Iterator[Packet | tuple[str, str | None, str, bytes]
     """Stream a tarball without unpacking it to disk; damage ends the stream with a problem record."""
     name = None
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        # gzip's own reader checks the stream's CRC at its end (tarfile's does not): a corrupt
+        # tarball is then reported, although its members have been read by that time
+        with _open_tar(path) as tar:
             for member in tar:
                 name = member.name
                 if not member.isfile():
@@ -163,6 +180,27 @@ def _members(path: Path) -> Iterator[Packet | tuple[str, str | None, str, bytes]
                     yield (str(path), member.name, "empty tar member (0 bytes)", b"")
                     continue
                 yield Packet(str(path), member.name, data)
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except gzip.BadGzipFile as exc:
+        if "CRC" in str(exc) or "length" in str(exc):
+            yield (str(path), None, f"tarball corrupt: its gzip check failed at the end ({exc}); the alerts read from it may hold damaged bytes", b"")
+        else:
+            yield (str(path), name, f"tarball unreadable after member {name!r}: {type(exc).__name__}: {exc}", b"")
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         where = f"after member {name!r}" if name else "at its start"
         yield (str(path), name, f"tarball unreadable {where}: {type(exc).__name__}: {exc}", b"")
+
+
+@contextmanager
+def _open_tar(path: Path) -> Iterator[tarfile.TarFile]:
+    with open(path, "rb") as fh:
+        if fh.read(2) != b"\x1f\x8b":
+            fh.seek(0)
+            with tarfile.open(fileobj=fh, mode="r|*") as tar:
+                yield tar
+            return
+        fh.seek(0)
+        with gzip.GzipFile(fileobj=fh) as gz:
+            with tarfile.open(fileobj=gz, mode="r|") as tar:
+                yield tar
+            while gz.read(1 << 20):  # to the gzip trailer, whose CRC is checked there
+                pass
