@@ -379,6 +379,19 @@ def test_sigterm_finishes_the_batch_in_hand_then_stops(kafka, feed, workflow_fil
     assert_same_results(tmp_path, reference)
 
 
+def test_ctrl_c_finishes_the_batch_in_hand_too(kafka, feed, workflow_file, tmp_path):  # noqa: F811
+    """SIGINT as SIGTERM (dask-jobqueue, imported on the way, used to replace the handler with exit 0)."""
+    group = f"int-{uuid.uuid4().hex[:6]}"
+    live = Watched(live_cmd(kafka, feed, workflow_file, group, tmp_path))
+    live.wait_for("batch 1: ")
+    live.proc.send_signal(signal.SIGINT)
+    code, totals = live.finish()
+    assert code == 0 and totals["stopped"] == "signal", "".join(live.lines)[-3000:]
+    assert any("SIGINT: finishing the current batch" in ln for ln in live.lines)
+    got = committed(kafka, feed.topic, group)
+    assert sum(o for o in got.values() if o > 0) == totals["alerts"] < feed.messages
+
+
 def test_second_sigterm_abandons_the_batch_uncommitted(kafka, feed, workflow_file, tmp_path):  # noqa: F811
     group = f"abandon-{uuid.uuid4().hex[:6]}"
     live = Watched(live_cmd(kafka, feed, workflow_file, group, tmp_path))

@@ -46,6 +46,10 @@ class StopFlag:
 
     @contextmanager
     def installed(self) -> Iterator[StopFlag]:
+        try:  # dask-jobqueue sets SIGINT to sys.exit() when first imported: that must come before ours
+            import dask_jobqueue  # noqa: F401
+        except ImportError:
+            pass
         old = {s: signal.signal(s, self.handler) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             yield self
