@@ -226,6 +226,8 @@ def explain(obj, store, archive, as_json) -> None:
         info = run_explain(obj, store, archive)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="OBJECT") from None
+    except FileNotFoundError as exc:
+        raise click.BadParameter(str(exc), param_hint="--store") from None
     click.echo(render(info), err=as_json)
     if as_json:
         _emit_json(info)

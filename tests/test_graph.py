@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import fastavro
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -210,6 +212,33 @@ def test_adding_a_night_computes_only_new_states(tmp_path, data_dir):
     assert second["partitions"]["skipped"] == len(first_run_parts(archive, TARBALLS[0]))
 
 
+def test_a_night_added_inside_a_month_leaves_one_state_per_alert(tmp_path, data_dir):
+    """A night added to a month already run changes that month's work unit (and every history bucket):
+    their states are written anew under new keys. The copies they replace are removed, so the store
+    holds what a run from scratch over the whole archive holds: one state per alert and channel."""
+    files = sorted((data_dir / "ztf/pitt_google").rglob("*.avro"))
+    late = {f for f in files if next(fastavro.reader(open(f, "rb")))["candidate"]["jd"] > 2459448.5}  # from 2021-08-20
+    assert 0 < len(late) < len(files)
+    (tmp_path / "early").mkdir()
+    for f in files:
+        if f not in late:
+            shutil.copy(f, tmp_path / "early" / f.name)
+    archive, store = tmp_path / "a", tmp_path / "s"
+    ingest([str(tmp_path / "early")], archive, IngestOptions(workers=0, progress=False))
+    run(archive, store, workers=0)
+    ingest([str(f) for f in sorted(late)], archive, IngestOptions(workers=0, progress=False))
+    second = run(archive, store, workers=0)
+    manifest = json.loads((store / "runs" / f"{second['run_id']}.json").read_text())
+    assert manifest["superseded_state_sets"].get("FULLHIST", 0) > 0 and manifest["superseded_state_sets"].get("BRIGHT", 0) > 0
+    scratch = tmp_path / "scratch"
+    run(archive, scratch, workers=0)
+    for channel in ("DECENT", "BRIGHT", "FULLHIST"):
+        states = pq.read_table(store / "states" / channel, columns=["alert_id", "state_id"])  # as any Parquet reader sees it
+        assert len(set(states.column("alert_id").to_pylist())) == states.num_rows, channel
+        fresh = pq.read_table(scratch / "states" / channel, columns=["alert_id", "state_id"])
+        assert sorted(states.to_pylist(), key=str) == sorted(fresh.to_pylist(), key=str), channel
+
+
 def first_run_parts(archive: Path, tarball: str) -> list:
     return [p for p in Archive(archive).partitions() if p.night == 20181129]
 
@@ -379,6 +408,8 @@ def test_explain_a_real_object(first_run):
     assert all(t["run_id"] == summary["run_id"] and t["unit"] == "T2LightCurveSummary" for t in info["t2"])
     text = subprocess.run([sys.executable, "-m", "ampel_dask.cli", "explain", "ZTF21abiuvdk", "--store", str(store)], capture_output=True, text=True).stdout
     assert "alerts: 34" in text and "T2 T2LightCurveSummary" in text
+    wrong = subprocess.run([sys.executable, "-m", "ampel_dask.cli", "explain", "ZTF21abiuvdk", "--store", str(store / "nope")], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "no result store here" in wrong.stderr  # not "alerts: 0" as if never processed
 
 
 def test_run_command_json_and_bad_workflow_errors(first_run, archive, tmp_path):

@@ -206,3 +206,22 @@ def test_fresh_database_is_empty(mongo, mongo_db, tmp_path):  # noqa: F811
     store.write_states("EMPTY", "k", pa.table({"state_id": pa.array([], pa.int64())}))  # as Parquet: nothing stored
     assert store.channels() == [] and store.read_states("EMPTY") is None
     assert store.done_state_ids("U", "k").dtype == np.int64 and store.t3_dir("C", "k") == tmp_path / "t3" / "C" / "k"
+
+
+@pytest.mark.parametrize("kind", ["parquet", "mongo"])
+def test_prune_states_removes_only_work_units_whose_alerts_all_have_newer_states(kind, mongo, mongo_db, tmp_path):  # noqa: F811
+    store = MongoStore(mongo.uri, mongo_db.name, tmp_path) if kind == "mongo" else ParquetStore(tmp_path / "pq")
+
+    def states(ids: list[int]) -> pa.Table:
+        from ampel_dask.io.layout import DATAPOINT
+
+        return pa.table({"state_id": pa.array([i * 10 for i in ids], pa.int64()), "stock": pa.array(ids, pa.int64()), "alert_id": pa.array(ids, pa.int64()),
+                         "dps": pa.array([[] for _ in ids], pa.list_(DATAPOINT))})  # fmt: skip
+
+    for key, ids in (("old", [1, 2]), ("new", [1, 2, 3]), ("other_night", [9])):
+        store.write_states("C", key, states(ids))
+        store.mark_task(key, {"kind": "t1"})
+    assert store.prune_states("C", ["new"]) == 1
+    assert sorted(store.read_states("C").column("alert_id").to_pylist()) == [1, 2, 3, 9]
+    assert store.task_info("old") is None and store.task_info("new") and store.task_info("other_night")
+    assert store.prune_states("C", ["new"]) == 0

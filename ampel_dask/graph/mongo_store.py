@@ -169,6 +169,23 @@ class MongoStore:
             return _table(docs, schema)
         return _table((d for part in _chunks(list(keys)) for d in self._rdb.t1.find({**query, "key": {"$in": part}}, projection, batch_size=READ_BATCH)), schema)
 
+    def prune_states(self, channel: str, current: list[str]) -> int:
+        """As :meth:`ParquetStore.prune_states`: drop the channel's work units whose every alert has a
+        state in the ones this run made current. Returns how many work units were dropped."""
+        names = set(current)
+        old = [k for k in self.db.t1.distinct("key", {"channel": channel}) if k not in names]
+        if not old:
+            return 0
+        covered = {d["alert_id"] for part in _chunks(sorted(names)) for d in self.db.t1.find({"channel": channel, "key": {"$in": part}}, {"_id": 0, "alert_id": 1})}
+        removed = 0
+        for key in old:
+            ids = {d["alert_id"] for d in self.db.t1.find({"channel": channel, "key": key}, {"_id": 0, "alert_id": 1})}
+            if ids <= covered:
+                self.db.tasks.delete_one({"_id": key})  # planned again, it runs again
+                self.db.t1.delete_many({"channel": channel, "key": key})
+                removed += 1
+        return removed
+
     def channels(self) -> list[str]:
         return sorted(d["group"] for d in self._rdb.schemas.find({"collection": "t1"}, {"group": 1}))
 

@@ -58,6 +58,7 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
     opts = opts or RunOptions()
     echo = opts.echo or (lambda *_: None)
     t_start = time.perf_counter()
+    started = datetime.now(timezone.utc).isoformat()
     plans = plan_workflow(wf)
     archive_path = opts.archive or wf.archive.path
     if not archive_path:
@@ -84,6 +85,8 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
                 echo(f"Dask dashboard: {dashboard}")
             results = _execute(client, run, opts.progress, wf.cluster.stall_timeout)
             workers = _workers(client)
+    # states a work unit wrote anew (a night added, history extended) replace the old ones in the store
+    superseded = {c: n for c, names in run.t1_names.items() if (n := store.prune_states(c, names))}
     t_done = time.perf_counter()
     for d in run.shuffle_dirs:
         shutil.rmtree(d, ignore_errors=True)
@@ -109,7 +112,8 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
         "timings": {"compile": round(t_exec - t_compile, 3), "execute": round(t_done - t_exec, 3), "total": summary["seconds"]},
         "dashboard": dashboard,
         "workers": workers,
-        "started": datetime.now(timezone.utc).isoformat(),
+        "started": started,
+        "superseded_state_sets": superseded,
         **(opts.manifest_extra or {}),
     }
     store.write_manifest(run_id, manifest)

@@ -80,6 +80,27 @@ class ParquetStore:
         tables = [t for f in files if f.exists() and (t := _read_states(f, columns, stock)) is not None]
         return pa.concat_tables(tables, promote_options="default") if tables else None
 
+    def prune_states(self, channel: str, current: list[str]) -> int:
+        """Remove the channel's state files that a run made obsolete: every alert of such a file has a
+        state in the files this run made current (a night added to a work unit, or history extended,
+        writes the work unit's states anew under a new key). Other runs' files (other nights) stay.
+        Returns how many were removed, so that the store holds one state per alert and channel."""
+        folder = self.root / "states" / channel
+        names = set(current)
+        old = [f for f in sorted(folder.glob("*.parquet")) if f.stem not in names and not f.name.startswith(".")]
+        if not old:
+            return 0
+        now = [pq.read_table(folder / f"{k}.parquet", columns=["alert_id"]).column("alert_id").to_numpy() for k in names if (folder / f"{k}.parquet").exists()]
+        covered = np.unique(np.concatenate(now)) if now else np.empty(0, np.int64)
+        removed = 0
+        for f in old:
+            if contains(covered, pq.read_table(f, columns=["alert_id"]).column("alert_id").to_numpy()).all():
+                (self.root / "tasks" / f"{f.stem}.json").unlink(missing_ok=True)  # planned again, it runs again
+                f.unlink()
+                dps_path(f).unlink(missing_ok=True)
+                removed += 1
+        return removed
+
     def channels(self) -> list[str]:
         d = self.root / "states"
         return sorted(p.name for p in d.iterdir()) if d.exists() else []
