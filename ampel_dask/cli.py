@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -135,7 +136,10 @@ def filter_cmd(archive, unit_name, config_path, surveys, nights, out_csv, as_jso
         for part in parts:
             cols = None if unit.columns is None else sorted({"alert_id", "stock", *unit.columns})
             table = arch.read(part, columns=[c for c in cols if c in _part_columns(arch, part)] if cols else None)
-            verdict = unit.verdict(table)
+            try:
+                verdict = unit.verdict(table)
+            except Exception as exc:  # e.g. an expression naming a column this survey's alerts lack
+                raise _failure(f"{unit_name} on {part.path}", exc) from None
             total += table.num_rows
             accepted += int(verdict.accepted.sum())
             for reason, n in verdict.counts().items():
@@ -192,7 +196,16 @@ def run(workflow, archive, store, workers, cluster, jobs, progress, run_id, as_j
         raise click.UsageError(str(exc)) from None
     except StalledRun as exc:
         raise click.ClickException(str(exc)) from None
+    except Exception as exc:  # a unit failing on the data (the task's own error, e.g. an unknown column)
+        raise _failure("run failed", exc) from None
     _report_run(summary, as_json)
+
+
+def _failure(what: str, exc: Exception) -> click.ClickException:
+    """One line with the reason; the traceback only when AMPEL_DASK_DEBUG is set (re-raised as is)."""
+    if os.environ.get("AMPEL_DASK_DEBUG"):
+        raise exc
+    return click.ClickException(f"{what}: {type(exc).__name__}: {exc} (AMPEL_DASK_DEBUG=1 shows the traceback)")
 
 
 def _report_run(summary: dict, as_json: bool) -> None:

@@ -433,6 +433,22 @@ def test_run_command_json_and_bad_workflow_errors(first_run, archive, tmp_path):
     assert proc.returncode == 2 and f"wf.yml:{line}: channels[1].colour" in proc.stderr
 
 
+def test_unit_failures_are_one_line_errors(archive, tmp_path):
+    """A model file that is not there fails at planning and names the field (exit 2); a filter that fails
+    on the data fails the run with the unit's own reason in one line, no traceback of ours (exit 1)."""
+    path = tmp_path / "wf.yml"
+    missing = {"name": "m", "channels": [{"name": "A", "filters": [{"unit": "ExpressionFilter", "config": {"expr": "ndet >= 2"}}],
+                                          "t2": [{"unit": "T2Classifier", "config": {"model": str(tmp_path / "nope.joblib")}}]}]}  # fmt: skip
+    path.write_text(yaml.safe_dump(missing))
+    proc = subprocess.run([sys.executable, "-m", "ampel_dask.cli", "run", str(path), "--archive", str(archive), "--store", str(tmp_path / "s")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "channels[0] (A).t2[0] (T2Classifier): FileNotFoundError" in proc.stderr, proc.stderr
+    unknown = {"name": "u", "channels": [{"name": "A", "filters": [{"unit": "ExpressionFilter", "config": {"expr": "ndet >= 2 and nosuchcol > 1"}}]}]}
+    path.write_text(yaml.safe_dump(unknown))
+    proc = subprocess.run([sys.executable, "-m", "ampel_dask.cli", "run", str(path), "--archive", str(archive), "--store", str(tmp_path / "s"), "--workers", "0"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Error: run failed: ExpressionError" in proc.stderr and "nosuchcol" in proc.stderr, proc.stderr
+    assert "ampel_dask/cli.py" not in proc.stderr  # the CLI's own traceback is not printed
+
+
 def load_workflow_text(path: Path, text: str) -> Workflow:
     path.write_text(text)
     return load_workflow(path)

@@ -44,6 +44,8 @@ def _make(ref: UnitRef, where: str, kind: type) -> object:
         return cls(ref.config)
     except UnitConfigError as exc:
         raise WorkflowError(f"{where}: {exc}") from None
+    except (OSError, ValueError) as exc:  # a model or catalog file missing, unreadable or not matching the config
+        raise WorkflowError(f"{where} ({ref.unit}): {type(exc).__name__}: {exc}") from None
 
 
 def _with_dependencies(units: list[T2StateUnit]) -> list[T2StateUnit]:
