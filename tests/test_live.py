@@ -392,6 +392,19 @@ def test_ctrl_c_finishes_the_batch_in_hand_too(kafka, feed, workflow_file, tmp_p
     assert sum(o for o in got.values() if o > 0) == totals["alerts"] < feed.messages
 
 
+@pytest.mark.parametrize("case", ["unreachable broker", "misspelt topic"])
+def test_until_idle_does_not_mistake_a_missing_broker_or_topic_for_a_drained_topic(case, kafka, feed, workflow_file, tmp_path):  # noqa: F811
+    cmd = live_cmd(kafka, feed, workflow_file, f"idle-{uuid.uuid4().hex[:6]}", tmp_path, "--until-idle")
+    if case == "unreachable broker":
+        cmd[cmd.index("--bootstrap") + 1] = "127.0.0.1:1"
+    else:
+        cmd[cmd.index("--topic") + 1] = feed.topic + "-nosuch"
+    cmd[cmd.index("--join-timeout") + 1] = "3"
+    proc = run_cli(cmd)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert ("brokers do not answer" if case == "unreachable broker" else "no such topic") in proc.stderr.splitlines()[-1]
+
+
 def test_second_sigterm_abandons_the_batch_uncommitted(kafka, feed, workflow_file, tmp_path):  # noqa: F811
     group = f"abandon-{uuid.uuid4().hex[:6]}"
     live = Watched(live_cmd(kafka, feed, workflow_file, group, tmp_path))

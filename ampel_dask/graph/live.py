@@ -172,6 +172,7 @@ def _loop(ctx: _Context, consumer: LiveConsumer, stop: StopFlag) -> str:
         if stop.requested():
             return "signal"
         if not batch and opts.until_idle:
+            consumer.confirm_idle()
             return "idle"
         if opts.batches and totals.batches >= opts.batches:
             return "batches"

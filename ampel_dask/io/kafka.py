@@ -99,6 +99,7 @@ class LiveConsumer:
         from confluent_kafka import Consumer, KafkaException
 
         self.redactor = redactor
+        self.topics = list(topics)
         self.assigned: set[tuple[str, int]] = set()
         self.fatal: str | None = None
         self._batch: Batch | None = None
@@ -133,6 +134,21 @@ class LiveConsumer:
     def _check(self) -> None:
         if self.fatal:
             raise KafkaFailure(self.fatal)
+
+    def confirm_idle(self, timeout: float = 10.0) -> None:
+        """An empty poll means a drained topic only if the brokers answer and the topics exist: raise
+        (an unreachable broker or a misspelt topic must not look like a finished drain)."""
+        from confluent_kafka import KafkaException
+
+        try:
+            meta = self.consumer.list_topics(timeout=timeout)
+        except KafkaException as exc:
+            raise KafkaFailure(f"the brokers do not answer: {self.redactor(exc)}") from None
+        missing = [t for t in self.topics if t not in meta.topics or meta.topics[t].error is not None or not meta.topics[t].partitions]
+        if missing:
+            raise KafkaFailure(f"no such topic on the brokers: {', '.join(missing)}")
+        if not self.assigned:
+            raise KafkaFailure(f"no partition of {', '.join(self.topics)} was assigned to this consumer (group rebalancing, or more consumers than partitions)")
 
     # --- polling ---
     def wait_assignment(self, timeout: float, stop: Callable[[], bool], max_batch: int) -> Batch:
