@@ -186,8 +186,9 @@ def _run(work: Iterator[Chunk], args: tuple, workers: int | None, client) -> Ite
         nworkers = max(1, len(client.scheduler_info()["workers"]))
         pending = as_completed()
         for ch in work:
-            # tarball members travel with the chunk: scatter them straight to a worker, not via the scheduler
-            arg = client.scatter(ch, direct=True) if any(p.data is not None for p in ch.packets) else ch
+            # tarball members travel with the chunk: scatter them straight to a worker, not via the
+            # scheduler, and unhashed (tokenizing 32 MB of packets took 0.9 s of the driver per chunk)
+            arg = client.scatter(ch, direct=True, hash=False) if any(p.data is not None for p in ch.packets) else ch
             pending.add(client.submit(decode_chunk, arg, *args, pure=False))
             while pending.count() >= 2 * nworkers:
                 yield next(pending).result()
