@@ -8,8 +8,10 @@ twice: alerts already archived count as duplicates, and the parts that hold them
 are run again unless the stream's record says their run completed; finished tasks are skipped.
 
 The record (``live_record``) also lists the states the stream's T3 reads, so that T3 after the last
-batch sees what one archive run over the same alerts sees (``t3_scope: stream``); ``batch`` gives T3
-only the batch's objects (per-batch notifications). Stopping: ``live_control``.
+batch sees what one archive run over the same alerts sees (``t3_scope: stream``), provided each
+object's alerts arrive in time order: an older alert arriving after a newer one gets its own state, but
+the newer alert's state (built earlier, without it) is not rebuilt, which a history channel shows.
+``batch`` gives T3 only the batch's objects (per-batch notifications). Stopping: ``live_control``.
 """
 
 from __future__ import annotations

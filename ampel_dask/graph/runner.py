@@ -85,8 +85,10 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
                 echo(f"Dask dashboard: {dashboard}")
             results = _execute(client, run, opts.progress, wf.cluster.stall_timeout)
             workers = _workers(client)
-    # states a work unit wrote anew (a night added, history extended) replace the old ones in the store
-    superseded = {c: n for c, names in run.t1_names.items() if (n := store.prune_states(c, names))}
+    # states a work unit wrote anew (a night added, history extended) replace the old ones in the store;
+    # not in a run over chosen parts (a live batch): its work units are not the whole selection, and
+    # every older batch's states would be read to find none to remove
+    superseded = {} if opts.partitions is not None else {c: n for c, names in run.t1_names.items() if (n := store.prune_states(c, names))}
     t_done = time.perf_counter()
     for d in run.shuffle_dirs:
         shutil.rmtree(d, ignore_errors=True)
