@@ -193,3 +193,22 @@ def test_an_unreadable_folder_is_quarantined_not_skipped(tmp_path, data_dir, mon
     assert (report.ingested, report.quarantined) == (1, 1)
     (entry,) = [json.loads(p.read_text()) for p in (tmp_path / "a" / "quarantine").glob("*.json")]
     assert entry["source"].endswith("locked") and "unreadable directory: Permission denied" in entry["reason"]
+
+
+def test_parts_a_killed_ingest_left_unindexed_are_swept(tmp_path, data_dir):
+    """kill -9 between renaming parts into place and indexing them leaves files no index names; readers
+    of the folders would count their rows twice after the re-ingest. The next ingest removes them."""
+    import pyarrow.dataset as ds
+
+    opts = IngestOptions(workers=0, progress=False)
+    ingest([str(data_dir / GOOD_DIR)], tmp_path / "a", opts)
+    arch = Archive(tmp_path / "a")
+    part = arch.partitions()[0]
+    night = (tmp_path / "a" / part.path).parent
+    for src, name in ((part.path, "part-0000orphan.parquet"), (part.dps, "_dps-0000orphan.arrow")):
+        shutil.copy(tmp_path / "a" / src, night / name)  # as if published, never indexed
+    report = ingest([str(data_dir / "ztf" / "kowalski")], tmp_path / "a", opts)
+    assert report.ingested == 36
+    assert not list(night.glob("*orphan*"))
+    rows = ds.dataset(str(tmp_path / "a" / "survey=ztf"), partitioning="hive").count_rows()
+    assert rows == sum(p.rows for p in Archive(tmp_path / "a").partitions())

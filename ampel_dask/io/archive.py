@@ -251,14 +251,35 @@ class Archive:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """Serialise index updates between concurrent ingests (advisory file lock)."""
+        """Serialise index updates between concurrent ingests (advisory file lock; re-entrant for this
+        object, so that an ingest can hold it from its duplicate check to its index update)."""
+        if getattr(self, "_held", False):
+            yield
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / "_index.lock", "a+") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
+            self._held = True
             try:
                 yield
             finally:
+                self._held = False
                 fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def sweep_orphans(self) -> list[str]:
+        """Remove part files the index does not name: what an ingest killed between renaming parts into
+        place and indexing them left behind (readers of the folders would see those rows twice once
+        they are ingested again). Call with the lock held: every live ingest indexes under it."""
+        known = set()
+        for p in self.partitions():
+            known |= {p.path, p.dps or "", p.cutouts or ""}
+        removed = []
+        for f in sorted(self.root.glob("survey=*/night=*/*")):
+            rel = f.relative_to(self.root).as_posix()
+            if f.is_file() and f.name.startswith(("part-", "_dps-", "_cutouts-")) and rel not in known:
+                f.unlink()
+                removed.append(rel)
+        return removed
 
     def add_partitions(self, parts: list[Partition]) -> None:
         """Append parts to the index (atomic replace, under the lock); already-known paths are skipped."""

@@ -8,6 +8,7 @@ never a half-written part or an index entry without its file.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import time
@@ -23,6 +24,8 @@ from .archive import Archive, Partition, discard
 from .decode import ChunkResult, decode_chunk
 from .processes import local_cluster
 from .sources import Chunk, Packet, chunks, expand
+
+log = logging.getLogger("ampel_dask")
 
 
 class IngestOptions(BaseModel):
@@ -124,6 +127,16 @@ def _ingest(work: Iterator[Chunk], archive: str | Path | Archive, opts: IngestOp
 
 def _finalize(arch: Archive, results: list[ChunkResult], report: IngestReport) -> None:
     """De-duplicate staged parts in input order and publish them; one index update at the end."""
+    with arch.locked():  # from the duplicate check to the index update: concurrent ingests take turns
+        if (orphans := arch.sweep_orphans()):
+            log.warning("removed %d part file(s) a killed ingest left unindexed (their alerts are ingested again when given)", len(orphans))
+        _publish(arch, results, report)
+    for res in results:  # anything a failed publish left behind
+        for staged in res.staged:
+            discard(staged)
+
+
+def _publish(arch: Archive, results: list[ChunkResult], report: IngestReport) -> None:
     # alert ids per survey -> the archived part holding them (where ranges overlap), or "" when first
     # met in this run (then the part is among the new ones)
     seen: dict[str, dict[int, str]] = {}
@@ -165,9 +178,6 @@ def _finalize(arch: Archive, results: list[ChunkResult], report: IngestReport) -
     report.partitions = len(new)
     report.new_partitions = new
     report.duplicate_partitions = [by_path[p] for p in sorted(dup_paths)]
-    for res in results:  # anything a failed publish left behind
-        for staged in res.staged:
-            discard(staged)
 
 
 def _run(work: Iterator[Chunk], args: tuple, workers: int | None, client) -> Iterable[ChunkResult]:
