@@ -239,6 +239,18 @@ def test_a_night_added_inside_a_month_leaves_one_state_per_alert(tmp_path, data_
         assert sorted(states.to_pylist(), key=str) == sorted(fresh.to_pylist(), key=str), channel
 
 
+def test_manifest_names_the_parts_a_history_join_read_beyond_the_selection(archive, tmp_path):
+    nights = {"from": 20210901, "to": 20210930}
+    w = wf(archive={"nights": nights}, channels=[WORKFLOW["channels"][2]])
+    summary = run(archive, tmp_path / "s", w, workers=0)
+    manifest = json.loads((tmp_path / "s" / "runs" / f"{summary['run_id']}.json").read_text())
+    selected = {p["path"] for p in manifest["inputs"]}
+    extra = {p["path"]: p["content_hash"] for p in manifest["history_inputs"]}
+    assert selected and extra and not selected & set(extra)
+    assert all(p.content_hash == extra[p.path] for p in Archive(archive).partitions() if p.path in extra)
+    assert any(p.night < 20210901 for p in Archive(archive).partitions() if p.path in extra)
+
+
 def first_run_parts(archive: Path, tarball: str) -> list:
     return [p for p in Archive(archive).partitions() if p.night == 20181129]
 

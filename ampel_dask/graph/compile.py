@@ -29,6 +29,7 @@ class CompiledRun:
     t2_names: list[str] = field(default_factory=list)
     t3_names: list[str] = field(default_factory=list)
     partitions: list[Partition] = field(default_factory=list)
+    history_partitions: list[Partition] = field(default_factory=list)  # parts the history joins read
     skipped_partitions: int = 0
     shuffle_dirs: list[str] = field(default_factory=list)  # removed when the run is done
     produced_by: dict[str, list[str]] = field(default_factory=dict)  # channel -> tasks its T3 waits for
@@ -156,6 +157,7 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
     for c in hist:
         sel_id = key_of([p.content_hash for p in parts])
         sources = archive.partitions(sorted({p.survey for p in parts}))
+        run.history_partitions = sources
         hist_id = key_of([p.content_hash for p in sources])
         names = [key_of("t1h", HISTORY_RULE, c.t1_key, sel_id, hist_id, b, history_buckets) for b in range(history_buckets)]
         stages = [key_of("t2h", n, [u.identity.key for u in c.t2]) if c.t2 else None for n in names]

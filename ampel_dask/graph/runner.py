@@ -101,6 +101,7 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
     summary["seconds"] = round(time.perf_counter() - t_start, 3)
     if not run.graph:
         summary["note"] = f"nothing to compute: all {len(parts)} partition(s) already processed with this workflow"
+    selected = {p.path for p in parts}
     manifest = {
         **summary,
         "workflow": wf.name,
@@ -111,6 +112,8 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
         "archive": str(archive.root),
         "store": store.spec,
         "inputs": [{"path": p.path, "content_hash": p.content_hash, "rows": p.rows} for p in parts],
+        # a history channel joins datapoints of every part of its surveys, beyond the selection
+        "history_inputs": [{"path": p.path, "content_hash": p.content_hash} for p in run.history_partitions if p.path not in selected],
         "timings": {"compile": round(t_exec - t_compile, 3), "execute": round(t_done - t_exec, 3), "total": summary["seconds"]},
         "dashboard": dashboard,
         "workers": workers,
