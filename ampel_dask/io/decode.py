@@ -150,43 +150,9 @@ def decode_chunk(chunk: Chunk, tmp_dir: str, quarantine_dir: str, schema_dirs: l
             fast[framed[0].key].append((pos, packet, *framed))
         else:
             careful.append((pos, packet, data))
-
-    groups: list[_Group] = []
-    for items in fast.values():
-        ws = items[0][2]
-        try:
-            rows = decode_blocks(ws, [(b.count, b.data) for *_, blocks in items for b in blocks], tmp_dir)
-        except Exception:  # e.g. a record that does not decode: find it record by record
-            careful += [(pos, packet, packet.read()) for pos, packet, _, _ in items]
-            continue
-        group = _Group(survey_of(ws), ws, rows, first=items[0][0])
-        for _, packet, _, blocks in items:
-            n = 0
-            for b in blocks:
-                group.origins += [_Origin(packet, n + i, b.offset) for i in range(b.count)]
-                n += b.count
-        result.read += len(group.origins)
-        groups.append(group)
-
-    by_schema: dict[str, list[Record]] = defaultdict(list)
-    origin_of: dict[int, _Origin] = {}
-    first: dict[str, int] = {}
-    for pos, packet, data in sorted(careful, key=lambda c: c[0]):
-        for item in iter_packet(data, cache):
-            result.read += 1
-            if isinstance(item, Damage):
-                quarantine(QuarantineEntry(packet.source, packet.member, item.offset, item.index, item.reason, item.raw))
-                continue
-            if survey_of(item.schema) is None:
-                reason = f"unknown alert schema {item.schema.name!r} (top-level fields: {', '.join(item.schema.top_fields[:12])})"
-                quarantine(QuarantineEntry(packet.source, packet.member, item.offset, item.index, reason, _raw(item)))
-                continue
-            by_schema[item.schema.key].append(item)
-            first.setdefault(item.schema.key, pos)
-            origin_of[id(item)] = _Origin(packet, item.index, item.offset, item)
-    for records in by_schema.values():
-        ws = records[0].schema
-        groups.append(_Group(survey_of(ws), ws, records_rows(records, tmp_dir), [origin_of[id(r)] for r in records], first[ws.key]))
+    fast_groups, refused = _fast_groups(fast, tmp_dir)
+    result.read += sum(len(g.origins) for g in fast_groups)  # the careful path counts its own
+    groups = fast_groups + _careful_groups(careful + refused, cache, tmp_dir, result, quarantine)
 
     by_survey: dict[str, list[Normalized]] = defaultdict(list)
     for group in sorted(groups, key=lambda g: g.first):
@@ -210,6 +176,50 @@ def decode_chunk(chunk: Chunk, tmp_dir: str, quarantine_dir: str, schema_dirs: l
     if result.staged:
         sync()  # once per chunk, not an fsync per file: staged parts are on disk before they are published
     return result
+
+
+def _fast_groups(fast: dict[str, list], tmp_dir: str) -> tuple[list[_Group], list[tuple[int, Packet, bytes]]]:
+    """One DataFusion read per writer schema of all its packets' blocks; the packets of a schema it
+    refuses (e.g. a record that does not decode) are returned for the careful path."""
+    groups, refused = [], []
+    for items in fast.values():
+        ws = items[0][2]
+        try:
+            rows = decode_blocks(ws, [(b.count, b.data) for *_, blocks in items for b in blocks], tmp_dir)
+        except Exception:
+            refused += [(pos, packet, packet.read()) for pos, packet, _, _ in items]
+            continue
+        group = _Group(survey_of(ws), ws, rows, first=items[0][0])
+        for _, packet, _, blocks in items:
+            n = 0
+            for b in blocks:
+                group.origins += [_Origin(packet, n + i, b.offset) for i in range(b.count)]
+                n += b.count
+        groups.append(group)
+    return groups, refused
+
+
+def _careful_groups(careful: list[tuple[int, Packet, bytes]], cache: SchemaCache, tmp_dir: str, result: ChunkResult, quarantine) -> list[_Group]:
+    """fastavro record by record: damage and unknown schemas are quarantined one record at a time, the
+    good records grouped by writer schema as on the fast path."""
+    by_schema: dict[str, list[Record]] = defaultdict(list)
+    origin_of: dict[int, _Origin] = {}
+    first: dict[str, int] = {}
+    for pos, packet, data in sorted(careful, key=lambda c: c[0]):
+        for item in iter_packet(data, cache):
+            result.read += 1
+            if isinstance(item, Damage):
+                quarantine(QuarantineEntry(packet.source, packet.member, item.offset, item.index, item.reason, item.raw))
+                continue
+            if survey_of(item.schema) is None:
+                reason = f"unknown alert schema {item.schema.name!r} (top-level fields: {', '.join(item.schema.top_fields[:12])})"
+                quarantine(QuarantineEntry(packet.source, packet.member, item.offset, item.index, reason, _raw(item)))
+                continue
+            by_schema[item.schema.key].append(item)
+            first.setdefault(item.schema.key, pos)
+            origin_of[id(item)] = _Origin(packet, item.index, item.offset, item)
+    return [_Group(survey_of(recs[0].schema), recs[0].schema, records_rows(recs, tmp_dir), [origin_of[id(r)] for r in recs], first[key])
+            for key, recs in by_schema.items()]  # fmt: skip
 
 
 def _normalize_group(survey: str, ws: WriterSchema, rows: pa.StructArray, origins: list[_Origin]) -> list[tuple[Normalized, list[tuple[_Origin, str]]]]:
