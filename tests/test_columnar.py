@@ -121,3 +121,23 @@ def test_frame_leaves_damage_to_the_careful_path(data_dir):
     assert frame(packet[: len(packet) // 2], cache) is None  # truncated: the block runs past the end
     assert frame(b"\x00\x00\x00\x02\x58" + packet[100:], cache) is None  # a wire message
     assert avro.packet_kind(packet) == "container"
+
+
+def test_a_block_with_bytes_after_its_record_does_not_hang_the_ingest(data_dir, tmp_path, monkeypatch):
+    """DataFusion's reader loops for ever on such a block (a damaged length field can make one); its
+    helper process is killed after the timeout and fastavro, which reads the block's one record, takes
+    the batch: every alert archived."""
+    monkeypatch.setattr(columnar, "TIMEOUT_S", 3.0)
+    good = sorted((data_dir / "ztf" / "fink_local_202001").glob("*.avro"))
+    src = tmp_path / "in"
+    src.mkdir()
+    for p in good[:9]:
+        shutil.copy(p, src / p.name)
+    packet = good[9].read_bytes()
+    ws, (block,) = frame(packet, SchemaCache())
+    start = packet.index(block.data)
+    head = packet[: start - len(columnar._long(1)) - len(columnar._long(len(block.data)))]
+    sync = packet[start + len(block.data) :]
+    (src / "trailing.avro").write_bytes(head + columnar._long(1) + columnar._long(len(block.data) + 1) + block.data + b"\x00" + sync)
+    report = ingest([str(src)], tmp_path / "archive", OPTS)
+    assert (report.read, report.ingested, report.quarantined) == (10, 10, 0)

@@ -11,6 +11,10 @@ test data (``tests/test_columnar.py``).
 from __future__ import annotations
 
 import json
+import select
+import subprocess
+import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -19,6 +23,7 @@ import pyarrow as pa
 
 from .avro import MAGIC, Record, WriterSchema
 
+TIMEOUT_S = 30.0  # a batch's DataFusion read may take this plus 20 ms per record (it takes ~0.1 ms)
 _SYNC = b"ampel-dask-sync!"  # any 16 bytes: the container is written and read here only
 _EXPANDED: dict[str, bytes] = {}
 
@@ -57,22 +62,74 @@ def write_container(path: Path, ws: WriterSchema, blocks: list[tuple[int, bytes]
 
 def decode_blocks(ws: WriterSchema, blocks: list[tuple[int, bytes]], tmp_dir: str | Path) -> pa.StructArray:
     """All records of these blocks, in order, as one struct array (raises if DataFusion cannot)."""
-    from datafusion import SessionConfig, SessionContext
-
     expected = sum(count for count, _ in blocks)
     path = Path(tmp_dir) / f".records-{uuid.uuid4().hex}.avro"
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         write_container(path, ws, blocks)
-        # one thread (a worker process is one core's work), one batch (no concatenation afterwards)
-        ctx = SessionContext(SessionConfig().with_target_partitions(1).with_batch_size(max(expected, 1)))
-        ctx.register_avro("records", str(path))
-        table = ctx.table("records").to_arrow_table()
+        table = _HELPER.read(path, expected, timeout=TIMEOUT_S + 0.02 * expected)
     finally:
         path.unlink(missing_ok=True)
     if table.num_rows != expected:
         raise ValueError(f"DataFusion read {table.num_rows} records of {expected}")
     return table.to_struct_array().combine_chunks() if table.num_rows else pa.array([], pa.struct(list(table.schema)))
+
+
+def _datafusion_read(path: str, expected: int) -> pa.Table:
+    from datafusion import SessionConfig, SessionContext
+
+    # one thread (a worker process is one core's work), one batch (no concatenation afterwards)
+    ctx = SessionContext(SessionConfig().with_target_partitions(1).with_batch_size(max(expected, 1)))
+    ctx.register_avro("records", path)
+    return ctx.table("records").to_arrow_table()
+
+
+class _Helper:
+    """DataFusion runs in a helper process of its own: its Avro reader loops for ever on a block with
+    bytes after its last record (which a damaged length field can make). A helper that takes too long
+    is killed (the next call starts another) and the batch goes to fastavro's careful path. Tables come
+    back as Arrow IPC files, memory-mapped: no copy in this process."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def read(self, path: Path, expected: int, timeout: float) -> pa.Table:
+        with self._lock:
+            proc = self._proc
+            if proc is None or proc.poll() is not None:
+                proc = self._proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            proc.stdin.write(f"{expected} {path}\n")
+            proc.stdin.flush()
+            if not select.select([proc.stdout], [], [], timeout)[0]:
+                proc.kill()
+                proc.wait()
+                self._proc = None
+                raise TimeoutError(f"DataFusion did not read {expected} records in {timeout:.0f} s (a damaged block?)")
+            status, _, payload = proc.stdout.readline().rstrip("\n").partition(" ")
+        if status != "ok":
+            raise ValueError(payload or "the DataFusion helper ended")
+        try:
+            return pa.ipc.open_file(pa.memory_map(payload)).read_all()
+        finally:
+            Path(payload).unlink(missing_ok=True)
+
+
+_HELPER = _Helper()
+
+
+def _serve() -> None:
+    """The helper's loop: 'COUNT PATH' in, 'ok IPC_PATH' or 'error REASON' out, until stdin closes."""
+    for line in sys.stdin:
+        count, _, path = line.rstrip("\n").partition(" ")
+        try:
+            table = _datafusion_read(path, int(count))
+            out = f"{path}.arrow"
+            with pa.OSFile(out, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+            print("ok", out, flush=True)
+        except Exception as exc:
+            print("error", f"{type(exc).__name__}: {exc}".replace("\n", " "), flush=True)
 
 
 def records_rows(records: list[Record], tmp_dir: str | Path) -> pa.StructArray:
@@ -82,3 +139,7 @@ def records_rows(records: list[Record], tmp_dir: str | Path) -> pa.StructArray:
         return decode_blocks(records[0].schema, [(1, r.raw) for r in records], tmp_dir)
     except Exception:
         return pa.array([r.value for r in records])
+
+
+if __name__ == "__main__":
+    _serve()
