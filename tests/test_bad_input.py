@@ -207,6 +207,7 @@ def test_parts_a_killed_ingest_left_unindexed_are_swept(tmp_path, data_dir):
     night = (tmp_path / "a" / part.path).parent
     for src, name in ((part.path, "part-0000orphan.parquet"), (part.dps, "_dps-0000orphan.arrow")):
         shutil.copy(tmp_path / "a" / src, night / name)  # as if published, never indexed
+    (tmp_path / "a" / "_publishing").write_text("12345")  # the marker such an ingest leaves behind
     report = ingest([str(data_dir / "ztf" / "kowalski")], tmp_path / "a", opts)
     assert report.ingested == 36
     assert not list(night.glob("*orphan*"))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fcntl
 import io
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -178,6 +179,9 @@ def sync() -> None:
     os.sync()
 
 
+log = logging.getLogger("ampel_dask")
+
+
 @dataclass(frozen=True)
 class Partition:
     """One part file of the archive, as the index knows it."""
@@ -266,10 +270,22 @@ class Archive:
                 self._held = False
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
+    @contextmanager
+    def publishing(self) -> Iterator[None]:
+        """Hold the lock while parts are renamed into place and indexed, with a marker file that only an
+        ingest killed in between leaves behind: the next one then sweeps the part files the index does
+        not name (readers of the folders would see those rows twice once they are ingested again). The
+        archive is listed only then, not at every ingest or live batch."""
+        marker = self.root / "_publishing"
+        with self.locked():
+            if marker.exists() and (orphans := self.sweep_orphans()):
+                log.warning("removed %d part file(s) a killed ingest left unindexed (their alerts are ingested again when given)", len(orphans))
+            atomic_write(marker, str(os.getpid()).encode())
+            yield
+            marker.unlink()
+
     def sweep_orphans(self) -> list[str]:
-        """Remove part files the index does not name: what an ingest killed between renaming parts into
-        place and indexing them left behind (readers of the folders would see those rows twice once
-        they are ingested again). Call with the lock held: every live ingest indexes under it."""
+        """Remove part files the index does not name (call with the lock held)."""
         known = set()
         for p in self.partitions():
             known |= {p.path, p.dps or "", p.cutouts or ""}

@@ -8,7 +8,6 @@ never a half-written part or an index entry without its file.
 
 from __future__ import annotations
 
-import logging
 import shutil
 import sys
 import time
@@ -24,8 +23,6 @@ from .archive import Archive, Partition, discard
 from .decode import ChunkResult, decode_chunk
 from .processes import local_cluster
 from .sources import Chunk, Packet, chunks, expand
-
-log = logging.getLogger("ampel_dask")
 
 
 class IngestOptions(BaseModel):
@@ -127,9 +124,7 @@ def _ingest(work: Iterator[Chunk], archive: str | Path | Archive, opts: IngestOp
 
 def _finalize(arch: Archive, results: list[ChunkResult], report: IngestReport) -> None:
     """De-duplicate staged parts in input order and publish them; one index update at the end."""
-    with arch.locked():  # from the duplicate check to the index update: concurrent ingests take turns
-        if (orphans := arch.sweep_orphans()):
-            log.warning("removed %d part file(s) a killed ingest left unindexed (their alerts are ingested again when given)", len(orphans))
+    with arch.publishing():  # from the duplicate check to the index update: concurrent ingests take turns
         _publish(arch, results, report)
     for res in results:  # anything a failed publish left behind
         for staged in res.staged:
