@@ -102,6 +102,14 @@ def bench_pipeline(n: int) -> dict:
         res = run_once(wf, archive, store, workers)
         out["runs"].append({"cluster": f"LocalCluster, {workers} worker(s)", "workers": workers, **res})
         log(f"  {json.dumps(res, default=str)[:400]}")
+    # the same unit work as a plain loop (no Dask, no store): what is left of a run's time is the framework's
+    from benchmarks.bench_floor import plain_loops
+
+    for loops in (1, 2):
+        log(f"pipeline: the same unit work as {loops} plain loop(s), no framework")
+        f = plain_loops(REPO / "workflows" / "ztf_archive.yml", archive, loops)
+        out.setdefault("plain_loop", {})[loops] = {k: v for k, v in f.items() if k != "runs"} | {"steps": f["runs"][0]["steps"]}
+        log(f"  {json.dumps(out['plain_loop'][loops], default=str)[:400]}")
     return out
 
 
@@ -214,18 +222,27 @@ def table(res: dict) -> str:
         pl = res["pipeline"]
         lines += [f"**Pipeline**: `workflows/{pl['workflow']}.yml` on {pl['alerts']:,} replicated real ZTF alerts "
                   f"(LSST average rate: {LSST_RATE:,.0f} alerts/s)", "",
-                  "| cluster | run | seconds | alerts/s | x LSST rate | x decode ceiling, same cores | tasks | T2 computed | peak RSS / worker |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+                  "| cluster | run | seconds | alerts/s | x LSST rate | x decode ceiling, same cores | x plain loop, same cores | tasks | T2 computed | peak RSS / worker |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         # the host moves between sessions (and its second core with its neighbours): the fastavro loops
         # measured in this run on as many cores as the row uses make the rows comparable across runs
         ing = res.get("ingest", {})
         ceilings = {1: ing.get("ceiling_alerts_per_s"), 2: ing.get("ceiling_2_cores_alerts_per_s")}
+        floors = {int(k): v for k, v in pl.get("plain_loop", {}).items()}
         for r in pl["runs"]:
             for label in ("first", "rerun"):
                 x = r[label]
                 mem = f"{x['peak_worker_rss_mb']} MB" if "peak_worker_rss_mb" in x else "-"
                 ceil = ceilings.get(r.get("workers"))
                 xc = f"{x['alerts_per_s'] / ceil:,.0f}" if ceil and label == "first" else "-"
-                lines.append(f"| {r['cluster']} | {label} | {x['seconds']:.2f} | {x['alerts_per_s']:,} | {x['alerts_per_s'] / LSST_RATE:,.0f} | {xc} | {x['tasks']} | {x['t2']['computed']} | {mem} |")
+                fl = floors.get(r.get("workers"))
+                xf = f"{x['alerts_per_s'] / fl['alerts_per_s']:.2f}" if fl and label == "first" else "-"
+                lines.append(f"| {r['cluster']} | {label} | {x['seconds']:.2f} | {x['alerts_per_s']:,} | {x['alerts_per_s'] / LSST_RATE:,.0f} | {xc} | {xf} | {x['tasks']} | {x['t2']['computed']} | {mem} |")
+        for k, fl in sorted(floors.items()):
+            lines.append(f"| plain loop of the same unit work, {k} process(es) at once (`bench_floor.py`; no Dask, no store) | first | {fl['seconds']:.2f} | {fl['alerts_per_s']:,} | "
+                         f"{fl['alerts_per_s'] / LSST_RATE:,.0f} | - | 1.00 | - | - | - |")
+        if 1 in floors:
+            steps = ", ".join(f"{k} {v:.2f}" for k, v in floors[1]["steps"].items())
+            lines += ["", f"Plain loop, one process, seconds per step: {steps}."]
         lines.append("")
     if "ampel" in res:
         a, o = res["ampel"]["ampel"], res["ampel"]["ours"]
@@ -259,6 +276,8 @@ def plot(res: dict, path: Path) -> None:
     for r in res.get("pipeline", {}).get("runs", []):
         bars.append((f"{res['pipeline']['workflow']} {r['cluster']} first", r["first"]["alerts_per_s"]))
         bars.append((f"{res['pipeline']['workflow']} {r['cluster']} re-run", r["rerun"]["alerts_per_s"]))
+    for k, fl in sorted(res.get("pipeline", {}).get("plain_loop", {}).items()):
+        bars.append((f"plain loop of the same unit work, {k} process(es)", fl["alerts_per_s"]))
     if "ampel" in res:
         bars.append(("AMPEL T0 (same job)", res["ampel"]["ampel"]["t0_alerts_per_s"]))
         bars.append(("ampel-dask T0 (same job, archive)", res["ampel"]["ours"][2]["t0_from_archive_alerts_per_s"]))

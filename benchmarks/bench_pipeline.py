@@ -96,14 +96,16 @@ def run_once(wf, archive: Path, store: Path, workers: int) -> dict:
         return out
 
 
-def setup(description: str, store_name: str) -> tuple[argparse.Namespace, Workflow, Path, Path]:
+def setup(description: str, store_name: str, extra=None) -> tuple[argparse.Namespace, Workflow, Path, Path]:
     """The command line shared by the pipeline benchmarks: the archive (built once, cached), an empty
-    store, the workflow."""
+    store, the workflow (``extra``: adds a script's own options to the parser)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--alerts", type=int, default=1_000_000)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--workflow", default=str(REPO / "workflows" / "ztf_archive.yml"))
     ap.add_argument("--json", action="store_true")
+    if extra:
+        extra(ap)
     args = ap.parse_args()
     os.chdir(REPO)  # the workflow's model path is relative to the repository
     archive = build(WORK / f"pipeline-archive-{args.alerts}", args.alerts)
