@@ -33,19 +33,34 @@ class ChannelPlan:
         return self.t1.config.history == "archive"
 
 
-def _make(ref: UnitRef, where: str, kind: type) -> object:
+def _make(ref: UnitRef, loc: tuple, kind: type, wf: Workflow | None = None) -> object:
+    """The unit ``ref`` names, made with its config; an error names the field at ``loc`` (and, for a
+    workflow loaded from a file, the line of the field or of the config key at fault)."""
+    name = _name(loc, wf)
+    at = wf.where if wf is not None else (lambda _loc: "")
     try:
         cls = load(ref.unit)
     except UnknownUnit as exc:
-        raise WorkflowError(f"{where}: {exc}") from None
+        raise WorkflowError(f"{at(loc + ('unit',))}{name}: {exc}") from None
     if not issubclass(cls, kind):
-        raise WorkflowError(f"{where}: {ref.unit} is a {cls.tier} unit, expected {kind.tier}")
+        raise WorkflowError(f"{at(loc + ('unit',))}{name}: {ref.unit} is a {cls.tier} unit, expected {kind.tier}")
     try:
         return cls(ref.config)
     except UnitConfigError as exc:
-        raise WorkflowError(f"{where}: {exc}") from None
+        lines = [f"{at(loc + ('config', *e['loc']))}{name}.config.{'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}" for e in exc.errors]
+        raise WorkflowError(f"invalid config for unit {ref.unit}:\n" + "\n".join(lines)) from None
     except (OSError, ValueError) as exc:  # a model or catalog file missing, unreadable or not matching the config
-        raise WorkflowError(f"{where} ({ref.unit}): {type(exc).__name__}: {exc}") from None
+        raise WorkflowError(f"{at(loc + ('config',))}{name} ({ref.unit}): {type(exc).__name__}: {exc}") from None
+
+
+def _name(loc: tuple, wf: Workflow | None) -> str:
+    """``channels[0] (DECENT).filters[1]`` for ``("channels", 0, "filters", 1)``."""
+    out = ""
+    for i, p in enumerate(loc):
+        out += f"[{p}]" if isinstance(p, int) else f".{p}"
+        if i == 1 and loc[0] == "channels" and wf is not None and p < len(wf.channels):
+            out += f" ({wf.channels[p].name})"
+    return out.lstrip(".")
 
 
 def _with_dependencies(units: list[T2StateUnit]) -> list[T2StateUnit]:
@@ -69,12 +84,12 @@ def _with_dependencies(units: list[T2StateUnit]) -> list[T2StateUnit]:
 CORE_COLUMNS = {"alert_id", "stock", "object_id", "survey", "night", "mjd", "ra", "dec", "band", "mag", "flux", "flux_err", "isdiffpos", "programid"}
 
 
-def plan_channel(spec: ChannelSpec, i: int) -> ChannelPlan:
-    where = f"channels[{i}] ({spec.name})"
-    filters = [_make(r, f"{where}.filters[{j}]", T0Filter) for j, r in enumerate(spec.filters)]
-    t1 = _make(spec.t1, f"{where}.t1", T1Policy)
-    t2 = _with_dependencies([_make(r, f"{where}.t2[{j}]", T2StateUnit) for j, r in enumerate(spec.t2)])
-    t3 = [_make(r, f"{where}.t3[{j}]", T3Unit) for j, r in enumerate(spec.t3)]
+def plan_channel(spec: ChannelSpec, i: int, wf: Workflow | None = None) -> ChannelPlan:
+    loc = ("channels", i)
+    filters = [_make(r, (*loc, "filters", j), T0Filter, wf) for j, r in enumerate(spec.filters)]
+    t1 = _make(spec.t1, (*loc, "t1"), T1Policy, wf)
+    t2 = _with_dependencies([_make(r, (*loc, "t2", j), T2StateUnit, wf) for j, r in enumerate(spec.t2)])
+    t3 = [_make(r, (*loc, "t3", j), T3Unit, wf) for j, r in enumerate(spec.t3)]
     plan = ChannelPlan(spec.name, list(spec.access), filters, t1, t2, t3)  # type: ignore[arg-type]
     plan.t0_key = key_of("t0", sorted(spec.access), [f.identity.key for f in filters])
     plan.t1_key = key_of("t1", plan.t0_key, t1.identity.key)
@@ -89,7 +104,7 @@ def plan_channel(spec: ChannelSpec, i: int) -> ChannelPlan:
 
 
 def plan_workflow(wf: Workflow) -> list[ChannelPlan]:
-    return [plan_channel(c, i) for i, c in enumerate(wf.channels)]
+    return [plan_channel(c, i, wf) for i, c in enumerate(wf.channels)]
 
 
 def unit_versions(plans: list[ChannelPlan]) -> dict[str, dict]:

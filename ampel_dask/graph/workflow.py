@@ -1,7 +1,8 @@
 """The workflow file: archive selection, channels (T0 filters, T1 policy, T2 and T3 units), cluster, store.
 
 Validated by pydantic; a mistake is reported with the field's path and its line in the YAML file.
-Unit configs are validated by the units themselves when the workflow is compiled.
+Unit configs are validated by the units themselves when the workflow is planned; the workflow keeps
+its file's line numbers so that those errors name their line too (:meth:`Workflow.where`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ..tiers.base import canonical_json, short_hash
 
@@ -97,6 +98,16 @@ class Workflow(Model):
     store: StoreSpec = Field(default_factory=StoreSpec)
     history_buckets: int = Field(16, ge=1, description="object buckets of the history join (channels with T1 history: archive)")
     batch_rows: int = Field(10_000, ge=1, description="small archive parts are read together up to this many alerts per task")
+    _source: str | None = PrivateAttr(None)  # the file it was loaded from, and the line of each field
+    _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)
+
+    def where(self, loc: tuple) -> str:
+        """``FILE:LINE: `` of the field at ``loc`` (keys and indexes), or of its nearest enclosing field
+        with a line; empty for a workflow not loaded from a file."""
+        if self._source is None:
+            return ""
+        line = next((self._lines[loc[:i]] for i in range(len(loc), -1, -1) if loc[:i] in self._lines), None)
+        return f"{self._source}:{line}: " if line else f"{self._source}: "
 
     @model_validator(mode="after")
     def _unique_channels(self) -> Workflow:
@@ -143,7 +154,7 @@ def load_workflow(path: str | Path) -> Workflow:
     if not isinstance(data, dict):
         raise WorkflowError(f"{path}: a workflow is a mapping (name, archive, channels, ...)")
     try:
-        return Workflow.model_validate(data)
+        wf = Workflow.model_validate(data)
     except ValidationError as exc:
         marks = _marks(node) if node is not None else {}
         lines = []
@@ -153,3 +164,5 @@ def load_workflow(path: str | Path) -> Workflow:
             where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"
             lines.append(f"{path}:{line}: {where}: {e['msg']}" if line else f"{path}: {where}: {e['msg']}")
         raise WorkflowError("invalid workflow:\n" + "\n".join(lines)) from None
+    wf._source, wf._lines = str(path), _marks(node) if node is not None else {}
+    return wf
