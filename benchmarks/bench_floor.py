@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import sys
 import tempfile
 import time
@@ -38,6 +39,7 @@ from ampel_dask.graph.tasks import (  # noqa: E402
 from ampel_dask.graph.workflow import Workflow, load_workflow  # noqa: E402
 from ampel_dask.io.archive import Archive  # noqa: E402
 from ampel_dask.io.arrays import first_rows, order_by  # noqa: E402
+from ampel_dask.io.processes import WORKER_MALLOC  # noqa: E402
 from ampel_dask.tiers.base import T3Context  # noqa: E402
 from ampel_dask.tiers.states import thinned_history  # noqa: E402
 
@@ -95,15 +97,13 @@ def plain_loop(wf: Workflow, plans: list[ChannelPlan], archive_root: str | Path)
                 alerts[plans[i].name].append(passing_alerts(table, verdicts[i]))
             clock.tick("history: thin the packets")
     if hist_plans and history:
-        hist = pa.concat_tables(history)
-        hb = bucket_of(hist.column("stock").to_numpy(), BUCKETS)
+        hist = _by_bucket(pa.concat_tables(history))
         for i in hist_plans:
             plan = plans[i]
-            a = pa.concat_tables(alerts[plan.name])
-            ab = bucket_of(a.column("stock").to_numpy(), BUCKETS)
+            a = _by_bucket(pa.concat_tables(alerts[plan.name]))
             for b in range(BUCKETS):
-                if (ab == b).any():
-                    states[plan.name].append(plan.t1.states(a.filter(pa.array(ab == b)), plan.access, hist.filter(pa.array(hb == b))))
+                if a[b].num_rows:
+                    states[plan.name].append(plan.t1.states(a[b], plan.access, hist[b]))
         clock.tick("history: join by object")
 
     results: dict[str, pa.Table] = {}
@@ -115,8 +115,10 @@ def plain_loop(wf: Workflow, plans: list[ChannelPlan], archive_root: str | Path)
             continue
         batch = pa.concat_tables(pieces, promote_options="default")
         first = first_rows(batch.column("state_id").to_numpy())
-        if len(first) < batch.num_rows:
-            batch = batch.take(pa.array(first))
+        if len(first) < batch.num_rows:  # a filter goes chunk by chunk (a take concatenates them first)
+            mask = np.zeros(batch.num_rows, dtype=bool)
+            mask[first] = True
+            batch = batch.filter(pa.array(mask))
         deps = {d.name(): _dep_results(None, d, batch, results) for d in unit.dependencies()}
         out = unit.process(batch, deps)
         out = out if isinstance(out, pa.Table) else pa.Table.from_pylist(out)
@@ -140,6 +142,15 @@ def plain_loop(wf: Workflow, plans: list[ChannelPlan], archive_root: str | Path)
     return {"alerts": n, "seconds": round(seconds, 2), "alerts_per_s": round(n / seconds), "t2_computed": computed,
             "states": {p.name: sum(s.num_rows for s in states[p.name]) for p in plans},
             "steps": {k: round(v, 2) for k, v in clock.steps.items()}}  # fmt: skip
+
+
+def _by_bucket(table: pa.Table) -> list[pa.Table]:
+    """The rows of each object bucket (as the graph's shuffle files hold them), by one stable sort."""
+    b = bucket_of(table.column("stock").to_numpy(), BUCKETS)
+    order = np.argsort(b, kind="stable")
+    table = table.combine_chunks().take(pa.array(order))
+    bounds = np.searchsorted(b[order], np.arange(BUCKETS + 1))
+    return [table.slice(bounds[k], bounds[k + 1] - bounds[k]) for k in range(BUCKETS)]
 
 
 def _selection(states: pa.Table, plan: ChannelPlan, results: dict[str, pa.Table]) -> pa.Table:
@@ -170,8 +181,14 @@ def plain_loops(wf_path: str | Path, archive: str | Path, loops: int) -> dict:
     ctx = mp.get_context("spawn")
     ready, go, queue = ctx.Queue(), ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=_loop_in_process, args=(str(wf_path), str(archive), ready, go, queue)) for _ in range(loops)]
-    for p in procs:
-        p.start()
+    saved = dict(os.environ)
+    os.environ.update(WORKER_MALLOC)  # the allocator settings of the pipeline's workers
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     for _ in procs:
         ready.get()
     t = time.perf_counter()
