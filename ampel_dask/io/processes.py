@@ -6,13 +6,6 @@ a fresh mmap that is page-faulted in and zeroed. The ztf_archive graph on 1 M al
 ~710k minor page faults and ~5.2 s of kernel time with that setting, ~165k and ~3.7 s with
 :data:`WORKER_MALLOC`, which keeps arrays up to 32 MiB on the heap and still trims above 64 MiB of
 free heap top.
-
-Arrow allocates from mimalloc, which hands pages it no longer uses back to the OS after 10 ms
-(``purge_delay``); the next batch faults them in again, zeroed. On this project's microVM host a page
-fault is costly: the plain loop of ztf_archive.yml's unit work (``benchmarks/bench_floor.py``) spent
-~8.6 s in the kernel per 3 passes over 1 M alerts and ~4.3 s with purging off
-(``MIMALLOC_PURGE_DELAY=-1``), each pass 7.0-7.8 s -> 5.5-6.0 s, for ~14% more peak RSS: a worker keeps
-its high-water mark of Arrow memory for its next batch instead of returning it.
 """
 
 from __future__ import annotations
@@ -20,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "67108864", "MIMALLOC_PURGE_DELAY": "-1"}
+WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "67108864"}
 
 
 def cores() -> int:
