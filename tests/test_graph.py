@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from ampel_dask.graph.plan import check_columns, plan_workflow
 from ampel_dask.graph.runner import RunOptions, run_workflow
 from ampel_dask.graph.store import ParquetStore
 from ampel_dask.graph.workflow import Workflow, WorkflowError, load_workflow
@@ -458,10 +459,32 @@ def test_unit_failures_are_one_line_errors(archive, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ampel_dask.cli", "run", str(path), "--archive", str(archive), "--store", str(tmp_path / "s")], capture_output=True, text=True)
     assert proc.returncode == 2 and "channels[0] (A).t2[0] (T2Classifier): FileNotFoundError" in proc.stderr, proc.stderr
     unknown = {"name": "u", "channels": [{"name": "A", "filters": [{"unit": "ExpressionFilter", "config": {"expr": "ndet >= 2 and nosuchcol > 1"}}]}]}
-    path.write_text(yaml.safe_dump(unknown))
+    text = yaml.safe_dump(unknown, sort_keys=False)
+    path.write_text(text)
     proc = subprocess.run([sys.executable, "-m", "ampel_dask.cli", "run", str(path), "--archive", str(archive), "--store", str(tmp_path / "s"), "--workers", "0"], capture_output=True, text=True)
-    assert proc.returncode == 1 and "Error: run failed: ExpressionError" in proc.stderr and "nosuchcol" in proc.stderr, proc.stderr
+    line = next(i for i, ln in enumerate(text.splitlines(), 1) if "config:" in ln)  # a column no survey has: before the run starts
+    assert proc.returncode == 2 and f"wf.yml:{line}: channels[0] (A).filters[0]: ExpressionFilter uses column(s) nosuchcol, which ztf alerts do not have" in proc.stderr, proc.stderr
+    assert not (tmp_path / "s" / "manifests").exists() or not any((tmp_path / "s" / "manifests").iterdir())
+    wrong_type = {"name": "t", "channels": [{"name": "A", "filters": [{"unit": "ExpressionFilter", "config": {"expr": "object_id > 3"}}]}]}
+    path.write_text(yaml.safe_dump(wrong_type))
+    proc = subprocess.run([sys.executable, "-m", "ampel_dask.cli", "run", str(path), "--archive", str(archive), "--store", str(tmp_path / "s"), "--workers", "0"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Error: run failed: TypeError" in proc.stderr and "str" in proc.stderr, proc.stderr
     assert "ampel_dask/cli.py" not in proc.stderr  # the CLI's own traceback is not printed
+
+
+def test_filter_columns_are_checked_against_the_selected_surveys(tmp_path):
+    """A ZTF-only column in an expression is fine for a ZTF selection and an error naming its line for a
+    selection that holds LSST alerts (found at planning, not in the first batch of a started run)."""
+    path = tmp_path / "wf.yml"
+    text = yaml.safe_dump({"name": "c", "channels": [{"name": "Z", "filters": [{"unit": "ExpressionFilter", "config": {"expr": "drb > 0.9 and ndet >= 2 and mag < 19"}}]}]}, sort_keys=False)
+    wf = load_workflow_text(path, text)
+    plans = plan_workflow(wf)
+    check_columns(wf, plans, {"ztf"})
+    with pytest.raises(WorkflowError) as err:
+        check_columns(wf, plans, {"ztf", "lsst"})
+    line = next(i for i, ln in enumerate(text.splitlines(), 1) if "config:" in ln)
+    assert f"wf.yml:{line}: channels[0] (Z).filters[0]: ExpressionFilter uses column(s) drb, which lsst alerts do not have" in str(err.value)
+    assert "ztf alerts" not in str(err.value) and "archive.surveys" in str(err.value)
 
 
 def load_workflow_text(path: Path, text: str) -> Workflow:

@@ -107,6 +107,28 @@ def plan_workflow(wf: Workflow) -> list[ChannelPlan]:
     return [plan_channel(c, i, wf) for i, c in enumerate(wf.channels)]
 
 
+def check_columns(wf: Workflow, plans: list[ChannelPlan], surveys: set[str]) -> None:
+    """Filters that need a column the selected surveys' alerts do not have fail here, naming the field
+    and its line, rather than on the first batch of a started run."""
+    from ..io.lsst import SCHEMA as LSST
+    from ..io.ztf import SCHEMA as ZTF
+    from ..tiers.columns import SUMMARY
+
+    have = {"ztf": set(ZTF.names) | set(SUMMARY), "lsst": set(LSST.names) | set(SUMMARY)}
+    problems = []
+    for i, plan in enumerate(plans):
+        for j, f in enumerate(plan.filters):
+            for survey in sorted(s for s in surveys if s in have):
+                missing = [c for c in f.required_columns if c not in have[survey]]
+                if missing:
+                    loc = ("channels", i, "filters", j)
+                    problems.append(f"{wf.where(loc + ('config',))}{_name(loc, wf)}: {f.name()} uses column(s) {', '.join(missing)}, "
+                                    f"which {survey} alerts do not have")  # fmt: skip
+    if problems:
+        hint = "select the surveys it applies to (archive.surveys) or use columns every selected survey has"
+        raise WorkflowError("\n".join(problems) + f"\n({hint}; selected: {', '.join(sorted(surveys))})")
+
+
 def unit_versions(plans: list[ChannelPlan]) -> dict[str, dict]:
     out = {}
     for p in plans:

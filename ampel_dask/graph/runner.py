@@ -18,7 +18,7 @@ from .. import __version__
 from ..io.archive import Archive
 from .compile import CompiledRun, compile_run
 from ..io.processes import WORKER_MALLOC
-from .plan import plan_workflow, unit_versions
+from .plan import check_columns, plan_workflow, unit_versions
 from .store import open_store, spec_for
 from .watchdog import StalledRun, Watchdog
 from .workflow import Workflow, WorkflowError
@@ -72,6 +72,7 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
     if opts.partitions is not None:
         wanted = set(opts.partitions)
         parts = [p for p in parts if p.path in wanted]
+    check_columns(wf, plans, {p.survey for p in parts})
     t_compile = time.perf_counter()
     run = compile_run(plans, archive, parts, store, run_id, wf.history_buckets, wf.batch_rows, opts.t3_states)
     t_exec = time.perf_counter()

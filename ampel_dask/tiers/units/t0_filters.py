@@ -194,7 +194,8 @@ class ExpressionFilter(T0Filter):
             raise UnitConfigError(self.name(), err) from None
         from ..expression import DERIVED
 
-        self.columns = [c for c in self.expression.columns if c not in DERIVED] + list(SUMMARY)
+        self.required_columns = [c for c in self.expression.columns if c not in DERIVED]
+        self.columns = [*self.required_columns, *SUMMARY]
 
     def apply(self, alerts: pa.Table) -> Verdict:
         return Verdict.from_mask(self.expression(alerts), self.config.reason or self.config.expr)
