@@ -470,6 +470,7 @@ def test_unit_failures_are_one_line_errors(archive, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ampel_dask.cli", "run", str(path), "--archive", str(archive), "--store", str(tmp_path / "s"), "--workers", "0"], capture_output=True, text=True)
     assert proc.returncode == 1 and "Error: run failed: TypeError" in proc.stderr and "str" in proc.stderr, proc.stderr
     assert "ampel_dask/cli.py" not in proc.stderr  # the CLI's own traceback is not printed
+    assert "Compute Failed" not in proc.stderr  # nor Dask's, once per failed task
 
 
 def test_filter_columns_are_checked_against_the_selected_surveys(tmp_path):

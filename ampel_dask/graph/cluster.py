@@ -5,12 +5,15 @@ The same workflow and graph run unchanged on each; only this module knows the di
 
 from __future__ import annotations
 
+import logging
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import dask
 import yaml
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..io.processes import QUIET, WORKER_MALLOC, local_cluster, quiet_environ
 from .workflow import ClusterSpec, WorkflowError
@@ -24,6 +27,39 @@ except (ImportError, ValueError):  # not installed, or this module was first imp
 # how often a fixed-size SLURM cluster looks for ended jobs to replace: adapt()'s default of 1 s cost ~5%
 # of a 13 s run on 2 jobs (mean of 3 alternating runs each; 5 s: no difference left)
 KEEP_INTERVAL = "5s"
+
+
+class _TaskFailureNoise(logging.Filter):
+    """Drops distributed's per-task "Compute Failed" record (a traceback for every failed task, all of
+    one cause) and the cancellations that follow it: the run reports the failure itself, once, in one
+    line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Compute Failed", "Async instruction for"))
+
+
+def quiet_task_failures(worker: Any = None) -> None:
+    """Install :class:`_TaskFailureNoise` on the worker loggers of this process (idempotent)."""
+    for name in ("distributed.worker", "distributed.worker.state_machine"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _TaskFailureNoise) for f in log.filters):
+            log.addFilter(_TaskFailureNoise())
+
+
+class QuietTaskFailures(WorkerPlugin):
+    """:func:`quiet_task_failures` on a worker when it joins."""
+
+    name = "ampel-dask-quiet-task-failures"
+
+    def setup(self, worker: Any) -> None:
+        quiet_task_failures(worker)
+
+
+def _quiet(client: Any) -> None:
+    """On every worker of our own clusters, now and later (SLURM replaces ended jobs), unless
+    AMPEL_DASK_DEBUG asks for everything."""
+    if not os.environ.get("AMPEL_DASK_DEBUG"):
+        client.register_plugin(QuietTaskFailures())
 
 
 @contextmanager
@@ -46,6 +82,7 @@ def make_cluster(spec: ClusterSpec, kind: str, workers: int | None = None, jobs:
                 cluster.scale(jobs=n)  # scale() alone would leave the run short of workers for good
                 cluster.adapt(minimum_jobs=n, maximum_jobs=n, interval=KEEP_INTERVAL)
             with Client(cluster) as client:
+                _quiet(client)
                 client.wait_for_workers(1, timeout=180)
                 yield client
         finally:
@@ -59,6 +96,7 @@ def make_cluster(spec: ClusterSpec, kind: str, workers: int | None = None, jobs:
         cluster = local_cluster(workers, spec.memory_limit or "auto", profile=spec.profile)
     try:
         with Client(cluster) as client:
+            _quiet(client)
             yield client
     finally:
         cluster.close()
