@@ -109,6 +109,28 @@ def test_damaged_block_in_multi_record_container_keeps_other_blocks(tmp_path, da
     assert report.ingested == len(recs) - 1
 
 
+def test_damaged_sync_marker_loses_only_its_block(tmp_path, data_dir):
+    """A block whose trailing sync marker is damaged is quarantined; the block after it, whose start that
+    marker was, is read (a resync to the next intact marker used to skip it too)."""
+    recs = []
+    for p in sorted((data_dir / GOOD_DIR).glob("*.avro"))[:6]:
+        reader = fastavro.reader(open(p, "rb"))
+        schema = reader.writer_schema
+        recs += list(reader)
+    buf = io.BytesIO()
+    fastavro.writer(buf, schema, recs, sync_interval=1)  # one record per block
+    data = bytearray(buf.getvalue())
+    markers = [i for i in range(len(data)) if data[i : i + 16] == data[-16:]]
+    assert len(markers) == len(recs) + 1  # the header's, then one after each block
+    data[markers[2] + 5] ^= 0xFF  # the marker that ends the second block
+    (tmp_path / "multi.avro").write_bytes(bytes(data))
+    report = ingest([str(tmp_path / "multi.avro")], tmp_path / "arch", IngestOptions(workers=0, progress=False))
+    assert report.quarantined == 1
+    assert report.ingested == len(recs) - 1
+    entry = json.loads(next((tmp_path / "arch" / "quarantine").glob("*.json")).read_text())
+    assert "sync marker mismatch" in entry["reason"]
+
+
 def test_unknown_wire_schema_id_is_quarantined(tmp_path, data_dir):
     good = (data_dir / "lsst/wire_format/boom").glob("*.avro")
     raw = next(iter(good)).read_bytes()

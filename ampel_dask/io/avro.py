@@ -278,11 +278,38 @@ def _blocks(data: bytes, cache: SchemaCache) -> Iterator[tuple[WriterSchema, Blo
         except Exception as exc:
             nxt = data.find(sync, start)
             resume = end if nxt < 0 else nxt + SYNC_SIZE
+            # the block's own marker damaged: the next intact one ends the block after it, which
+            # starts where this block's header says its marker was
+            after = _declared_end(data, start, end)
+            if after is not None and nxt >= 0 and _block_ends_at(data, after, nxt):
+                resume = after
             yield Damage(start, f"damaged container block at byte {start}: {exc}", data[start:resume], n)
             pos = resume
             continue
         yield ws, Block(start, count, block)
         n += count
+
+
+def _declared_end(data: bytes, start: int, end: int) -> int | None:
+    """Where the block at ``start`` ends, marker included, by its own count and size (None if those
+    do not read or point past the end)."""
+    try:
+        count, pos = _varint(data, start)
+        size, pos = _varint(data, pos)
+    except Exception:
+        return None
+    stop = pos + size + SYNC_SIZE
+    return stop if count >= 0 and size >= 0 and start < stop <= end else None
+
+
+def _block_ends_at(data: bytes, start: int, marker: int) -> bool:
+    """Does a block header at ``start`` describe a block whose data ends exactly at ``marker``?"""
+    try:
+        count, pos = _varint(data, start)
+        size, pos = _varint(data, pos)
+    except Exception:
+        return False
+    return count > 0 and size >= 0 and pos + size == marker
 
 
 def _iter_container(data: bytes, cache: SchemaCache) -> Iterator[Record | Damage]:
