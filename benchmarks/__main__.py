@@ -110,6 +110,32 @@ def bench_pipeline(n: int) -> dict:
         f = plain_loops(REPO / "workflows" / "ztf_archive.yml", archive, loops)
         out.setdefault("plain_loop", {})[loops] = {k: v for k, v in f.items() if k != "runs"} | {"steps": f["runs"][0]["steps"]}
         log(f"  {json.dumps(out['plain_loop'][loops], default=str)[:400]}")
+    out["packet_only"] = bench_packet_channels(wf, archive)
+    return out
+
+
+def bench_packet_channels(wf, archive: Path) -> dict:
+    """The same workflow without its history channels (for ztf_archive.yml: the DECENT channel alone, the
+    job of DESIGN.md's reference loop), first run on 2 workers and as two plain loops: what the history
+    join costs."""
+    import yaml
+
+    from ampel_dask.graph.workflow import load_workflow
+    from benchmarks.bench_floor import plain_loops
+    from benchmarks.bench_pipeline import run_once
+
+    keep = [c for c in wf.channels if (c.t1.config or {}).get("history", "packet") != "archive"]
+    path = WORK / f"{wf.name}-packet-channels.yml"
+    data = wf.model_copy(update={"name": f"{wf.name}-packet-channels", "channels": keep}).model_dump(mode="json", by_alias=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    packet = load_workflow(path)
+    store = WORK / "pipeline-store"
+    shutil.rmtree(store, ignore_errors=True)
+    log(f"pipeline: {packet.name} (channels {', '.join(c.name for c in keep)}), LocalCluster 2 workers and 2 plain loops")
+    res = run_once(packet, archive, store, 2)
+    loops = plain_loops(path, archive, 2)
+    out = {"workflow": packet.name, "channels": [c.name for c in keep], "first": res["first"], "plain_loops_alerts_per_s": loops["alerts_per_s"]}
+    log(f"  {json.dumps(out, default=str)[:400]}")
     return out
 
 
@@ -240,6 +266,12 @@ def table(res: dict) -> str:
         for k, fl in sorted(floors.items()):
             lines.append(f"| plain loop of the same unit work, {k} process(es) at once (`bench_floor.py`; no Dask, no store) | first | {fl['seconds']:.2f} | {fl['alerts_per_s']:,} | "
                          f"{fl['alerts_per_s'] / LSST_RATE:,.0f} | - | 1.00 | - | - | - |")
+        if "packet_only" in pl:
+            po = pl["packet_only"]
+            x = po["first"]
+            lines.append(f"| LocalCluster, 2 worker(s), **without the history channel** ({', '.join(po['channels'])} only) | first | {x['seconds']:.2f} | {x['alerts_per_s']:,} | "
+                         f"{x['alerts_per_s'] / LSST_RATE:,.0f} | - | {x['alerts_per_s'] / po['plain_loops_alerts_per_s']:.2f} | {x['tasks']} | {x['t2']['computed']} | {x['peak_worker_rss_mb']} MB |")
+            lines.append(f"| plain loop of that unit work, 2 process(es) at once | first | - | {po['plain_loops_alerts_per_s']:,} | {po['plain_loops_alerts_per_s'] / LSST_RATE:,.0f} | - | 1.00 | - | - | - |")
         if 1 in floors:
             steps = ", ".join(f"{k} {v:.2f}" for k, v in floors[1]["steps"].items())
             lines += ["", f"Plain loop, one process, seconds per step: {steps}."]
@@ -278,6 +310,9 @@ def plot(res: dict, path: Path) -> None:
         bars.append((f"{res['pipeline']['workflow']} {r['cluster']} re-run", r["rerun"]["alerts_per_s"]))
     for k, fl in sorted(res.get("pipeline", {}).get("plain_loop", {}).items()):
         bars.append((f"plain loop of the same unit work, {k} process(es)", fl["alerts_per_s"]))
+    if "packet_only" in res.get("pipeline", {}):
+        po = res["pipeline"]["packet_only"]
+        bars.append((f"{po['workflow']} LocalCluster, 2 worker(s) first", po["first"]["alerts_per_s"]))
     if "ampel" in res:
         bars.append(("AMPEL T0 (same job)", res["ampel"]["ampel"]["t0_alerts_per_s"]))
         bars.append(("ampel-dask T0 (same job, archive)", res["ampel"]["ours"][2]["t0_from_archive_alerts_per_s"]))
