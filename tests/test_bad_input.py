@@ -90,16 +90,21 @@ def test_quarantine_is_idempotent(tmp_path, bad_inputs):
     assert r2.ingested == 0 and r2.duplicates == r1.ingested
 
 
-def test_damaged_block_in_multi_record_container_keeps_other_blocks(tmp_path, data_dir):
-    """A container of many alerts with one damaged block: the records of the other blocks survive."""
+def multi_block_container(data_dir: Path) -> tuple[list, bytearray]:
+    """Six real alerts written as one container, one record per block."""
     recs = []
     for p in sorted((data_dir / GOOD_DIR).glob("*.avro"))[:6]:
         reader = fastavro.reader(open(p, "rb"))
         schema = reader.writer_schema
         recs += list(reader)
     buf = io.BytesIO()
-    fastavro.writer(buf, schema, recs, sync_interval=1)  # roughly one record per block
-    data = bytearray(buf.getvalue())
+    fastavro.writer(buf, schema, recs, sync_interval=1)
+    return recs, bytearray(buf.getvalue())
+
+
+def test_damaged_block_in_multi_record_container_keeps_other_blocks(tmp_path, data_dir):
+    """A container of many alerts with one damaged block: the records of the other blocks survive."""
+    recs, data = multi_block_container(data_dir)
     block_starts = [i for i in range(len(data)) if data[i : i + 16] == data[-16:]]
     head = block_starts[2] + 16  # the count/size header of the fourth block
     data[head : head + 12] = b"\xff" * 12
@@ -112,14 +117,7 @@ def test_damaged_block_in_multi_record_container_keeps_other_blocks(tmp_path, da
 def test_damaged_sync_marker_loses_only_its_block(tmp_path, data_dir):
     """A block whose trailing sync marker is damaged is quarantined; the block after it, whose start that
     marker was, is read (a resync to the next intact marker used to skip it too)."""
-    recs = []
-    for p in sorted((data_dir / GOOD_DIR).glob("*.avro"))[:6]:
-        reader = fastavro.reader(open(p, "rb"))
-        schema = reader.writer_schema
-        recs += list(reader)
-    buf = io.BytesIO()
-    fastavro.writer(buf, schema, recs, sync_interval=1)  # one record per block
-    data = bytearray(buf.getvalue())
+    recs, data = multi_block_container(data_dir)
     markers = [i for i in range(len(data)) if data[i : i + 16] == data[-16:]]
     assert len(markers) == len(recs) + 1  # the header's, then one after each block
     data[markers[2] + 5] ^= 0xFF  # the marker that ends the second block
