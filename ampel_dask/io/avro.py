@@ -290,26 +290,28 @@ def _blocks(data: bytes, cache: SchemaCache) -> Iterator[tuple[WriterSchema, Blo
         n += count
 
 
-def _declared_end(data: bytes, start: int, end: int) -> int | None:
-    """Where the block at ``start`` ends, marker included, by its own count and size (None if those
-    do not read or point past the end)."""
+def _block_header(data: bytes, start: int) -> tuple[int, int, int] | None:
+    """A block's (record count, offset of its data, data size) as its header says; None if unreadable."""
     try:
         count, pos = _varint(data, start)
         size, pos = _varint(data, pos)
     except Exception:
         return None
-    stop = pos + size + SYNC_SIZE
-    return stop if count >= 0 and size >= 0 and start < stop <= end else None
+    return (count, pos, size) if count >= 0 and size >= 0 else None
+
+
+def _declared_end(data: bytes, start: int, end: int) -> int | None:
+    """Where the block at ``start`` ends, marker included, by its own header (None if it does not
+    read or points past the end)."""
+    head = _block_header(data, start)
+    stop = head[1] + head[2] + SYNC_SIZE if head else -1
+    return stop if start < stop <= end else None
 
 
 def _block_ends_at(data: bytes, start: int, marker: int) -> bool:
     """Does a block header at ``start`` describe a block whose data ends exactly at ``marker``?"""
-    try:
-        count, pos = _varint(data, start)
-        size, pos = _varint(data, pos)
-    except Exception:
-        return False
-    return count > 0 and size >= 0 and pos + size == marker
+    head = _block_header(data, start)
+    return head is not None and head[0] > 0 and head[1] + head[2] == marker
 
 
 def _iter_container(data: bytes, cache: SchemaCache) -> Iterator[Record | Damage]:
