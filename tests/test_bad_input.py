@@ -15,6 +15,7 @@ import fastavro
 import pytest
 
 from ampel_dask.io.archive import Archive
+from ampel_dask.io.avro import _block_header
 from ampel_dask.io.ingest import IngestOptions, ingest
 
 GOOD_DIR = "ztf/fink_local_202001"  # 40 single-alert files
@@ -90,15 +91,20 @@ def test_quarantine_is_idempotent(tmp_path, bad_inputs):
     assert r2.ingested == 0 and r2.duplicates == r1.ingested
 
 
-def multi_block_container(data_dir: Path) -> tuple[list, bytearray]:
-    """Six real alerts written as one container, one record per block."""
+def multi_block_container(data_dir: Path, per_block: int = 1, codec: str = "null") -> tuple[list, bytearray]:
+    """Six real alerts written as one container, ``per_block`` records per block."""
     recs = []
     for p in sorted((data_dir / GOOD_DIR).glob("*.avro"))[:6]:
         reader = fastavro.reader(open(p, "rb"))
         schema = reader.writer_schema
         recs += list(reader)
     buf = io.BytesIO()
-    fastavro.writer(buf, schema, recs, sync_interval=1)
+    writer = fastavro.write.Writer(buf, fastavro.parse_schema(schema), codec=codec, sync_interval=2**30)
+    for i, rec in enumerate(recs, 1):
+        writer.write(rec)
+        if i % per_block == 0:
+            writer.flush()  # ends the block
+    writer.flush()
     return recs, bytearray(buf.getvalue())
 
 
@@ -127,6 +133,25 @@ def test_damaged_sync_marker_loses_only_its_block(tmp_path, data_dir):
     assert report.ingested == len(recs) - 1
     entry = json.loads(next((tmp_path / "arch" / "quarantine").glob("*.json")).read_text())
     assert "sync marker mismatch" in entry["reason"]
+
+
+def test_a_damaged_block_counts_every_alert_it_held(tmp_path, data_dir):
+    """Counts reconcile in alerts, not in damaged regions: a block of two alerts whose compressed data
+    is damaged is two quarantined alerts (its header, which agrees with the file's structure, says so)."""
+    recs, data = multi_block_container(data_dir, per_block=2, codec="deflate")
+    markers = [i for i in range(len(data)) if data[i : i + 16] == data[-16:]]
+    assert len(markers) == 4  # the header's, then one after each of the three blocks
+    count, start, _ = _block_header(bytes(data), markers[1] + 16)  # the second block's header
+    assert count == 2
+    data[start : start + 8] = b"\xff" * 8  # its deflate stream's first block type: reserved (invalid)
+    (tmp_path / "multi.avro").write_bytes(bytes(data))
+    report = ingest([str(tmp_path / "multi.avro")], tmp_path / "arch", IngestOptions(workers=0, progress=False))
+    assert (report.read, report.quarantined, report.ingested) == (6, 2, 4)
+    entry = json.loads(next((tmp_path / "arch" / "quarantine").glob("*.json")).read_text())
+    assert entry["records"] == 2 and entry["record"] == 2 and "(2 records)" in entry["reason"]
+    archived = Archive(tmp_path / "arch")
+    ids = sorted(i for p in archived.partitions() for i in archived.read(p, ["alert_id"]).column("alert_id").to_pylist())
+    assert ids == sorted(r["candid"] for k, r in enumerate(recs) if k not in (2, 3))
 
 
 def test_unknown_wire_schema_id_is_quarantined(tmp_path, data_dir):

@@ -74,6 +74,7 @@ class Damage:
     reason: str
     raw: bytes
     index: int | None = None
+    records: int = 1  # alerts lost with it: a damaged block's record count, where its header is trustworthy
 
 
 class SchemaCache:
@@ -283,7 +284,10 @@ def _blocks(data: bytes, cache: SchemaCache) -> Iterator[tuple[WriterSchema, Blo
             after = _declared_end(data, start, end)
             if after is not None and nxt >= 0 and _block_ends_at(data, after, nxt):
                 resume = after
-            yield Damage(start, f"damaged container block at byte {start}: {exc}", data[start:resume], n)
+            lost = _trusted_count(data, start, resume, nxt)
+            what = f"{lost} records" if lost > 1 else "1 record" if lost else "record count unknown"
+            yield Damage(start, f"damaged container block at byte {start} ({what}): {exc}", data[start:resume], n, max(lost, 1))
+            n += max(lost, 1)  # record numbers after it stay the file's own where the count is known
             pos = resume
             continue
         yield ws, Block(start, count, block)
@@ -308,6 +312,17 @@ def _declared_end(data: bytes, start: int, end: int) -> int | None:
     return stop if start < stop <= end else None
 
 
+def _trusted_count(data: bytes, start: int, resume: int, marker: int) -> int:
+    """The record count a damaged block's header declares, if the header agrees with the file's structure
+    (its data ends at the sync marker reading resumes after, or its own damaged marker ends where
+    reading resumes); else 0 (unknown: the header itself may be what is damaged)."""
+    head = _block_header(data, start)
+    if head is None or head[0] <= 0:
+        return 0
+    end = head[1] + head[2]
+    return head[0] if end == marker or end + SYNC_SIZE == resume else 0
+
+
 def _block_ends_at(data: bytes, start: int, marker: int) -> bool:
     """Does a block header at ``start`` describe a block whose data ends exactly at ``marker``?"""
     head = _block_header(data, start)
@@ -319,6 +334,7 @@ def _iter_container(data: bytes, cache: SchemaCache) -> Iterator[Record | Damage
     for item in _blocks(data, cache):
         if isinstance(item, Damage):
             yield item
+            n += item.records
             continue
         ws, blk = item
         start, count, block = blk.offset, blk.count, blk.data
@@ -328,7 +344,9 @@ def _iter_container(data: bytes, cache: SchemaCache) -> Iterator[Record | Damage
             try:
                 value = schemaless_reader(bb, ws.parsed, None)
             except Exception as exc:
-                yield Damage(start, f"record {n} in block at byte {start} does not decode: {type(exc).__name__}: {exc}", block[rstart:], n)
+                lost = count - i
+                yield Damage(start, f"record {n} in block at byte {start} does not decode ({lost} record(s) of the block lost): {type(exc).__name__}: {exc}",
+                             block[rstart:], n, lost)  # fmt: skip
                 n += count - i
                 break
             yield Record(value, ws, start, n, block[rstart : bb.tell()])

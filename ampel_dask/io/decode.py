@@ -54,6 +54,7 @@ class QuarantineEntry:
     record: int | None
     reason: str
     raw: bytes = b""
+    records: int = 1  # alerts it stands for (a damaged block may hold several)
 
     def key(self) -> str:
         h = xxhash.xxh3_64()
@@ -71,6 +72,7 @@ class QuarantineEntry:
             "offset": self.offset,
             "record": self.record,
             "reason": self.reason,
+            "records": self.records,
             "raw_bytes": len(self.raw),
             "raw_file": f"{key}.bin" if self.raw else None,
         }
@@ -126,9 +128,9 @@ def decode_chunk(chunk: Chunk, tmp_dir: str, quarantine_dir: str, schema_dirs: l
 
     def quarantine(entry: QuarantineEntry) -> None:
         entry.write(qdir)
-        result.quarantined += 1
-        reason = entry.reason.split(":")[0]
-        result.reasons[reason] = result.reasons.get(reason, 0) + 1
+        result.quarantined += entry.records
+        reason = entry.reason.split(":")[0].split(" (")[0]
+        result.reasons[reason] = result.reasons.get(reason, 0) + entry.records
 
     for source, member, reason, raw in chunk.problems:
         result.read += 1
@@ -207,10 +209,11 @@ def _careful_groups(careful: list[tuple[int, Packet, bytes]], cache: SchemaCache
     first: dict[str, int] = {}
     for pos, packet, data in sorted(careful, key=lambda c: c[0]):
         for item in iter_packet(data, cache):
-            result.read += 1
-            if isinstance(item, Damage):
-                quarantine(QuarantineEntry(packet.source, packet.member, item.offset, item.index, item.reason, item.raw))
+            if isinstance(item, Damage):  # a damaged block: all the alerts its header says it held
+                result.read += item.records
+                quarantine(QuarantineEntry(packet.source, packet.member, item.offset, item.index, item.reason, item.raw, item.records))
                 continue
+            result.read += 1
             if survey_of(item.schema) is None:
                 reason = f"unknown alert schema {item.schema.name!r} (top-level fields: {', '.join(item.schema.top_fields[:12])})"
                 quarantine(QuarantineEntry(packet.source, packet.member, item.offset, item.index, reason, _raw(item)))
