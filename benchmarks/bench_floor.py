@@ -39,7 +39,7 @@ from ampel_dask.graph.tasks import (  # noqa: E402
 from ampel_dask.graph.workflow import Workflow, load_workflow  # noqa: E402
 from ampel_dask.io.archive import Archive  # noqa: E402
 from ampel_dask.io.arrays import first_rows, order_by  # noqa: E402
-from ampel_dask.io.processes import WORKER_MALLOC  # noqa: E402
+from ampel_dask.io.processes import worker_environ  # noqa: E402
 from ampel_dask.tiers.base import T3Context  # noqa: E402
 from ampel_dask.tiers.states import thinned_history  # noqa: E402
 
@@ -182,7 +182,9 @@ def plain_loops(wf_path: str | Path, archive: str | Path, loops: int) -> dict:
     ready, go, queue = ctx.Queue(), ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=_loop_in_process, args=(str(wf_path), str(archive), ready, go, queue)) for _ in range(loops)]
     saved = dict(os.environ)
-    os.environ.update(WORKER_MALLOC)  # the allocator settings of the pipeline's workers
+    # the environment of the pipeline's workers: their allocator settings, and one thread in Arrow's and
+    # BLAS's pools (distributed starts workers with OMP_NUM_THREADS=1; Arrow sizes its pool by it)
+    os.environ.update({k: str(v) for k, v in worker_environ().items()})
     try:
         for p in procs:
             p.start()

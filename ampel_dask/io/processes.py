@@ -34,6 +34,7 @@ def worker_environ() -> dict:
     with distributed's own value, that value would win over ours. It is dropped from the environment
     here; any other value found there (the user's) is kept."""
     import dask
+    import distributed  # noqa: F401  (its config defaults, read below)
 
     for k, v in DISTRIBUTED_MALLOC.items():
         if os.environ.get(k) == v:
