@@ -347,7 +347,7 @@ def _iter_container(data: bytes, cache: SchemaCache) -> Iterator[Record | Damage
                 lost = count - i
                 yield Damage(start, f"record {n} in block at byte {start} does not decode ({lost} record(s) of the block lost): {type(exc).__name__}: {exc}",
                              block[rstart:], n, lost)  # fmt: skip
-                n += count - i
+                n += lost
                 break
             yield Record(value, ws, start, n, block[rstart : bb.tell()])
             n += 1
