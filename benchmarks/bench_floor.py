@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO))
 from ampel_dask.graph.compile import _units, work_units  # noqa: E402
 from ampel_dask.graph.plan import ChannelPlan, plan_workflow  # noqa: E402
 from ampel_dask.graph.tasks import (  # noqa: E402
-    _dep_results, _left_join, bucket_of, passing_alerts, read_partition, run_t0, stocks_of, with_histories)
+    _dep_results, _left_join, passing_alerts, read_partition, run_t0, stocks_of, with_histories)
+from ampel_dask.keys import bucket_of  # noqa: E402
 from ampel_dask.graph.workflow import Workflow, load_workflow  # noqa: E402
 from ampel_dask.io.archive import Archive  # noqa: E402
 from ampel_dask.io.arrays import first_rows, order_by  # noqa: E402

@@ -17,7 +17,8 @@ from ..io.archive import Archive, Partition
 from ..tiers.base import T2StateUnit
 from ..tiers.states import HISTORY_RULE
 from . import tasks
-from .plan import ChannelPlan, key_of
+from ..keys import key_of
+from .plan import ChannelPlan
 
 
 @dataclass

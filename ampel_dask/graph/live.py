@@ -31,7 +31,7 @@ from ..io.schema_registry import SchemaRegistry
 from .live_control import CRASH_ENV, CRASH_POINTS, Abandon, StopFlag, crash, crash_during_run
 from .live_metrics import LiveMetrics
 from .live_record import StreamRecord
-from .plan import key_of
+from ..keys import key_of
 from .runner import RunOptions, new_run_id, run_workflow, store_spec
 from .store import open_store
 from .workflow import Workflow, WorkflowError

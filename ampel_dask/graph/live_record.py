@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from ..io.archive import atomic_write
-from .plan import key_of
+from ..keys import key_of
 from .workflow import Workflow
 
 

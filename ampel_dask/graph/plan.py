@@ -5,15 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..tiers.base import T0Filter, T2StateUnit, T3Unit, UnitConfigError, canonical_json, short_hash
+from ..keys import key_of
+from ..tiers.base import T0Filter, T2StateUnit, T3Unit, UnitConfigError
 from ..tiers.registry import UnknownUnit, load
 from ..tiers.states import T1Policy
 from .workflow import ChannelSpec, UnitRef, Workflow, WorkflowError
-
-
-def key_of(*parts: object) -> str:
-    """Content-hash key of anything JSON-serialisable (order of parts matters)."""
-    return short_hash(canonical_json(list(parts)))
 
 
 @dataclass

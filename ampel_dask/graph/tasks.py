@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from ..io.archive import atomic_target, read_dps, read_part
 from ..io.arrays import first_rows, order_by, take_rows
 from ..io.layout import DATAPOINT
+from ..keys import bucket_of, t2_keys
 from ..tiers.base import T2StateUnit, T3Context, Verdict
 from ..tiers.columns import SUMMARY
 from ..tiers.states import HISTORY_SCHEMA, STATE_COLUMNS, alert_access, thinned_history
@@ -144,12 +145,6 @@ def run_t1_history(shuffle_dir: str, bucket: int, plan: ChannelPlan, store_spec:
     store.write_journal(run_id, key, _journal(states.column("stock"), run_id, 1, plan.name, "state", alert_id=states.column("alert_id")))
     store.mark_task(key, {"kind": "t1h", "channel": plan.name, "states": states.num_rows})
     return states
-
-
-def bucket_of(stock: np.ndarray, nbuckets: int) -> np.ndarray:
-    from ..io.layout import splitmix64
-
-    return (splitmix64(np.asarray(stock, dtype=np.int64)) % np.uint64(nbuckets)).astype(np.int64)
 
 
 def write_buckets(table: pa.Table, shuffle_dir: str, kind: str, name: str, nbuckets: int) -> None:
@@ -341,20 +336,6 @@ def _with_provenance(out: pa.Table, states: pa.Table, unit: T2StateUnit, run_id:
     }
     body = {c: out.column(c) for c in out.column_names if c not in prov}
     return pa.table({**prov, **body})
-
-
-def t2_keys(unit_key: str, state_ids: np.ndarray) -> pa.Array:
-    """One 16-hex-digit key per (unit identity, state): the state id mixed with a 64-bit salt of the
-    unit's key (splitmix64), vectorised; a per-row blake2b cost ~2 us per result."""
-    import hashlib
-
-    from ..io.layout import splitmix64
-
-    salt = np.uint64(int.from_bytes(hashlib.blake2b(unit_key.encode(), digest_size=8).digest(), "big"))
-    mixed = splitmix64(np.asarray(state_ids, dtype=np.int64).view(np.uint64) ^ salt)
-    n = len(mixed)
-    text = mixed.astype(">u8").tobytes().hex().encode()
-    return pa.StringArray.from_buffers(n, pa.py_buffer(np.arange(0, 16 * n + 1, 16, dtype=np.int32)), pa.py_buffer(text))
 
 
 def _journal(stock: pa.ChunkedArray | pa.Array, run_id: str, tier: int, channel_or_unit: str, action: str, alert_id=None, state_id=None) -> pa.Table:

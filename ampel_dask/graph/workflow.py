@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from ..tiers.base import canonical_json, short_hash
+from ..keys import canonical_json, short_hash
 
 
 class Model(BaseModel):

@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import xxhash
+
+from ..keys import content_hash
 
 INDEX = "_index.parquet"
 INDEX_SCHEMA = pa.schema(
@@ -85,13 +86,6 @@ def text_columns(schema: pa.Schema) -> list[str]:
     for f in schema:
         walk(f.name, f.type)
     return out
-
-
-def content_hash(*data: bytes) -> str:
-    h = xxhash.xxh3_128()
-    for d in data:
-        h.update(d)
-    return h.hexdigest()
 
 
 DPS_OPTIONS = {  # archive: kept for years, so small; store: written and read within runs, so fast

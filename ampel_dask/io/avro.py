@@ -22,6 +22,8 @@ import fastavro
 from fastavro import parse_schema, schemaless_reader
 from fastavro._read import HEADER_SCHEMA
 
+from ..keys import digest16
+
 MAGIC = b"Obj\x01"
 SYNC_SIZE = 16
 
@@ -355,9 +357,7 @@ def _iter_container(data: bytes, cache: SchemaCache) -> Iterator[Record | Damage
 
 def single_record_container(rec: Record) -> bytes:
     """A standalone Avro file holding just this record (what quarantine keeps of a bad record)."""
-    import hashlib
-
     out = io.BytesIO()
-    sync = hashlib.blake2b(rec.raw, digest_size=SYNC_SIZE).digest()  # deterministic: same record, same file
+    sync = digest16(rec.raw)  # deterministic: same record, same file
     fastavro.writer(out, rec.schema.parsed, [rec.value], codec="null", sync_marker=sync)
     return out.getvalue()

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import xxhash
 
+from ..keys import record_hash
 from . import lsst, ztf
 from .archive import Staged, atomic_write, stage, sync
 from .avro import Block, Damage, Record, SchemaCache, WriterSchema, frame, iter_packet, single_record_container
@@ -57,11 +57,7 @@ class QuarantineEntry:
     records: int = 1  # alerts it stands for (a damaged block may hold several)
 
     def key(self) -> str:
-        h = xxhash.xxh3_64()
-        for part in (self.source, self.member or "", str(self.offset), str(self.record), self.reason):
-            h.update(part.encode() + b"\0")
-        h.update(self.raw)
-        return h.hexdigest()
+        return record_hash([self.source, self.member or "", str(self.offset), str(self.record), self.reason], self.raw)
 
     def write(self, qdir: Path) -> str:
         """Content-addressed: quarantining the same bad input twice writes the same two files."""

@@ -79,52 +79,6 @@ CUTOUTS = pa.schema(
     ]
 )
 
-# --- stable ids ---------------------------------------------------------------------------------
-
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """Vectorised splitmix64 finaliser: a cheap, well-mixed 64-bit hash of 64-bit integers."""
-    z = np.asarray(x).astype(np.uint64, copy=True)
-    with np.errstate(over="ignore"):
-        z += _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
-
-
-def _as_u64(col: np.ndarray) -> np.ndarray:
-    col = np.asarray(col)
-    if col.dtype.kind == "f":
-        return np.ascontiguousarray(col, dtype=np.float64).view(np.uint64)
-    return col.astype(np.int64).view(np.uint64)
-
-
-def combine_hash(*cols: np.ndarray) -> np.ndarray:
-    """Hash rows of several numeric columns into one uint64 per row (order of columns matters)."""
-    h = np.zeros(len(cols[0]), dtype=np.uint64)
-    for c in cols:
-        h = splitmix64(h ^ _as_u64(c))
-    return h
-
-
-def negative_id(kind: int, *cols: np.ndarray) -> np.ndarray:
-    """Stable negative int64 datapoint id for measurements without a survey id of their own."""
-    n = len(cols[0])
-    h = combine_hash(np.full(n, kind, dtype=np.int64), *cols)
-    return -((h >> np.uint64(1)).astype(np.int64)) - 1
-
-
-def text_hash(values: list[str]) -> np.ndarray:
-    """Stable 63-bit hash of strings (used for band names inside datapoint hashes)."""
-    import xxhash
-
-    return np.array([xxhash.xxh64_intdigest(v or "") >> 1 for v in values], dtype=np.int64)
-
-
 # --- objects ------------------------------------------------------------------------------------
 
 _ZTF_NAME = re.compile(r"^ZTF(\d\d)([a-z]{7})$")

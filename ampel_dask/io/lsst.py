@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..keys import negative_id
 from .avro import WriterSchema
 from .layout import (
     DETECTION,
@@ -23,7 +24,6 @@ from .layout import (
     UPPER_LIMIT,
     alert_schema,
     flux_to_mag,
-    negative_id,
     night_of,
 )
 from .normalize import (

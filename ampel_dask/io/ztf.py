@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..keys import negative_id, text_id
 from .avro import WriterSchema
 from .layout import (
     DETECTION,
@@ -23,7 +24,6 @@ from .layout import (
     UPPER_LIMIT,
     alert_schema,
     mag_to_flux,
-    negative_id,
     night_of,
     ztf_stock,
 )
@@ -163,7 +163,7 @@ def _objects(rows: pa.StructArray) -> tuple[list[str | None], list[int | None]]:
             try:
                 stocks.append(ztf_stock(name))
             except ValueError:
-                stocks.append(int(negative_id(4, np.array([hash_text(name)]))[0]))
+                stocks.append(int(negative_id(4, np.array([text_id(name)]))[0]))
         elif alert_id is not None:
             names.append(None)
             stocks.append(int(negative_id(3, np.array([alert_id]))[0]))
@@ -171,12 +171,6 @@ def _objects(rows: pa.StructArray) -> tuple[list[str | None], list[int | None]]:
             names.append(None)
             stocks.append(None)
     return names, stocks
-
-
-def hash_text(text: str) -> int:
-    import xxhash
-
-    return xxhash.xxh64_intdigest(text) >> 1
 
 
 def _trigger_dps(cols: dict[str, pa.Array], common: dict[str, pa.Array]) -> DatapointPart:

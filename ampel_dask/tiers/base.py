@@ -8,8 +8,6 @@ canonical config, so the same computation has the same key on every machine and 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,8 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..keys import canonical_json, short_hash
 
 
 class UnitConfig(BaseModel):
@@ -37,15 +37,6 @@ class UnitConfigError(ValueError):
         super().__init__(f"invalid config for unit {unit}:\n" + "\n".join(lines))
         self.unit = unit
         self.errors = error.errors()
-
-
-def canonical_json(value: Any) -> str:
-    """JSON with sorted keys and no whitespace: the same config gives the same text everywhere."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str, allow_nan=False)
-
-
-def short_hash(text: str) -> str:
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def pinned_hash(owner: str, path: str, actual: str, expected: str | None) -> str:

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..keys import file_hash
 from .sky import angular_distance
 
 HPX = "_hpx"
@@ -232,13 +233,7 @@ def content_hash(path: str | Path) -> str:
 
 @lru_cache(maxsize=32)
 def _hash(path: str, mtime_ns: int, size: int) -> str:
-    import xxhash
-
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 23), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_hash(path)
 
 
 def _reopen(path: str, digest: str, size: int, mtime_ns: int) -> Catalog:

@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from ..io.arrays import order_by, take_rows
-from ..io.layout import DATAPOINT, DETECTION, FLAG_BAD_PHOT, FORCED, UPPER_LIMIT, splitmix64
+from ..io.layout import DATAPOINT, DETECTION, FLAG_BAD_PHOT, FORCED, UPPER_LIMIT
+from ..keys import state_ids
 from .base import Unit, UnitConfig
 
 KINDS = {"detection": DETECTION, "upper_limit": UPPER_LIMIT, "forced": FORCED}
@@ -107,34 +108,6 @@ def _flat(dps: pa.ChunkedArray | pa.ListArray) -> tuple[pa.StructArray, np.ndarr
     flat = arr.values.slice(offsets[0], offsets[-1] - offsets[0]) if len(arr) else arr.values.slice(0, 0)
     rows = np.repeat(np.arange(len(arr), dtype=np.int64), lengths)
     return flat, rows
-
-
-STOCK_SALT = np.uint64(0xD6E8FEB86659FD93)  # the stock is mixed apart from datapoint ids (see below)
-
-
-def state_ids(stock: np.ndarray, dp_id: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
-    """64-bit state ids: order-independent hash of each row's datapoint ids, mixed with its stock.
-
-    The stock goes through a salted mix, never the datapoints' own: Rubin numbers a new object after
-    its first diaSource, so a one-detection state has dp_id == stock, and equal mixes would cancel.
-    """
-    mixed = splitmix64(dp_id.astype(np.int64))
-    sums = np.zeros(n, dtype=np.uint64)
-    _reduce_sum(sums, mixed, rows)
-    counts = np.bincount(rows, minlength=n).astype(np.uint64)
-    with np.errstate(over="ignore"):
-        stock_mix = splitmix64(stock.astype(np.int64).view(np.uint64) ^ STOCK_SALT)
-        h = splitmix64(sums + stock_mix * np.uint64(0x9E3779B97F4A7C15) + counts)
-    return h.view(np.int64)
-
-
-def _reduce_sum(out: np.ndarray, values: np.ndarray, rows: np.ndarray) -> None:
-    """Sum ``values`` into ``out[rows]`` for non-decreasing ``rows`` (reduceat: no Python loop)."""
-    if not len(rows):
-        return
-    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-    with np.errstate(over="ignore"):
-        out[rows[starts]] = np.add.reduceat(values, starts)
 
 
 def build_states(alerts: pa.Table, policy: T1PolicyConfig, access: list[str], history: pa.Table | None = None) -> pa.Table:

@@ -10,7 +10,6 @@ it runs. Loading a model file runs pickled code: only load your own.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from ...keys import file_hash
 from ..base import T2StateUnit, UnitConfig, pinned_hash
 from .t2_lightcurve import T2LightCurveFeatures, T2LightCurveFeaturesConfig
 
@@ -29,12 +29,8 @@ OK, NO_FEATURES = 0, 1
 
 
 def model_hash(path: str | Path) -> str:
-    """Content hash of a model file (blake2b, 16 hex digits)."""
-    h = hashlib.blake2b(digest_size=8)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """Content hash of a model file (see :func:`ampel_dask.keys.file_hash`)."""
+    return file_hash(path)
 
 
 @lru_cache(maxsize=4)
