@@ -8,7 +8,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from ..io.archive import atomic_write
+from ..io.files import atomic_write
 
 PREFIX = "ampel_dask_live_"
 _HELP = {

@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from ..io.archive import atomic_write
+from ..io.files import atomic_write
 from ..keys import key_of
 from .workflow import Workflow
 

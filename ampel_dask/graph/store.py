@@ -28,12 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..io.archive import atomic_write as _atomic_write, dps_bytes, dps_path, parquet_bytes, read_part, sync
+from ..io.archive import dps_bytes, dps_path, parquet_bytes, read_part
+from ..io.files import atomic_write, sync
 from ..io.arrays import first_rows, sorted_unique
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    _atomic_write(path, data, durable=False)
 
 
 class ParquetStore:
@@ -55,7 +52,7 @@ class ParquetStore:
         return json.loads(p.read_text()) if p.exists() else None
 
     def mark_task(self, key: str, info: dict) -> None:
-        atomic_write(self.root / "tasks" / f"{key}.json", json.dumps(info, sort_keys=True).encode())
+        atomic_write(self.root / "tasks" / f"{key}.json", json.dumps(info, sort_keys=True).encode(), durable=False)
 
     def shuffle_dir(self, run_id: str, key: str) -> Path:
         """Scratch space of a run's shuffle by object (shared by all workers; removed after the run)."""
@@ -70,9 +67,9 @@ class ParquetStore:
             return
         path = self.root / "states" / channel / f"{key}.parquet"
         if "dps" in table.column_names:
-            atomic_write(dps_path(path), dps_bytes(table.column("dps"), "lz4"))
+            atomic_write(dps_path(path), dps_bytes(table.column("dps"), "lz4"), durable=False)
             table = table.drop_columns(["dps"])
-        atomic_write(path, parquet_bytes(table))
+        atomic_write(path, parquet_bytes(table), durable=False)
 
     def read_states(self, channel: str, keys: list[str] | None = None, columns: list[str] | None = None, stock: int | None = None) -> pa.Table | None:
         folder = self.root / "states" / channel
@@ -110,7 +107,7 @@ class ParquetStore:
         return self.root / "t2" / unit / unit_key
 
     def write_t2(self, unit: str, unit_key: str, key: str, table: pa.Table) -> None:
-        atomic_write(self._t2_dir(unit, unit_key) / f"{key}.parquet", parquet_bytes(table))
+        atomic_write(self._t2_dir(unit, unit_key) / f"{key}.parquet", parquet_bytes(table), durable=False)
 
     def t2_files(self, unit: str, unit_key: str) -> list[str]:
         return sorted(str(p) for p in self._t2_dir(unit, unit_key).glob("*.parquet"))
@@ -140,7 +137,7 @@ class ParquetStore:
     # --- journal, T3, manifests ---
     def write_journal(self, run_id: str, key: str, table: pa.Table) -> None:
         if table.num_rows:
-            atomic_write(self.root / "journal" / run_id / f"{key}.parquet", parquet_bytes(table))
+            atomic_write(self.root / "journal" / run_id / f"{key}.parquet", parquet_bytes(table), durable=False)
 
     def read_journal(self, stock: int | None = None) -> pa.Table | None:
         files = sorted((self.root / "journal").glob("*/*.parquet"))
@@ -150,7 +147,7 @@ class ParquetStore:
         return self.root / "t3" / channel / key
 
     def write_t3_objects(self, channel: str, key: str, table: pa.Table) -> None:
-        atomic_write(self.t3_dir(channel, key) / "objects.parquet", parquet_bytes(table))
+        atomic_write(self.t3_dir(channel, key) / "objects.parquet", parquet_bytes(table), durable=False)
 
     def read_t3_objects(self, stock: int | None = None) -> pa.Table | None:
         files = sorted((self.root / "t3").glob("*/*/objects.parquet"))
@@ -159,7 +156,7 @@ class ParquetStore:
     def write_manifest(self, run_id: str, manifest: dict[str, Any]) -> Path:
         path = self.root / "runs" / f"{run_id}.json"
         sync()  # everything the run wrote is on disk before its manifest says so
-        _atomic_write(path, (json.dumps(manifest, indent=1, sort_keys=False, default=str) + "\n").encode())
+        atomic_write(path, (json.dumps(manifest, indent=1, sort_keys=False, default=str) + "\n").encode())
         return path
 
     def manifests(self) -> list[dict]:

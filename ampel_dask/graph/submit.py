@@ -14,7 +14,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..io.archive import atomic_write
+from ..io.files import atomic_write
 from .runner import new_run_id
 
 

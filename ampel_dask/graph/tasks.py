@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..io.archive import atomic_target, read_dps, read_part
+from ..io.archive import read_dps, read_part
+from ..io.files import atomic_target
 from ..io.arrays import first_rows, order_by, take_rows
 from ..io.layout import DATAPOINT
 from ..keys import bucket_of, t2_keys

@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..keys import content_hash
+from .files import atomic_write
 
 INDEX = "_index.parquet"
 INDEX_SCHEMA = pa.schema(
@@ -136,41 +137,6 @@ def read_part(part_path: str | Path, columns: list[str] | None = None, pf: pq.Pa
     want_dps = columns is None or "dps" in columns
     flat = pf.read(columns=None if columns is None else [c for c in columns if c != "dps"], use_threads=False)
     return flat.append_column("dps", read_dps(part_path)) if want_dps else flat
-
-
-def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write bytes to a temp file beside ``path`` and rename it into place.
-
-    ``durable=False`` skips the per-file fsync (the rename is still atomic): for many small files whose
-    writer calls :func:`sync` once at a checkpoint instead (a run's end, a live batch's commit).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        if durable:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-@contextmanager
-def atomic_target(path: Path) -> Iterator[Path]:
-    """A temp path beside ``path`` for a writer that wants a file name (Arrow, pandas, matplotlib);
-    renamed onto ``path`` when the block succeeds, removed when it fails."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def sync() -> None:
-    """Flush every file written so far to disk (one call instead of an fsync per file)."""
-    os.sync()
 
 
 log = logging.getLogger("ampel_dask")

@@ -19,7 +19,8 @@ import pyarrow.compute as pc
 
 from ..keys import record_hash
 from . import lsst, ztf
-from .archive import Staged, atomic_write, stage, sync
+from .archive import Staged, stage
+from .files import atomic_write, sync
 from .avro import Block, Damage, Record, SchemaCache, WriterSchema, frame, iter_packet, single_record_container
 from .columnar import decode_blocks, records_rows
 from .normalize import Normalized, rows_where

@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
-from .archive import atomic_write
+from .files import atomic_write
 from .kafka_auth import Redactor
 
 log = logging.getLogger("ampel_dask.kafka")

@@ -82,7 +82,7 @@ def write_metadata(path: str | Path, bundle: dict[str, Any] | None = None) -> Pa
     model file's hash, so a workflow is planned without unpickling the model (sklearn import + load)."""
     import json
 
-    from ...io.archive import atomic_write
+    from ...io.files import atomic_write
 
     bundle = bundle if bundle is not None else load_model(path)
     meta = {k: bundle[k] for k in META_KEYS} | {"model_hash": model_hash(path)}

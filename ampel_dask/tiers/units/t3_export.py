@@ -19,7 +19,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from ...io.archive import atomic_target
+from ...io.files import atomic_target
 from ..base import T3Context, T3Unit, UnitConfig
 
 T2_SEP = "__"  # T2 result columns are named <T2 unit>__<field>

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from ...io.archive import atomic_target, atomic_write
+from ...io.files import atomic_target, atomic_write
 from ...io.layout import DETECTION
 from ..base import T3Context, T3Unit, UnitConfig
 from .lightcurve_svg import light_curve_svg
