@@ -22,7 +22,7 @@ import yaml
 
 from ampel_dask.graph.plan import check_columns, plan_workflow
 from ampel_dask.graph.runner import RunOptions, run_workflow
-from ampel_dask.graph.store import ParquetStore
+from ampel_dask.io.stores import ParquetStore
 from ampel_dask.graph.workflow import Workflow, WorkflowError, load_workflow
 from ampel_dask.io.archive import Archive
 from ampel_dask.io.ingest import IngestOptions, ingest
@@ -387,7 +387,7 @@ def test_t3_waits_for_its_own_channel_only(archive, tmp_path):
     waits for its T1 tasks, and a packet channel's T3 does not wait for another channel's history join."""
     from ampel_dask.graph.compile import compile_run
     from ampel_dask.graph.plan import plan_workflow
-    from ampel_dask.graph.store import open_store
+    from ampel_dask.io.stores import open_store
 
     export = {"unit": "T3Export", "config": {"formats": ["parquet"]}}
     arch = Archive(archive)

@@ -34,7 +34,7 @@ import yaml
 from ampel_dask.graph.live import CRASH_ENV, LiveOptions, run_live
 from ampel_dask.graph.live_metrics import LiveMetrics
 from ampel_dask.graph.runner import RunOptions, run_workflow
-from ampel_dask.graph.store import ParquetStore
+from ampel_dask.io.stores import ParquetStore
 from ampel_dask.graph.workflow import Workflow, load_workflow
 from ampel_dask.io.archive import Archive
 from ampel_dask.io.ingest import IngestOptions, ingest_packets

@@ -17,9 +17,9 @@ import pyarrow as pa
 import pytest
 
 from ampel_dask.graph.explain import explain
-from ampel_dask.graph.mongo_store import MongoStore, uri_database
+from ampel_dask.io.stores.mongo import MongoStore, uri_database
 from ampel_dask.graph.runner import RunOptions, run_workflow
-from ampel_dask.graph.store import ParquetStore, open_store
+from ampel_dask.io.stores import ParquetStore, open_store
 from ampel_dask.graph.workflow import Workflow
 from ampel_dask.io.ingest import IngestOptions, ingest
 

@@ -13,7 +13,7 @@ import dask
 import pytest
 
 from ampel_dask.graph.runner import RunOptions, run_workflow
-from ampel_dask.graph.store import ParquetStore
+from ampel_dask.io.stores import ParquetStore
 from ampel_dask.graph.workflow import Workflow
 from ampel_dask.io.ingest import IngestOptions, ingest
 from ampel_dask.io.processes import WORKER_MALLOC

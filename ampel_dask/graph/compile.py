@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..io.archive import Archive, Partition
+from ..io.stores import open_store
 from ..tiers.base import T2StateUnit
 from ..tiers.states import HISTORY_RULE
 from . import tasks
@@ -228,8 +229,6 @@ def _stage(spec, key, run_id, n, *deps):
 def _pass(table, t0, plan, spec, key, shuffle, nbuckets):
     """Alerts of one partition that pass a history channel's T0, written by object bucket; counts go to
     a marker; returns the passing alerts' (stock, mjd) (small)."""
-    from .store import open_store
-
     passing = tasks.passing_alerts(table, t0)
     tasks.write_buckets(passing, shuffle, "alerts", key, nbuckets)
     open_store(spec).mark_task(key, {"kind": "t0", "channel": plan.name, **tasks.t0_counts(t0, table.num_rows)})
@@ -241,6 +240,4 @@ def _written(pieces: dict) -> int:
 
 
 def _selection(spec, plan, state_names, *_after):
-    from .store import open_store
-
     return tasks.selection(open_store(spec), plan, state_names)

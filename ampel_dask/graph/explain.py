@@ -12,9 +12,7 @@ import pyarrow.parquet as pq
 
 from ..io.archive import Archive
 from ..io.layout import ztf_name, ztf_stock
-from .store import open_store, spec_for
-
-SKIP_BODY = {"state_id", "stock", "alert_id", "unit", "unit_version", "config_hash", "t2_key", "run_id", "code"}
+from ..io.stores import PROVENANCE, open_store, store_spec
 
 
 def resolve_stock(obj: str) -> tuple[int, str]:
@@ -37,7 +35,7 @@ def _filter_stock(table: pa.Table | None, stock: int) -> pa.Table | None:
 def explain(obj: str, store_dir: str | Path, archive_dir: str | Path | None = None) -> dict:
     """``store_dir``: a Parquet store folder or a ``mongodb://host:port/DB`` URI."""
     stock, name = resolve_stock(obj)
-    store = open_store(spec_for(store_dir))
+    store = open_store(store_spec(store_dir))
     manifests = store.manifests()
     if not manifests:  # else a wrong path would look like an object that was never processed
         raise FileNotFoundError(f"{store_dir}: no result store here (no run manifests); give --store the folder or mongodb:// URI a run wrote to")
@@ -72,7 +70,7 @@ def explain(obj: str, store_dir: str | Path, archive_dir: str | Path | None = No
         if res is None:
             continue
         for r in res.to_pylist():
-            body = {k: v for k, v in r.items() if k not in SKIP_BODY}
+            body = {k: v for k, v in r.items() if k not in PROVENANCE}
             out["t2"].append({"unit": unit, "unit_version": r["unit_version"], "config_hash": r["config_hash"], "state_id": r["state_id"],
                               "code": r["code"], "run_id": r["run_id"], "body": body})  # fmt: skip
     t3 = _filter_stock(store.read_t3_objects(stock=stock), stock)

@@ -32,8 +32,8 @@ from .live_control import CRASH_ENV, CRASH_POINTS, Abandon, StopFlag, crash, cra
 from .live_metrics import LiveMetrics
 from .live_record import StreamRecord
 from ..keys import key_of
-from .runner import RunOptions, new_run_id, run_workflow, store_spec
-from .store import open_store
+from ..io.stores import open_store
+from .runner import RunOptions, new_run_id, run_workflow
 from .workflow import Workflow, WorkflowError
 
 log = logging.getLogger("ampel_dask.live")
@@ -105,7 +105,7 @@ def run_live(
     if not (opts.archive or wf.archive.path):
         raise WorkflowError("no archive: give --archive or archive.path in the workflow")
     archive = Path(opts.archive or wf.archive.path or "").resolve()
-    spec = store_spec(wf, opts.store)
+    spec = wf.store.resolve(opts.store)
     store = open_store(spec)
     group = opts.group or f"ampel-dask-{wf.name}"
     schema_dirs, registry = list(opts.schema_dirs), None

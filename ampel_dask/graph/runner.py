@@ -16,10 +16,10 @@ from typing import Any, Iterator
 
 from .. import __version__
 from ..io.archive import Archive
+from ..io.stores import open_store
 from .compile import CompiledRun, compile_run
 from ..io.processes import WORKER_MALLOC
 from .plan import check_columns, plan_workflow, unit_versions
-from .store import open_store, spec_for
 from .watchdog import StalledRun, Watchdog
 from .workflow import Workflow, WorkflowError
 
@@ -44,16 +44,6 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
 
 
-def store_spec(wf: Workflow, override: str | None) -> dict:
-    if wf.store.kind == "mongo" and not override:
-        if not wf.store.uri:
-            raise WorkflowError("store.kind is mongo but store.uri is missing")
-        return {"kind": "mongo", "uri": wf.store.uri, "database": wf.store.database, "path": wf.store.path or "store"}
-    if override:  # --store: a folder, or a mongodb:// URI
-        return spec_for(override, wf.store.path)
-    return {"kind": "parquet", "path": str(Path(wf.store.path or "store").resolve())}
-
-
 def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
     opts = opts or RunOptions()
     echo = opts.echo or (lambda *_: None)
@@ -66,7 +56,7 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
     archive = Archive(Path(archive_path).resolve())
     if not archive.exists():
         raise WorkflowError(f"{archive_path} is not an ampel-dask archive (run `ampel-dask ingest ... --archive {archive_path}` first)")
-    store = open_store(store_spec(wf, opts.store))
+    store = open_store(wf.store.resolve(opts.store))
     run_id = opts.run_id or new_run_id()
     parts = [p for p in archive.partitions() if wf.archive.wants(p.survey, p.night)]
     if opts.partitions is not None:

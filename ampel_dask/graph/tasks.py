@@ -21,17 +21,16 @@ import pyarrow.parquet as pq
 
 from ..io.archive import read_dps, read_part
 from ..io.files import atomic_target
-from ..io.arrays import first_rows, order_by, take_rows
+from ..io.arrays import contains, first_rows, order_by, take_rows
+from ..io.stores import PROVENANCE, open_store
 from ..io.layout import DATAPOINT
 from ..keys import bucket_of, t2_keys
 from ..tiers.base import T2StateUnit, T3Context, Verdict
 from ..tiers.columns import SUMMARY
 from ..tiers.states import HISTORY_SCHEMA, STATE_COLUMNS, alert_access, thinned_history
 from .plan import ChannelPlan
-from .store import contains, open_store
 
 log = logging.getLogger("ampel_dask")
-PROVENANCE = ["state_id", "stock", "alert_id", "unit", "unit_version", "config_hash", "t2_key", "run_id", "code"]
 
 
 def read_partition(archive_root: str, rel_paths: str | list[str], columns: list[str] | None) -> pa.Table:
@@ -86,12 +85,12 @@ def run_t0(table: pa.Table, plan: ChannelPlan) -> T0Result:
     return T0Result(v, v.counts())
 
 
-def run_t1(table: pa.Table, t0: T0Result, plan: ChannelPlan, store_spec: dict, key: str, run_id: str, carried: dict | None = None) -> pa.Table:
+def run_t1(table: pa.Table, t0: T0Result, plan: ChannelPlan, spec: dict, key: str, run_id: str, carried: dict | None = None) -> pa.Table:
     """States of the accepted alerts; stored as the channel's selection for this work unit.
 
     ``carried``: what this unit's ``hist`` task returned, when a history channel decoded the unit's
     histories already: the rows any packet channel accepted, with their histories (one decode)."""
-    store = open_store(store_spec)
+    store = open_store(spec)
     accepted = t0.verdict.accepted
     if accepted.any() and carried and "dps" in carried:
         rows = np.flatnonzero(accepted)
@@ -126,7 +125,7 @@ def t0_counts(t0: T0Result, n: int) -> dict:
     return {"alerts": n, "passed": acc, "rejected": n - acc, "reasons": {k: v for k, v in t0.counts.items() if k != "accepted"}}
 
 
-def run_t1_history(shuffle_dir: str, bucket: int, plan: ChannelPlan, store_spec: dict, key: str, run_id: str, _after: object = None) -> pa.Table:
+def run_t1_history(shuffle_dir: str, bucket: int, plan: ChannelPlan, spec: dict, key: str, run_id: str, _after: object = None) -> pa.Table:
     """States with each object's archived history, for the objects of one bucket.
 
     The passing alerts and the archived datapoints of these objects come from the shuffle files the
@@ -135,7 +134,7 @@ def run_t1_history(shuffle_dir: str, bucket: int, plan: ChannelPlan, store_spec:
     """
     alerts = read_bucket(shuffle_dir, "alerts", bucket)
     history = read_bucket(shuffle_dir, "history", bucket)
-    store = open_store(store_spec)
+    store = open_store(spec)
     if alerts is None:
         store.mark_task(key, {"kind": "t1h", "channel": plan.name, "states": 0})
         return None
@@ -243,9 +242,9 @@ def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.nd
     return out
 
 
-def run_t2_stage(store_spec: dict, key: str, run_id: str, inputs: list[tuple[str, list[str], pa.Table]], units: list[T2StateUnit]) -> dict:
+def run_t2_stage(spec: dict, key: str, run_id: str, inputs: list[tuple[str, list[str], pa.Table]], units: list[T2StateUnit]) -> dict:
     """All T2 units of one work unit (partition or bucket): dedupe states across channels, skip done."""
-    store = open_store(store_spec)
+    store = open_store(spec)
     counts = {"computed": 0, "reused": 0, "failed": 0, "units": {}}
     results: dict[str, pa.Table] = {}
     journal = []
@@ -394,11 +393,11 @@ def _left_join(left: pa.Table, right: pa.Table, prefix: str) -> pa.Table:
     return left
 
 
-def run_t3(store_spec: dict, plan: ChannelPlan, unit_index: int, key: str, run_id: str, sel: pa.Table | None, archive_root: str | None) -> dict:
+def run_t3(spec: dict, plan: ChannelPlan, unit_index: int, key: str, run_id: str, sel: pa.Table | None, archive_root: str | None) -> dict:
     """One T3 unit over its channel's selection (computed once per channel, see :func:`selection`)."""
     from ..io.archive import Archive
 
-    store = open_store(store_spec)
+    store = open_store(spec)
     unit = plan.t3[unit_index]
     out_dir = store.t3_dir(plan.name, key)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from ..io.stores import store_spec
 from ..keys import canonical_json, short_hash
 
 
@@ -88,6 +89,17 @@ class StoreSpec(Model):
     path: str | None = Field(None, description="parquet: store folder (overridden by --store)")
     uri: str | None = Field(None, description="mongo: mongodb:// URI")
     database: str = "ampel_dask"
+
+    def resolve(self, override: str | None = None) -> dict:
+        """The spec of the store a run writes to: ``override`` (``--store``: a folder or a mongodb:// URI),
+        else this section's."""
+        if override:
+            return store_spec(override, self.path)
+        if self.kind == "mongo":
+            if not self.uri:
+                raise WorkflowError("store.kind is mongo but store.uri is missing")
+            return store_spec(self.uri, self.path, self.database)
+        return store_spec(self.path or "store")
 
 
 class Workflow(Model):

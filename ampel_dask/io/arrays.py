@@ -17,6 +17,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 
+def contains(sorted_ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Membership of ``values`` in a sorted array (binary search; no re-sort of the big side)."""
+    if not len(sorted_ids):
+        return np.zeros(len(values), dtype=bool)
+    pos = np.clip(np.searchsorted(sorted_ids, values), 0, len(sorted_ids) - 1)
+    return sorted_ids[pos] == values
+
+
 def sorted_unique(values: np.ndarray) -> np.ndarray:
     """The distinct values, ascending (what ``np.unique`` returns)."""
     s = np.sort(np.asarray(values))

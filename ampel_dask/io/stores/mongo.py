@@ -1,4 +1,4 @@
-"""MongoDB result store: the same interface and semantics as :class:`~.store.ParquetStore`, AMPEL-like.
+"""MongoDB result store: the same interface and semantics as :class:`~.parquet.ParquetStore`, AMPEL-like.
 
 Collections (one database per store)::
 
@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-#: columns of a T2 table that are provenance; the others are the unit's body
-T2_PROVENANCE = ("state_id", "stock", "alert_id", "unit", "unit_version", "config_hash", "t2_key", "run_id", "code")
+from .base import PROVENANCE
+
 JOURNAL_IDENTITY = ("stock", "run_id", "tier", "channel", "unit", "action", "alert_id", "state_id")
 WRITE_BATCH = 1000  # rows converted to documents and sent per bulk_write
 READ_BATCH = 10_000  # documents converted to Arrow at a time; also the size of $in chunks
@@ -193,8 +193,8 @@ class MongoStore:
     def write_t2(self, unit: str, unit_key: str, key: str, table: pa.Table) -> None:
         _reserved(table, ("_id", "unit_key", "task", "body"), "T2 results")
         self._register("t2", unit_key, table.schema, unit=unit)
-        prov = [c for c in table.column_names if c in T2_PROVENANCE]
-        body = [c for c in table.column_names if c not in T2_PROVENANCE]
+        prov = [c for c in table.column_names if c in PROVENANCE]
+        body = [c for c in table.column_names if c not in PROVENANCE]
 
         def docs() -> Iterator[dict]:
             for row in _rows(table):
@@ -203,10 +203,6 @@ class MongoStore:
                 yield doc
 
         self._insert("t2", docs())
-
-    def t2_files(self, unit: str, unit_key: str) -> list[str]:
-        """The stage tasks whose results are stored for this unit key (the Parquet store's file names)."""
-        return sorted(self._rdb.t2.distinct("task", {"unit_key": unit_key}))
 
     def done_state_ids(self, unit: str, unit_key: str) -> np.ndarray:
         """Sorted state ids with a result for this unit key: a query covered by the (unit_key, state_id)

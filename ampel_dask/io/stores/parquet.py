@@ -1,4 +1,4 @@
-"""Result stores: Parquet (default; read it with pandas, DuckDB, polars) and MongoDB (optional).
+"""The Parquet result store (the default; read it with pandas, DuckDB, polars).
 
 Files are renamed into place atomically but not fsync'ed one by one; the runner calls ``sync()`` once
 before the run manifest is written (live mode before committing offsets), which makes all of them
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +27,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..io.archive import dps_bytes, dps_path, parquet_bytes, read_part
-from ..io.files import atomic_write, sync
-from ..io.arrays import first_rows, sorted_unique
+from ..archive import dps_bytes, dps_path, parquet_bytes, read_part
+from ..arrays import contains, first_rows, sorted_unique
+from ..files import atomic_write, sync
 
 
 class ParquetStore:
@@ -214,38 +213,3 @@ class _DoneIds:
 
 
 _DONE = _DoneIds()
-
-
-def contains(sorted_ids: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Membership of ``values`` in a sorted array (binary search; no re-sort of the big side)."""
-    if not len(sorted_ids):
-        return np.zeros(len(values), dtype=bool)
-    pos = np.clip(np.searchsorted(sorted_ids, values), 0, len(sorted_ids) - 1)
-    return sorted_ids[pos] == values
-
-
-def spec_for(location: str | Path, path: str | None = None) -> dict:
-    """A store spec from a ``--store`` argument: a ``mongodb://host:port/DB`` URI (database from the
-    path, default ampel_dask; ``path``: the local folder for T3 files) or a Parquet store folder."""
-    from .mongo_store import is_mongo_uri, uri_database
-
-    if is_mongo_uri(str(location)):
-        return {"kind": "mongo", "uri": str(location), "database": uri_database(str(location)), "path": path or "store"}
-    return {"kind": "parquet", "path": str(Path(location).resolve())}
-
-
-def open_store(spec: dict) -> Any:
-    """A store from its spec dict (what tasks receive; a store object itself stays on the driver)."""
-    return _open(json.dumps(spec, sort_keys=True))
-
-
-@lru_cache(maxsize=8)
-def _open(spec_json: str) -> Any:
-    spec = json.loads(spec_json)
-    if spec["kind"] == "parquet":
-        return ParquetStore(spec["path"])
-    if spec["kind"] == "mongo":
-        from .mongo_store import MongoStore
-
-        return MongoStore(spec["uri"], spec.get("database", "ampel_dask"), spec.get("path"))
-    raise ValueError(f"unknown store kind {spec['kind']!r}")
