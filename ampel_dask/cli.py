@@ -38,7 +38,7 @@ def ingest(sources, archive, workers, chunk_mb, schema_dirs, progress, as_json) 
 
     Exit code 0 when every packet was ingested (or already there), 3 when some were quarantined.
     """
-    from .io.ingest import IngestOptions, ingest as run_ingest
+    from .graph.ingest import IngestOptions, ingest as run_ingest
     from .io.sources import SourceError
 
     opts = IngestOptions(workers=workers, chunk_mb=chunk_mb, schema_dirs=list(schema_dirs), progress=progress)

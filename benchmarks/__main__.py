@@ -188,11 +188,11 @@ def ours_same_job(inputs: list[str], workers: int) -> dict:
     """ampel-dask on AMPEL's job: ingest the tarballs, then the same filter + T2 unit (timed apart)."""
     from distributed import Client
 
-    from ampel_dask.io.processes import local_cluster
+    from ampel_dask.graph.workers import local_cluster
 
     from ampel_dask.graph.runner import RunOptions, run_workflow
     from ampel_dask.graph.workflow import load_workflow
-    from ampel_dask.io.ingest import IngestOptions, ingest
+    from ampel_dask.graph.ingest import IngestOptions, ingest
 
     wf = load_workflow(BENCH / "ampel_job.yml")
     arch, store = WORK / "ampel-cmp-archive", WORK / "ampel-cmp-store"

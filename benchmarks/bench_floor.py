@@ -40,7 +40,7 @@ from ampel_dask.keys import bucket_of  # noqa: E402
 from ampel_dask.graph.workflow import Workflow, load_workflow  # noqa: E402
 from ampel_dask.io.archive import Archive  # noqa: E402
 from ampel_dask.io.arrays import first_rows, order_by  # noqa: E402
-from ampel_dask.io.processes import worker_environ  # noqa: E402
+from ampel_dask.graph.workers import worker_environ  # noqa: E402
 from ampel_dask.tiers.base import T3Context  # noqa: E402
 from ampel_dask.tiers.states import thinned_history  # noqa: E402
 

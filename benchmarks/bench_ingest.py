@@ -24,7 +24,7 @@ import fastavro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ampel_dask.io.ingest import IngestOptions, ingest  # noqa: E402
+from ampel_dask.graph.ingest import IngestOptions, ingest  # noqa: E402
 from benchmarks.replicate import build_stream  # noqa: E402
 
 WORK = Path(__file__).resolve().parents[1] / ".bench"

@@ -41,7 +41,7 @@ def phases(task_stream: list[dict], t0: float) -> dict[str, dict]:
 def main() -> None:
     from distributed import Client, get_task_stream
 
-    from ampel_dask.io.processes import local_cluster
+    from ampel_dask.graph.workers import local_cluster
 
     args, wf, archive, store = setup(__doc__.split("\n")[0], "phases-store")
     with local_cluster(args.workers, dashboard_address=None) as cluster, Client(cluster) as client:

@@ -74,7 +74,7 @@ def warm_imports() -> None:
 def run_once(wf, archive: Path, store: Path, workers: int) -> dict:
     from distributed import Client
 
-    from ampel_dask.io.processes import local_cluster
+    from ampel_dask.graph.workers import local_cluster
 
     with local_cluster(workers, dashboard_address=None) as cluster, Client(cluster) as client:
         client.run(warm_imports)  # a worker imports its libraries once in its life: not the pipeline's cost

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ampel_dask.io.archive import Archive
-from ampel_dask.io.ingest import IngestOptions, ingest
+from ampel_dask.graph.ingest import IngestOptions, ingest
 from ampel_dask.io.layout import DETECTION
 
 REPO = Path(__file__).resolve().parents[1]

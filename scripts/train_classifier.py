@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         archive = args.archive or tmp
         if args.sources:
-            from ampel_dask.io.ingest import IngestOptions, ingest
+            from ampel_dask.graph.ingest import IngestOptions, ingest
 
             ingest(args.sources, archive, IngestOptions(workers=0))
         elif not args.archive:

@@ -46,7 +46,7 @@ def group_location(rows: list[dict]) -> str:
 @pytest.fixture(scope="session")
 def group_archives(tmp_path_factory, data_dir, manifest):
     """Every manifest group ingested into its own archive, in this process: {group: (root, report)}."""
-    from ampel_dask.io.ingest import IngestOptions, ingest
+    from ampel_dask.graph.ingest import IngestOptions, ingest
 
     out = {}
     for group, rows in sorted(manifest.items()):

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from ampel_dask.io.archive import Archive
-from ampel_dask.io.ingest import IngestOptions, ingest
+from ampel_dask.graph.ingest import IngestOptions, ingest
 from ampel_dask.tiers.states import T1PolicyConfig, build_states
 
 ACCESS = ["ZTF_PUB", "ZTF_PRIV", "LSST"]

@@ -16,7 +16,7 @@ import pytest
 
 from ampel_dask.io.archive import Archive
 from ampel_dask.io.avro import _block_header
-from ampel_dask.io.ingest import IngestOptions, ingest
+from ampel_dask.graph.ingest import IngestOptions, ingest
 
 GOOD_DIR = "ztf/fink_local_202001"  # 40 single-alert files
 

@@ -17,7 +17,7 @@ import pytest
 from ampel_dask.io import avro, columnar, decode
 from ampel_dask.io.archive import Archive
 from ampel_dask.io.avro import Record, SchemaCache, frame, iter_packet
-from ampel_dask.io.ingest import IngestOptions, ingest
+from ampel_dask.graph.ingest import IngestOptions, ingest
 
 from .conftest import group_location
 

@@ -25,8 +25,8 @@ from ampel_dask.graph.runner import RunOptions, run_workflow
 from ampel_dask.io.stores import ParquetStore
 from ampel_dask.graph.workflow import Workflow, WorkflowError, load_workflow
 from ampel_dask.io.archive import Archive
-from ampel_dask.io.ingest import IngestOptions, ingest
-from ampel_dask.io.processes import WORKER_MALLOC
+from ampel_dask.graph.ingest import IngestOptions, ingest
+from ampel_dask.graph.workers import WORKER_MALLOC
 
 from .test_tiers import DECENT
 
@@ -267,7 +267,7 @@ def test_results_identical_with_1_and_2_workers_and_other_partition_sizes(first_
         assert t2_rows(store) == t2_rows(store1), (workers, src)
         assert summary["channels"] == first_run[1]["channels"]
         manifest = json.loads((store / "runs" / f"{summary['run_id']}.json").read_text())
-        assert len(manifest["workers"]) == workers and all(w["malloc"] == WORKER_MALLOC for w in manifest["workers"])  # io/processes.py
+        assert len(manifest["workers"]) == workers and all(w["malloc"] == WORKER_MALLOC for w in manifest["workers"])  # graph/workers.py
         assert all(w["profiler"] is False for w in manifest["workers"])  # QUIET: no 100 Hz stack sampling
 
 
@@ -309,7 +309,7 @@ def test_workers_get_the_malloc_settings_after_a_plain_cluster_in_this_process()
     the environment over its config: a plain LocalCluster started first must not undo ours."""
     from distributed import Client, LocalCluster
 
-    from ampel_dask.io.processes import local_cluster
+    from ampel_dask.graph.workers import local_cluster
 
     with LocalCluster(n_workers=1, processes=True, dashboard_address=None):
         pass

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ampel_dask.io.archive import Archive
-from ampel_dask.io.ingest import IngestOptions, ingest
+from ampel_dask.graph.ingest import IngestOptions, ingest
 from ampel_dask.io.layout import FORCED, UPPER_LIMIT
 
 from .conftest import group_location

@@ -37,7 +37,7 @@ from ampel_dask.graph.runner import RunOptions, run_workflow
 from ampel_dask.io.stores import ParquetStore
 from ampel_dask.graph.workflow import Workflow, load_workflow
 from ampel_dask.io.archive import Archive
-from ampel_dask.io.ingest import IngestOptions, ingest_packets
+from ampel_dask.graph.ingest import IngestOptions, ingest_packets
 from ampel_dask.io.kafka import consumer_config, producer
 from ampel_dask.io.kafka_auth import CredentialsError, KafkaCredentials, Redactor, check_properties
 from ampel_dask.io.sources import Packet

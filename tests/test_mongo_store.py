@@ -21,7 +21,7 @@ from ampel_dask.io.stores.mongo import MongoStore, uri_database
 from ampel_dask.graph.runner import RunOptions, run_workflow
 from ampel_dask.io.stores import ParquetStore, open_store
 from ampel_dask.graph.workflow import Workflow
-from ampel_dask.io.ingest import IngestOptions, ingest
+from ampel_dask.graph.ingest import IngestOptions, ingest
 
 from .server_fixtures import mongo, mongo_db  # noqa: F401
 from .test_graph import WORKFLOW

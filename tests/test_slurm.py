@@ -15,8 +15,8 @@ import pytest
 from ampel_dask.graph.runner import RunOptions, run_workflow
 from ampel_dask.io.stores import ParquetStore
 from ampel_dask.graph.workflow import Workflow
-from ampel_dask.io.ingest import IngestOptions, ingest
-from ampel_dask.io.processes import WORKER_MALLOC
+from ampel_dask.graph.ingest import IngestOptions, ingest
+from ampel_dask.graph.workers import WORKER_MALLOC
 
 from .slurm_fixture import slurm  # noqa: F401
 from .test_graph import t2_rows

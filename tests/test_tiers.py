@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from ampel_dask.io.archive import Archive
-from ampel_dask.io.ingest import IngestOptions, ingest
+from ampel_dask.graph.ingest import IngestOptions, ingest
 from ampel_dask.tiers.adapters import AlertView, PerAlertFilter
 from ampel_dask.tiers.base import UnitConfigError, Verdict
 from ampel_dask.tiers.states import T1PolicyConfig, alert_access, build_states, flat_history, one_copy, thinned_history

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ampel_dask.io.archive import Archive
-from ampel_dask.io.ingest import IngestOptions, ingest
+from ampel_dask.graph.ingest import IngestOptions, ingest
 from ampel_dask.tiers.base import T3Context, UnitConfigError
 from ampel_dask.tiers.states import T1PolicyConfig, build_states
 from ampel_dask.tiers.units.t3_export import T3Export

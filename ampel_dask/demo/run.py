@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..graph.runner import RunOptions, run_workflow
 from ..graph.workflow import load_workflow
-from ..io.ingest import IngestOptions, ingest
+from ..graph.ingest import IngestOptions, ingest
 from .simulate import simulate
 
 WORKFLOW = Path(__file__).with_name("workflow.yml")

@@ -15,7 +15,7 @@ import dask
 import yaml
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from ..io.processes import QUIET, WORKER_MALLOC, local_cluster, quiet_environ
+from .workers import QUIET, WORKER_MALLOC, local_cluster, quiet_environ
 from .workflow import ClusterSpec, WorkflowError
 
 try:  # dask-jobqueue installs a SIGINT handler at import, which only the main thread may do

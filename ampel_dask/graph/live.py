@@ -24,7 +24,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..io.ingest import IngestOptions, ingest_packets
+from .ingest import IngestOptions, ingest_packets
 from ..io.kafka import Batch, LiveConsumer, consumer_config, wire_schema_ids
 from ..io.kafka_auth import KafkaCredentials, Redactor
 from ..io.schema_registry import SchemaRegistry

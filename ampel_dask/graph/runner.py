@@ -6,7 +6,6 @@ import os
 import platform
 import shutil
 import secrets
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,9 +17,10 @@ from .. import __version__
 from ..io.archive import Archive
 from ..io.stores import open_store
 from .compile import CompiledRun, compile_run
-from ..io.processes import WORKER_MALLOC
 from .plan import check_columns, plan_workflow, unit_versions
+from .progress import Progress, as_finished, on_terminal
 from .watchdog import StalledRun, Watchdog
+from .workers import WORKER_MALLOC
 from .workflow import Workflow, WorkflowError
 
 
@@ -72,7 +72,7 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
     if run.graph:
         with _client(wf, opts) as client:
             dashboard = getattr(client, "dashboard_link", None)
-            if dashboard and _tty(opts.progress):
+            if dashboard and on_terminal(opts.progress):
                 echo(f"Dask dashboard: {dashboard}")
             results = _execute(client, run, opts.progress, wf.cluster.stall_timeout)
             workers = _workers(client)
@@ -118,7 +118,7 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
 
 def _workers(client) -> list[dict]:
     """Where the graph ran: each worker's host, pid, SLURM job and malloc settings (provenance for
-    cluster runs; the allocator settings move a run's speed, see ``io/processes.py``)."""
+    cluster runs; the allocator settings move a run's speed, see ``graph/workers.py``)."""
 
     def where() -> dict:
         import dask
@@ -131,10 +131,6 @@ def _workers(client) -> list[dict]:
     except Exception:  # a worker leaving while we ask must not fail the run
         return []
     return [{"address": addr, **v} for addr, v in sorted(info.items())]
-
-
-def _tty(flag: bool | None) -> bool:
-    return sys.stderr.isatty() if flag is None else flag
 
 
 @contextmanager
@@ -153,31 +149,19 @@ def _client(wf: Workflow, opts: RunOptions) -> Iterator[Any]:
 def _execute(client, run: CompiledRun, progress: bool | None, stall_timeout: float | None = None) -> dict:
     from concurrent.futures import CancelledError
 
-    from distributed import as_completed
-
     futures = client.get(run.graph, run.sinks, sync=False)
-    bar = None
-    if _tty(progress):
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(futures), desc="run", unit="task", file=sys.stderr)
     results = {}
-    try:
-        with Watchdog(client, futures, stall_timeout) as dog:
-            for fut in as_completed(futures):
-                try:
-                    value = fut.result()
-                except CancelledError:
-                    if dog.reason:
-                        raise StalledRun(dog.reason) from None
-                    raise
-                if not hasattr(value, "num_rows"):  # T1 sinks return tables: keep only small summaries
-                    results[fut.key] = value
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+    with Progress(progress, len(futures), "run") as bar, Watchdog(client, futures, stall_timeout) as dog:
+        for fut in as_finished(futures):
+            try:
+                value = fut.result()
+            except CancelledError:
+                if dog.reason:
+                    raise StalledRun(dog.reason) from None
+                raise
+            if not hasattr(value, "num_rows"):  # T1 sinks return tables: keep only small summaries
+                results[fut.key] = value
+            bar.update(1)
     return results
 
 

@@ -1,15 +1,15 @@
-"""Ingest: packets -> decoded in parallel on Dask workers -> de-duplicated -> archive parts + index.
+"""Ingest, the library part: packets -> decoded chunks -> de-duplicated -> archive parts + index.
 
-Workers decode chunks and stage parts under ``_tmp``; the driver then walks the staged parts in input
-order, drops alert ids already archived (or seen earlier in this ingest), renames what is new into
-place and records it in the index in one atomic update. A crash leaves at most orphaned staged files,
-never a half-written part or an index entry without its file.
+Chunks are decoded anywhere (``decode_chunk``: in this process, or on Dask workers — the driver that
+spreads them is ``ampel_dask.graph.ingest``), staging parts under ``_tmp``; :func:`finalize` then walks
+the staged parts in input order, drops alert ids already archived (or seen earlier in this ingest),
+renames what is new into place and records it in the index in one atomic update. A crash leaves at most
+orphaned staged files, never a half-written part or an index entry without its file.
 """
 
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -21,8 +21,10 @@ from pydantic import BaseModel, Field
 
 from .archive import Archive, Partition, discard
 from .decode import ChunkResult, decode_chunk
-from .processes import local_cluster
 from .sources import Chunk, Packet, chunks, expand
+
+#: decodes chunks (given the arguments of :func:`decode_chunk` after the chunk) and yields their results
+Decoder = Callable[[Iterator[Chunk], tuple], Iterable[ChunkResult]]
 
 
 class IngestOptions(BaseModel):
@@ -60,61 +62,52 @@ class IngestReport:
         return d
 
 
-def ingest(
-    sources: list[str],
-    archive: str | Path | Archive,
-    options: IngestOptions | None = None,
-    client=None,
-) -> IngestReport:
-    """Ingest alert packets into an archive; see :class:`IngestReport` for the reconciled counts."""
-    opts = options or IngestOptions()
+def source_chunks(sources: list[str], opts: IngestOptions) -> tuple[Iterator[Chunk], IngestReport, int]:
+    """The work of an ingest of files, folders, globs or tarballs: its chunks (lazy), a report that knows
+    the files skipped, and the input's bytes (for progress)."""
     inputs = expand(sources)
     report = IngestReport(skipped_files=[str(p) for p in inputs.skipped])
-    work = chunks(inputs, int(opts.chunk_mb * 2**20), opts.chunk_packets)
-    return _ingest(work, archive, opts, client, report, inputs.total_bytes)
+    return chunks(inputs, int(opts.chunk_mb * 2**20), opts.chunk_packets), report, inputs.total_bytes
 
 
-def ingest_packets(
-    packets: list[Packet],
-    archive: str | Path | Archive,
-    options: IngestOptions | None = None,
-    client=None,
-) -> IngestReport:
-    """Ingest packets already in memory (e.g. Kafka messages; ``source``/``member`` say where each
-    came from, for quarantine). Chunked in the given order, so the same packets give the same parts."""
-    opts = options or IngestOptions()
+def packet_chunks(packets: list[Packet], opts: IngestOptions) -> Iterator[Chunk]:
+    """Packets already in memory (e.g. Kafka messages; ``source``/``member`` say where each came from,
+    for quarantine), chunked in the given order, so the same packets give the same parts."""
     max_bytes, max_packets = int(opts.chunk_mb * 2**20), opts.chunk_packets
-
-    def work() -> Iterator[Chunk]:
-        cur = Chunk(0)
-        for p in packets:
-            cur.packets.append(p)
-            cur.nbytes += len(p.data or b"")
-            if cur.nbytes >= max_bytes or len(cur.packets) >= max_packets:
-                yield cur
-                cur = Chunk(cur.index + 1)
-        if cur.packets:
+    cur = Chunk(0)
+    for p in packets:
+        cur.packets.append(p)
+        cur.nbytes += len(p.data or b"")
+        if cur.nbytes >= max_bytes or len(cur.packets) >= max_packets:
             yield cur
+            cur = Chunk(cur.index + 1)
+    if cur.packets:
+        yield cur
 
-    return _ingest(work(), archive, opts, client, IngestReport(), sum(len(p.data or b"") for p in packets))
+
+def in_process(work: Iterator[Chunk], args: tuple) -> Iterator[ChunkResult]:
+    """The :data:`Decoder` without a cluster: each chunk decoded here, in turn."""
+    for ch in work:
+        yield decode_chunk(ch, *args)
 
 
-def _ingest(work: Iterator[Chunk], archive: str | Path | Archive, opts: IngestOptions, client, report: IngestReport, total_bytes: int) -> IngestReport:
+def run_ingest(work: Iterator[Chunk], archive: str | Path | Archive, opts: IngestOptions, report: IngestReport, decode: Decoder = in_process,
+               on_result: Callable[[ChunkResult, int], None] | None = None) -> IngestReport:  # fmt: skip
+    """Decode ``work`` with ``decode``, then publish what is new; ``on_result(result, alerts so far)``
+    after each chunk (progress)."""
     t0 = time.perf_counter()
     arch = archive if isinstance(archive, Archive) else Archive(archive)
     arch.create()
     run_tmp = arch.tmp_dir / uuid.uuid4().hex
     args = (str(run_tmp), str(arch.quarantine_dir), opts.schema_dirs)
-    bar = _progress(opts.progress, total_bytes)
     results: dict[int, ChunkResult] = {}
+    read = 0
     try:
-        for res in _run(work, args, opts.workers, client):
+        for res in decode(work, args):
             results[res.index] = res
-            if bar is not None:
-                bar.update(res.nbytes)
-                bar.set_postfix(alerts=sum(r.read for r in results.values()), refresh=False)
-        if bar is not None:
-            bar.close()
+            read += res.read
+            if on_result is not None:
+                on_result(res, read)
         _finalize(arch, [results[i] for i in sorted(results)], report)
     finally:
         shutil.rmtree(run_tmp, ignore_errors=True)
@@ -173,44 +166,3 @@ def _publish(arch: Archive, results: list[ChunkResult], report: IngestReport) ->
     report.partitions = len(new)
     report.new_partitions = new
     report.duplicate_partitions = [by_path[p] for p in sorted(dup_paths)]
-
-
-def _run(work: Iterator[Chunk], args: tuple, workers: int | None, client) -> Iterable[ChunkResult]:
-    """Decode chunks in this process (workers=0) or on a Dask cluster, keeping a bounded queue."""
-    if client is None and workers == 0:
-        for ch in work:
-            yield decode_chunk(ch, *args)
-        return
-    from distributed import Client, as_completed
-
-    own = client is None
-    if own:
-        cluster = local_cluster(workers, dashboard_address=None)
-        client = Client(cluster)
-    try:
-        nworkers = max(1, len(client.scheduler_info()["workers"]))
-        pending = as_completed()
-        for ch in work:
-            # tarball members travel with the chunk: scatter them straight to a worker, not via the
-            # scheduler, and unhashed (tokenizing 32 MB of packets took 0.9 s of the driver per chunk)
-            arg = client.scatter(ch, direct=True, hash=False) if any(p.data is not None for p in ch.packets) else ch
-            pending.add(client.submit(decode_chunk, arg, *args, pure=False))
-            while pending.count() >= 2 * nworkers:
-                yield next(pending).result()
-        for fut in pending:
-            yield fut.result()
-    finally:
-        if own:
-            client.close()
-            cluster.close()
-
-
-
-def _progress(enabled: bool | None, total: int) -> Callable | None:
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, desc="ingest", file=sys.stderr)
