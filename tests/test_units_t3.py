@@ -65,7 +65,10 @@ def selection(archive_root) -> pa.Table:
 
 
 def context(tmp_path: Path, archive=None) -> T3Context:
-    return T3Context(out_dir=tmp_path, run_id="run-42", channel="TEST_CHANNEL", archive=archive)
+    """As the framework makes it (graph/tasks.run_t3): with the mapper that spreads work from a worker."""
+    from ampel_dask.graph.workers import cluster_map
+
+    return T3Context(out_dir=tmp_path, run_id="run-42", channel="TEST_CHANNEL", archive=archive, mapper=cluster_map)
 
 
 def same_values(a: list, b: list) -> bool:

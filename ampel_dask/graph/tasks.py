@@ -29,6 +29,7 @@ from ..tiers.base import T2StateUnit, T3Context, Verdict
 from ..tiers.columns import SUMMARY
 from ..tiers.states import HISTORY_SCHEMA, STATE_COLUMNS, alert_access, thinned_history
 from .plan import ChannelPlan
+from .workers import cluster_map
 
 log = logging.getLogger("ampel_dask")
 
@@ -403,7 +404,8 @@ def run_t3(spec: dict, plan: ChannelPlan, unit_index: int, key: str, run_id: str
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs: list[dict] = []
     if sel is not None and sel.num_rows:
-        ctx = T3Context(out_dir=out_dir, run_id=run_id, channel=plan.name, archive=Archive(archive_root) if archive_root else None)
+        ctx = T3Context(out_dir=out_dir, run_id=run_id, channel=plan.name, archive=Archive(archive_root) if archive_root else None,
+                        mapper=cluster_map)
         outputs = unit.react(sel, ctx) or []
         objects = pa.table({"stock": sel.column("stock"), "object_id": sel.column("object_id"), "state_id": sel.column("state_id"),
                             "unit": pa.array([unit.name()] * sel.num_rows), "channel": pa.array([plan.name] * sel.num_rows),

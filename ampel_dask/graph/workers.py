@@ -66,3 +66,26 @@ def local_cluster(workers: int | None = None, memory_limit: str | float | None =
     with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ(), **({} if profile else QUIET)}):
         return LocalCluster(n_workers=workers or cores(), threads_per_worker=1, processes=True,
                             memory_limit=memory_limit, dashboard_address=dashboard_address)  # fmt: skip
+
+
+def in_worker() -> bool:
+    """Is this code running in a Dask worker?"""
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return True
+    except (ImportError, ValueError):
+        return False
+
+
+def cluster_map(fn: Any, items: list) -> list:
+    """``[fn(x) for x in items]``, over the cluster when called inside a task (the calling task leaves
+    its worker slot while it waits: ``worker_client``), else in turn: the mapper the framework hands
+    to :class:`~ampel_dask.tiers.base.T3Context`."""
+    if not in_worker():
+        return [fn(x) for x in items]
+    from distributed import worker_client
+
+    with worker_client() as client:
+        return client.gather(client.map(fn, items, pure=False))

@@ -208,27 +208,16 @@ class T3Context:
     run_id: str
     channel: str
     archive: Any = None  # ampel_dask.io.archive.Archive, for light curves and cutouts
+    # how ``map`` spreads work: set by the framework when the unit runs on a cluster; None = in turn, here
+    mapper: Callable[[Callable[[Any], Any], list], list] | None = None
 
     def map(self, fn: Callable[[Any], Any], items: list) -> list:
-        """``[fn(x) for x in items]``, spread over the cluster when the unit runs in a Dask worker: for
+        """``[fn(x) for x in items]``, spread over the cluster when the framework gives a mapper: for
         per-object work (figures, uploads) that would otherwise leave the other workers idle at the
-        end of a run. The calling task leaves its worker slot while it waits (``worker_client``)."""
-        if len(items) < 2 or not _in_worker():
+        end of a run."""
+        if len(items) < 2 or self.mapper is None:
             return [fn(x) for x in items]
-        from distributed import worker_client
-
-        with worker_client() as client:
-            return client.gather(client.map(fn, items, pure=False))
-
-
-def _in_worker() -> bool:
-    try:
-        from distributed import get_worker
-
-        get_worker()
-        return True
-    except (ImportError, ValueError):
-        return False
+        return self.mapper(fn, items)
 
 
 class T3Unit(Unit):
