@@ -32,10 +32,12 @@ import pyarrow as pa
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ampel_dask.graph.compile import _units, work_units  # noqa: E402
-from ampel_dask.graph.plan import ChannelPlan, plan_workflow  # noqa: E402
-from ampel_dask.graph.tasks import (  # noqa: E402
-    _dep_results, _left_join, passing_alerts, read_partition, run_t0, stocks_of, with_histories)
+from ampel_dask.graph.batches import read_partition, with_histories  # noqa: E402
+from ampel_dask.graph.compile import work_units  # noqa: E402
+from ampel_dask.graph.plan import ChannelPlan, plan_workflow, t2_units  # noqa: E402
+from ampel_dask.graph.selection import left_join  # noqa: E402
+from ampel_dask.graph.shuffle import stocks_of  # noqa: E402
+from ampel_dask.graph.tasks import _dep_results, passing_alerts, run_t0  # noqa: E402
 from ampel_dask.keys import bucket_of  # noqa: E402
 from ampel_dask.graph.workflow import Workflow, load_workflow  # noqa: E402
 from ampel_dask.io.archive import Archive  # noqa: E402
@@ -109,7 +111,7 @@ def plain_loop(wf: Workflow, plans: list[ChannelPlan], archive_root: str | Path)
 
     results: dict[str, pa.Table] = {}
     computed = 0
-    for unit in _units(plans):
+    for unit in t2_units(plans):
         ukey = unit.identity.key
         pieces = [s for p in plans if any(u.identity.key == ukey for u in p.t2) for s in states[p.name]]
         if not pieces:
@@ -161,7 +163,7 @@ def _selection(states: pa.Table, plan: ChannelPlan, results: dict[str, pa.Table]
     sel = states.take(pa.array(order[np.r_[True, stock[order][1:] != stock[order][:-1]]]))
     for unit in plan.t2:
         res = results[unit.identity.key]
-        sel = _left_join(sel, res, prefix=f"{unit.name()}__")
+        sel = left_join(sel, res, prefix=f"{unit.name()}__")
     return sel
 
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..io.archive import Archive, Partition
-from ..io.stores import open_store
-from ..tiers.base import T2StateUnit
+from ..io.stores import ResultStore
+from ..keys import HIST, HIST_WRITTEN, PASS, PLAN, READ, ROWS, SELECTION, STOCKS, T0, T1, T1H, T2, T3, key_of, stage_of, task_key
 from ..tiers.states import HISTORY_RULE
-from . import tasks
-from ..keys import key_of
-from .plan import ChannelPlan
+from . import batches, shuffle, tasks
+from .plan import ChannelPlan, t2_units
 
 
 @dataclass
@@ -40,14 +39,6 @@ class CompiledRun:
     def tasks(self) -> int:
         """Graph tasks (the channel plans are data keys, not tasks)."""
         return sum(1 for v in self.graph.values() if isinstance(v, tuple))
-
-
-def _units(plans: list[ChannelPlan]) -> list[T2StateUnit]:
-    seen: dict[str, T2StateUnit] = {}
-    for p in plans:
-        for u in p.t2:
-            seen.setdefault(u.identity.key, u)
-    return list(seen.values())
 
 
 @dataclass(frozen=True)
@@ -88,156 +79,150 @@ def work_units(parts: list[Partition], min_rows: int = 10_000) -> list[WorkUnit]
     return out
 
 
-def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partition], store, run_id: str, history_buckets: int = 16, batch_rows: int = 10_000,
-                t3_states: dict[str, list[str]] | None = None) -> CompiledRun:
+def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partition], store: ResultStore, run_id: str, history_buckets: int = 16,
+                batch_rows: int = 10_000, t3_states: dict[str, list[str]] | None = None) -> CompiledRun:  # fmt: skip
     """``t3_states``: per channel, states of earlier runs that T3 reads besides this run's (live mode's
     selection so far), so that T3 after the last micro-batch sees what one archive run would see."""
-    run = CompiledRun(partitions=parts, t1_names={p.name: [] for p in plans}, count_names={p.name: [] for p in plans})
-    dsk = run.graph
-    spec = store.spec
-    root = str(archive.root)
-    packet = [p for p in plans if not p.history]
-    hist = [p for p in plans if p.history]
-    # each channel plan (units, models, catalogs) is one graph key, shipped once per worker and
-    # referenced by the tasks, instead of being pickled into every task
-    pk = {c.name: f"plan-{key_of(c.name, c.t1_key, [u.identity.key for u in [*c.t2, *c.t3]])}" for c in plans}
-    for c in plans:
-        dsk[pk[c.name]] = c
+    b = _Builder(plans, archive, parts, store, run_id, history_buckets, batch_rows)
+    b.packet_channels()
+    for c in b.hist:  # their T2 stages run after the packet stages, so a state both reach is computed once
+        b.history_channel(c)
+    b.t3(t3_states or {})
+    if not b.run.tasks:
+        b.run.graph.clear()  # only the plans: nothing to compute
+    return b.run
 
-    def ensure_read_t0(unit: WorkUnit, chans: list[ChannelPlan]) -> dict[str, str]:
-        h = unit.key
-        cols = None
-        if all(c.columns is not None for c in plans):
-            cols = sorted(set().union(*(c.columns for c in plans)))
-        dsk.setdefault(f"read-{h}", (tasks.read_partition, root, unit.paths, cols))
+
+class _Builder:
+    """The stages of one run's graph, each a method; keys are ``task_key(STAGE, content key)``."""
+
+    def __init__(self, plans: list[ChannelPlan], archive: Archive, parts: list[Partition], store: ResultStore, run_id: str, buckets: int, batch_rows: int):
+        self.run = CompiledRun(partitions=parts, t1_names={p.name: [] for p in plans}, count_names={p.name: [] for p in plans})
+        self.dsk = self.run.graph
+        self.plans, self.archive, self.parts, self.store, self.run_id = plans, archive, parts, store, run_id
+        self.spec, self.root, self.buckets = store.spec, str(archive.root), buckets
+        self.packet = [p for p in plans if not p.history]
+        self.hist = [p for p in plans if p.history]
+        self.units = work_units(parts, batch_rows)
+        self.batch_rows = batch_rows
+        self.t1_of_unit: dict[str, list[tuple[str, str]]] = {}  # work unit -> its packet channels' (T1, T0) tasks
+        # each channel plan (units, models, catalogs) is one graph key, shipped once per worker and
+        # referenced by the tasks, instead of being pickled into every task
+        self.pk = {c.name: task_key(PLAN, key_of(c.name, c.t1_key, [u.identity.key for u in [*c.t2, *c.t3]])) for c in plans}
+        for c in plans:
+            self.dsk[self.pk[c.name]] = c
+        self.columns = sorted(set().union(*(c.columns for c in plans))) if all(c.columns is not None for c in plans) else None
+
+    def read_t0(self, unit: WorkUnit, chans: list[ChannelPlan]) -> dict[str, str]:
+        """The unit's read task and each channel's T0 task (shared by channels with the same filters)."""
+        read = task_key(READ, unit.key)
+        self.dsk.setdefault(read, (batches.read_partition, self.root, unit.paths, self.columns))
         out = {}
         for c in chans:
-            k = f"t0-{key_of(c.t0_key, h)}"
-            dsk.setdefault(k, (tasks.run_t0, f"read-{h}", pk[c.name]))
+            k = task_key(T0, key_of(c.t0_key, unit.key))
+            self.dsk.setdefault(k, (tasks.run_t0, read, self.pk[c.name]))
             out[c.name] = k
         return out
 
-    # --- channels on the packet's own history: everything per partition ---
-    stage_units = _units(packet)
-    units = work_units(parts, batch_rows)
-    t1_of_unit: dict[str, list[tuple[str, str]]] = {}  # work unit -> its packet channels' (T1, T0) tasks
-    for part in units:
-        h = part.key
-        names = {c.name: key_of(c.t1_key, h) for c in packet}
-        for c in packet:
-            run.t1_names[c.name].append(names[c.name])
-            run.count_names[c.name].append(names[c.name])
-        if not packet:
-            continue
-        inputs = [[c.name, [u.identity.key for u in c.t2], names[c.name]] for c in packet]
-        stage = key_of("t2", sorted(names.values()), [u.identity.key for u in stage_units]) if stage_units else None
-        if stage:
-            run.t2_names.append(stage)
-        finished = all(store.task_info(n) for n in names.values()) and (stage is None or store.task_info(stage))
-        if finished:
-            run.skipped_partitions += len(part.parts)
-            continue
-        t0 = ensure_read_t0(part, packet)
-        rows = f"read-{h}"
-        if hist:  # T1 waits for the history channels' hist task: keep only the columns it needs meanwhile
-            rows = f"rows-{h}"
-            dsk[rows] = (tasks.state_rows, f"read-{h}")
-        for c in packet:
-            dsk[f"t1-{names[c.name]}"] = (tasks.run_t1, rows, t0[c.name], pk[c.name], spec, names[c.name], run_id)
-            t1_of_unit.setdefault(h, []).append((f"t1-{names[c.name]}", t0[c.name]))
-        if stage:
-            dsk[f"t2-{stage}"] = (_stage, spec, stage, run_id, len(inputs), *[pk[c.name] for c in packet], *[f"t1-{n}" for _, _, n in inputs])
-            run.sinks.append(f"t2-{stage}")
-        else:
-            run.sinks += [f"t1-{names[c.name]}" for c in packet]
-        for c in packet:
-            run.produced_by.setdefault(c.name, []).append(f"t2-{stage}" if stage else f"t1-{names[c.name]}")
+    def packet_channels(self) -> None:
+        """Channels on the packet's own history: read -> t0 -> t1 per channel -> one T2 stage, per work unit."""
+        dsk, run, packet = self.dsk, self.run, self.packet
+        stage_units = t2_units(packet)
+        for unit in self.units:
+            h = unit.key
+            names = {c.name: key_of(c.t1_key, h) for c in packet}
+            for c in packet:
+                run.t1_names[c.name].append(names[c.name])
+                run.count_names[c.name].append(names[c.name])
+            if not packet:
+                continue
+            inputs = [names[c.name] for c in packet]
+            stage = key_of("t2", sorted(names.values()), [u.identity.key for u in stage_units]) if stage_units else None
+            if stage:
+                run.t2_names.append(stage)
+            if all(self.store.task_info(n) for n in names.values()) and (stage is None or self.store.task_info(stage)):
+                run.skipped_partitions += len(unit.parts)
+                continue
+            t0 = self.read_t0(unit, packet)
+            rows = task_key(READ, h)
+            if self.hist:  # T1 waits for the history channels' hist task: keep only the columns it needs meanwhile
+                rows = task_key(ROWS, h)
+                dsk[rows] = (tasks.state_rows, task_key(READ, h))
+            for c in packet:
+                t1 = task_key(T1, names[c.name])
+                dsk[t1] = (tasks.run_t1, rows, t0[c.name], self.pk[c.name], self.spec, names[c.name], self.run_id)
+                self.t1_of_unit.setdefault(h, []).append((t1, t0[c.name]))
+            if stage:
+                t2 = task_key(T2, stage)
+                dsk[t2] = (tasks.t2_stage, self.spec, stage, self.run_id, len(inputs), *[self.pk[c.name] for c in packet], *[task_key(T1, n) for n in inputs])
+                run.sinks.append(t2)
+            else:
+                run.sinks += [task_key(T1, names[c.name]) for c in packet]
+            for c in packet:
+                run.produced_by.setdefault(c.name, []).append(task_key(T2, stage) if stage else task_key(T1, names[c.name]))
 
-    # --- channels joining each object's archived history: shuffle by object bucket ---
-    # their T2 stages run after the partition stages, so a state both reach is computed once
-    packet_stages = [k for k in dsk if k.startswith("t2-")]
-    for c in hist:
-        sel_id = key_of([p.content_hash for p in parts])
-        sources = archive.partitions(sorted({p.survey for p in parts}))
+    def history_channel(self, c: ChannelPlan) -> None:
+        """A channel joining each object's archived history: pass (per work unit) -> stocks -> hist (per
+        archive work unit) -> shuffle by object bucket -> t1h -> T2 stage, per bucket."""
+        dsk, run, spec, nb = self.dsk, self.run, self.spec, self.buckets
+        packet_stages = [k for k in dsk if stage_of(k) == T2]
+        sel_id = key_of([p.content_hash for p in self.parts])
+        sources = self.archive.partitions(sorted({p.survey for p in self.parts}))
         run.history_partitions = sources
         hist_id = key_of([p.content_hash for p in sources])
-        names = [key_of("t1h", HISTORY_RULE, c.t1_key, sel_id, hist_id, b, history_buckets) for b in range(history_buckets)]
+        names = [key_of("t1h", HISTORY_RULE, c.t1_key, sel_id, hist_id, b, nb) for b in range(nb)]
         stages = [key_of("t2h", n, [u.identity.key for u in c.t2]) if c.t2 else None for n in names]
-        counts = [key_of("t0c", c.t0_key, u.key) for u in units]
+        counts = [key_of("t0c", c.t0_key, u.key) for u in self.units]
         run.t1_names[c.name] += names
         run.count_names[c.name] += counts
         run.t2_names += [s for s in stages if s]
-        if all(store.task_info(k) for k in names + counts + [s for s in stages if s]):
-            continue
-        shuffle = str(store.shuffle_dir(run_id, key_of(c.t1_key, sel_id, hist_id)))
-        run.shuffle_dirs.append(shuffle)
+        if all(self.store.task_info(k) for k in names + counts + [s for s in stages if s]):
+            return
+        shuffle_dir = str(self.store.shuffle_dir(self.run_id, key_of(c.t1_key, sel_id, hist_id)))
+        run.shuffle_dirs.append(shuffle_dir)
         pass_keys = []
-        for unit, ck in zip(units, counts):
-            t0 = ensure_read_t0(unit, [c])[c.name]
-            dsk[f"pass-{ck}"] = (_pass, f"read-{unit.key}", t0, pk[c.name], spec, ck, shuffle, history_buckets)
-            pass_keys.append(f"pass-{ck}")
-        stocks_key = f"stocks-{key_of(c.t0_key, sel_id)}"
-        dsk[stocks_key] = (tasks.stocks_of, pass_keys)
+        for unit, ck in zip(self.units, counts):
+            t0 = self.read_t0(unit, [c])[c.name]
+            dsk[task_key(PASS, ck)] = (tasks.pass_to_shuffle, task_key(READ, unit.key), t0, self.pk[c.name], spec, ck, shuffle_dir, nb)
+            pass_keys.append(task_key(PASS, ck))
+        stocks_key = task_key(STOCKS, key_of(c.t0_key, sel_id))
+        dsk[stocks_key] = (shuffle.stocks_of, pass_keys)
         hist_keys = []
-        for q in work_units(sources, batch_rows):
-            hk = key_of(c.t0_key, sel_id, q.key, history_buckets)
-            read = next((k for k in (f"rows-{q.key}", f"read-{q.key}") if k in dsk), None)
+        for q in work_units(sources, self.batch_rows):
+            hk = key_of(c.t0_key, sel_id, q.key, nb)
+            read = next((k for k in (task_key(ROWS, q.key), task_key(READ, q.key)) if k in dsk), None)
             # a unit the run read: its histories are decoded once, here, for its packet channels' T1 too
-            t1s = t1_of_unit.pop(q.key, []) if read else []
-            dsk[f"hist-{hk}"] = (tasks.history_pieces, root, q.paths, stocks_key, shuffle, hk, history_buckets, read, [t0 for _, t0 in t1s])
+            t1s = self.t1_of_unit.pop(q.key, []) if read else []
+            dsk[task_key(HIST, hk)] = (shuffle.history_pieces, self.root, q.paths, stocks_key, shuffle_dir, hk, nb, read, [t0 for _, t0 in t1s])
             # the t1h tasks wait for every hist task; they get its row count, not the histories it carries to T1
-            dsk[f"hw-{hk}"] = (_written, f"hist-{hk}")
-            hist_keys.append(f"hw-{hk}")
+            dsk[task_key(HIST_WRITTEN, hk)] = (tasks.written, task_key(HIST, hk))
+            hist_keys.append(task_key(HIST_WRITTEN, hk))
             for k, _ in t1s:
-                dsk[k] = (*dsk[k], f"hist-{hk}")
+                dsk[k] = (*dsk[k], task_key(HIST, hk))
         for b, (n, s) in enumerate(zip(names, stages)):
-            dsk[f"t1h-{n}"] = (tasks.run_t1_history, shuffle, b, pk[c.name], spec, n, run_id, hist_keys)
+            dsk[task_key(T1H, n)] = (tasks.run_t1_history, shuffle_dir, b, self.pk[c.name], spec, n, self.run_id, hist_keys)
             if s:
-                dsk[f"t2-{s}"] = (_stage, spec, s, run_id, 1, pk[c.name], f"t1h-{n}", *packet_stages)
-                run.sinks.append(f"t2-{s}")
+                dsk[task_key(T2, s)] = (tasks.t2_stage, spec, s, self.run_id, 1, self.pk[c.name], task_key(T1H, n), *packet_stages)
+                run.sinks.append(task_key(T2, s))
             else:
-                run.sinks.append(f"t1h-{n}")
-            run.produced_by.setdefault(c.name, []).append(f"t2-{s}" if s else f"t1h-{n}")
+                run.sinks.append(task_key(T1H, n))
+            run.produced_by.setdefault(c.name, []).append(task_key(T2, s) if s else task_key(T1H, n))
 
-    # --- T3 per channel and unit, after the tasks that write the channel's states and T2 results (not
-    # every channel's: one channel's report can be drawn while another's history join still runs) ---
-    # (the channel's selection is one task, shared by its T3 units)
-    for c in plans:
-        t2_deps = run.produced_by.get(c.name, [])
-        t3_sel = sorted(set(run.t1_names[c.name]) | set((t3_states or {}).get(c.name, [])))
-        sel_key = f"sel-{key_of('sel', c.name, t3_sel, [u.identity.key for u in c.t2])}"
-        for i, unit in enumerate(c.t3):
-            name = key_of("t3", unit.identity.key, c.name, t3_sel, [u.identity.key for u in c.t2])
-            run.t3_names.append(name)
-            if store.task_info(name) and not any(k.startswith(("t1", "t2")) for k in dsk):
-                continue
-            dsk.setdefault(sel_key, (_selection, spec, pk[c.name], t3_sel, *t2_deps))
-            dsk[f"t3-{name}"] = (tasks.run_t3, spec, pk[c.name], i, name, run_id, sel_key, root)
-            run.sinks.append(f"t3-{name}")
-    if not run.tasks:
-        dsk.clear()  # only the plans: nothing to compute
-    return run
-
-
-def _stage(spec, key, run_id, n, *deps):
-    """deps: ``n`` channel plans, their ``n`` states tables, then tasks that only have to finish first."""
-    plans, states = deps[:n], deps[n : 2 * n]
-    inputs = [(p.name, [u.identity.key for u in p.t2], s) for p, s in zip(plans, states)]
-    return tasks.run_t2_stage(spec, key, run_id, inputs, _units(list(plans)))
-
-
-def _pass(table, t0, plan, spec, key, shuffle, nbuckets):
-    """Alerts of one partition that pass a history channel's T0, written by object bucket; counts go to
-    a marker; returns the passing alerts' (stock, mjd) (small)."""
-    passing = tasks.passing_alerts(table, t0)
-    tasks.write_buckets(passing, shuffle, "alerts", key, nbuckets)
-    open_store(spec).mark_task(key, {"kind": "t0", "channel": plan.name, **tasks.t0_counts(t0, table.num_rows)})
-    return passing.column("stock").to_numpy(), passing.column("mjd").to_numpy()
-
-
-def _written(pieces: dict) -> int:
-    return pieces["written"]
-
-
-def _selection(spec, plan, state_names, *_after):
-    return tasks.selection(open_store(spec), plan, state_names)
+    def t3(self, t3_states: dict[str, list[str]]) -> None:
+        """T3 per channel and unit, after the tasks that write the channel's states and T2 results (not
+        every channel's: one channel's report can be drawn while another's history join still runs); the
+        channel's selection is one task, shared by its T3 units."""
+        dsk, run = self.dsk, self.run
+        computing = any(stage_of(k) in (T1, T1H, T2) for k in dsk)
+        for c in self.plans:
+            t2_deps = run.produced_by.get(c.name, [])
+            t3_sel = sorted(set(run.t1_names[c.name]) | set(t3_states.get(c.name, [])))
+            sel_key = task_key(SELECTION, key_of("sel", c.name, t3_sel, [u.identity.key for u in c.t2]))
+            for i, unit in enumerate(c.t3):
+                name = key_of("t3", unit.identity.key, c.name, t3_sel, [u.identity.key for u in c.t2])
+                run.t3_names.append(name)
+                if self.store.task_info(name) and not computing:
+                    continue
+                dsk.setdefault(sel_key, (tasks.selection_task, self.spec, self.pk[c.name], t3_sel, *t2_deps))
+                dsk[task_key(T3, name)] = (tasks.run_t3, self.spec, self.pk[c.name], i, name, self.run_id, sel_key, self.root)
+                run.sinks.append(task_key(T3, name))

@@ -99,6 +99,15 @@ def plan_channel(spec: ChannelSpec, i: int, wf: Workflow | None = None) -> Chann
     return plan
 
 
+def t2_units(plans: list[ChannelPlan]) -> list[T2StateUnit]:
+    """The T2 units of these channels, each identity once, in order (dependencies first)."""
+    seen: dict[str, T2StateUnit] = {}
+    for p in plans:
+        for u in p.t2:
+            seen.setdefault(u.identity.key, u)
+    return list(seen.values())
+
+
 def plan_workflow(wf: Workflow) -> list[ChannelPlan]:
     return [plan_channel(c, i, wf) for i, c in enumerate(wf.channels)]
 

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 from .. import __version__
 from ..io.archive import Archive
 from ..io.stores import open_store
+from ..keys import T2, T3, stage_of, task_key
 from .compile import CompiledRun, compile_run
 from .plan import check_columns, plan_workflow, unit_versions
 from .progress import Progress, as_finished, on_terminal
@@ -179,7 +180,7 @@ def _summarise(run: CompiledRun, results: dict, store, plans, parts, run_id: str
     computed = reused = failed = 0
     by_unit: dict[str, dict] = {}
     for name in run.t2_names:
-        res = results.get(f"t2-{name}")
+        res = results.get(task_key(T2, name))
         if res is None:  # skipped: done in an earlier run, everything reused now
             info = store.task_info(name) or {}
             for u, c in info.get("units", {}).items():
@@ -194,8 +195,9 @@ def _summarise(run: CompiledRun, results: dict, store, plans, parts, run_id: str
             d = by_unit.setdefault(u, {"computed": 0, "reused": 0})
             d["computed"] += c["computed"]
             d["reused"] += c["reused"]
-    outputs = sum(len(r.get("outputs", [])) for k, r in results.items() if k.startswith("t3-"))
-    t3_paths = [o.get("path") for k, r in results.items() if k.startswith("t3-") for o in r.get("outputs", []) if o.get("path")]
+    t3 = [r for k, r in results.items() if stage_of(k) == T3]
+    outputs = sum(len(r.get("outputs", [])) for r in t3)
+    t3_paths = [o.get("path") for r in t3 for o in r.get("outputs", []) if o.get("path")]
     return {
         "run_id": run_id,
         "alerts": sum(p.rows for p in parts),

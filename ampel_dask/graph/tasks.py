@@ -3,7 +3,8 @@
 Every task that writes names its output by its own content-hash key, so a task run twice (a lost worker,
 a re-run) writes the same bytes to the same place. T2 work inside a stage is keyed by (unit, state id):
 states already in the store are not computed again, and a state reached by several channels is
-computed once.
+computed once. Reading batches, the history shuffle, provenance and the T3 selection have their own
+modules (batches, shuffle, provenance, selection).
 """
 
 from __future__ import annotations
@@ -11,62 +12,24 @@ from __future__ import annotations
 import logging
 import os
 import time
-from functools import lru_cache
-from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from ..io.archive import read_dps, read_part
-from ..io.files import atomic_target
-from ..io.arrays import contains, first_rows, order_by, take_rows
-from ..io.stores import PROVENANCE, open_store
+from ..io.arrays import contains, first_rows
 from ..io.layout import DATAPOINT
-from ..keys import bucket_of, t2_keys
+from ..io.stores import open_store
 from ..tiers.base import T2StateUnit, T3Context, Verdict
-from ..tiers.columns import SUMMARY
-from ..tiers.states import HISTORY_SCHEMA, STATE_COLUMNS, alert_access, thinned_history
-from .plan import ChannelPlan
+from ..tiers.states import HISTORY_SCHEMA, STATE_COLUMNS, alert_access
+from .batches import with_histories
+from .plan import ChannelPlan, t2_units
+from .provenance import journal_rows, with_provenance
+from .selection import selection
+from .shuffle import read_bucket, write_buckets
 from .workers import cluster_map
 
 log = logging.getLogger("ampel_dask")
-
-
-def read_partition(archive_root: str, rel_paths: str | list[str], columns: list[str] | None) -> pa.Table:
-    """The columns T0 needs (never the nested history unless a filter asks for it), of one part or of
-    a work unit of small parts (their rows concatenated in the given order)."""
-    paths = [f"{archive_root}/{p}" for p in ([rel_paths] if isinstance(rel_paths, str) else rel_paths)]
-    tables = []
-    for path in paths:
-        pf = pq.ParquetFile(path)  # opened once: a work unit may be a hundred small parts
-        cols = columns
-        if cols is not None:
-            names = set(pf.schema_arrow.names) | {"dps"}
-            if any(c in SUMMARY and c not in names for c in cols):
-                cols = [*cols, "dps"]  # an archive written before the summary columns existed
-            cols = [c for c in cols if c in names]
-        tables.append(read_part(path, cols, pf))
-    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
-    return table.replace_schema_metadata({b"ampel_dask.paths": "\n".join(paths).encode()})
-
-
-@lru_cache(maxsize=2)  # a 25k-alert part decodes to ~45 MB
-def _histories(path: str) -> pa.ChunkedArray:
-    """The nested history of a partition: read once per process however many channels need it."""
-    return read_dps(path)
-
-
-def with_histories(table: pa.Table) -> pa.Table:
-    """Add ``dps`` to a batch read without it (rows in file order, as read_partition returns them)."""
-    if "dps" in table.column_names:
-        return table
-    paths = (table.schema.metadata or {}).get(b"ampel_dask.paths")
-    if paths is None:
-        raise ValueError("batch has neither dps nor the paths of its partitions")
-    chunks = [c for p in paths.decode().split("\n") for c in _histories(p).chunks]
-    return table.append_column("dps", pa.chunked_array(chunks, type=pa.list_(DATAPOINT)) if chunks else pa.array([], pa.list_(DATAPOINT)))
 
 
 @dataclass
@@ -103,7 +66,7 @@ def run_t1(table: pa.Table, t0: T0Result, plan: ChannelPlan, spec: dict, key: st
         passing = table.slice(0, 0).append_column("dps", pa.array([], pa.list_(DATAPOINT))) if "dps" not in table.column_names else table.slice(0, 0)
     states = plan.t1.states(passing, plan.access)
     store.write_states(plan.name, key, states)
-    store.write_journal(run_id, key, _journal(states.column("stock"), run_id, 0, plan.name, "accepted", alert_id=states.column("alert_id")))
+    store.write_journal(run_id, key, journal_rows(states.column("stock"), run_id, 0, plan.name, "accepted", alert_id=states.column("alert_id")))
     n = table.num_rows
     counts = {"alerts": n, "passed": int(t0.verdict.accepted.sum()), "rejected": n - int(t0.verdict.accepted.sum()), "reasons": {k: v for k, v in t0.counts.items() if k != "accepted"}}
     store.mark_task(key, {"kind": "t1", "channel": plan.name, "states": states.num_rows, **counts})
@@ -143,104 +106,9 @@ def run_t1_history(shuffle_dir: str, bucket: int, plan: ChannelPlan, spec: dict,
         history = HISTORY_SCHEMA.empty_table()
     states = plan.t1.states(alerts, plan.access, history)
     store.write_states(plan.name, key, states)
-    store.write_journal(run_id, key, _journal(states.column("stock"), run_id, 1, plan.name, "state", alert_id=states.column("alert_id")))
+    store.write_journal(run_id, key, journal_rows(states.column("stock"), run_id, 1, plan.name, "state", alert_id=states.column("alert_id")))
     store.mark_task(key, {"kind": "t1h", "channel": plan.name, "states": states.num_rows})
     return states
-
-
-def write_buckets(table: pa.Table, shuffle_dir: str, kind: str, name: str, nbuckets: int) -> None:
-    """Rows grouped by the bucket of their stock into one Arrow IPC file ``<kind>/<name>.arrow`` whose
-    record batch *i* holds bucket *i* (empty or not): one file per task instead of one per bucket, and
-    each reader reads only its batch of every file. Rows already in bucket order are not moved."""
-    if not table.num_rows:
-        return
-    b = bucket_of(table.column("stock").to_numpy(), nbuckets)
-    if (b[1:] < b[:-1]).any():
-        order = np.argsort(b, kind="stable")
-        table, b = table.take(pa.array(order)), b[order]
-    table = table.combine_chunks()
-    bounds = np.searchsorted(b, np.arange(nbuckets + 1))
-    with atomic_target(Path(shuffle_dir) / kind / f"{name}.arrow") as tmp, pa.OSFile(str(tmp), "wb") as sink:
-        with pa.ipc.new_file(sink, table.schema) as writer:
-            for k in range(nbuckets):
-                writer.write_batch(_one_batch(table.slice(bounds[k], bounds[k + 1] - bounds[k])))
-
-
-def _one_batch(table: pa.Table) -> pa.RecordBatch:
-    batches = table.to_batches()
-    if len(batches) == 1:
-        return batches[0]
-    return pa.RecordBatch.from_arrays([c.combine_chunks() for c in table.columns], schema=table.schema)
-
-
-def read_bucket(shuffle_dir: str, kind: str, bucket: int) -> pa.Table | None:
-    tables = []
-    for f in sorted((Path(shuffle_dir) / kind).glob("*.arrow")):
-        with pa.OSFile(str(f)) as src:  # reads the footer and this bucket's batch only
-            batch = pa.ipc.open_file(src).get_batch(bucket)
-        if batch.num_rows:
-            tables.append(pa.Table.from_batches([batch]))
-    return pa.concat_tables(tables, promote_options="default") if tables else None
-
-
-def stocks_of(summaries: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """The objects that passed (sorted) and each one's latest passing alert time, from the (stock, mjd)
-    of every passing alert."""
-    stock = np.concatenate([s for s, _ in summaries] or [np.empty(0, np.int64)])
-    mjd = np.concatenate([m for _, m in summaries] or [np.empty(0)])
-    if not len(stock):
-        return stock, mjd
-    order = np.argsort(stock, kind="stable")
-    stock, mjd = stock[order], mjd[order]
-    starts = np.flatnonzero(np.r_[True, stock[1:] != stock[:-1]])
-    return stock[starts], np.maximum.reduceat(mjd, starts)
-
-
-def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.ndarray, np.ndarray], shuffle_dir: str, name: str, nbuckets: int,
-                   table: pa.Table | None = None, packet_t0: list[T0Result] | None = None) -> dict:
-    """The passing objects' packets in these archive parts, up to each object's latest passing alert
-    (later packets add nothing to its states), as flat datapoints thinned to one copy per object and
-    datapoint, written by object bucket (the shuffle).
-
-    ``table``: these parts' rows as read for T0, when the run read them; their histories are then
-    decoded here once for the packet channels' T1 as well: the rows any of ``packet_t0`` accepted are
-    returned with their histories (``rows``, ``dps``). Without it, parts without such alerts cost only
-    a read of three small columns."""
-    stocks, until = passing
-    out: dict = {"written": 0}
-
-    def wanted(head: pa.Table) -> np.ndarray:
-        if not len(stocks):
-            return np.zeros(head.num_rows, dtype=bool)
-        stock = head.column("stock").to_numpy()
-        at = np.minimum(np.searchsorted(stocks, stock), len(stocks) - 1)
-        return (stocks[at] == stock) & (head.column("mjd").to_numpy() <= until[at] + 1e-6)
-
-    pieces = []  # (alerts with their histories, which rows to keep)
-    if table is not None:
-        keep = wanted(table)
-        carry = np.zeros(table.num_rows, dtype=bool)
-        for t0 in packet_t0 or []:
-            carry |= t0.verdict.accepted
-        if keep.any() or carry.any():
-            full = with_histories(table.select(["alert_id", "stock", "mjd"]))
-            if keep.any():
-                pieces.append((full, keep))
-            if carry.any():
-                out.update(rows=np.flatnonzero(carry), dps=take_rows(full.column("dps"), np.flatnonzero(carry)))
-    elif len(stocks):
-        for rel in rel_paths:
-            path = f"{archive_root}/{rel}"
-            head = pq.ParquetFile(path).read(columns=["alert_id", "stock", "mjd"], use_threads=False)
-            keep = wanted(head)
-            if keep.any():
-                pieces.append((head.append_column("dps", read_dps(path)), keep))
-    if pieces:
-        alerts = pa.concat_tables([a for a, _ in pieces])
-        flat = thinned_history(alerts, np.concatenate([k for _, k in pieces]), group=lambda stock: bucket_of(stock, nbuckets))
-        write_buckets(flat, shuffle_dir, "history", name, nbuckets)
-        out["written"] = flat.num_rows
-    return out
 
 
 def run_t2_stage(spec: dict, key: str, run_id: str, inputs: list[tuple[str, list[str], pa.Table]], units: list[T2StateUnit]) -> dict:
@@ -270,10 +138,10 @@ def run_t2_stage(spec: dict, key: str, run_id: str, inputs: list[tuple[str, list
                 c.update(computed=0, failed=batch.num_rows, error=f"{type(exc).__name__}: {exc}")
                 out = None
             if out is not None:
-                table = _with_provenance(out, batch, unit, run_id)
+                table = with_provenance(out, batch, unit, run_id)
                 store.write_t2(unit.name(), ukey, key, table)
                 results[ukey] = table
-                journal.append(_journal(batch.column("stock"), run_id, 2, unit.name(), "computed", state_id=batch.column("state_id")))
+                journal.append(journal_rows(batch.column("stock"), run_id, 2, unit.name(), "computed", state_id=batch.column("state_id")))
         counts["units"][unit.name()] = c
         for k in ("computed", "reused", "failed"):
             counts[k] += c[k]
@@ -320,80 +188,6 @@ def _as_table(out: pa.Table | list[dict], n: int, unit: T2StateUnit) -> pa.Table
     return table
 
 
-def _with_provenance(out: pa.Table, states: pa.Table, unit: T2StateUnit, run_id: str) -> pa.Table:
-    n = states.num_rows
-    ukey = unit.identity.key
-    sid = states.column("state_id")
-    prov = {
-        "state_id": sid,
-        "stock": states.column("stock"),
-        "alert_id": states.column("alert_id"),
-        "unit": pa.array([unit.name()] * n),
-        "unit_version": pa.array([str(unit.version)] * n),
-        "config_hash": pa.array([unit.config_hash] * n),
-        "t2_key": t2_keys(ukey, sid.to_numpy()),
-        "run_id": pa.array([run_id] * n),
-        "code": out.column("code").cast(pa.int32()) if "code" in out.column_names else pa.array(np.zeros(n, dtype=np.int32)),
-    }
-    body = {c: out.column(c) for c in out.column_names if c not in prov}
-    return pa.table({**prov, **body})
-
-
-def _journal(stock: pa.ChunkedArray | pa.Array, run_id: str, tier: int, channel_or_unit: str, action: str, alert_id=None, state_id=None) -> pa.Table:
-    n = len(stock)
-    return pa.table(
-        {
-            "stock": stock,
-            "run_id": pa.array([run_id] * n),
-            "tier": pa.array(np.full(n, tier, dtype=np.int8)),
-            "channel": pa.array([channel_or_unit if tier != 2 else None] * n, pa.string()),
-            "unit": pa.array([channel_or_unit if tier == 2 else None] * n, pa.string()),
-            "action": pa.array([action] * n),
-            "alert_id": alert_id if alert_id is not None else pa.nulls(n, pa.int64()),
-            "state_id": state_id if state_id is not None else pa.nulls(n, pa.int64()),
-        }
-    )
-
-
-def selection(store, plan: ChannelPlan, state_keys: list[str]) -> pa.Table | None:
-    """The channel's population: each object's latest state, with the latest T2 results as columns."""
-    states = store.read_states(plan.name, state_keys)
-    if states is None or states.num_rows == 0:
-        return None
-    stock = states.column("stock").to_numpy()
-    mjd = states.column("mjd").to_numpy()
-    alert = states.column("alert_id").to_numpy()
-    order = order_by((stock, "ascending"), (mjd, "descending"), (alert, "descending"))
-    first = order[np.r_[True, stock[order][1:] != stock[order][:-1]]]  # one row per object, by stock: the
-    sel = states.take(pa.array(first))  # selection's order, so its light curves are gathered once
-    sid = sel.column("state_id").to_numpy()
-    for unit in plan.t2:
-        res = store.read_t2(unit.name(), unit.identity.key, sid)
-        if res is None:
-            continue
-        body = [c for c in res.column_names if c not in PROVENANCE or c == "code"]
-        sel = _left_join(sel, res.select(["state_id", *body]), prefix=f"{unit.name()}__")
-    return sel
-
-
-def _left_join(left: pa.Table, right: pa.Table, prefix: str) -> pa.Table:
-    """Add ``right``'s columns (one row per state_id) to ``left`` by state_id; nulls where missing.
-
-    Done with sorted ids and ``take`` because Arrow's hash join cannot carry list columns (dps).
-    """
-    rid = right.column("state_id").to_numpy()
-    order = np.argsort(rid)
-    lid = left.column("state_id").to_numpy()
-    pos = np.searchsorted(rid[order], lid)
-    pos = np.clip(pos, 0, max(len(rid) - 1, 0))
-    found = (len(rid) > 0) & (rid[order][pos] == lid) if len(rid) else np.zeros(len(lid), dtype=bool)
-    idx = pa.array(np.where(found, order[pos] if len(rid) else 0, 0), mask=~found)
-    for name in right.column_names:
-        if name != "state_id":
-            left = left.append_column(prefix + name, right.column(name).take(idx))
-    return left
-
-
 def run_t3(spec: dict, plan: ChannelPlan, unit_index: int, key: str, run_id: str, sel: pa.Table | None, archive_root: str | None) -> dict:
     """One T3 unit over its channel's selection (computed once per channel, see :func:`selection`)."""
     from ..io.archive import Archive
@@ -411,7 +205,35 @@ def run_t3(spec: dict, plan: ChannelPlan, unit_index: int, key: str, run_id: str
                             "unit": pa.array([unit.name()] * sel.num_rows), "channel": pa.array([plan.name] * sel.num_rows),
                             "run_id": pa.array([run_id] * sel.num_rows), "t3_key": pa.array([key] * sel.num_rows)})  # fmt: skip
         store.write_t3_objects(plan.name, key, objects)
-        store.write_journal(run_id, key, _journal(sel.column("stock"), run_id, 3, plan.name, f"t3:{unit.name()}"))
+        store.write_journal(run_id, key, journal_rows(sel.column("stock"), run_id, 3, plan.name, f"t3:{unit.name()}"))
     info = {"kind": "t3", "channel": plan.name, "unit": unit.name(), "objects": 0 if sel is None else sel.num_rows, "outputs": outputs}
     store.mark_task(key, info)
     return info
+
+
+# --- adapters: how the graph calls the task bodies (arguments as the compiler lays them out) ---
+
+
+def t2_stage(spec: dict, key: str, run_id: str, n: int, *deps: object) -> dict:
+    """deps: ``n`` channel plans, their ``n`` states tables, then tasks that only have to finish first."""
+    plans, states = deps[:n], deps[n : 2 * n]
+    inputs = [(p.name, [u.identity.key for u in p.t2], s) for p, s in zip(plans, states)]  # type: ignore[attr-defined]
+    return run_t2_stage(spec, key, run_id, inputs, t2_units(list(plans)))  # type: ignore[arg-type]
+
+
+def pass_to_shuffle(table: pa.Table, t0: T0Result, plan: ChannelPlan, spec: dict, key: str, shuffle_dir: str, nbuckets: int) -> tuple[np.ndarray, np.ndarray]:
+    """Alerts of one work unit that pass a history channel's T0, written by object bucket; counts go to
+    a marker; returns the passing alerts' (stock, mjd) (small)."""
+    passing = passing_alerts(table, t0)
+    write_buckets(passing, shuffle_dir, "alerts", key, nbuckets)
+    open_store(spec).mark_task(key, {"kind": "t0", "channel": plan.name, **t0_counts(t0, table.num_rows)})
+    return passing.column("stock").to_numpy(), passing.column("mjd").to_numpy()
+
+
+def written(pieces: dict) -> int:
+    """A hist task's row count (what the t1h tasks wait for, without the histories it carries)."""
+    return pieces["written"]
+
+
+def selection_task(spec: dict, plan: ChannelPlan, state_names: list[str], *_after: object) -> pa.Table | None:
+    return selection(open_store(spec), plan, state_names)

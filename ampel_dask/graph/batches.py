@@ -1,0 +1,47 @@
+"""A work unit's alert batch: the columns T0 needs, and its histories when a step asks for them."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..io.archive import read_dps, read_part
+from ..io.layout import DATAPOINT
+from ..tiers.columns import SUMMARY
+
+
+def read_partition(archive_root: str, rel_paths: str | list[str], columns: list[str] | None) -> pa.Table:
+    """The columns T0 needs (never the nested history unless a filter asks for it), of one part or of
+    a work unit of small parts (their rows concatenated in the given order)."""
+    paths = [f"{archive_root}/{p}" for p in ([rel_paths] if isinstance(rel_paths, str) else rel_paths)]
+    tables = []
+    for path in paths:
+        pf = pq.ParquetFile(path)  # opened once: a work unit may be a hundred small parts
+        cols = columns
+        if cols is not None:
+            names = set(pf.schema_arrow.names) | {"dps"}
+            if any(c in SUMMARY and c not in names for c in cols):
+                cols = [*cols, "dps"]  # an archive written before the summary columns existed
+            cols = [c for c in cols if c in names]
+        tables.append(read_part(path, cols, pf))
+    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
+    return table.replace_schema_metadata({b"ampel_dask.paths": "\n".join(paths).encode()})
+
+
+@lru_cache(maxsize=2)  # a 25k-alert part decodes to ~45 MB
+def _histories(path: str) -> pa.ChunkedArray:
+    """The nested history of a partition: read once per process however many channels need it."""
+    return read_dps(path)
+
+
+def with_histories(table: pa.Table) -> pa.Table:
+    """Add ``dps`` to a batch read without it (rows in file order, as read_partition returns them)."""
+    if "dps" in table.column_names:
+        return table
+    paths = (table.schema.metadata or {}).get(b"ampel_dask.paths")
+    if paths is None:
+        raise ValueError("batch has neither dps nor the paths of its partitions")
+    chunks = [c for p in paths.decode().split("\n") for c in _histories(p).chunks]
+    return table.append_column("dps", pa.chunked_array(chunks, type=pa.list_(DATAPOINT)) if chunks else pa.array([], pa.list_(DATAPOINT)))

@@ -1,0 +1,49 @@
+"""A channel's T3 selection: each object's latest state, joined with its latest T2 results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from ..io.arrays import order_by
+from ..io.stores import PROVENANCE, ResultStore
+from .plan import ChannelPlan
+
+
+def selection(store: ResultStore, plan: ChannelPlan, state_keys: list[str]) -> pa.Table | None:
+    """The channel's population: each object's latest state, with the latest T2 results as columns."""
+    states = store.read_states(plan.name, state_keys)
+    if states is None or states.num_rows == 0:
+        return None
+    stock = states.column("stock").to_numpy()
+    mjd = states.column("mjd").to_numpy()
+    alert = states.column("alert_id").to_numpy()
+    order = order_by((stock, "ascending"), (mjd, "descending"), (alert, "descending"))
+    first = order[np.r_[True, stock[order][1:] != stock[order][:-1]]]  # one row per object, by stock: the
+    sel = states.take(pa.array(first))  # selection's order, so its light curves are gathered once
+    sid = sel.column("state_id").to_numpy()
+    for unit in plan.t2:
+        res = store.read_t2(unit.name(), unit.identity.key, sid)
+        if res is None:
+            continue
+        body = [c for c in res.column_names if c not in PROVENANCE or c == "code"]
+        sel = left_join(sel, res.select(["state_id", *body]), prefix=f"{unit.name()}__")
+    return sel
+
+
+def left_join(left: pa.Table, right: pa.Table, prefix: str) -> pa.Table:
+    """Add ``right``'s columns (one row per state_id) to ``left`` by state_id; nulls where missing.
+
+    Done with sorted ids and ``take`` because Arrow's hash join cannot carry list columns (dps).
+    """
+    rid = right.column("state_id").to_numpy()
+    order = np.argsort(rid)
+    lid = left.column("state_id").to_numpy()
+    pos = np.searchsorted(rid[order], lid)
+    pos = np.clip(pos, 0, max(len(rid) - 1, 0))
+    found = (len(rid) > 0) & (rid[order][pos] == lid) if len(rid) else np.zeros(len(lid), dtype=bool)
+    idx = pa.array(np.where(found, order[pos] if len(rid) else 0, 0), mask=~found)
+    for name in right.column_names:
+        if name != "state_id":
+            left = left.append_column(prefix + name, right.column(name).take(idx))
+    return left

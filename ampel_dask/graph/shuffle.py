@@ -1,0 +1,119 @@
+"""The disk shuffle of history channels: passing alerts and their objects' datapoints, by object bucket.
+
+Each ``pass``/``hist`` task writes one Arrow IPC file whose record batch *i* holds bucket *i*; each
+``t1h`` task reads only its bucket's batch of every file. No table travels through the scheduler.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..io.archive import read_dps
+from ..io.arrays import take_rows
+from ..io.files import atomic_target
+from ..keys import bucket_of
+from ..tiers.states import thinned_history
+from .batches import with_histories
+
+if TYPE_CHECKING:
+    from .tasks import T0Result
+
+
+def write_buckets(table: pa.Table, shuffle_dir: str, kind: str, name: str, nbuckets: int) -> None:
+    """Rows grouped by the bucket of their stock into one Arrow IPC file ``<kind>/<name>.arrow`` whose
+    record batch *i* holds bucket *i* (empty or not): one file per task instead of one per bucket, and
+    each reader reads only its batch of every file. Rows already in bucket order are not moved."""
+    if not table.num_rows:
+        return
+    b = bucket_of(table.column("stock").to_numpy(), nbuckets)
+    if (b[1:] < b[:-1]).any():
+        order = np.argsort(b, kind="stable")
+        table, b = table.take(pa.array(order)), b[order]
+    table = table.combine_chunks()
+    bounds = np.searchsorted(b, np.arange(nbuckets + 1))
+    with atomic_target(Path(shuffle_dir) / kind / f"{name}.arrow") as tmp, pa.OSFile(str(tmp), "wb") as sink:
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            for k in range(nbuckets):
+                writer.write_batch(_one_batch(table.slice(bounds[k], bounds[k + 1] - bounds[k])))
+
+
+def _one_batch(table: pa.Table) -> pa.RecordBatch:
+    batches = table.to_batches()
+    if len(batches) == 1:
+        return batches[0]
+    return pa.RecordBatch.from_arrays([c.combine_chunks() for c in table.columns], schema=table.schema)
+
+
+def read_bucket(shuffle_dir: str, kind: str, bucket: int) -> pa.Table | None:
+    tables = []
+    for f in sorted((Path(shuffle_dir) / kind).glob("*.arrow")):
+        with pa.OSFile(str(f)) as src:  # reads the footer and this bucket's batch only
+            batch = pa.ipc.open_file(src).get_batch(bucket)
+        if batch.num_rows:
+            tables.append(pa.Table.from_batches([batch]))
+    return pa.concat_tables(tables, promote_options="default") if tables else None
+
+
+def stocks_of(summaries: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The objects that passed (sorted) and each one's latest passing alert time, from the (stock, mjd)
+    of every passing alert."""
+    stock = np.concatenate([s for s, _ in summaries] or [np.empty(0, np.int64)])
+    mjd = np.concatenate([m for _, m in summaries] or [np.empty(0)])
+    if not len(stock):
+        return stock, mjd
+    order = np.argsort(stock, kind="stable")
+    stock, mjd = stock[order], mjd[order]
+    starts = np.flatnonzero(np.r_[True, stock[1:] != stock[:-1]])
+    return stock[starts], np.maximum.reduceat(mjd, starts)
+
+
+def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.ndarray, np.ndarray], shuffle_dir: str, name: str, nbuckets: int,
+                   table: pa.Table | None = None, packet_t0: list[T0Result] | None = None) -> dict:
+    """The passing objects' packets in these archive parts, up to each object's latest passing alert
+    (later packets add nothing to its states), as flat datapoints thinned to one copy per object and
+    datapoint, written by object bucket (the shuffle).
+
+    ``table``: these parts' rows as read for T0, when the run read them; their histories are then
+    decoded here once for the packet channels' T1 as well: the rows any of ``packet_t0`` accepted are
+    returned with their histories (``rows``, ``dps``). Without it, parts without such alerts cost only
+    a read of three small columns."""
+    stocks, until = passing
+    out: dict = {"written": 0}
+
+    def wanted(head: pa.Table) -> np.ndarray:
+        if not len(stocks):
+            return np.zeros(head.num_rows, dtype=bool)
+        stock = head.column("stock").to_numpy()
+        at = np.minimum(np.searchsorted(stocks, stock), len(stocks) - 1)
+        return (stocks[at] == stock) & (head.column("mjd").to_numpy() <= until[at] + 1e-6)
+
+    pieces = []  # (alerts with their histories, which rows to keep)
+    if table is not None:
+        keep = wanted(table)
+        carry = np.zeros(table.num_rows, dtype=bool)
+        for t0 in packet_t0 or []:
+            carry |= t0.verdict.accepted
+        if keep.any() or carry.any():
+            full = with_histories(table.select(["alert_id", "stock", "mjd"]))
+            if keep.any():
+                pieces.append((full, keep))
+            if carry.any():
+                out.update(rows=np.flatnonzero(carry), dps=take_rows(full.column("dps"), np.flatnonzero(carry)))
+    elif len(stocks):
+        for rel in rel_paths:
+            path = f"{archive_root}/{rel}"
+            head = pq.ParquetFile(path).read(columns=["alert_id", "stock", "mjd"], use_threads=False)
+            keep = wanted(head)
+            if keep.any():
+                pieces.append((head.append_column("dps", read_dps(path)), keep))
+    if pieces:
+        alerts = pa.concat_tables([a for a, _ in pieces])
+        flat = thinned_history(alerts, np.concatenate([k for _, k in pieces]), group=lambda stock: bucket_of(stock, nbuckets))
+        write_buckets(flat, shuffle_dir, "history", name, nbuckets)
+        out["written"] = flat.num_rows
+    return out
