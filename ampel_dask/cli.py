@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -105,9 +107,7 @@ def _emit_json_list(obj: list) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print counts by reason as JSON on the last stdout line")
 def filter_cmd(archive, unit_name, config_path, surveys, nights, out_csv, as_json) -> None:
     """Try a T0 filter over an archive; stores nothing in the archive."""
-    import csv
-
-    from .io.archive import Archive
+    from .graph.try_filter import FilterFailure, try_filter
     from .tiers.base import T0Filter, UnitConfigError
     from .tiers.registry import UnknownUnit, load
 
@@ -121,49 +121,19 @@ def filter_cmd(archive, unit_name, config_path, surveys, nights, out_csv, as_jso
         unit = cls(_load_mapping(config_path) if config_path else {})
     except UnitConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    arch = Archive(archive)
-    if not arch.exists():
-        raise click.UsageError(f"{archive} is not an ampel-dask archive (no _index.parquet)")
-    parts = arch.partitions(list(surveys) or None, list(nights) or None)
-    counts: dict[str, int] = {}
-    total = accepted = 0
-    writer = fh = None
-    if out_csv:
-        fh = open(out_csv, "w", newline="")
-        writer = csv.writer(fh)
-        writer.writerow(["alert_id", "stock", "accepted", "reason"])
     try:
-        for part in parts:
-            cols = None if unit.columns is None else sorted({"alert_id", "stock", *unit.columns})
-            table = arch.read(part, columns=[c for c in cols if c in _part_columns(arch, part)] if cols else None)
-            try:
-                verdict = unit.verdict(table)
-            except Exception as exc:  # e.g. an expression naming a column this survey's alerts lack
-                raise _failure(f"{unit_name} on {part.path}", exc) from None
-            total += table.num_rows
-            accepted += int(verdict.accepted.sum())
-            for reason, n in verdict.counts().items():
-                counts[reason] = counts.get(reason, 0) + n
-            if writer:
-                ids = table.column("alert_id").to_pylist()
-                stocks = table.column("stock").to_pylist()
-                for a, s, ok, r in zip(ids, stocks, verdict.accepted.tolist(), verdict.reason_of()):
-                    writer.writerow([a, s, int(ok), r or ""])
-    finally:
-        if fh:
-            fh.close()
+        result = try_filter(archive, unit, list(surveys) or None, list(nights) or None, out_csv)
+    except FilterFailure as exc:  # e.g. an expression naming a column this survey's alerts lack
+        raise _failure(f"{unit_name} on {exc.part}", exc.error) from None
+    except FileNotFoundError as exc:
+        raise click.UsageError(str(exc)) from None
+    counts, total, accepted = result.counts, result.alerts, result.accepted
     reasons = {k: v for k, v in counts.items() if k != "accepted"}
     click.echo(f"{unit_name}: {accepted} of {total} alerts accepted", err=as_json)
     for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
         click.echo(f"  {reason}: {n}", err=as_json)
     if as_json:
         _emit_json({"alerts": total, "accepted": accepted, "rejected": total - accepted, "reasons": reasons})
-
-
-def _part_columns(arch, part) -> set[str]:
-    import pyarrow.parquet as pq
-
-    return set(pq.read_schema(arch.root / part.path).names) | {"dps"}  # dps: in the part's history file
 
 
 RUN_KEYS = ("run_id", "alerts", "channels", "t2", "t3", "tasks", "seconds")
@@ -333,34 +303,69 @@ def _live_logging(redactor) -> None:
     logger.propagate = False
 
 
+def _from(model: type, name: str, *decls: str, **kw: Any) -> Callable:
+    """A click option for a field of an options model: its default and help come from the model (the
+    one place they are declared); ``decls`` and ``kw`` add what only the command line has (flag names,
+    click types for ranges and paths)."""
+    info = model.model_fields[name]
+    default = None if info.is_required() or info.default_factory is not None else info.default
+    if default is not None and not isinstance(default, bool):
+        kw.setdefault("show_default", True)
+    if not info.is_required() and "is_flag" not in kw and not kw.get("multiple"):
+        kw.setdefault("default", default)
+    choices = _literal_choices(info.annotation)
+    if choices and "type" not in kw:
+        kw["type"] = click.Choice(choices)
+    return click.option(*(decls or (f"--{name.replace('_', '-')}",)), name, help=info.description, **kw)
+
+
+def _literal_choices(annotation: Any) -> list[str] | None:
+    import typing
+
+    for arg in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(arg) is typing.Literal:
+            return list(typing.get_args(arg))
+    return None
+
+
+def _live_options(fn: Callable) -> Callable:
+    """The ``live`` command's options, declared once in :class:`~ampel_dask.graph.live.LiveOptions`."""
+    from .graph.live_options import LiveOptions as M
+
+    decorators = [
+        _from(M, "bootstrap", required=True, envvar="AMPEL_DASK_KAFKA_BOOTSTRAP"),
+        _from(M, "topics", "--topic", multiple=True, required=True),
+        _from(M, "group"),
+        _from(M, "interval", type=click.FloatRange(min=0, min_open=True)),
+        _from(M, "max_batch", type=click.IntRange(min=1)),
+        _from(M, "batches", type=click.IntRange(min=1)),
+        _from(M, "until_idle", is_flag=True),
+        _from(M, "archive", type=click.Path(file_okay=False)),
+        _from(M, "store", type=click.Path(file_okay=False)),
+        _from(M, "workers", type=click.IntRange(min=0)),
+        _from(M, "cluster"),
+        _from(M, "jobs", type=click.IntRange(min=1)),
+        _from(M, "schema_dirs", "--schema-dir", multiple=True, type=click.Path(exists=True, file_okay=False)),
+        _from(M, "schema_registry"),
+        _from(M, "secrets_file", "--secrets", type=click.Path(exists=True, dir_okay=False)),
+        _from(M, "properties", "-X", "--property", multiple=True),
+        _from(M, "offset_reset"),
+        _from(M, "t3_scope"),
+        _from(M, "metrics_file", type=click.Path(dir_okay=False)),
+        _from(M, "metrics_port", type=click.IntRange(min=0)),
+        _from(M, "metrics_host"),
+        _from(M, "join_timeout", type=click.FloatRange(min=0)),
+    ]
+    for d in reversed(decorators):
+        fn = d(fn)
+    return fn
+
+
 @main.command()
 @click.argument("workflow", type=click.Path(exists=True, dir_okay=False))
-@click.option("--bootstrap", required=True, envvar="AMPEL_DASK_KAFKA_BOOTSTRAP", help="Kafka bootstrap servers host:port[,...] (or AMPEL_DASK_KAFKA_BOOTSTRAP)")
-@click.option("--topic", "topics", multiple=True, required=True, help="topic to consume (repeatable)")
-@click.option("--group", default=None, help="consumer group (default ampel-dask-<workflow name>)")
-@click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, help="seconds per micro-batch")
-@click.option("--max-batch", type=click.IntRange(min=1), default=10_000, show_default=True, help="close a batch as soon as this many messages wait")
-@click.option("--batches", type=click.IntRange(min=1), default=None, help="stop after N batches (empty ones count)")
-@click.option("--until-idle", is_flag=True, help="stop after the first empty batch (drain the topic)")
-@click.option("--archive", type=click.Path(file_okay=False), help="archive folder (overrides archive.path)")
-@click.option("--store", type=click.Path(file_okay=False), help="result store folder (overrides store.path)")
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="local worker processes (default: all cores; 0 = threads in this process)")
-@click.option("--cluster", type=click.Choice(["local", "slurm", "address"]), default=None, help="override cluster.kind")
-@click.option("--jobs", type=click.IntRange(min=1), default=None, help="SLURM worker jobs (with --cluster slurm)")
-@click.option("--schema-dir", "schema_dirs", multiple=True, type=click.Path(exists=True, file_okay=False), help="extra Rubin schema folder (wire format)")
-@click.option("--schema-registry", default=None, help="Confluent schema registry URL for wire-format schemas")
-@click.option("--secrets", "secrets_file", type=click.Path(exists=True, dir_okay=False), help="YAML/JSON/.env with SASL/TLS settings (else AMPEL_DASK_KAFKA_* variables)")
-@click.option("-X", "--property", "props", multiple=True, help="extra librdkafka setting KEY=VALUE (no secrets), e.g. session.timeout.ms=10000")
-@click.option("--offset-reset", type=click.Choice(["earliest", "latest"]), default="earliest", show_default=True, help="where a new group starts")
-@click.option("--t3-scope", type=click.Choice(["stream", "batch"]), default="stream", show_default=True, help="T3 over everything the stream processed so far, or over the batch only")
-@click.option("--metrics-file", type=click.Path(dir_okay=False), default=None, help="Prometheus text file, rewritten after every batch")
-@click.option("--metrics-port", type=click.IntRange(min=0), default=None, help="serve Prometheus metrics on this port (/metrics)")
-@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="address for --metrics-port")
-@click.option("--join-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True, help="seconds to wait for the group's first partitions")
+@_live_options
 @click.option("--json", "as_json", is_flag=True, help="print the totals as JSON on the last stdout line")
-def live(workflow, bootstrap, topics, group, interval, max_batch, batches, until_idle, archive, store, workers, cluster, jobs,
-         schema_dirs, schema_registry, secrets_file, props, offset_reset, t3_scope, metrics_file, metrics_port, metrics_host,
-         join_timeout, as_json) -> None:  # fmt: skip
+def live(workflow, as_json, **options) -> None:
     """Consume alerts from Kafka in micro-batches: archive, run WORKFLOW, then commit (exactly-once results).
 
     SIGTERM (or Ctrl-C) finishes the current batch and stops; a second one abandons it uncommitted.
@@ -373,18 +378,14 @@ def live(workflow, bootstrap, topics, group, interval, max_batch, batches, until
     from .io.schema_registry import RegistryError
 
     try:
-        redactor = Redactor(KafkaCredentials.load(secrets_file).secrets())
+        redactor = Redactor(KafkaCredentials.load(options["secrets_file"]).secrets())
     except CredentialsError as exc:
         raise click.UsageError(str(exc)) from None
-    properties = _properties(props)
+    options["properties"] = _properties(options["properties"])
     _live_logging(redactor)
     try:
         wf = load_workflow(workflow)
-        opts = LiveOptions(bootstrap=bootstrap, topics=list(topics), group=group, interval=interval, max_batch=max_batch, batches=batches,
-                           until_idle=until_idle, archive=archive, store=store, workers=workers, cluster=cluster, jobs=jobs,
-                           schema_dirs=list(schema_dirs), schema_registry=schema_registry, secrets_file=secrets_file,
-                           properties=properties, offset_reset=offset_reset, t3_scope=t3_scope, metrics_file=metrics_file,
-                           metrics_port=metrics_port, metrics_host=metrics_host, join_timeout=join_timeout)  # fmt: skip
+        opts = LiveOptions(**{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()})
         with StopFlag().installed() as stop:
             totals = run_live(wf, opts, stop)
     except (WorkflowError, CredentialsError) as exc:

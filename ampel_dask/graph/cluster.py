@@ -63,8 +63,11 @@ def _quiet(client: Any) -> None:
 
 
 @contextmanager
-def make_cluster(spec: ClusterSpec, kind: str, workers: int | None = None, jobs: int | None = None) -> Iterator[Any]:
+def make_cluster(spec: ClusterSpec) -> Iterator[Any]:
+    """A client of the cluster ``spec`` describes (overrides applied: :meth:`ClusterSpec.overridden`)."""
     from distributed import Client
+
+    kind, workers = spec.kind, spec.workers
 
     if kind == "address":
         if not spec.address:
@@ -75,10 +78,10 @@ def make_cluster(spec: ClusterSpec, kind: str, workers: int | None = None, jobs:
     if kind == "slurm":
         cluster = slurm_cluster(spec)
         try:
-            if spec.adaptive and not jobs:
+            if spec.adaptive:
                 cluster.adapt(**spec.adaptive)
             else:  # submitted now (adapt's first look comes a second later), then kept by adapt(): a job that
-                n = jobs or spec.jobs or 1  # ends (walltime, scancel, node failure) is replaced, where
+                n = spec.jobs or 1  # ends (walltime, scancel, node failure) is replaced, where
                 cluster.scale(jobs=n)  # scale() alone would leave the run short of workers for good
                 cluster.adapt(minimum_jobs=n, maximum_jobs=n, interval=KEEP_INTERVAL)
             with Client(cluster) as client:

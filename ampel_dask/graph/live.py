@@ -20,14 +20,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any, Callable
 
 from .ingest import IngestOptions, ingest_packets
 from ..io.kafka import Batch, LiveConsumer, consumer_config, wire_schema_ids
 from ..io.kafka_auth import KafkaCredentials, Redactor
 from ..io.schema_registry import SchemaRegistry
+from .live_options import LiveOptions
 from .live_control import CRASH_ENV, CRASH_POINTS, Abandon, StopFlag, crash, crash_during_run
 from .live_metrics import LiveMetrics
 from .live_record import StreamRecord
@@ -37,36 +36,6 @@ from .runner import RunOptions, new_run_id, run_workflow
 from .workflow import Workflow, WorkflowError
 
 log = logging.getLogger("ampel_dask.live")
-
-
-class LiveOptions(BaseModel):
-    """How a live stream is consumed; credentials are not here (environment or secrets file only)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    bootstrap: str = Field(..., description="Kafka bootstrap servers host:port[,host:port]")
-    topics: list[str] = Field(..., min_length=1)
-    group: str | None = Field(None, description="consumer group (default ampel-dask-<workflow name>)")
-    interval: float = Field(60.0, gt=0, description="seconds per micro-batch")
-    max_batch: int = Field(10_000, ge=1, description="close the batch as soon as this many messages wait")
-    batches: int | None = Field(None, ge=1, description="stop after this many batches (empty ones count)")
-    until_idle: bool = Field(False, description="stop after the first empty batch (drain a topic, cron-style)")
-    archive: str | None = None
-    store: str | None = None
-    workers: int | None = Field(None, ge=0)
-    cluster: Literal["local", "slurm", "address"] | None = None
-    jobs: int | None = Field(None, ge=1)
-    schema_dirs: list[str] = Field(default_factory=list)
-    schema_registry: str | None = Field(None, description="Confluent schema registry URL for wire-format schemas")
-    secrets_file: str | None = Field(None, description="YAML/JSON/.env with SASL/TLS settings")
-    properties: dict[str, str] = Field(default_factory=dict, description="extra librdkafka settings (no secrets)")
-    offset_reset: Literal["earliest", "latest"] = "earliest"
-    t3_scope: Literal["stream", "batch"] = "stream"
-    metrics_file: str | None = None
-    metrics_port: int | None = Field(None, ge=0)
-    metrics_host: str = "127.0.0.1"
-    join_timeout: float = Field(60.0, ge=0, description="how long to wait for the group's first assignment")
-    chunk_packets: int = Field(2000, ge=1, description="messages per decode task")
 
 
 @dataclass
@@ -125,9 +94,8 @@ def run_live(
              wf.name, ",".join(opts.topics), group, creds.describe(), redactor(opts.bootstrap), opts.interval, opts.max_batch,
              archive, store.root, f"; metrics on http://{opts.metrics_host}:{metrics.port}/metrics" if metrics.port is not None else "")  # fmt: skip
     stopped = "signal"
-    workers = opts.workers if opts.workers is not None else wf.cluster.workers
     try:
-        with make_cluster(wf.cluster, opts.cluster or wf.cluster.kind, workers, opts.jobs) as client:
+        with make_cluster(wf.cluster.overridden(opts.cluster, opts.workers, opts.jobs)) as client:
             ctx.client = client
             stopped = _loop(ctx, consumer, stop)
     except Abandon:

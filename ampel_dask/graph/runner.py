@@ -8,10 +8,11 @@ import shutil
 import secrets
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 from .. import __version__
 from ..io.archive import Archive
@@ -24,21 +25,26 @@ from .watchdog import StalledRun, Watchdog
 from .workers import WORKER_MALLOC
 from .workflow import Workflow, WorkflowError
 
+if TYPE_CHECKING:
+    from distributed import Client
+
 
 @dataclass
 class RunOptions:
+    """How one run goes, besides what the workflow says (command-line overrides and the callers' needs)."""
+
     archive: str | None = None
     store: str | None = None
     workers: int | None = None
     progress: bool | None = None
-    cluster: str | None = None  # override of workflow.cluster.kind
+    cluster: Literal["local", "slurm", "address"] | None = None  # override of workflow.cluster.kind
     jobs: int | None = None
-    client: Any = None  # an existing distributed.Client (tests, notebooks, live mode)
+    client: Client | None = None  # an existing client (tests, notebooks, live mode)
     run_id: str | None = None  # chosen in advance (``submit`` ties a SLURM job to its run)
     partitions: list[str] | None = None  # only these archive parts (paths), e.g. a live micro-batch's
     t3_states: dict[str, list[str]] | None = None  # channel -> earlier runs' state names T3 reads too (live)
     manifest_extra: dict | None = None  # more provenance for the manifest (live: topic, offsets, batch)
-    echo: Any = field(default=None)  # callable for human-readable lines (stderr on the CLI)
+    echo: Callable[[str], None] | None = None  # where human-readable lines go (stderr on the CLI)
 
 
 def new_run_id() -> str:
@@ -141,9 +147,7 @@ def _client(wf: Workflow, opts: RunOptions) -> Iterator[Any]:
         return
     from .cluster import make_cluster
 
-    kind = opts.cluster or wf.cluster.kind
-    workers = opts.workers if opts.workers is not None else wf.cluster.workers
-    with make_cluster(wf.cluster, kind, workers, opts.jobs) as client:
+    with make_cluster(wf.cluster.overridden(opts.cluster, opts.workers, opts.jobs)) as client:
         yield client
 
 

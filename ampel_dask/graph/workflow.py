@@ -79,6 +79,18 @@ class ClusterSpec(Model):
     config_file: str | None = Field(None, description="slurm: a jobqueue.yaml (e.g. slurm/jobqueue.yaml)")
     address: str | None = Field(None, description="address: tcp://host:port of a running scheduler")
     profile: bool = Field(False, description="keep Dask's worker profiler (dashboard Profile tab); off, workers run ~10% faster")
+
+    def overridden(self, kind: str | None = None, workers: int | None = None, jobs: int | None = None) -> ClusterSpec:
+        """This section with the command line's overrides (``--cluster``, ``--workers``, ``--jobs``; a
+        fixed number of jobs replaces ``adaptive``): the one place they are resolved."""
+        update: dict[str, Any] = {}
+        if kind is not None:
+            update["kind"] = kind
+        if workers is not None:
+            update["workers"] = workers
+        if jobs is not None:
+            update.update(jobs=jobs, adaptive=None)
+        return self.model_copy(update=update) if update else self
     stall_timeout: float | None = Field(
         600, gt=0, description="seconds without a worker able to run tasks (jobs ended, workers paused) before a run fails; null = wait for ever"
     )
