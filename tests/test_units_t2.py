@@ -14,7 +14,7 @@ import pytest
 
 from ampel_dask.tiers.base import UnitConfigError
 from ampel_dask.tiers.catalog import HPX, Catalog, build_catalog, search_depth
-from ampel_dask.tiers.units.gaia import GAIA_COLUMNS, GaiaVeto
+from ampel_dask.tiers.helpers.gaia import GAIA_COLUMNS, GaiaVeto
 from ampel_dask.tiers.units.t0_filters import DecentFilter
 from ampel_dask.tiers.units.t2_catalog import T2CatalogMatch
 from ampel_dask.tiers.units.t2_classifier import T2Classifier

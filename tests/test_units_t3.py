@@ -242,7 +242,7 @@ def test_light_curve_svg_marks_every_datapoint_of_a_real_object(selection):
     import xml.etree.ElementTree as ET
 
     from ampel_dask.io.layout import DETECTION, FORCED, UPPER_LIMIT
-    from ampel_dask.tiers.units.lightcurve_svg import BAND_COLORS as BAND_ORDER, BOTTOM, LEFT, RIGHT, TOP, light_curve_svg
+    from ampel_dask.tiers.helpers.lightcurve_svg import BAND_COLORS as BAND_ORDER, BOTTOM, LEFT, RIGHT, TOP, light_curve_svg
 
     ns = {"s": "http://www.w3.org/2000/svg"}
     n = selection.num_rows

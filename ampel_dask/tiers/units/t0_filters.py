@@ -71,7 +71,7 @@ class DecentFilter(T0Filter):
         self._gaia = None
         if c.gaia_rs > 0:
             if c.gaia_catalog:
-                from .gaia import GaiaVeto
+                from ..helpers.gaia import GaiaVeto
 
                 self._gaia = GaiaVeto(c)
                 digest = pinned_hash(self.name(), c.gaia_catalog, self._gaia.catalog.content_hash, c.gaia_catalog_hash)

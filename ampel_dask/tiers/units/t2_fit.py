@@ -15,7 +15,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from ..base import T2StateUnit, UnitConfig
-from .t2_lightcurve import band_curves, column_name, evaluate, scatter
+from ..helpers.band_curves import band_curves, column_name, evaluate, scatter
 
 FIT_FAILED_SHIFT = 8  # code bits: 0..7 too few points in bands[i], 8..15 fit failed in bands[i]
 

@@ -31,7 +31,7 @@ from pydantic import Field, field_validator
 from ...io.files import atomic_target, atomic_write
 from ...io.layout import DETECTION
 from ..base import T3Context, T3Unit, UnitConfig
-from .lightcurve_svg import light_curve_svg
+from ..helpers.lightcurve_svg import light_curve_svg
 from .t3_export import json_safe, match_columns, safe_name, t2_columns
 
 log = logging.getLogger(__name__)
