@@ -151,11 +151,11 @@ def build_states(alerts: pa.Table, policy: T1PolicyConfig, access: list[str], hi
     if history is None:
         flat, rows = _flat(alerts.column("dps"))
         source = pa.table({f.name: flat.field(f.name) for f in DATAPOINT})
-        cand = None
+        cand = visible = None
     else:
         if "dps" in alerts.column_names:
             history = pa.concat_tables([history, flat_history(alerts)], promote_options="default")
-        source, rows, cand = _object_history(alerts, history)
+        source, rows, cand, visible = _object_history(alerts, history)
 
     def at(values: np.ndarray) -> np.ndarray:  # a datapoint column, one value per candidate
         return values if cand is None else values[cand]
@@ -163,10 +163,12 @@ def build_states(alerts: pa.Table, policy: T1PolicyConfig, access: list[str], hi
     def col(name: str) -> pa.ChunkedArray:
         return source.column(name)
 
-    alert_mjd = alerts.column("mjd").to_numpy(zero_copy_only=False)
-    mjd = at(pc.fill_null(col("mjd"), np.inf).to_numpy())
+    if visible is None:  # no look-ahead: the packet's datapoints up to its time
+        alert_mjd = alerts.column("mjd").to_numpy(zero_copy_only=False)
+        keep = pc.fill_null(col("mjd"), np.inf).to_numpy() <= alert_mjd[rows] + TIME_EPS
+    else:  # observed and published by the alert's time (see _object_history)
+        keep = visible
     kind = at(col("kind").to_numpy())
-    keep = mjd <= alert_mjd[rows] + TIME_EPS  # no look-ahead
     keep &= np.isin(kind, [KINDS[k] for k in policy.kinds])
     if policy.exclude_flags:
         flags = at(pc.fill_null(col("flags"), 0).to_numpy())
@@ -282,25 +284,27 @@ def published_by(packet_mjd: np.ndarray, packet: np.ndarray, alert_mjd: np.ndarr
     return (packet_mjd < alert_mjd) | ((packet_mjd == alert_mjd) & (packet <= alert_id))
 
 
-def _object_history(alerts: pa.Table, history: pa.Table) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+def _object_history(alerts: pa.Table, history: pa.Table) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
     """A join by object done with sorted arrays: each alert row's candidates are its object's
     datapoints (one copy each, :func:`first_copies`) observed up to the alert's time, a contiguous run
-    of the history sorted by (stock, mjd), less those whose first packet came after the alert (late
-    publications). Returns the history's datapoint columns, and per candidate its alert row and its
-    history row, in time order (nothing is gathered here: the policy's cut comes first)."""
+    of the history sorted by (stock, mjd). Returns the history's datapoint columns, and per candidate
+    (in time order) its alert row, its history row and whether the alert sees it: not if its first
+    packet came after the alert (a late publication). Nothing is gathered here: the policy's cut
+    comes first, in one mask with that one."""
     pick = first_copies(history) if history.num_rows else np.empty(0, np.int64)
     h_stock = history.column("stock").to_numpy(zero_copy_only=False)[pick]
     h_mjd = pc.fill_null(history.column("mjd"), np.inf).to_numpy(zero_copy_only=False)[pick]
     order = order_by((h_stock, "ascending"), (h_mjd, "ascending"), (history.column("dp_id").to_numpy(zero_copy_only=False)[pick], "ascending"))
     h_stock, h_mjd, pick = h_stock[order], h_mjd[order], pick[order]
-    a_stock = alerts.column("stock").to_numpy(zero_copy_only=False)
+    p_mjd, p_id = (history.column(c).to_numpy(zero_copy_only=False)[pick] for c in ("packet_mjd", "packet"))
+    a_stock, a_mjd, a_id = (alerts.column(c).to_numpy(zero_copy_only=False) for c in ("stock", "mjd", "alert_id"))
     n, m = len(a_stock), len(h_stock)
     lo = np.searchsorted(h_stock, a_stock, "left")
     # where each alert's (stock, time) falls among the sorted datapoints: one merge (a sort of both),
     # datapoints before alerts at equal keys; the datapoints before it are its run's end
     merged = order_by(
         (np.concatenate([h_stock, a_stock]), "ascending"),
-        (np.concatenate([h_mjd, alerts.column("mjd").to_numpy(zero_copy_only=False) + TIME_EPS]), "ascending"),
+        (np.concatenate([h_mjd, a_mjd + TIME_EPS]), "ascending"),
         (np.concatenate([np.zeros(m, np.int8), np.ones(n, np.int8)]), "ascending"),
     )
     at = np.flatnonzero(merged >= m)
@@ -310,11 +314,8 @@ def _object_history(alerts: pa.Table, history: pa.Table) -> tuple[pa.Table, np.n
     rows = np.repeat(np.arange(n, dtype=np.int64), counts)
     runs = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(len(rows), dtype=np.int64)
     # observed by the alert's time is not enough: the copy's packet (the first to publish it) must be too
-    cand = pick[runs]
-    col = lambda name: history.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
-    seen = published_by(col("packet_mjd")[cand], col("packet")[cand], alerts.column("mjd").to_numpy(zero_copy_only=False)[rows],
-                        alerts.column("alert_id").to_numpy(zero_copy_only=False)[rows])  # fmt: skip
-    return history.select([f.name for f in DATAPOINT]), rows[seen], cand[seen]
+    seen = published_by(p_mjd[runs], p_id[runs], np.repeat(a_mjd, counts), np.repeat(a_id, counts))
+    return history.select([f.name for f in DATAPOINT]), rows, pick[runs], seen
 
 
 __all__ = ["T1Policy", "T1PolicyConfig", "build_states", "state_ids", "access_mask", "access_by_survey", "survey_codes", "alert_access", "STATE_COLUMNS", "flat_history", "thinned_history", "one_copy", "first_copies", "published_by", "HISTORY_RULE", "HISTORY_SCHEMA"]
