@@ -280,7 +280,8 @@ def first_copies(history: pa.Table) -> np.ndarray:
 def published_by(packet_mjd: np.ndarray, packet: np.ndarray, alert_mjd: np.ndarray, alert_id: np.ndarray) -> np.ndarray:
     """Was the packet (alert time, alert id) published at or before the alert? Publication order is the
     alerts' time, and at equal times their id: two alerts of one exposure are a sequence too, so the
-    first of them never holds what only the second published."""
+    first of them never holds what only the second published. Exact: both sides are alert times of the
+    archive (the 1e-6 d tolerance is for observation times against the alert's)."""
     return (packet_mjd < alert_mjd) | ((packet_mjd == alert_mjd) & (packet <= alert_id))
 
 
