@@ -169,8 +169,9 @@ def test_no_look_ahead_with_archived_history(tmp_path, data_dir):
 
 def test_archived_history_states_match_a_per_alert_reference(tmp_path, data_dir):
     """34 alerts of ZTF21abiuvdk, some copies of datapoints altered: each state holds exactly its
-    object's datapoints up to the alert, once each, in time order, as the trigger copy or else the copy
-    of the earliest packet; thinning pieces of the history first changes nothing."""
+    object's datapoints that a packet published at or before the alert (alert time, then id), once
+    each, in time order, as the copy of the first packet that published it; thinning pieces of the
+    history first changes nothing."""
     ingest([str(data_dir / "ztf/pitt_google")], tmp_path, IngestOptions(workers=0, progress=False))
     arch = Archive(tmp_path)
     alerts = pa.concat_tables([arch.read(p) for p in arch.partitions()])
@@ -186,10 +187,10 @@ def test_archived_history_states_match_a_per_alert_reference(tmp_path, data_dir)
     copies: dict[int, list[tuple]] = {}
     for a in alerts.to_pylist():
         for d in a["dps"]:
-            copies.setdefault(d["dp_id"], []).append((d["dp_id"] != a["alert_id"], a["mjd"], a["alert_id"], d))
-    chosen = {k: min(v, key=lambda c: c[:3])[3] for k, v in copies.items()}
-    for mjd, dps in zip(states.column("mjd").to_pylist(), states.column("dps").to_pylist()):
-        want = sorted((d for d in chosen.values() if d["mjd"] <= mjd + 1e-6 and not d["flags"] & policy.exclude_flags),
+            copies.setdefault(d["dp_id"], []).append((a["mjd"], a["alert_id"], d))
+    first = {k: min(v, key=lambda c: c[:2]) for k, v in copies.items()}  # (publication, copy)
+    for mjd, aid, dps in zip(*(states.column(c).to_pylist() for c in ("mjd", "alert_id", "dps"))):
+        want = sorted((d for pm, pid, d in first.values() if (pm, pid) <= (mjd, aid) and d["mjd"] <= mjd + 1e-6 and not d["flags"] & policy.exclude_flags),
                       key=lambda d: (d["mjd"], d["dp_id"]))  # fmt: skip
         assert dps == want
     pieces = [one_copy(history.slice(k, 200)) for k in range(0, history.num_rows, 200)]

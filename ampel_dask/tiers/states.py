@@ -3,7 +3,8 @@
 A state is (stock, the datapoints visible at the alert's time under the channel's policy and data
 rights). Its id is a 64-bit hash of the datapoint-id multiset (mixed with splitmix64 and summed per
 list, so it is independent of order and vectorises with ``np.add.reduceat``), mixed with the stock.
-Nothing later than the alert ever enters its state (no look-ahead).
+Nothing the alert could not have known enters its state (no look-ahead): no datapoint observed after
+it, none first published by a later packet, and no copy of a datapoint from a later packet.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ ZTF_ACCESS = {"ZTF_PUB": {1}, "ZTF_PRIV": {2}, "ZTF_COLLAB": {2}, "ZTF_CALTECH":
 PUBLIC_SURVEYS = {"lsst": {"LSST", "LSST_PUB"}}
 TIME_EPS = 1e-6  # days (~0.1 s): a datapoint at the alert's own time belongs to the state
 
-HISTORY_RULE = 2  # which copy of an archived datapoint a state holds (see first_copies); part of t1h keys
+HISTORY_RULE = 3  # which archived datapoints and copies a state holds (first_copies, published_by); part of t1h keys
 STATE_COLUMNS = ["state_id", "stock", "object_id", "alert_id", "survey", "mjd", "ra", "dec", "dps"]
 
 
@@ -115,18 +116,19 @@ def build_states(alerts: pa.Table, policy: T1PolicyConfig, access: list[str], hi
 
     Without ``history`` a state's datapoints come from the alert's own packet (``dps``), in packet
     order. With ``history`` (flat rows, see :func:`flat_history`) they are the object's archived
-    datapoints up to the alert's time, one copy each (:func:`one_copy`), in time order; the alerts need
-    no ``dps`` then (if they have it, their packets join the history).
+    datapoints that a packet published at or before the alert (in publication order: alert time, then
+    alert id), each as the copy of the first packet that published it (:func:`first_copies`), in time
+    order; the alerts need no ``dps`` then (if they have it, their packets join the history).
     """
     n = alerts.num_rows
     if history is None:
         flat, rows = _flat(alerts.column("dps"))
         source = pa.table({f.name: flat.field(f.name) for f in DATAPOINT})
-        cand = None
+        cand = visible = None
     else:
         if "dps" in alerts.column_names:
             history = pa.concat_tables([history, flat_history(alerts)], promote_options="default")
-        source, rows, cand = _object_history(alerts, history)
+        source, rows, cand, visible = _object_history(alerts, history)
 
     def at(values: np.ndarray) -> np.ndarray:  # a datapoint column, one value per candidate
         return values if cand is None else values[cand]
@@ -134,10 +136,12 @@ def build_states(alerts: pa.Table, policy: T1PolicyConfig, access: list[str], hi
     def col(name: str) -> pa.ChunkedArray:
         return source.column(name)
 
-    alert_mjd = alerts.column("mjd").to_numpy(zero_copy_only=False)
-    mjd = at(pc.fill_null(col("mjd"), np.inf).to_numpy())
+    if visible is None:  # no look-ahead: the packet's datapoints up to its time
+        alert_mjd = alerts.column("mjd").to_numpy(zero_copy_only=False)
+        keep = pc.fill_null(col("mjd"), np.inf).to_numpy() <= alert_mjd[rows] + TIME_EPS
+    else:  # observed and published by the alert's time (see _object_history)
+        keep = visible
     kind = at(col("kind").to_numpy())
-    keep = mjd <= alert_mjd[rows] + TIME_EPS  # no look-ahead
     keep &= np.isin(kind, [KINDS[k] for k in policy.kinds])
     if policy.exclude_flags:
         flags = at(pc.fill_null(col("flags"), 0).to_numpy())
@@ -226,43 +230,55 @@ def one_copy(history: pa.Table) -> pa.Table:
 
 
 def first_copies(history: pa.Table) -> np.ndarray:
-    """Rows of ``history`` that keep each (object, datapoint) once, in (stock, dp_id) order: the copy
-    from the alert the datapoint triggered (that alert is authoritative), else the copy of the
-    earliest packet that carries it (ties: the lower alert id).
+    """Rows of ``history`` that keep each (object, datapoint) once, in (stock, dp_id) order: the copy of
+    the first packet that published it, in publication order (alert time, then alert id).
 
-    The earliest packet carrying a datapoint is never later than any alert whose state holds it, so
-    the copy is never looked ahead. The rule is a total order, so thinning pieces of a history first
-    (the ``hist`` tasks do) and their union afterwards gives what one pass over the whole would.
+    That packet's time is then the datapoint's publication time, so an alert sees the datapoint exactly
+    when this copy's packet comes at or before it in publication order (:func:`published_by`), and the
+    copy it sees is from such a packet. Later packets never change the choice (they come after it), nor
+    does the order rows arrive in: the rule is a total order, so thinning pieces of a history first (the
+    ``hist`` tasks do) and taking their union afterwards gives what one pass over the whole would.
     """
     stock = history.column("stock").to_numpy(zero_copy_only=False)
     dp_id = history.column("dp_id").to_numpy(zero_copy_only=False)
-    packet = history.column("packet").to_numpy(zero_copy_only=False)
-    order = order_by((stock, "ascending"), (dp_id, "ascending"), (packet == dp_id, "descending"),
-                     (history.column("packet_mjd").to_numpy(zero_copy_only=False), "ascending"), (packet, "ascending"))  # fmt: skip
+    order = order_by((stock, "ascending"), (dp_id, "ascending"),
+                     (history.column("packet_mjd").to_numpy(zero_copy_only=False), "ascending"),
+                     (history.column("packet").to_numpy(zero_copy_only=False), "ascending"))  # fmt: skip
     s, d = stock[order], dp_id[order]
     first = np.ones(len(order), dtype=bool)
     first[1:] = (s[1:] != s[:-1]) | (d[1:] != d[:-1])
     return order[first]
 
 
-def _object_history(alerts: pa.Table, history: pa.Table) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+def published_by(packet_mjd: np.ndarray, packet: np.ndarray, alert_mjd: np.ndarray, alert_id: np.ndarray) -> np.ndarray:
+    """Was the packet (alert time, alert id) published at or before the alert? Publication order is the
+    alerts' time, and at equal times their id: two alerts of one exposure are a sequence too, so the
+    first of them never holds what only the second published. Exact: both sides are alert times of the
+    archive (the 1e-6 d tolerance is for observation times against the alert's)."""
+    return (packet_mjd < alert_mjd) | ((packet_mjd == alert_mjd) & (packet <= alert_id))
+
+
+def _object_history(alerts: pa.Table, history: pa.Table) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
     """A join by object done with sorted arrays: each alert row's candidates are its object's
-    datapoints (one copy each) up to the alert's time, a contiguous run of the history sorted by
-    (stock, mjd). Returns the history's datapoint columns, and per candidate its alert row and its
-    history row (nothing is gathered here: the policy's cut comes first)."""
+    datapoints (one copy each, :func:`first_copies`) observed up to the alert's time, a contiguous run
+    of the history sorted by (stock, mjd). Returns the history's datapoint columns, and per candidate
+    (in time order) its alert row, its history row and whether the alert sees it: not if its first
+    packet came after the alert (a late publication). Nothing is gathered here: the policy's cut
+    comes first, in one mask with that one."""
     pick = first_copies(history) if history.num_rows else np.empty(0, np.int64)
     h_stock = history.column("stock").to_numpy(zero_copy_only=False)[pick]
     h_mjd = pc.fill_null(history.column("mjd"), np.inf).to_numpy(zero_copy_only=False)[pick]
     order = order_by((h_stock, "ascending"), (h_mjd, "ascending"), (history.column("dp_id").to_numpy(zero_copy_only=False)[pick], "ascending"))
     h_stock, h_mjd, pick = h_stock[order], h_mjd[order], pick[order]
-    a_stock = alerts.column("stock").to_numpy(zero_copy_only=False)
+    p_mjd, p_id = (history.column(c).to_numpy(zero_copy_only=False)[pick] for c in ("packet_mjd", "packet"))
+    a_stock, a_mjd, a_id = (alerts.column(c).to_numpy(zero_copy_only=False) for c in ("stock", "mjd", "alert_id"))
     n, m = len(a_stock), len(h_stock)
     lo = np.searchsorted(h_stock, a_stock, "left")
     # where each alert's (stock, time) falls among the sorted datapoints: one merge (a sort of both),
     # datapoints before alerts at equal keys; the datapoints before it are its run's end
     merged = order_by(
         (np.concatenate([h_stock, a_stock]), "ascending"),
-        (np.concatenate([h_mjd, alerts.column("mjd").to_numpy(zero_copy_only=False) + TIME_EPS]), "ascending"),
+        (np.concatenate([h_mjd, a_mjd + TIME_EPS]), "ascending"),
         (np.concatenate([np.zeros(m, np.int8), np.ones(n, np.int8)]), "ascending"),
     )
     at = np.flatnonzero(merged >= m)
@@ -271,7 +287,9 @@ def _object_history(alerts: pa.Table, history: pa.Table) -> tuple[pa.Table, np.n
     counts = np.maximum(hi - lo, 0)
     rows = np.repeat(np.arange(n, dtype=np.int64), counts)
     runs = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(len(rows), dtype=np.int64)
-    return history.select([f.name for f in DATAPOINT]), rows, pick[runs]
+    # observed by the alert's time is not enough: the copy's packet (the first to publish it) must be too
+    seen = published_by(p_mjd[runs], p_id[runs], np.repeat(a_mjd, counts), np.repeat(a_id, counts))
+    return history.select([f.name for f in DATAPOINT]), rows, pick[runs], seen
 
 
-__all__ = ["T1Policy", "T1PolicyConfig", "build_states", "state_ids", "access_mask", "access_by_survey", "survey_codes", "alert_access", "STATE_COLUMNS", "flat_history", "thinned_history", "one_copy", "first_copies", "HISTORY_RULE", "HISTORY_SCHEMA"]
+__all__ = ["T1Policy", "T1PolicyConfig", "build_states", "state_ids", "access_mask", "access_by_survey", "survey_codes", "alert_access", "STATE_COLUMNS", "flat_history", "thinned_history", "one_copy", "first_copies", "published_by", "HISTORY_RULE", "HISTORY_SCHEMA"]
