@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ampel_dask.graph.runner import RunOptions, run_workflow
-from ampel_dask.graph.store import ParquetStore
+from ampel_dask.io.stores import ParquetStore
 from ampel_dask.graph.workflow import Workflow
 from ampel_dask.io.archive import Archive
-from ampel_dask.io.ingest import IngestOptions, ingest
+from ampel_dask.graph.ingest import IngestOptions, ingest
 from ampel_dask.io.layout import DATAPOINT, FLAG_BAD_PHOT
 from ampel_dask.tiers.states import T1PolicyConfig, build_states, flat_history, thinned_history
 
