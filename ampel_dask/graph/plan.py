@@ -6,9 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..keys import key_of
-from ..tiers.base import T0Filter, T2StateUnit, T3Unit, UnitConfigError
+from ..tiers.base import T0Filter, T1Unit, T2StateUnit, T3Unit, UnitConfigError
 from ..tiers.registry import UnknownUnit, load
-from ..tiers.states import T1Policy
 from .workflow import ChannelSpec, UnitRef, Workflow, WorkflowError
 
 
@@ -17,7 +16,7 @@ class ChannelPlan:
     name: str
     access: list[str]
     filters: list[T0Filter]
-    t1: T1Policy
+    t1: T1Unit
     t2: list[T2StateUnit]  # dependencies first
     t3: list[T3Unit]
     t0_key: str = ""
@@ -26,7 +25,7 @@ class ChannelPlan:
 
     @property
     def history(self) -> bool:
-        return self.t1.config.history == "archive"
+        return self.t1.needs_history
 
 
 def _make(ref: UnitRef, loc: tuple, kind: type, wf: Workflow | None = None) -> object:
@@ -83,7 +82,7 @@ CORE_COLUMNS = {"alert_id", "stock", "object_id", "survey", "night", "mjd", "ra"
 def plan_channel(spec: ChannelSpec, i: int, wf: Workflow | None = None) -> ChannelPlan:
     loc = ("channels", i)
     filters = [_make(r, (*loc, "filters", j), T0Filter, wf) for j, r in enumerate(spec.filters)]
-    t1 = _make(spec.t1, (*loc, "t1"), T1Policy, wf)
+    t1 = _make(spec.t1, (*loc, "t1"), T1Unit, wf)
     t2 = _with_dependencies([_make(r, (*loc, "t2", j), T2StateUnit, wf) for j, r in enumerate(spec.t2)])
     t3 = [_make(r, (*loc, "t3", j), T3Unit, wf) for j, r in enumerate(spec.t3)]
     plan = ChannelPlan(spec.name, list(spec.access), filters, t1, t2, t3)  # type: ignore[arg-type]

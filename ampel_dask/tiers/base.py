@@ -166,6 +166,30 @@ class T0Filter(Unit):
         return v
 
 
+# --- T1 -----------------------------------------------------------------------------------------
+
+
+class T1Unit(Unit):
+    """Builds states: which datapoints make an object's state at each alert.
+
+    :meth:`states` gets the alerts that passed T0 (with ``dps``, their packets' datapoints, unless the
+    unit joins archived history) and the channel's access tags, and returns one state per alert: the
+    columns of ``ampel_dask.tiers.states.STATE_COLUMNS``, ``dps`` holding the state's datapoints and
+    ``state_id`` their content hash (``ampel_dask.keys``). Nothing the alert could not have known may
+    enter (no datapoint observed or first published after it), nor anything the access tags forbid.
+    """
+
+    tier = "T1"
+
+    @property
+    def needs_history(self) -> bool:
+        """Does :meth:`states` need each object's archived datapoints (``history``), beyond the packets?"""
+        return False
+
+    def states(self, alerts: pa.Table, access: list[str], history: pa.Table | None = None) -> pa.Table:
+        raise NotImplementedError
+
+
 # --- T2 -----------------------------------------------------------------------------------------
 
 
@@ -232,4 +256,4 @@ class T3Unit(Unit):
         raise NotImplementedError
 
 
-TIER_BASES: dict[str, type[Unit]] = {"T0": T0Filter, "T2": T2StateUnit, "T3": T3Unit}
+TIER_BASES: dict[str, type[Unit]] = {"T0": T0Filter, "T1": T1Unit, "T2": T2StateUnit, "T3": T3Unit}

@@ -10,7 +10,7 @@ it, none first published by a later packet, and no copy of a datapoint from a la
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar, Literal
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +20,7 @@ from pydantic import Field
 from ..io.arrays import order_by, take_rows
 from ..io.layout import DATAPOINT, DETECTION, FLAG_BAD_PHOT, FORCED, UPPER_LIMIT
 from ..keys import state_ids
-from .base import Unit, UnitConfig
+from .base import T1Unit, UnitConfig
 
 KINDS = {"detection": DETECTION, "upper_limit": UPPER_LIMIT, "forced": FORCED}
 
@@ -45,11 +45,14 @@ class T1PolicyConfig(UnitConfig):
     )
 
 
-class T1Policy(Unit):
+class T1Policy(T1Unit):
     """The default state builder: packet (or archived) datapoints up to the alert time, minus exclusions."""
 
-    tier: ClassVar[str] = "T1"
     Config = T1PolicyConfig
+
+    @property
+    def needs_history(self) -> bool:
+        return self.config.history == "archive"
 
     def states(self, alerts: pa.Table, access: list[str], history: pa.Table | None = None) -> pa.Table:
         return build_states(alerts, self.config, access, history)
