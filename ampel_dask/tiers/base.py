@@ -26,6 +26,15 @@ class UnitConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def as_table(batch: pa.Table | Any) -> pa.Table:
+    """A batch as an Arrow table: tables pass through, pandas frames are converted (index dropped)."""
+    if isinstance(batch, pa.Table):
+        return batch
+    if hasattr(batch, "to_arrow") and not hasattr(batch, "iloc"):  # e.g. a polars frame
+        return batch.to_arrow()
+    return pa.Table.from_pandas(batch, preserve_index=False)
+
+
 class UnitConfigError(ValueError):
     """A unit config that does not validate; the message names the unit and the fields."""
 
@@ -139,6 +148,12 @@ class Verdict:
         out.update({r: int(bins[i + 1]) for i, r in enumerate(self.reasons) if bins[i + 1]})
         return out
 
+    def to_pandas(self) -> Any:
+        """One row per alert: ``accepted`` and the rejecting ``reason`` (None where accepted)."""
+        import pandas as pd
+
+        return pd.DataFrame({"accepted": self.accepted, "reason": self.reason_of()})
+
     def __and__(self, other: Verdict) -> Verdict:
         """Chain two filters: the first rejection (in filter order) is the reason kept."""
         out = Verdict(self.codes.copy(), list(self.reasons))
@@ -158,7 +173,9 @@ class T0Filter(Unit):
     def apply(self, alerts: pa.Table) -> Verdict | np.ndarray:
         raise NotImplementedError
 
-    def verdict(self, alerts: pa.Table) -> Verdict:
+    def verdict(self, alerts: pa.Table | Any) -> Verdict:
+        """Decisions for a batch: an Arrow table, or a pandas frame (a notebook's; converted once)."""
+        alerts = as_table(alerts)
         out = self.apply(alerts)
         v = out if isinstance(out, Verdict) else Verdict.from_mask(out, f"{self.name()}")
         if len(v.codes) != alerts.num_rows:
