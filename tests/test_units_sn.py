@@ -463,11 +463,9 @@ def test_veto_config_names_the_catalog(tmp_path, veto_catalogs):
 # --- workflows/sn_ia_sample.yml ---------------------------------------------------------------------
 
 
-def test_sn_ia_sample_workflow_runs_as_the_readme_shows(tmp_path, data_dir, manifest):
-    """The README's commands on two ELAsTiCC objects: build the catalogs, ingest, run. Every alert is
-    passed or rejected (counts reconcile with the T0 cuts recomputed here), every passing alert's state
-    has one SALT2 result."""
-    import csv
+@pytest.fixture(scope="module")
+def two_elasticc_objects(tmp_path_factory, data_dir, manifest) -> tuple[Path, set[str]]:
+    """The packets of two ELAsTiCC objects with 8-10 alerts each (a small, quick archive to run)."""
     import tarfile
     from collections import Counter
 
@@ -475,13 +473,26 @@ def test_sn_ia_sample_workflow_runs_as_the_readme_shows(tmp_path, data_dir, mani
     counts = Counter(r["object_id"] for r in rows)
     objects = sorted(o for o, k in counts.items() if 8 <= k <= 10)[:2]
     members = {r["member"] for r in rows if r["object_id"] in objects}
-    src = tmp_path / "src"
-    src.mkdir()
+    src = tmp_path_factory.mktemp("two_objects")
     with tarfile.open(data_dir / "lsst" / "elasticc_v0_9_alerce.tar.gz") as tar:
         for m in tar:
             if m.name in members:
                 (src / Path(m.name).name).write_bytes(tar.extractfile(m).read())
-    run = lambda *args: subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)  # noqa: E731
+    return src, members
+
+
+def _run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_sn_ia_sample_workflow_runs_as_the_readme_shows(tmp_path, data_dir, two_elasticc_objects):
+    """The README's commands on two ELAsTiCC objects: build the catalogs, ingest, run. Every alert is
+    passed or rejected (counts reconcile with the T0 cuts recomputed here), every passing alert's state
+    has one SALT2 result."""
+    import csv
+
+    src, members = two_elasticc_objects
+    run = lambda *args: _run(tmp_path, *args)  # noqa: E731
     r = run(str(ROOT / "scripts" / "build_catalogs.py"), str(data_dir / "catalogs"), "--out", "catalogs")
     assert r.returncode == 0, r.stderr
     r = run("-m", "ampel_dask.cli", "ingest", str(src), "--archive", "archive", "--json")
@@ -509,3 +520,38 @@ def test_sn_ia_sample_workflow_runs_as_the_readme_shows(tmp_path, data_dir, mani
     assert set(t2.column("code").to_pylist()) <= {0, 1, 2, 3, 4, 5, 6}
     exported = list(csv.DictReader(open(next((tmp_path / "store" / "t3").rglob("*.csv")))))
     assert {int(e["stock"]) for e in exported} == set(alerts.column("stock").to_numpy()[passed].tolist())
+
+
+def test_fit_with_digest_of_two_catalog_matches_through_the_graph(tmp_path, two_elasticc_objects):
+    """A workflow whose fit takes z from a digest of two redshift catalogs (two T2CatalogMatch dependencies
+    of one kind, passed by identity key): every stored fit has the z the hand-placed catalogs dictate."""
+    import yaml
+
+    src, _ = two_elasticc_objects
+    assert _run(tmp_path, "-m", "ampel_dask.cli", "ingest", str(src), "--archive", "archive").returncode == 0
+    from ampel_dask.io.archive import Archive
+
+    arch = Archive(tmp_path / "archive")
+    alerts = pa.concat_tables([arch.read(p) for p in arch.partitions()], promote_options="permissive")
+    # ELAsTiCC places its objects on a grid: these two share one position, so both get the same host
+    ra0, dec0 = alerts.column("ra")[0].as_py(), alerts.column("dec")[0].as_py()
+    assert set(alerts.column("ra").to_pylist()) == {ra0}
+    (sra,), (sdec,) = h.offset_positions(np.array([ra0]), np.array([dec0]), np.array([0.8]), np.array([10.0]))
+    (pra,), (pdec,) = h.offset_positions(np.array([ra0]), np.array([dec0]), np.array([0.3]), np.array([200.0]))
+    build_catalog(pa.table({"ra": [sra], "dec": [sdec], "z": [0.47]}), tmp_path / "spec.parquet")
+    build_catalog(pa.table({"ra": [pra], "dec": [pdec], "z": [0.52]}), tmp_path / "phot.parquet")
+    digest = {"sources": [{"name": "SPEC", "catalog": "spec.parquet", "group": 1, "radius_arcsec": 1.0},
+                          {"name": "PHOT", "catalog": "phot.parquet", "group": 3, "radius_arcsec": 1.0}]}  # fmt: skip
+    wf = {"name": "digest_fit", "archive": {"surveys": ["lsst"]},
+          "channels": [{"name": "FIT", "access": ["LSST"], "t1": {"unit": "T1Policy", "config": {"kinds": ["detection", "forced"], "history": "archive"}},
+                        "t2": [{"unit": "T2SNCosmoFit", "config": {"model": "hsiao", "redshift": "digest", "digest": digest}}]}]}  # fmt: skip
+    (tmp_path / "wf.yml").write_text(yaml.safe_dump(wf))
+    r = _run(tmp_path, "-m", "ampel_dask.cli", "run", "wf.yml", "--archive", "archive", "--store", "store", "--workers", "0", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    fits = pq.read_table(next((tmp_path / "store" / "t2" / "T2SNCosmoFit").glob("*")))
+    assert fits.num_rows == alerts.num_rows
+    # the spectroscopic host (group 1, 0.8") wins over the nearer photometric one (group 3, 0.3")
+    assert fits.column("z").to_pylist() == [0.47] * fits.num_rows
+    digests = pq.read_table(next((tmp_path / "store" / "t2" / "T2RedshiftDigest").glob("*")))
+    assert set(digests.column("z_source").to_pylist()) == {"SPEC"} and digests.num_rows == alerts.num_rows
+    assert digests.column("z_dist_arcsec").to_numpy() == pytest.approx(0.8, abs=1e-6)
