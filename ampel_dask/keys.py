@@ -171,6 +171,15 @@ def file_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def files_hash(paths: list[str | Path]) -> str:
+    """One xxh3-128 over several files' contents, independent of the order they are listed in (a
+    model's files)."""
+    h = xxhash.xxh3_128()
+    for digest in sorted(file_hash(p) for p in paths):
+        h.update(digest.encode())
+    return h.hexdigest()
+
+
 def record_hash(fields: list[str], payload: bytes) -> str:
     """xxh3-64 of text fields (each terminated, so that field boundaries count) and a payload, as 16 hex
     digits: the names of quarantine entries."""

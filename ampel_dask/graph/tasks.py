@@ -130,7 +130,9 @@ def run_t2_stage(spec: dict, key: str, run_id: str, inputs: list[tuple[str, list
         if todo.any():
             pick = first[todo]  # one gather of the new states' datapoints, none when all rows are new
             batch = states if len(pick) == states.num_rows else states.take(pa.array(pick))
-            deps = {d.name(): _dep_results(store, d, batch, results) for d in unit.dependencies()}
+            deps = {}
+            for d in unit.dependencies():  # by name, and by identity key for several units of one kind
+                deps[d.name()] = deps[d.identity.key] = _dep_results(store, d, batch, results)
             try:
                 out = _as_table(unit.process(batch, deps), batch.num_rows, unit)
             except Exception as exc:  # a unit failure is reported, not stored: the next run retries it

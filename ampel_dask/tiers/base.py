@@ -75,6 +75,9 @@ class Unit:
     version: ClassVar[str] = "1"
     Config: ClassVar[type[UnitConfig]] = UnitConfig
     unit_name: ClassVar[str | None] = None  # registry name; defaults to the class name
+    # distributions (PyPI names) whose versions shape the unit's results, e.g. ("sncosmo", "numpy"):
+    # declared for the unit's identity (results made with another version are other results)
+    libraries: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: UnitConfig | dict | None = None, **kwargs: Any):
         if isinstance(config, UnitConfig):
@@ -222,7 +225,9 @@ class T2StateUnit(Unit):
     tier = "T2"
 
     def dependencies(self) -> list[T2StateUnit]:
-        """Other T2 units whose results this one reads (computed first, passed to :meth:`process`)."""
+        """Other T2 units whose results this one reads (computed first, passed to :meth:`process` as
+        ``inputs``, keyed by unit name and by ``identity.key``: the key tells apart several
+        dependencies of one kind, e.g. catalog matches against different catalogs)."""
         return []
 
     def process(self, states: pa.Table, inputs: dict[str, pa.Table] | None = None) -> pa.Table | list[dict]:
