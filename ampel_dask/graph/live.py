@@ -31,7 +31,7 @@ from ..io.schema_registry import SchemaRegistry
 from .live_control import CRASH_ENV, CRASH_POINTS, Abandon, StopFlag, crash, crash_during_run
 from .live_metrics import LiveMetrics
 from .live_record import StreamRecord
-from .plan import key_of
+from .plan import key_of, plan_workflow
 from .runner import RunOptions, new_run_id, run_workflow, store_spec
 from .store import open_store
 from .workflow import Workflow, WorkflowError
@@ -104,6 +104,7 @@ def run_live(
     redactor = Redactor(creds.secrets())
     if not (opts.archive or wf.archive.path):
         raise WorkflowError("no archive: give --archive or archive.path in the workflow")
+    plan_workflow(wf)  # a unit config at fault (a variable it may not read, a missing model) fails before Kafka is touched
     archive = Path(opts.archive or wf.archive.path or "").resolve()
     spec = store_spec(wf, opts.store)
     store = open_store(spec)
