@@ -198,3 +198,10 @@ def test_live_mode_refuses_the_workflow_before_kafka_is_touched(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert f"wf.yml:{line}: channels[0] (ALL).t3[0].config.headers_from_env.X-Leak: Value error, environment variable 'AMPEL_DASK_KAFKA_SASL_PASSWORD'" in proc.stderr, proc.stderr
     assert "kafka-pw-7f3a" not in proc.stdout + proc.stderr
+
+
+def test_units_listing_shows_variable_fields_as_plain_strings():
+    from ampel_dask.tiers.registry import describe
+
+    fields = describe("T3Webhook", T3Webhook)["config"]
+    assert fields["url_env"] == "str | None" and fields["headers_from_env"] == "dict[str, str]"

@@ -60,6 +60,8 @@ def _type_name(annotation: object) -> str:
     if origin is None:
         return getattr(annotation, "__name__", str(annotation))
     args = typing.get_args(annotation)
+    if origin is typing.Annotated:  # e.g. WorkflowVariable: the type, without its validator
+        return _type_name(args[0])
     if origin in (typing.Union, types.UnionType):
         return " | ".join(_type_name(a) for a in args)
     if origin is typing.Literal:
