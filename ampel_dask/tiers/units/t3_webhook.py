@@ -2,9 +2,10 @@
 
 Secrets stay out of the workflow: the URL itself and header values (API keys, bearer tokens) may come
 from environment variables, are read only when the unit reacts, and never appear in logs, errors or
-the returned records. Only variables named ``AMPEL_DASK_SECRET_*`` may be named (:mod:`ampel_dask.tiers.env`): a
-workflow must not send the Kafka password, or anything else in the environment, to the URL it names. Transient failures (5xx, 429, connection errors, timeouts) are retried with
-exponential backoff; other 4xx answers mean the request is wrong and raise at once.
+the returned records. Only variables named ``AMPEL_DASK_SECRET_*`` may be named
+(:mod:`ampel_dask.tiers.env`): a workflow must not send the Kafka password, or anything else in the
+environment, to the URL it names. Transient failures (5xx, 429, connection errors, timeouts) are
+retried with exponential backoff; other 4xx answers mean the request is wrong and raise at once.
 """
 
 from __future__ import annotations
