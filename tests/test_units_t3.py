@@ -359,8 +359,8 @@ def _no_proxy(monkeypatch):
 
 def test_webhook_batches_values_and_env_header(selection, hook, monkeypatch, caplog, tmp_path):
     rec, url = hook
-    monkeypatch.setenv("T3_TEST_TOKEN", "s3cret-value")
-    unit = T3Webhook(url=url, batch_size=10, columns=["T2Classifier__*"], headers_from_env={"X-Api-Key": "T3_TEST_TOKEN"})
+    monkeypatch.setenv("AMPEL_DASK_SECRET_TEST_TOKEN", "s3cret-value")
+    unit = T3Webhook(url=url, batch_size=10, columns=["T2Classifier__*"], headers_from_env={"X-Api-Key": "AMPEL_DASK_SECRET_TEST_TOKEN"})
     with caplog.at_level(logging.DEBUG):
         records = unit.react(selection, context(tmp_path))
     n = selection.num_rows
@@ -442,16 +442,16 @@ def test_webhook_connection_error_is_retried(selection, tmp_path):
 
 def test_webhook_secrets_from_environment(selection, hook, monkeypatch, tmp_path):
     rec, url = hook
-    monkeypatch.setenv("T3_HOOK_URL", url + "/T0KEN123")
-    records = T3Webhook(url_env="T3_HOOK_URL").react(selection.slice(0, 1), context(tmp_path))
+    monkeypatch.setenv("AMPEL_DASK_SECRET_HOOK_URL", url + "/T0KEN123")
+    records = T3Webhook(url_env="AMPEL_DASK_SECRET_HOOK_URL").react(selection.slice(0, 1), context(tmp_path))
     assert rec.requests[0]["path"] == "/hook/T0KEN123"
-    assert "T0KEN123" not in records[0]["url"] and "T3_HOOK_URL" in records[0]["url"]
+    assert "T0KEN123" not in records[0]["url"] and "AMPEL_DASK_SECRET_HOOK_URL" in records[0]["url"]
 
-    monkeypatch.delenv("T3_HOOK_URL")
-    with pytest.raises(WebhookError, match="T3_HOOK_URL"):
-        T3Webhook(url_env="T3_HOOK_URL").react(selection.slice(0, 1), context(tmp_path))
-    with pytest.raises(WebhookError, match="T3_MISSING_KEY.*Authorization"):
-        T3Webhook(url=url, headers_from_env={"Authorization": "T3_MISSING_KEY"}).react(selection.slice(0, 1), context(tmp_path))
+    monkeypatch.delenv("AMPEL_DASK_SECRET_HOOK_URL")
+    with pytest.raises(WebhookError, match="AMPEL_DASK_SECRET_HOOK_URL"):
+        T3Webhook(url_env="AMPEL_DASK_SECRET_HOOK_URL").react(selection.slice(0, 1), context(tmp_path))
+    with pytest.raises(WebhookError, match="AMPEL_DASK_SECRET_MISSING_KEY.*Authorization"):
+        T3Webhook(url=url, headers_from_env={"Authorization": "AMPEL_DASK_SECRET_MISSING_KEY"}).react(selection.slice(0, 1), context(tmp_path))
     assert T3Webhook(url=url).react(selection.slice(0, 0), context(tmp_path)) == []
 
 

@@ -32,6 +32,7 @@ from .live_metrics import LiveMetrics
 from .live_record import StreamRecord
 from ..keys import key_of
 from ..io.stores import open_store
+from .plan import plan_workflow
 from .runner import RunOptions, new_run_id, run_workflow
 from .workflow import Workflow, WorkflowError
 
@@ -73,6 +74,7 @@ def run_live(
     redactor = Redactor(creds.secrets())
     if not (opts.archive or wf.archive.path):
         raise WorkflowError("no archive: give --archive or archive.path in the workflow")
+    plan_workflow(wf)  # a unit config at fault (a variable it may not read, a missing model) fails before Kafka is touched
     archive = Path(opts.archive or wf.archive.path or "").resolve()
     spec = wf.store.resolve(opts.store)
     store = open_store(spec)

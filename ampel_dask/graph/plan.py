@@ -3,12 +3,19 @@ dependencies ordered, and the content-hash keys that identify each step's work."
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
+
+import pyarrow as pa
 
 from ..keys import key_of
 from ..tiers.base import T0Filter, T1Unit, T2StateUnit, T3Unit, UnitConfigError
 from ..tiers.registry import UnknownUnit, load
-from .workflow import ChannelSpec, UnitRef, Workflow, WorkflowError
+from .workflow import ChannelSpec, UnitRef, Workflow, WorkflowError, field_path
+
+# what a unit's constructor raises for a file its config names that is missing, unreadable or not what it
+# should be (a text file as a model: unpickling errors; a non-Parquet catalog: Arrow errors): usage errors
+FILE_ERRORS = (OSError, ValueError, LookupError, EOFError, pickle.UnpicklingError, pa.ArrowException)
 
 
 @dataclass
@@ -42,9 +49,9 @@ def _make(ref: UnitRef, loc: tuple, kind: type, wf: Workflow | None = None) -> o
     try:
         return cls(ref.config)
     except UnitConfigError as exc:
-        lines = [f"{at(loc + ('config', *e['loc']))}{name}.config.{'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}" for e in exc.errors]
+        lines = [f"{at(loc + ('config', *e['loc']))}{name}.config.{field_path(e['loc']) if e['loc'] else '(config)'}: {e['msg']}" for e in exc.errors]
         raise WorkflowError(f"invalid config for unit {ref.unit}:\n" + "\n".join(lines)) from None
-    except (OSError, ValueError) as exc:  # a model or catalog file missing, unreadable or not matching the config
+    except FILE_ERRORS as exc:  # a model or catalog file missing, unreadable, not what it should be, or not matching the config
         raise WorkflowError(f"{at(loc + ('config',))}{name} ({ref.unit}): {type(exc).__name__}: {exc}") from None
 
 

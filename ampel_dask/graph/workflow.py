@@ -3,18 +3,27 @@
 Validated by pydantic; a mistake is reported with the field's path and its line in the YAML file.
 Unit configs are validated by the units themselves when the workflow is planned; the workflow keeps
 its file's line numbers so that those errors name their line too (:meth:`Workflow.where`).
+The file is user input: it is read within limits (size, nodes, depth: :mod:`.safe_yaml`), channel
+names are safe folder names, and user text in an error is escaped before it reaches a terminal.
 """
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ..io.stores import store_spec
 from ..keys import canonical_json, short_hash
+from ..tiers.base import shown, terminal_safe
+from .safe_yaml import YamlFileError, YamlLimits, gc_paused, read_yaml
+
+# a channel name becomes a folder name in the store (states/<channel>/, t3/<channel>/): no '.', '..',
+# separators, control characters or names longer than a file system takes
+CHANNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
 class Model(BaseModel):
@@ -64,8 +73,9 @@ class ChannelSpec(Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not v or any(c in v for c in "/\\ \t\n"):
-            raise ValueError("channel names must be non-empty, without spaces or slashes")
+        if not CHANNEL_NAME.match(v):
+            raise ValueError(f"channel name {shown(v)} is not allowed: 1-64 letters, digits, '_', '.' or '-', "
+                             "starting with a letter or digit (it names the channel's folders in the store)")  # fmt: skip
         return v
 
 
@@ -133,13 +143,20 @@ class Workflow(Model):
         line = next((self._lines[loc[:i]] for i in range(len(loc), -1, -1) if loc[:i] in self._lines), None)
         return f"{self._source}:{line}: " if line else f"{self._source}: "
 
-    @model_validator(mode="after")
-    def _unique_channels(self) -> Workflow:
-        names = [c.name for c in self.channels]
-        dup = {n for n in names if names.count(n) > 1}
+    @field_validator("name")
+    @classmethod
+    def _printable(cls, v: str) -> str:
+        if not (0 < len(v) <= 128 and v.isprintable()):
+            raise ValueError(f"the workflow name {shown(v)} is not allowed: 1-128 printable characters")
+        return v
+
+    @field_validator("channels")
+    @classmethod
+    def _unique_channels(cls, v: list[ChannelSpec]) -> list[ChannelSpec]:
+        dup = sorted(n for n, k in Counter(c.name for c in v).items() if k > 1)  # linear: 70,000 channels are fine
         if dup:
-            raise ValueError(f"channel names must be unique: {', '.join(sorted(dup))}")
-        return self
+            raise ValueError(f"channel names must be unique: {', '.join(dup[:10])}{f' and {len(dup) - 10} more' if len(dup) > 10 else ''}")
+        return v
 
     @property
     def hash(self) -> str:
@@ -147,46 +164,47 @@ class Workflow(Model):
 
 
 class WorkflowError(ValueError):
-    """A workflow file that does not validate; the message names fields and their lines."""
+    """A workflow file that does not validate; the message names fields and their lines. Any control
+    character left in it (user text not escaped where it was quoted) is escaped here."""
+
+    def __init__(self, message: str):
+        super().__init__(terminal_safe(str(message)))
 
 
-def _marks(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
-    """Line number (1-based) of every mapping key / sequence item, by its path of keys and indexes."""
-    out = {path: node.start_mark.line + 1}
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            key = k.value
-            out[path + (key,)] = k.start_mark.line + 1
-            out.update({p: ln for p, ln in _marks(v, path + (key,)).items() if p != path + (key,)})
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            out.update(_marks(item, path + (i,)))
-    return out
+def field_path(loc: tuple) -> str:
+    """``channels[0].filters[1].config.x`` for a pydantic location; a key that is not a plain word is
+    shown quoted and escaped (it is user text: an unknown field's name)."""
+    out = ""
+    for p in loc:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += f".{p}" if _PLAIN_KEY.match(str(p)) else f".{shown(p, 40)}"
+    return out.lstrip(".") or "(top level)"
 
 
-def load_workflow(path: str | Path) -> Workflow:
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}\Z")
+_UNION_TAGS = ("function-after", "list[int]", "NightRange")  # pydantic's names of union members, not fields
+
+
+def load_workflow(path: str | Path, limits: YamlLimits | None = None) -> Workflow:
+    """The workflow in ``path``, validated; every problem is a :class:`WorkflowError` naming a line."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise WorkflowError(f"cannot read workflow {path}: {exc.strerror}") from None
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise WorkflowError(f"{path}: not valid YAML: {exc}") from None
+        data, lines = read_yaml(path, limits)
+    except YamlFileError as exc:
+        raise WorkflowError(str(exc)) from None
     if not isinstance(data, dict):
-        raise WorkflowError(f"{path}: a workflow is a mapping (name, archive, channels, ...)")
+        raise WorkflowError(f"{path}:{lines.get((), 1)}: a workflow is a mapping (name, archive, channels, ...)")
     try:
-        wf = Workflow.model_validate(data)
+        with gc_paused():
+            wf = Workflow.model_validate(data)
     except ValidationError as exc:
-        marks = _marks(node) if node is not None else {}
-        lines = []
+        problems = []
         for e in exc.errors():
-            loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("function-after", "list[int]", "NightRange")))
-            line = next((marks[loc[:i]] for i in range(len(loc), -1, -1) if loc[:i] in marks), None)
-            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"
-            lines.append(f"{path}:{line}: {where}: {e['msg']}" if line else f"{path}: {where}: {e['msg']}")
-        raise WorkflowError("invalid workflow:\n" + "\n".join(lines)) from None
-    wf._source, wf._lines = str(path), _marks(node) if node is not None else {}
+            loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
+            line = next((lines[loc[:i]] for i in range(len(loc), -1, -1) if loc[:i] in lines), None)
+            problems.append(f"{path}:{line}: {field_path(loc)}: {e['msg']}" if line else f"{path}: {field_path(loc)}: {e['msg']}")
+        raise WorkflowError("invalid workflow:\n" + "\n".join(problems)) from None
+    wf._source, wf._lines = str(path), lines
     return wf

@@ -48,6 +48,21 @@ class UnitConfigError(ValueError):
         self.errors = error.errors()
 
 
+def shown(text: object, limit: int = 64) -> str:
+    """User text (a name, a key, a variable) fit for an error message: quoted, with control characters
+    escaped as ``repr`` does (no CR, ANSI escape or NUL reaches a terminal), cut after ``limit`` characters."""
+    s = str(text)
+    return repr(s) if len(s) <= limit else f"{s[:limit]!r}... ({len(s)} characters)"
+
+
+def terminal_safe(message: str) -> str:
+    """``message`` with every non-printable character but the line break escaped (``\\x1b``, ``\\r``):
+    the last guard for error messages that may carry user text."""
+    if message.replace("\n", "").isprintable():
+        return message
+    return "".join(c if c == "\n" or c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def pinned_hash(owner: str, path: str, actual: str, expected: str | None) -> str:
     """The content hash of a file a unit reads, for the unit's config (so results follow the file's
     content, not its path); a config that names another hash is an error."""

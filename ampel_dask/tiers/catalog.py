@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from functools import lru_cache
 from pathlib import Path
 
@@ -88,19 +89,28 @@ class Catalog:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.file = pq.ParquetFile(self.path)
+        try:
+            self.file = pq.ParquetFile(self.path)
+        except pa.ArrowException as exc:  # a text file, a truncated file: Arrow's reason, as a plain ValueError
+            raise ValueError(f"{self.path} is not an ampel_dask catalog (not a Parquet file: {exc})") from None
         meta = (self.file.schema_arrow.metadata or {}).get(META_KEY)
         if meta is None:
             raise ValueError(f"{self.path} is not an ampel_dask catalog (no {META_KEY.decode()} metadata)")
-        self.meta = json.loads(meta)
-        self.order: int = self.meta["order"]
         md = self.file.metadata
         col = self.file.schema_arrow.get_field_index(HPX)
         groups = [md.row_group(i) for i in range(md.num_row_groups)]
+        stats = [g.column(col).statistics if col >= 0 else None for g in groups]
+        try:
+            self.meta = json.loads(meta)
+            self.order: int = int(self.meta["order"])
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{self.path} is not an ampel_dask catalog (its {META_KEY.decode()} metadata has no order)") from None
+        if col < 0 or any(s is None or not s.has_min_max for s in stats):
+            raise ValueError(f"{self.path} is not an ampel_dask catalog (no {HPX} column with row group statistics)")
         self._rg_rows = np.array([g.num_rows for g in groups], dtype=np.int64)
         self._rg_start = np.r_[0, np.cumsum(self._rg_rows)[:-1]].astype(np.int64)
-        self._rg_min = np.array([g.column(col).statistics.min for g in groups], dtype=np.int64)
-        self._rg_max = np.array([g.column(col).statistics.max for g in groups], dtype=np.int64)
+        self._rg_min = np.array([s.min for s in stats], dtype=np.int64)
+        self._rg_max = np.array([s.max for s in stats], dtype=np.int64)
         self._loaded = np.zeros(0, dtype=np.int64)  # row groups whose positions are in memory
         self._merged: tuple[np.ndarray, ...] = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0, np.int64))
 
@@ -215,8 +225,11 @@ class Catalog:
 
 
 def open_catalog(path: str | Path) -> Catalog:
-    """Shared open catalog per file and process (units reuse positions already read); a rewritten file reopens."""
+    """Shared open catalog per file and process (units reuse positions already read); a rewritten file reopens.
+    A regular file only: a FIFO or device would block or never end."""
     st = Path(path).stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path} is not an ampel_dask catalog (not a regular file)")
     return _open(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
 
 

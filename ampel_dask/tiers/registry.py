@@ -10,7 +10,7 @@ from __future__ import annotations
 import typing
 from importlib.metadata import EntryPoint, entry_points
 
-from .base import Unit, UnitConfig
+from .base import Unit, UnitConfig, shown
 
 GROUP = "ampel_dask.units"
 
@@ -18,7 +18,7 @@ GROUP = "ampel_dask.units"
 class UnknownUnit(KeyError):
     def __str__(self) -> str:
         name, known = self.args
-        return f"unknown unit {name!r}; installed units: {', '.join(sorted(known)) or '(none)'}"
+        return f"unknown unit {shown(name)}; installed units: {', '.join(sorted(known)) or '(none)'}"
 
 
 _INSTALLED: dict[str, EntryPoint] = {}
@@ -60,6 +60,8 @@ def _type_name(annotation: object) -> str:
     if origin is None:
         return getattr(annotation, "__name__", str(annotation))
     args = typing.get_args(annotation)
+    if origin is typing.Annotated:  # e.g. WorkflowVariable: the type, without its validator
+        return _type_name(args[0])
     if origin in (typing.Union, types.UnionType):
         return " | ".join(_type_name(a) for a in args)
     if origin is typing.Literal:

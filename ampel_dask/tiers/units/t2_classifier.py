@@ -29,7 +29,10 @@ OK, NO_FEATURES = 0, 1
 
 
 def model_hash(path: str | Path) -> str:
-    """Content hash of a model file (see :func:`ampel_dask.keys.file_hash`)."""
+    """Content hash of a model file (see :func:`ampel_dask.keys.file_hash`). A regular file only: a device
+    or FIFO (``model: /dev/zero``) would never end."""
+    if Path(path).exists() and not Path(path).is_file():
+        raise ValueError(f"{path}: not a regular file")
     return file_hash(path)
 
 
@@ -45,7 +48,10 @@ def _load(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", InconsistentVersionWarning)
-        bundle = joblib.load(path)
+        try:
+            bundle = joblib.load(path)
+        except Exception as exc:  # a text or random file: unpickling fails in any of a dozen ways
+            raise ValueError(f"{path}: not a model file joblib can read ({type(exc).__name__}: {exc})") from None
     for other in (c for c in caught if not issubclass(c.category, InconsistentVersionWarning)):
         warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
     for w in (c.message for c in caught if issubclass(c.category, InconsistentVersionWarning)):
@@ -57,7 +63,20 @@ def _load(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
             )
     if not isinstance(bundle, dict) or bundle.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path}: not an ampel_dask classifier bundle ({MODEL_FORMAT})")
+    problems = _meta_problems(bundle)
+    if problems:
+        raise ValueError(f"{path}: not an ampel_dask classifier bundle (missing or malformed: {', '.join(problems)})")
     return bundle
+
+
+def _meta_problems(meta: dict[str, Any]) -> list[str]:
+    """The metadata planning reads that a bundle (or sidecar) lacks or has in the wrong shape."""
+    problems = [k for k in META_KEYS if k not in meta]
+    if not problems:
+        fu = meta["feature_unit"]
+        problems += [] if isinstance(fu, dict) and isinstance(fu.get("config"), dict) else ["feature_unit.config"]
+        problems += [k for k in ("features", "classes") if not isinstance(meta[k], list)]
+    return problems
 
 
 def _minor(version: str) -> tuple[str, ...]:
@@ -102,7 +121,7 @@ def model_metadata(path: str | Path) -> dict[str, Any]:
             meta = json.loads(side.read_text())
         except ValueError:
             meta = {}
-        if meta.get("model_hash") == digest and meta.get("format") == MODEL_FORMAT and all(k in meta for k in META_KEYS):
+        if isinstance(meta, dict) and meta.get("model_hash") == digest and meta.get("format") == MODEL_FORMAT and not _meta_problems(meta):
             return meta
     bundle = load_model(path)
     return {k: bundle[k] for k in META_KEYS} | {"model_hash": digest}

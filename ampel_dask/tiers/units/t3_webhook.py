@@ -2,8 +2,10 @@
 
 Secrets stay out of the workflow: the URL itself and header values (API keys, bearer tokens) may come
 from environment variables, are read only when the unit reacts, and never appear in logs, errors or
-the returned records. Transient failures (5xx, 429, connection errors, timeouts) are retried with
-exponential backoff; other 4xx answers mean the request is wrong and raise at once.
+the returned records. Only variables named ``AMPEL_DASK_SECRET_*`` may be named
+(:mod:`ampel_dask.tiers.env`): a workflow must not send the Kafka password, or anything else in the
+environment, to the URL it names. Transient failures (5xx, 429, connection errors, timeouts) are
+retried with exponential backoff; other 4xx answers mean the request is wrong and raise at once.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +23,8 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
-from ..base import T3Context, T3Unit, UnitConfig
+from ..base import T3Context, T3Unit, UnitConfig, shown
+from ..env import WorkflowVariable, read_variable
 from .t3_export import json_safe, match_columns, t2_columns
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoRedirect)
 
 BASE_FIELDS = ("object_id", "stock", "ra", "dec", "mjd")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}\Z")  # an HTTP header name (RFC 9110 token)
 USER_AGENT = "ampel-dask-T3Webhook/1"
 
 
@@ -51,15 +55,15 @@ class WebhookError(RuntimeError):
 
 class T3WebhookConfig(UnitConfig):
     url: str | None = Field(None, description="endpoint (http/https); not secret. Use url_env for a URL that is")
-    url_env: str | None = Field(None, description="environment variable holding the URL (e.g. a Slack webhook)")
+    url_env: WorkflowVariable | None = Field(None, description="environment variable AMPEL_DASK_SECRET_* holding the URL (e.g. a Slack webhook)")
     timeout: float = Field(10.0, gt=0, description="seconds per request")
     batch_size: int = Field(100, ge=1, description="max objects per request")
     columns: list[str] | None = Field(
         None, description="extra columns per object (shell patterns allowed); None = every T2 column"
     )
-    headers_from_env: dict[str, str] = Field(
+    headers_from_env: dict[str, WorkflowVariable] = Field(
         default_factory=dict,
-        description="header name -> environment variable holding its value, e.g. {'Authorization': 'TNS_TOKEN'}",
+        description="header name -> environment variable AMPEL_DASK_SECRET_* holding its value, e.g. {'Authorization': 'AMPEL_DASK_SECRET_TNS_TOKEN'}",
     )
     retries: int = Field(3, ge=0, description="extra attempts after a 5xx/429, timeout or connection error")
     backoff: float = Field(1.0, ge=0, description="first wait before a retry [s]; doubled each time")
@@ -70,6 +74,14 @@ class T3WebhookConfig(UnitConfig):
     def _http(cls, v: str | None) -> str | None:
         if v is not None and urlsplit(v).scheme not in ("http", "https"):
             raise ValueError("url must start with http:// or https://")
+        return v
+
+    @field_validator("headers_from_env")
+    @classmethod
+    def _header_names(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [h for h in v if not _TOKEN.match(h)]
+        if bad:
+            raise ValueError(f"not an HTTP header name: {', '.join(shown(h) for h in bad[:5])}")
         return v
 
     @model_validator(mode="after")
@@ -121,7 +133,7 @@ class T3Webhook(T3Unit):
         c = self.config
         if c.url is not None:
             return c.url, c.url
-        url = os.environ.get(c.url_env or "")
+        url = read_variable(c.url_env or "")
         if not url:
             raise WebhookError(f"{self.name()}: environment variable {c.url_env} (the webhook URL) is not set")
         parts = urlsplit(url)
@@ -132,9 +144,11 @@ class T3Webhook(T3Unit):
     def _secret_headers(self) -> dict[str, str]:
         out = {}
         for header, var in self.config.headers_from_env.items():
-            value = os.environ.get(var)
+            value = read_variable(var)
             if value is None:
                 raise WebhookError(f"{self.name()}: environment variable {var} (for header {header}) is not set")
+            if any(c in value for c in "\r\n\0"):  # http.client would refuse it, with the value in its message
+                raise WebhookError(f"{self.name()}: environment variable {var} (for header {header}) holds a line break or NUL")
             out[header] = value
         return out
 
