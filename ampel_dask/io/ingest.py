@@ -69,7 +69,7 @@ def ingest(
     """Ingest alert packets into an archive; see :class:`IngestReport` for the reconciled counts."""
     opts = options or IngestOptions()
     inputs = expand(sources)
-    report = IngestReport(skipped_files=[str(p) for p in inputs.skipped])
+    report = IngestReport(skipped_files=inputs.skipped_files())
     work = chunks(inputs, int(opts.chunk_mb * 2**20), opts.chunk_packets)
     return _ingest(work, archive, opts, client, report, inputs.total_bytes)
 
