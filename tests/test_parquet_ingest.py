@@ -232,7 +232,7 @@ def test_parquet_written_from_avro_alerts_archives_the_same_rows(group_archives,
     assert len(ztf) >= 12 and {"elasticc 0.9", "lsst 9.0", "lsst 10.0"} <= lsst  # ZTF 1.1-4.02, Rubin, ELAsTiCC
 
 
-def test_fink_dumps_agree_with_the_same_alerts_as_avro(group_archives, data_dir, tmp_path):
+def test_fink_dumps_agree_with_the_same_alerts_as_avro(group_archives, data_dir, manifest, tmp_path):
     """Fink's own dumps hold alerts also shipped as Avro (ztf/fink_client). Spark-written (types as the
     packet's): equal in every column. pandas-written (superluminous: prv_candidates.candid is float64, as
     an int column with nulls becomes in pandas): equal except that the history detections, whose ids
@@ -246,6 +246,12 @@ def test_fink_dumps_agree_with_the_same_alerts_as_avro(group_archives, data_dir,
     assert len(spark) == 67 and set(spark) <= set(avro)
     for alert_id, row in spark.items():
         assert differing(row, avro[alert_id]) == [], alert_id
+    # one alert whichever form it came in: the Avro packets after the dump add only the alerts it lacks
+    rows = manifest["ztf_fink_client"]
+    unique = {int(r["alert_id"]) for r in rows}
+    report = ingest([str(data_dir / group_location(rows))], root, OPTS)
+    assert (report.read, report.ingested) == (len(rows), len(unique - set(spark)))
+    assert report.duplicates == len(rows) - report.ingested
 
     path = data_dir / "parquet" / "fink_ztf_superluminous.parquet"
     prv_type = pq.read_schema(path).field("prv_candidates").type.value_type.field("candid").type
