@@ -36,7 +36,7 @@ def main() -> None:
 @click.option("--progress/--no-progress", default=None, help="progress bar (default: on a terminal)")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary as the last stdout line")
 def ingest(sources, archive, workers, chunk_mb, schema_dirs, progress, as_json) -> None:
-    """Read alert packets (files, folders, globs, nightly tarballs) into a Parquet archive.
+    """Read alert packets (files, folders, globs, nightly tarballs, Parquet alert dumps) into a Parquet archive.
 
     Exit code 0 when every packet was ingested (or already there), 3 when some were quarantined.
     """

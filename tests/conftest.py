@@ -43,6 +43,23 @@ def group_location(rows: list[dict]) -> str:
     return "/".join(parts[:2])
 
 
+def dump_alert_ids(location: Path) -> list[int]:
+    """Alert ids of the Parquet alert dumps at or under ``location`` (a folder's dumps are ingested with
+    it), read with pyarrow alone: ZTF ``candidate.candid``, Rubin ``diaSource.diaSourceId``."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    paths = [location] if location.is_file() else sorted(location.rglob("*.parquet"))
+    ids: list[int] = []
+    for path in paths:
+        if path.suffix != ".parquet":
+            continue
+        names = pq.read_schema(path).names
+        col, key = ("candidate", "candid") if "candidate" in names else ("diaSource", "diaSourceId")
+        ids += pc.struct_field(pq.read_table(path, columns=[col]).column(col), key).to_pylist()
+    return ids
+
+
 @pytest.fixture(scope="session")
 def group_archives(tmp_path_factory, data_dir, manifest):
     """Every manifest group ingested into its own archive, in this process: {group: (root, report)}."""

@@ -3,7 +3,8 @@
 This runs on Dask workers. Records are grouped by writer schema, decoded into Arrow by DataFusion (see
 :mod:`.columnar`) and normalised with one columnar pass per group; if a group fails as a whole, its
 records are retried one by one so that a single bad record is quarantined without taking its
-neighbours with it.
+neighbours with it. Rows of Parquet alert dumps (:mod:`.parquet_alerts`) take the same normalisers, batch
+by batch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..keys import record_hash
-from . import lsst, ztf
+from . import lsst, parquet_alerts, ztf
 from .archive import Staged, stage
 from .files import atomic_write, sync
 from .avro import Block, Damage, Record, SchemaCache, WriterSchema, frame, iter_packet, single_record_container
@@ -160,6 +161,16 @@ def decode_chunk(chunk: Chunk, tmp_dir: str, quarantine_dir: str, schema_dirs: l
             for origin, reason in bad:
                 quarantine(QuarantineEntry(origin.packet.source, origin.packet.member, origin.offset, origin.index, f"cannot normalise: {reason}", _origin_raw(origin, cache)))
 
+    _stage(by_survey, tmp_dir, result)
+    if chunk.slices:
+        _decode_slices(chunk.slices, tmp_dir, result, quarantine)
+    if result.staged:
+        sync()  # once per chunk, not an fsync per file: staged parts are on disk before they are published
+    return result
+
+
+def _stage(by_survey: dict[str, list[Normalized]], tmp_dir: str, result: ChunkResult) -> None:
+    """Normalised rows -> one staged part per survey and night."""
     for survey, norms in by_survey.items():
         alerts = [n.alerts for n in norms if n.alerts is not None and n.alerts.num_rows]
         if not alerts:
@@ -172,9 +183,40 @@ def decode_chunk(chunk: Chunk, tmp_dir: str, quarantine_dir: str, schema_dirs: l
         for night in nights[np.sort(first)]:  # in order of appearance: of two copies of an alert, the first is kept
             part = rows_where(table, nights == night)
             result.staged.append(stage(part, cutouts if cutouts.num_rows else None, Path(tmp_dir), durable=False))  # stage() picks this night's cutouts
-    if result.staged:
-        sync()  # once per chunk, not an fsync per file: staged parts are on disk before they are published
-    return result
+
+
+@dataclass
+class _Row:
+    """Where one Parquet row came from (the ``source`` column and quarantine)."""
+
+    label: str
+    index: int  # position in its batch
+
+
+def _decode_slices(slices: list[parquet_alerts.Slice], tmp_dir: str, result: ChunkResult, quarantine) -> None:
+    """Parquet dumps: record batches, conformed to the Avro path's Arrow shapes, normalised as its
+    schema groups are (a bad row is quarantined alone) and staged every ``batch_rows`` alerts, so that
+    a big row group is never held whole."""
+    by_survey: dict[str, list[Normalized]] = defaultdict(list)
+    held = 0
+    for sl in slices:
+        result.read += sl.rows
+        for batch in parquet_alerts.read(sl):
+            if isinstance(batch, parquet_alerts.BadRows):
+                quarantine(QuarantineEntry(sl.path, None, None, batch.row, batch.reason, records=batch.records))
+                continue
+            rows = [_Row(batch.label(i), i) for i in range(len(batch.rows))]
+            for norm, bad in _normalize_group(sl.dump.survey, sl.dump.schema, batch.rows, rows):
+                by_survey[sl.dump.survey].append(norm)
+                for row, reason in bad:
+                    entry = f"cannot normalise: {reason}{batch.note(row.index)}"
+                    quarantine(QuarantineEntry(sl.path, None, None, batch.first_row + row.index, entry, batch.raw(row.index)))
+            held += len(rows)
+            if held >= sl.batch_rows:
+                _stage(by_survey, tmp_dir, result)
+                by_survey.clear()
+                held = 0
+    _stage(by_survey, tmp_dir, result)
 
 
 def _fast_groups(fast: dict[str, list], tmp_dir: str) -> tuple[list[_Group], list[tuple[int, Packet, bytes]]]:
@@ -222,8 +264,9 @@ def _careful_groups(careful: list[tuple[int, Packet, bytes]], cache: SchemaCache
             for key, recs in by_schema.items()]  # fmt: skip
 
 
-def _normalize_group(survey: str, ws: WriterSchema, rows: pa.StructArray, origins: list[_Origin]) -> list[tuple[Normalized, list[tuple[_Origin, str]]]]:
-    """Normalise a schema group at once; on failure, one record at a time to isolate the bad ones."""
+def _normalize_group(survey: str, ws: WriterSchema, rows: pa.StructArray, origins: list) -> list[tuple[Normalized, list[tuple]]]:
+    """Normalise a schema group at once; on failure, one record at a time to isolate the bad ones.
+    ``origins`` (one per record, with a ``label``) come back with the reasons of the records refused."""
     try:
         norm = NORMALIZERS[survey](rows, ws, [o.label for o in origins])
     except Exception as exc:  # a normaliser bug or a value no column can hold: find the culprit(s)

@@ -66,7 +66,7 @@ def source_chunks(sources: list[str], opts: IngestOptions) -> tuple[Iterator[Chu
     """The work of an ingest of files, folders, globs or tarballs: its chunks (lazy), a report that knows
     the files skipped, and the input's bytes (for progress)."""
     inputs = expand(sources)
-    report = IngestReport(skipped_files=[str(p) for p in inputs.skipped])
+    report = IngestReport(skipped_files=inputs.skipped_files())
     return chunks(inputs, int(opts.chunk_mb * 2**20), opts.chunk_packets), report, inputs.total_bytes
 
 

@@ -90,17 +90,21 @@ def assemble_dps(n_alerts: int, parts: list[DatapointPart]) -> pa.ListArray:
         cols[name] = pa.concat_arrays(
             [pc.cast(p.columns[name], typ) if name in p.columns else pa.nulls(len(p.alert), typ) for p in parts]
         )
-    dp_id = cols["dp_id"].to_numpy(zero_copy_only=False)
+    # int64 whatever the nulls (a record without a trigger id, refused later): as float64, ids of ~1e18
+    # that differ by less than 256 compared equal and were dropped as repeats, in every alert of the batch
+    has_id = np.asarray(cols["dp_id"].is_valid())
+    dp_id = pc.fill_null(cols["dp_id"], 0).to_numpy(zero_copy_only=False)
     mjd = np.nan_to_num(f64(cols["mjd"]), nan=np.inf)
     n = len(alert)
     # the same datapoint twice in one alert (e.g. a prv entry repeating the trigger): keep the first
     by_id = np.lexsort((np.arange(n), dp_id, alert))
     repeat = np.zeros(n, dtype=bool)
-    repeat[1:] = (alert[by_id][1:] == alert[by_id][:-1]) & (dp_id[by_id][1:] == dp_id[by_id][:-1])
+    same = (alert[by_id][1:] == alert[by_id][:-1]) & (dp_id[by_id][1:] == dp_id[by_id][:-1])
+    repeat[1:] = same & has_id[by_id][1:] & has_id[by_id][:-1]
     keep = np.ones(n, dtype=bool)
     keep[by_id[repeat]] = False
     sel = np.flatnonzero(keep)
-    order = sel[np.lexsort((dp_id[sel], mjd[sel], alert[sel]))]
+    order = sel[np.lexsort((dp_id[sel], ~has_id[sel], mjd[sel], alert[sel]))]  # a missing id after the others
     alert_s = alert[order]
     idx = pa.array(order)
     struct = pa.StructArray.from_arrays([cols[n].take(idx) for n in DATAPOINT_FIELDS], fields=list(DATAPOINT))

@@ -17,7 +17,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 from zlib_ng import gzip_ng
+
+from . import parquet_alerts
 
 PACKET_SUFFIXES = (".avro", ".avro.gz", ".avro.gzip")
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
@@ -54,6 +57,7 @@ class Chunk:
     packets: list[Packet] = field(default_factory=list)
     nbytes: int = 0
     problems: list[tuple[str, str | None, str, bytes]] = field(default_factory=list)  # (source, member, reason, raw)
+    slices: list[parquet_alerts.Slice] = field(default_factory=list)  # row groups of Parquet dumps
 
 
 @dataclass
@@ -62,10 +66,15 @@ class Inputs:
     tarballs: list[Path]
     skipped: list[Path]
     problems: list[tuple[str, str | None, str, bytes]] = field(default_factory=list)  # e.g. unreadable folders
+    dumps: list[parquet_alerts.Dump] = field(default_factory=list)
+    skip_reasons: dict[Path, str] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.files + self.tarballs)
+        return sum(p.stat().st_size for p in self.files + self.tarballs) + sum(b for d in self.dumps for _, b in d.row_groups)
+
+    def skipped_files(self) -> list[str]:
+        return [f"{p} ({self.skip_reasons[p]})" if p in self.skip_reasons else str(p) for p in self.skipped]
 
 
 def _is_tar(p: Path) -> bool:
@@ -76,11 +85,17 @@ def _is_packet(p: Path) -> bool:
     return p.name.endswith(PACKET_SUFFIXES)
 
 
+def _is_parquet(p: Path) -> bool:
+    return p.name.endswith(parquet_alerts.SUFFIXES)
+
+
 def expand(sources: list[str]) -> Inputs:
     """Resolve SOURCE arguments; a directory (named, or matched by a glob) is searched recursively for
-    packets and tarballs. A directory that cannot be read is a problem of the ingest, never skipped
-    silently."""
+    packets, tarballs and Parquet dumps. A directory that cannot be read is a problem of the ingest, never
+    skipped silently; a Parquet file that is not an alert dump is skipped with its reason, or refused
+    when named on its own."""
     files: list[Path] = []
+    parquet: list[tuple[Path, bool]] = []
     tarballs: list[Path] = []
     skipped: list[Path] = []
     problems: list[tuple[str, str | None, str, bytes]] = []
@@ -92,6 +107,8 @@ def expand(sources: list[str]) -> Inputs:
         seen.add(real)
         if _is_tar(p):
             tarballs.append(p)
+        elif _is_parquet(p) or (explicit and parquet_alerts.has_magic(p)):
+            parquet.append((p, explicit))
         elif explicit or _is_packet(p):
             files.append(p)
         else:
@@ -126,7 +143,18 @@ def expand(sources: list[str]) -> Inputs:
                     add(mp, os.path.realpath(mp), explicit=_is_packet(mp) or _is_tar(mp))
         else:
             raise SourceError(f"no such file or directory: {src}")
-    return Inputs(files, tarballs, skipped, problems)
+    inputs = Inputs(files, tarballs, skipped, problems)
+    for p, named in parquet:
+        try:
+            inputs.dumps.append(parquet_alerts.open_dump(p))
+        except parquet_alerts.NotAlertDump as exc:
+            if named:
+                raise SourceError(f"{p}: {exc}") from None
+            skipped.append(p)
+            inputs.skip_reasons[p] = str(exc)
+        except (OSError, pa.ArrowException) as exc:
+            problems.append((str(p), None, f"unreadable Parquet file: {type(exc).__name__}: {exc}", b""))
+    return inputs
 
 
 def chunks(inputs: Inputs, max_bytes: int, max_packets: int) -> Iterator[Chunk]:
@@ -145,6 +173,20 @@ def chunks(inputs: Inputs, max_bytes: int, max_packets: int) -> Iterator[Chunk]:
             index += 1
             cur = Chunk(index)
     if cur.packets or cur.problems:
+        yield cur
+        index += 1
+        cur = Chunk(index)
+    rows = 0
+    for dump in inputs.dumps:  # Parquet: whole row groups, gathered across files like packets
+        for sl in parquet_alerts.slices(dump, max_bytes, max_packets):
+            if cur.slices and (rows + sl.rows > max_packets or cur.nbytes + sl.nbytes > max_bytes):
+                yield cur
+                index += 1
+                cur, rows = Chunk(index), 0
+            cur.slices.append(sl)
+            cur.nbytes += sl.nbytes
+            rows += sl.rows
+    if cur.slices:
         yield cur
         index += 1
         cur = Chunk(index)
