@@ -32,22 +32,36 @@ def main() -> None:
 @click.option("--chunk-mb", type=click.FloatRange(min=0, min_open=True), default=32.0, show_default=True, help="input MB per decode task")
 @click.option("--schema-dir", "schema_dirs", multiple=True, type=click.Path(exists=True, file_okay=False), help="extra Rubin schema folder (wire format)")
 @click.option("--progress/--no-progress", default=None, help="progress bar (default: on a terminal)")
+@click.option("--follow-links", is_flag=True, help="follow symlinks that point out of the given sources")
+@click.option("--max-file-mb", type=click.FloatRange(min=0, min_open=True), default=256.0, show_default=True, help="largest packet file or tarball member (MiB, as read)")
+@click.option("--max-packet-mb", type=click.FloatRange(min=0, min_open=True), default=256.0, show_default=True, help="largest packet inflated (MiB: gunzipped, Avro blocks together)")
+@click.option("--max-block-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True, help="largest Avro block inflated (MiB)")
+@click.option("--quarantine-keep-mb", type=click.FloatRange(min=0), default=16.0, show_default=True, help="MiB of a bad input's original bytes kept in quarantine")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary as the last stdout line")
-def ingest(sources, archive, workers, chunk_mb, schema_dirs, progress, as_json) -> None:
+def ingest(sources, archive, workers, chunk_mb, schema_dirs, progress, follow_links, max_file_mb, max_packet_mb, max_block_mb, quarantine_keep_mb, as_json) -> None:
     """Read alert packets (files, folders, globs, nightly tarballs) into a Parquet archive.
 
-    Exit code 0 when every packet was ingested (or already there), 3 when some were quarantined.
+    Exit code 0 when every packet was ingested (or already there), 3 when some were quarantined
+    (including anything past a size limit). Special files (FIFOs, devices, sockets) and symlinks out of
+    the sources are skipped with the reason.
     """
     from .io.ingest import IngestOptions, ingest as run_ingest
     from .io.sources import SourceError
 
-    opts = IngestOptions(workers=workers, chunk_mb=chunk_mb, schema_dirs=list(schema_dirs), progress=progress)
+    opts = IngestOptions(workers=workers, chunk_mb=chunk_mb, schema_dirs=list(schema_dirs), progress=progress, follow_links=follow_links,
+                         max_file_mb=max_file_mb, max_packet_mb=max_packet_mb, max_block_mb=max_block_mb, quarantine_keep_mb=quarantine_keep_mb)  # fmt: skip
     try:
         report = run_ingest(list(sources), archive, opts)
     except SourceError as exc:
         raise click.UsageError(str(exc)) from exc
     if report.skipped_files:
         click.echo(f"skipped {len(report.skipped_files)} file(s) that are not alert packets, e.g. {report.skipped_files[0]}", err=True)
+    if report.skipped_reasons:
+        click.echo(f"skipped {len(report.skipped_reasons)} file(s) that are not read:", err=True)
+        for path, why in list(report.skipped_reasons.items())[:20]:
+            click.echo(f"  {path!r}: {why}", err=True)  # repr: a name cannot move the terminal's cursor
+        if len(report.skipped_reasons) > 20:
+            click.echo(f"  ... and {len(report.skipped_reasons) - 20} more", err=True)
     line = (
         f"read {report.read}: ingested {report.ingested}, duplicates {report.duplicates}, "
         f"quarantined {report.quarantined}; {report.partitions} new partition(s) in {report.seconds:.1f} s"
@@ -57,7 +71,7 @@ def ingest(sources, archive, workers, chunk_mb, schema_dirs, progress, as_json) 
         reasons = ", ".join(f"{k} ({v})" for k, v in sorted(report.quarantine_reasons.items()))
         click.echo(f"quarantined packets are in {archive}/quarantine: {reasons}", err=True)
     if as_json:
-        _emit_json(report.summary())
+        _emit_json(report.summary() | {"skipped": len(report.skipped_files) + len(report.skipped_reasons)})
     sys.exit(EXIT_QUARANTINED if report.quarantined else 0)
 
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from .archive import Archive, Partition, discard
 from .decode import ChunkResult, decode_chunk
+from .limits import MiB, Limits
 from .processes import local_cluster
 from .sources import Chunk, Packet, chunks, expand
 
@@ -33,6 +34,17 @@ class IngestOptions(BaseModel):
     chunk_packets: int = Field(2000, gt=0, description="packets per decode task")
     schema_dirs: list[str] = Field(default_factory=list, description="extra folders of Rubin wire schemas")
     progress: bool | None = Field(None, description="progress bar; None = when stderr is a terminal")
+    follow_links: bool = Field(False, description="follow symlinks that point out of the given sources")
+    # what one input may cost (io/limits.py); past a limit, the input is quarantined with the reason
+    max_file_mb: float = Field(256.0, gt=0, description="MiB of a packet file or tarball member, as read")
+    max_packet_mb: float = Field(256.0, gt=0, description="MiB of a packet inflated (gunzipped, its Avro blocks together)")
+    max_block_mb: float = Field(64.0, gt=0, description="MiB of one Avro block inflated")
+    quarantine_keep_mb: float = Field(16.0, ge=0, description="MiB of a bad input's original bytes kept in quarantine")
+
+    def limits(self) -> Limits:
+        mib = lambda mb: max(1, int(mb * MiB))  # noqa: E731
+        return Limits(file_bytes=mib(self.max_file_mb), packet_bytes=mib(self.max_packet_mb), block_bytes=mib(self.max_block_mb),
+                      quarantine_bytes=int(self.quarantine_keep_mb * MiB))  # fmt: skip
 
 
 @dataclass
@@ -44,6 +56,7 @@ class IngestReport:
     partitions: int = 0
     seconds: float = 0.0
     skipped_files: list[str] = field(default_factory=list)
+    skipped_reasons: dict[str, str] = field(default_factory=dict)  # files not read, and why (special files, links out)
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     new_partitions: list[Partition] = field(default_factory=list)
     # archived parts that already held this ingest's duplicates: with new_partitions, every part that
@@ -68,9 +81,9 @@ def ingest(
 ) -> IngestReport:
     """Ingest alert packets into an archive; see :class:`IngestReport` for the reconciled counts."""
     opts = options or IngestOptions()
-    inputs = expand(sources)
-    report = IngestReport(skipped_files=[str(p) for p in inputs.skipped])
-    work = chunks(inputs, int(opts.chunk_mb * 2**20), opts.chunk_packets)
+    inputs = expand(sources, opts.follow_links)
+    report = IngestReport(skipped_files=[str(p) for p in inputs.skipped], skipped_reasons=dict(inputs.refused))
+    work = chunks(inputs, int(opts.chunk_mb * 2**20), opts.chunk_packets, opts.limits())
     return _ingest(work, archive, opts, client, report, inputs.total_bytes)
 
 
@@ -104,7 +117,7 @@ def _ingest(work: Iterator[Chunk], archive: str | Path | Archive, opts: IngestOp
     arch = archive if isinstance(archive, Archive) else Archive(archive)
     arch.create()
     run_tmp = arch.tmp_dir / uuid.uuid4().hex
-    args = (str(run_tmp), str(arch.quarantine_dir), opts.schema_dirs)
+    args = (str(run_tmp), str(arch.quarantine_dir), opts.schema_dirs, opts.limits())
     bar = _progress(opts.progress, total_bytes)
     results: dict[int, ChunkResult] = {}
     try:
