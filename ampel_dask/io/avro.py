@@ -12,7 +12,6 @@ import io
 import json
 import os
 import struct
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,7 +187,7 @@ def iter_packet(data: bytes, cache: SchemaCache, limits: Limits = DEFAULT_LIMITS
         except TooLarge as exc:
             yield Damage(0, f"gzip packet {exc}", data)
             return
-        except (OSError, EOFError, zlib.error) as exc:
+        except Exception as exc:  # zlib's errors, a truncated stream, bytes after it that are not gzip
             yield Damage(0, f"gzip stream unreadable: {exc}", data)
             return
         kind = packet_kind(data)
@@ -245,7 +244,7 @@ def frame(data: bytes, cache: SchemaCache, limits: Limits = DEFAULT_LIMITS) -> t
     if packet_kind(data) == "gzip":
         try:
             data = gunzip(data, limits.packet_bytes)
-        except (OSError, EOFError, zlib.error, TooLarge):
+        except Exception:
             return None
     if packet_kind(data) != "container":
         return None
@@ -281,7 +280,9 @@ def _blocks(data: bytes, cache: SchemaCache, limits: Limits = DEFAULT_LIMITS) ->
         try:
             count, pos = _varint(data, pos)
             size, pos = _varint(data, pos)
-            if count < 0 or size < 0 or pos + size + SYNC_SIZE > end:
+            if count < 0 or size < 0:
+                raise ValueError(f"block header declares {count} records in {size} bytes (negative)")
+            if pos + size + SYNC_SIZE > end:
                 raise EOFError(f"block of {size} bytes runs past the end of the file (truncated?)")
             packed = data[pos : pos + size]
             pos += size

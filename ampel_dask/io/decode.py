@@ -9,6 +9,7 @@ neighbours with it.
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from .normalize import Normalized, rows_where
 from .sources import Chunk, Packet
 
 NORMALIZERS = {"ztf": ztf.normalize, "lsst": lsst.normalize}
+_NUMBER = re.compile(r"\d+")
 _CACHE: SchemaCache | None = None  # one per worker process: parsed schemas survive across chunks
 
 
@@ -139,7 +141,7 @@ def decode_chunk(chunk: Chunk, tmp_dir: str, quarantine_dir: str, schema_dirs: l
     def quarantine(entry: QuarantineEntry) -> None:
         entry.write(qdir, limits.quarantine_bytes)
         result.quarantined += entry.records
-        reason = entry.reason.split(":")[0].split(" (")[0]
+        reason = _NUMBER.sub("N", entry.reason.split(":")[0].split(" (")[0])  # one kind, wherever it was
         result.reasons[reason] = result.reasons.get(reason, 0) + entry.records
 
     def read(packet: Packet) -> bytes | None:
