@@ -13,7 +13,10 @@ import lzma
 import os
 import stat
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from zlib_ng import zlib_ng  # inflates the same bytes as zlib, 1.5-2x faster
 
@@ -80,15 +83,21 @@ def gunzip(data: bytes, cap: int) -> bytes:
             return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
-def read_regular(path: str, cap: int) -> bytes:
-    """A regular file's bytes, at most ``cap`` of them (else :class:`TooLarge` with its first bytes).
-    Opened without blocking and checked after opening: a FIFO or device put in a file's place is refused,
-    never read (``OSError``)."""
+@contextmanager
+def open_regular(path) -> Iterator[BinaryIO]:
+    """A regular file opened for reading: opened without blocking and checked once open, so a FIFO or
+    device (even one put in a file's place after it was listed) is refused with ``OSError``, never read."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     with os.fdopen(fd, "rb") as fh:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise OSError(f"not a regular file ({file_kind(mode)}): {path}")
+        yield fh
+
+
+def read_regular(path, cap: int) -> bytes:
+    """A regular file's bytes, at most ``cap`` of them (else :class:`TooLarge` with its first bytes)."""
+    with open_regular(path) as fh:
         data = fh.read(cap + 1)
     if len(data) > cap:
         raise TooLarge(larger(cap), data)
