@@ -4,6 +4,10 @@ fastavro's ``reader`` parses the writer schema of every file again; alert archiv
 one-alert files sharing a handful of schemas, so here the container framing is read directly and each
 distinct writer schema is parsed once per process. Reading block by block also lets a damaged block be
 skipped (resynchronising on the sync marker) without losing the good records around it.
+
+A container names its own writer schema and record counts, so both are checked before anything is
+decoded: a schema that would crash or hang a decoder is refused (:mod:`.schema_check`), a block's count
+must fit its bytes, and no block or packet may inflate past its limit (:mod:`.limits`).
 """
 
 from __future__ import annotations

@@ -27,8 +27,9 @@ def min_record_bytes(parsed) -> int:
     named = parsed.get("__named_schemas") or {}
     sizes: dict[str, int] = {}  # named types already sized
 
-    def size(t, path: tuple[str, ...]) -> int:
-        if len(path) > MAX_DEPTH:
+    def size(t, path: tuple[str, ...], depth: int = 0) -> int:
+        """Least bytes of type ``t``; ``path``: the records being walked (a name met again is recursion)."""
+        if depth > MAX_DEPTH:
             raise Refused(f"it nests more than {MAX_DEPTH} types deep (at {'.'.join(path[-3:])})")
         if isinstance(t, str):
             if t in PRIMITIVE_BYTES:
@@ -38,19 +39,18 @@ def min_record_bytes(parsed) -> int:
             if t not in sizes:
                 if t not in named:
                     raise Refused(f"it refers to an undefined type {_show(t)}")
-                sizes[t] = size(named[t], path)
+                sizes[t] = size(named[t], path, depth)
             return sizes[t]
         if isinstance(t, list):  # a union: its branch index, then the smallest branch
-            return 1 + min((size(b, path) for b in t), default=0)
+            return 1 + min((size(b, path, depth + 1) for b in t), default=0)
         if not isinstance(t, dict):
             raise Refused(f"it holds a type that is neither a name, a union nor an object: {_show(t)}")
         kind = t.get("type")
         name = t.get("name")
         if kind in ("record", "error"):
-            here = (*path, name)
             if name in path:
                 raise Refused(_recursion(name, named, path))
-            n = sum(size(f.get("type"), here) for f in t.get("fields", []))
+            n = sum(size(f.get("type"), (*path, name), depth + 1) for f in t.get("fields", []))
             sizes[name] = n
             return n
         if kind == "enum":
@@ -59,10 +59,10 @@ def min_record_bytes(parsed) -> int:
             return int(t.get("size", 0))
         if kind in ("array", "map"):
             inner = t.get("items") if kind == "array" else t.get("values")
-            if size(inner, path) == 0 and kind == "array":
+            if size(inner, path, depth + 1) == 0 and kind == "array":
                 raise Refused(f"an array of items that take no bytes ({_show(inner)}): a forged count would loop without reading")
             return 1  # an empty array or map is one byte (the end of its blocks)
-        return size(kind, path)  # {"type": "long", "logicalType": ...} and the like
+        return size(kind, path, depth)  # {"type": "long", "logicalType": ...} and the like
 
     try:
         n = size(parsed, ())
