@@ -514,3 +514,76 @@ def test_bombs_are_quarantined_in_bounded_memory(tmp_path, data_dir):
                 kept = (tmp_path / "a" / "quarantine" / e["raw_file"]).read_bytes()
                 assert kept in bombs_[Path(s).name] and len(kept) == e["raw_bytes"] <= 16 << 20
     assert summary["read"] == summary["ingested"] + summary["duplicates"] + summary["quarantined"]
+
+
+# --- properties of the capped inflaters and of the gzip stream (hypothesis) ------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from ampel_dask.io.gzip_stream import GzipStream  # noqa: E402
+from ampel_dask.io.limits import TooLarge, gunzip, inflate_block  # noqa: E402
+
+# bytes that compress well and badly: runs of a byte, random bytes, and both
+CONTENT = st.lists(st.one_of(st.binary(max_size=3000), st.tuples(st.integers(0, 255), st.integers(1, 200_000)).map(lambda t: bytes([t[0]]) * t[1])), max_size=6).map(b"".join)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(content=CONTENT, codec=st.sampled_from(["null", "deflate", "bzip2", "xz", "snappy", "zstandard"]), slack=st.integers(-5000, 5000))
+def test_a_capped_inflater_gives_the_bytes_or_stops_past_the_cap(content, codec, slack):
+    """Every codec: the original bytes when they fit the cap, TooLarge when they do not (the codec
+    libraries compress; the cap is the content's own length plus or minus a little)."""
+    cap = max(0, len(content) + slack)
+    packed = content if codec == "null" else compress(codec, content)
+    if len(content) <= cap:
+        assert inflate_block(codec, packed, cap) == content
+    else:
+        with pytest.raises(TooLarge):
+            inflate_block(codec, packed, cap)
+    members = [gzip.compress(content, mtime=0), gzip.compress(content[:7], mtime=0)]
+    whole = b"".join(members)
+    if len(content) + min(7, len(content)) <= cap:
+        assert gunzip(whole, cap) == content + content[:7]
+    else:
+        with pytest.raises(TooLarge):
+            gunzip(whole, cap)
+
+
+def _reference_prefix(data: bytes) -> tuple[bytes, bool]:
+    """What a gzip file inflates to before its first error, fed to zlib one byte at a time (slow and
+    plain: the reference for GzipStream), and whether it ended cleanly."""
+    out, d, i = [], zlib.decompressobj(31), 0
+    while i < len(data):
+        try:
+            out.append(d.decompress(data[i : i + 1]))
+        except zlib.error:
+            return b"".join(out), False
+        i += 1
+        if d.eof:
+            rest = d.unused_data + data[i:]
+            if not rest.strip(b"\0"):
+                return b"".join(out), True
+            rest = rest.lstrip(b"\0")
+            i = len(data) - len(rest)
+            d = zlib.decompressobj(31)
+    return b"".join(out), False
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(parts=st.lists(CONTENT, min_size=1, max_size=3), damage=st.one_of(st.none(), st.tuples(st.floats(0, 1), st.integers(0, 255))), cut=st.one_of(st.none(), st.floats(0, 1)))
+def test_the_gzip_stream_delivers_every_byte_before_the_damage(parts, damage, cut):
+    """One or more gzip members, perhaps with a byte changed or the end cut off: GzipStream delivers
+    exactly what zlib, fed one byte at a time, inflates before its first error, and names a problem
+    exactly when that reference does not end cleanly."""
+    data = bytearray(b"".join(gzip.compress(p, mtime=0) for p in parts))
+    if damage is not None:
+        data[int(damage[0] * (len(data) - 1))] = damage[1]
+    if cut is not None:
+        data = data[: int(cut * len(data))]
+    expected, clean = _reference_prefix(bytes(data))
+    if not data:
+        expected, clean = b"", False
+    stream = io.BufferedReader(GzipStream(io.BytesIO(bytes(data))), 1 << 16)
+    got = b"".join(iter(lambda: stream.read(50_000), b""))
+    assert got == expected
+    assert (stream.raw.problem is None) == clean, stream.raw.problem

@@ -25,6 +25,7 @@ class GzipStream(io.RawIOBase):
         self._fh = fh
         self._d = zlib_ng.decompressobj(_GZIP)
         self._out = memoryview(b"")
+        self._pending = b""  # input read already, for the next member
         self._ended = False
         self.consumed = 0  # compressed bytes read so far
         self.problem: str | None = None
@@ -42,12 +43,18 @@ class GzipStream(io.RawIOBase):
         return n
 
     def _input(self) -> bytes:
-        data = self._fh.read(_PIECE)
-        self.consumed += len(data)
+        data = self._pending or self._fh.read(_PIECE)
+        if not self._pending:
+            self.consumed += len(data)
+        self._pending = b""
         return data
 
     def _step(self) -> None:
+        """One call of the decompressor (or the move to the next member): fills ``_out`` or ends."""
         d = self._d
+        if d.eof:
+            self._next_member()
+            return
         data = d.unconsumed_tail or self._input()
         if not data:
             self._end("the gzip stream ends before its end marker (truncated)")
@@ -61,30 +68,21 @@ class GzipStream(io.RawIOBase):
             self._end(f"gzip data damaged at compressed byte {self.consumed - len(data) + at}: {exc}")
             return
         self._out = memoryview(out)
-        if d.eof:  # a member ends: another may follow, or zero padding, or the end of the file
-            rest = d.unused_data
-            while not rest.strip(b"\0"):
-                more = self._input()
-                if not more:
-                    self._ended = True
-                    return
-                rest = more
-            rest = rest.lstrip(b"\0")
-            if rest[:2] != b"\x1f\x8b"[: len(rest)]:
-                self._end(f"bytes that are not gzip after the end of the stream (compressed byte ~{self.consumed - len(rest)})")
-                return
-            self._d = zlib_ng.decompressobj(_GZIP)
-            self._restart(rest)
 
-    def _restart(self, rest: bytes) -> None:
-        """Feed the start of the next member (already read) through the new decompressor."""
-        before = self._d.copy()
-        try:
-            out = self._d.decompress(rest, _OUT)
-        except zlib_ng.error as exc:
-            out, at = _salvage(before, rest)
-            self._end(f"gzip data damaged at compressed byte {self.consumed - len(rest) + at}: {exc}")
-        self._out = memoryview(bytes(self._out) + out) if self._out else memoryview(out)
+    def _next_member(self) -> None:
+        """After a member's end: another member, zero padding, or the end of the file."""
+        rest = self._d.unused_data
+        while not rest.strip(b"\0"):
+            rest = self._input()
+            if not rest:
+                self._ended = True
+                return
+        rest = rest.lstrip(b"\0")
+        if rest[:2] != b"\x1f\x8b"[: len(rest)]:
+            self._end(f"bytes that are not gzip after the end of the stream (compressed byte ~{self.consumed - len(rest)})")
+            return
+        self._d = zlib_ng.decompressobj(_GZIP)
+        self._pending = rest  # read again by the next step, not counted twice
 
     def _end(self, problem: str) -> None:
         self._ended = True
