@@ -182,7 +182,7 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
             read = next((k for k in (f"rows-{q.key}", f"read-{q.key}") if k in dsk), None)
             # a unit the run read: its histories are decoded once, here, for its packet channels' T1 too
             t1s = t1_of_unit.pop(q.key, []) if read else []
-            dsk[f"hist-{hk}"] = (tasks.history_pieces, root, q.paths, stocks_key, shuffle, hk, history_buckets, read, [t0 for _, t0 in t1s])
+            dsk[f"hist-{hk}"] = (tasks.history_pieces, root, q.paths, stocks_key, shuffle, hk, history_buckets, read, [t0 for _, t0 in t1s], c.access)
             # the t1h tasks wait for every hist task; they get its row count, not the histories it carries to T1
             dsk[f"hw-{hk}"] = (_written, f"hist-{hk}")
             hist_keys.append(f"hw-{hk}")

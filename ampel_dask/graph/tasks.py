@@ -23,7 +23,7 @@ from ..io.archive import atomic_target, read_dps, read_part
 from ..io.arrays import first_rows, order_by, take_rows
 from ..io.layout import DATAPOINT
 from ..tiers.base import T2StateUnit, T3Context, Verdict
-from ..tiers.columns import SUMMARY
+from ..tiers.rights import ChannelArchive, channel_view
 from ..tiers.states import HISTORY_SCHEMA, STATE_COLUMNS, alert_access, thinned_history
 from .plan import ChannelPlan
 from .store import contains, open_store
@@ -40,10 +40,8 @@ def read_partition(archive_root: str, rel_paths: str | list[str], columns: list[
     for path in paths:
         pf = pq.ParquetFile(path)  # opened once: a work unit may be a hundred small parts
         cols = columns
-        if cols is not None:
+        if cols is not None:  # an older part lacks the history aggregates: a channel's view makes them
             names = set(pf.schema_arrow.names) | {"dps"}
-            if any(c in SUMMARY and c not in names for c in cols):
-                cols = [*cols, "dps"]  # an archive written before the summary columns existed
             cols = [c for c in cols if c in names]
         tables.append(read_part(path, cols, pf))
     table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
@@ -74,13 +72,22 @@ class T0Result:
 
 
 def run_t0(table: pa.Table, plan: ChannelPlan) -> T0Result:
-    """Data rights first (reason 'access'), then the channel's filters in order; first rejection wins."""
-    v = Verdict.accept_all(table.num_rows)
-    v.reject(~alert_access(table, plan.access), "access")
+    """Data rights first (reason 'access'), then the channel's filters in order; first rejection wins.
+
+    The filters see the channel's view of the batch only (tiers/rights.py): the alerts it may see,
+    with history aggregates over the datapoints it may see."""
+    view, seen = channel_view(table, plan.access, with_histories)
+    inner = Verdict.accept_all(view.num_rows)
     for f in plan.filters:
-        if not v.accepted.any():
+        if not inner.accepted.any():
             break
-        v = v & f.verdict(table)  # whole batch (vectorised); earlier rejections keep their reason
+        inner = inner & f.verdict(view)  # whole batch (vectorised); earlier rejections keep their reason
+    v = Verdict.accept_all(table.num_rows)
+    v.reject(~seen, "access")
+    codes = np.zeros(table.num_rows, dtype=inner.codes.dtype)
+    codes[seen] = inner.codes
+    for i, reason in enumerate(inner.reasons):
+        v.reject(codes == i + 1, reason)
     return T0Result(v, v.counts())
 
 
@@ -111,7 +118,7 @@ def run_t1(table: pa.Table, t0: T0Result, plan: ChannelPlan, store_spec: dict, k
 def state_rows(table: pa.Table) -> pa.Table:
     """The columns a state takes from its alert (and ``dps`` if the batch has it): what a work unit
     keeps in memory after T0, while it waits for the history channels' ``hist`` task."""
-    return table.select([c for c in STATE_COLUMNS if c != "state_id" and c in table.column_names])
+    return table.select([c for c in [*STATE_COLUMNS, "programid"] if c != "state_id" and c in table.column_names])  # programid: data rights
 
 
 def passing_alerts(table: pa.Table, t0: T0Result) -> pa.Table:
@@ -201,10 +208,11 @@ def stocks_of(summaries: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarra
 
 
 def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.ndarray, np.ndarray], shuffle_dir: str, name: str, nbuckets: int,
-                   table: pa.Table | None = None, packet_t0: list[T0Result] | None = None) -> dict:
+                   table: pa.Table | None = None, packet_t0: list[T0Result] | None = None, access: list[str] | None = None) -> dict:
     """The passing objects' packets in these archive parts, up to each object's latest passing alert
     (later packets add nothing to its states), as flat datapoints thinned to one copy per object and
-    datapoint, written by object bucket (the shuffle).
+    datapoint, written by object bucket (the shuffle). ``access``: the channel's tags; only packets
+    whose alert it may see are read (a copy of a datapoint from a packet it may not see is not its).
 
     ``table``: these parts' rows as read for T0, when the run read them; their histories are then
     decoded here once for the packet channels' T1 as well: the rows any of ``packet_t0`` accepted are
@@ -218,7 +226,8 @@ def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.nd
             return np.zeros(head.num_rows, dtype=bool)
         stock = head.column("stock").to_numpy()
         at = np.minimum(np.searchsorted(stocks, stock), len(stocks) - 1)
-        return (stocks[at] == stock) & (head.column("mjd").to_numpy() <= until[at] + 1e-6)
+        keep = (stocks[at] == stock) & (head.column("mjd").to_numpy() <= until[at] + 1e-6)
+        return keep if access is None else keep & alert_access(head, access)
 
     pieces = []  # (alerts with their histories, which rows to keep)
     if table is not None:
@@ -227,7 +236,7 @@ def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.nd
         for t0 in packet_t0 or []:
             carry |= t0.verdict.accepted
         if keep.any() or carry.any():
-            full = with_histories(table.select(["alert_id", "stock", "mjd"]))
+            full = with_histories(table.select(["alert_id", "stock", "mjd"]))  # the thinning's columns only
             if keep.any():
                 pieces.append((full, keep))
             if carry.any():
@@ -235,7 +244,8 @@ def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.nd
     elif len(stocks):
         for rel in rel_paths:
             path = f"{archive_root}/{rel}"
-            head = pq.ParquetFile(path).read(columns=["alert_id", "stock", "mjd"], use_threads=False)
+            pf = pq.ParquetFile(path)
+            head = pf.read(columns=[c for c in ("alert_id", "stock", "mjd", "survey", "programid") if c in pf.schema_arrow.names], use_threads=False)
             keep = wanted(head)
             if keep.any():
                 pieces.append((head.append_column("dps", read_dps(path)), keep))
@@ -422,7 +432,8 @@ def run_t3(store_spec: dict, plan: ChannelPlan, unit_index: int, key: str, run_i
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs: list[dict] = []
     if sel is not None and sel.num_rows:
-        ctx = T3Context(out_dir=out_dir, run_id=run_id, channel=plan.name, archive=Archive(archive_root) if archive_root else None)
+        archive = ChannelArchive(Archive(archive_root), plan.access) if archive_root else None  # only what the channel may see
+        ctx = T3Context(out_dir=out_dir, run_id=run_id, channel=plan.name, archive=archive)
         outputs = unit.react(sel, ctx) or []
         objects = pa.table({"stock": sel.column("stock"), "object_id": sel.column("object_id"), "state_id": sel.column("state_id"),
                             "unit": pa.array([unit.name()] * sel.num_rows), "channel": pa.array([plan.name] * sel.num_rows),
