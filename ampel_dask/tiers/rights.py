@@ -41,15 +41,12 @@ def hidden_history(table: pa.Table, access: list[str]) -> np.ndarray:
     if PROGRAMIDS not in table.column_names:
         return np.ones(n, dtype=bool)
     bits = pc.fill_null(pc.cast(table.column(PROGRAMIDS), pa.int32()), -1).to_numpy(zero_copy_only=False)
-    hidden = bits < 0
     names, codes = survey_codes(table.column("survey"))
-    present = int(np.bitwise_or.reduce(bits[~hidden])) if (~hidden).any() else 0
-    for b in range(OTHER_PROGRAMID + 1):
-        if present >> b & 1:
-            # bit 15 stands for no programid (or one >= 15): allowed only where such a datapoint is
-            pid = np.full(n, float(b) if b < OTHER_PROGRAMID else np.nan)
-            hidden |= ((bits >> b) & 1).astype(bool) & ~access_by_survey(names, codes, pid, access)
-    return hidden
+    # per survey, the mask of programids the channel may see (bit 15, no programid or one >= 15:
+    # allowed only where such a datapoint is), from the one access rule; then one lookup per row
+    pid = np.array([*range(OTHER_PROGRAMID), np.nan])
+    allowed = np.array([int((access_by_survey(names, np.full(len(pid), k), pid, access) * (1 << np.arange(len(pid)))).sum()) for k in range(len(names))], dtype=np.int32)
+    return (bits < 0) | ((bits & ~allowed[codes]) != 0)
 
 
 def channel_view(table: pa.Table, access: list[str], histories: Callable[[pa.Table], pa.Table] | None = None) -> tuple[pa.Table, np.ndarray]:
@@ -69,40 +66,69 @@ def channel_view(table: pa.Table, access: list[str], histories: Callable[[pa.Tab
         if histories is None:
             raise ValueError("the batch may hold datapoints this channel may not see, and has no history to leave them out of")
         table = histories(table)
-    view = table if seen.all() else table.filter(pa.array(seen))
-    dps = visible_dps(view, access) if "dps" in view.column_names else pa.array([], pa.list_(DATAPOINT))  # no row seen
-    n = view.num_rows
-    flat, rows = _flat(dps)
-    det = flat.field("kind").to_numpy(zero_copy_only=False) == DETECTION
-    t = pc.cast(flat.field("mjd"), pa.float64()).to_numpy(zero_copy_only=False)[det]
+    n = table.num_rows  # computed over the whole batch, filtered once at the end (no nested copy)
+    dps = table.column("dps") if "dps" in table.column_names else pa.chunked_array([], pa.list_(DATAPOINT))
+    field, rows = _fields(dps, ("kind", "mjd", "programid"))  # three fields, read chunk by chunk: no copy of the rest
+    names, codes = survey_codes(table.column("survey"))
+    keep = access_by_survey(names, codes[rows], field["programid"], access) & seen[rows]
+    rows = rows[keep]
+    field = {k: v[keep] for k, v in field.items()}
+    det = field["kind"] == DETECTION
+    t = field["mjd"][det]
     first, last = per_row(t, rows[det], n, "min"), per_row(t, rows[det], n, "max")
     bits = np.zeros(n, dtype=np.int32)  # the mask, too, tells only of what the channel may see
     if len(rows):
         starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-        bits[rows[starts]] = np.bitwise_or.reduceat(programid_bits(pc.cast(flat.field("programid"), pa.float64()).to_numpy(zero_copy_only=False)), starts)
+        bits[rows[starts]] = np.bitwise_or.reduceat(programid_bits(field["programid"]), starts)
     summary = {"ndet": pa.array(per_row(t, rows[det], n, "count").astype(np.int32)),
                "first_det_mjd": pa.array(first, mask=~np.isfinite(first)), "last_det_mjd": pa.array(last, mask=~np.isfinite(last)),
                PROGRAMIDS: pa.array(bits)}  # fmt: skip
+    view = table
     for name, values in summary.items():
         i = view.schema.get_field_index(name)
         view = view.set_column(i, name, values) if i >= 0 else view.append_column(name, values)
     i = view.schema.get_field_index("dps")
     if had_dps:
-        view = view.set_column(i, "dps", dps)
+        view = view.set_column(i, "dps", _nest(_flat(dps)[0], rows, keep, n))
     elif i >= 0:
         view = view.remove_column(i)
-    return view, seen
+    return (view if seen.all() else view.filter(pa.array(seen))), seen
+
+
+def _fields(dps: pa.ChunkedArray | pa.ListArray, names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Some fields of the flattened datapoints (as float64) and the row of each, chunk by chunk."""
+    chunks = dps.chunks if isinstance(dps, pa.ChunkedArray) else [dps]
+    out: dict[str, list[np.ndarray]] = {k: [] for k in names}
+    rows, base = [], 0
+    for chunk in chunks:
+        offsets = np.asarray(chunk.offsets)
+        values = chunk.values.slice(offsets[0], offsets[-1] - offsets[0])
+        for k in names:
+            out[k].append(pc.cast(values.field(k), pa.float64()).to_numpy(zero_copy_only=False))
+        rows.append(np.repeat(np.arange(base, base + len(chunk), dtype=np.int64), np.diff(offsets)))
+        base += len(chunk)
+    return {k: np.concatenate(v) if v else np.empty(0) for k, v in out.items()}, np.concatenate(rows) if rows else np.empty(0, np.int64)
+
+
+def _visible(flat: pa.StructArray, rows: np.ndarray, table: pa.Table, access: list[str]) -> np.ndarray:
+    """Which of the flattened datapoints (row ``rows`` of ``table`` each) the channel may see."""
+    names, codes = survey_codes(table.column("survey"))
+    pid = pc.cast(flat.field("programid"), pa.float64()).to_numpy(zero_copy_only=False)
+    return access_by_survey(names, codes[rows], pid, access)
+
+
+def _nest(flat: pa.StructArray, rows: np.ndarray, keep: np.ndarray, n: int) -> pa.ListArray:
+    """The kept datapoints as one list per row (``rows``: the row of each kept datapoint)."""
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(np.bincount(rows, minlength=n), out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), flat.filter(pa.array(keep)))
 
 
 def visible_dps(table: pa.Table, access: list[str]) -> pa.ListArray:
     """Each row's ``dps`` reduced to the datapoints the channel may see (order kept)."""
     flat, rows = _flat(table.column("dps"))
-    names, codes = survey_codes(table.column("survey"))
-    pid = pc.cast(flat.field("programid"), pa.float64()).to_numpy(zero_copy_only=False)
-    keep = access_by_survey(names, codes[rows], pid, access)
-    offsets = np.zeros(table.num_rows + 1, dtype=np.int32)
-    np.cumsum(np.bincount(rows[keep], minlength=table.num_rows), out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), flat.filter(pa.array(keep)))
+    keep = _visible(flat, rows, table, access)
+    return _nest(flat, rows[keep], keep, table.num_rows)
 
 
 class ChannelArchive:
