@@ -115,7 +115,7 @@ def add_private_data(sources: list[Path], out: Path) -> dict[str, int]:
     for i, (_, _, data) in enumerate(files):
         for rec in _read(data)[2]:
             alerts[rec["objectId"]].append((float(rec["candidate"]["jd"]), i))
-    stats = {"packets": 0, "private_dets": 0, "private_limits": 0, "private_alerts": 0}
+    stats = {"packets": 0, "private_dets": 0, "private_limits": 0, "private_alerts": 0, "private_alert_dets": 0, "private_alert_limits": 0}
     written: dict[str, bytes] = {}
     for i, (src, name, data) in enumerate(files):
         schema, codec, records = _read(data)
@@ -131,8 +131,12 @@ def add_private_data(sources: list[Path], out: Path) -> dict[str, int]:
             new.append(rec)
             first_jd, first_file = min(alerts[oid])
             if len(alerts[oid]) > 1 and first_file == i and jd == first_jd:
-                written[f"private/{oid}.avro"] = _write(schema, codec, [private_alert(rec, fields, oid)])
+                alert = private_alert(rec, fields, oid)
+                written[f"private/{oid}.avro"] = _write(schema, codec, [alert])
                 stats["private_alerts"] += 1
+                mine = [e for e in alert["prv_candidates"] if e["programid"] == 2]  # the private points it carries
+                stats["private_alert_dets"] += sum(1 for e in mine if e["candid"] is not None)
+                stats["private_alert_limits"] += sum(1 for e in mine if e["candid"] is None)
         written[f"{src.name}/{name}".replace("/", "__")] = _write(schema, codec, new)
         stats["packets"] += 1
     for rel, data in written.items():

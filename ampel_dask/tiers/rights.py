@@ -25,7 +25,9 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from ..io.archive import Archive, Partition
 from ..io.layout import DATAPOINT, DETECTION, OTHER_PROGRAMID, programid_bits
 from .columns import SUMMARY, per_row
 from .states import _flat, access_by_survey, alert_access, survey_codes
@@ -45,7 +47,8 @@ def hidden_history(table: pa.Table, access: list[str]) -> np.ndarray:
     # per survey, the mask of programids the channel may see (bit 15, no programid or one >= 15:
     # allowed only where such a datapoint is), from the one access rule; then one lookup per row
     pid = np.array([*range(OTHER_PROGRAMID), np.nan])
-    allowed = np.array([int((access_by_survey(names, np.full(len(pid), k), pid, access) * (1 << np.arange(len(pid)))).sum()) for k in range(len(names))], dtype=np.int32)
+    bit = np.left_shift(1, np.arange(len(pid)))
+    allowed = np.array([bit[access_by_survey(names, np.full(len(pid), k), pid, access)].sum() for k in range(len(names))], dtype=np.int32)
     return (bits < 0) | ((bits & ~allowed[codes]) != 0)
 
 
@@ -110,25 +113,11 @@ def _fields(dps: pa.ChunkedArray | pa.ListArray, names: tuple[str, ...]) -> tupl
     return {k: np.concatenate(v) if v else np.empty(0) for k, v in out.items()}, np.concatenate(rows) if rows else np.empty(0, np.int64)
 
 
-def _visible(flat: pa.StructArray, rows: np.ndarray, table: pa.Table, access: list[str]) -> np.ndarray:
-    """Which of the flattened datapoints (row ``rows`` of ``table`` each) the channel may see."""
-    names, codes = survey_codes(table.column("survey"))
-    pid = pc.cast(flat.field("programid"), pa.float64()).to_numpy(zero_copy_only=False)
-    return access_by_survey(names, codes[rows], pid, access)
-
-
 def _nest(flat: pa.StructArray, rows: np.ndarray, keep: np.ndarray, n: int) -> pa.ListArray:
     """The kept datapoints as one list per row (``rows``: the row of each kept datapoint)."""
     offsets = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(np.bincount(rows, minlength=n), out=offsets[1:])
     return pa.ListArray.from_arrays(pa.array(offsets), flat.filter(pa.array(keep)))
-
-
-def visible_dps(table: pa.Table, access: list[str]) -> pa.ListArray:
-    """Each row's ``dps`` reduced to the datapoints the channel may see (order kept)."""
-    flat, rows = _flat(table.column("dps"))
-    keep = _visible(flat, rows, table, access)
-    return _nest(flat, rows[keep], keep, table.num_rows)
 
 
 class ChannelArchive:
@@ -139,19 +128,17 @@ class ChannelArchive:
     gives only the cutouts of alerts it may see.
     """
 
-    def __init__(self, archive, access: list[str]):
+    def __init__(self, archive: Archive, access: list[str]):
         self._archive = archive
         self.access = list(access)
 
-    def partitions(self, surveys: list[str] | None = None, nights: list[int] | None = None) -> list:
+    def partitions(self, surveys: list[str] | None = None, nights: list[int] | None = None) -> list[Partition]:
         return self._archive.partitions(surveys, nights)
 
-    def _columns(self, part) -> set[str]:
-        import pyarrow.parquet as pq
-
+    def _columns(self, part: Partition) -> set[str]:
         return set(pq.read_schema(self._archive.root / part.path).names) | {"dps"}
 
-    def read(self, part, columns: list[str] | None = None) -> pa.Table:
+    def read(self, part: Partition, columns: list[str] | None = None) -> pa.Table:
         have = self._columns(part)
         need = None if columns is None else sorted(({*columns, "survey", "programid", PROGRAMIDS, *SUMMARY}) & have)
         table = self._archive.read(part, need)
@@ -162,7 +149,7 @@ class ChannelArchive:
         view, _ = channel_view(table, self.access, histories)
         return view if columns is None else view.select([c for c in columns if c in view.column_names])
 
-    def read_cutouts(self, part, alert_ids: list[int] | None = None) -> pa.Table | None:
+    def read_cutouts(self, part: Partition, alert_ids: list[int] | None = None) -> pa.Table | None:
         if not part.cutouts:
             return None
         rows = self._archive.read(part, sorted({"alert_id", "survey", "programid"} & self._columns(part)))
@@ -172,4 +159,4 @@ class ChannelArchive:
         return self._archive.read_cutouts(part, ids.tolist())
 
 
-__all__ = ["channel_view", "hidden_history", "visible_dps", "ChannelArchive", "PROGRAMIDS", "RIGHTS_RULE"]
+__all__ = ["channel_view", "hidden_history", "ChannelArchive", "PROGRAMIDS", "RIGHTS_RULE"]
