@@ -243,6 +243,40 @@ def _report_run(summary: dict, as_json: bool) -> None:
         _emit_json({k: summary[k] for k in RUN_KEYS} | ({"note": summary["note"]} if summary.get("note") else {}))
 
 
+@main.command(name="export-hats")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--archive", type=click.Path(exists=True, file_okay=False), help="export the archive's alerts (flat columns)")
+@click.option("--store", type=click.Path(file_okay=False), help="export a channel's objects with their latest T2 columns (with --channel)")
+@click.option("--channel", default=None, help="the channel whose objects to export (with --store)")
+@click.option("--survey", "surveys", multiple=True, help="only these surveys (archive export)")
+@click.option("--nights", default=None, help="only these nights, FROM:TO as YYYYMMDD (archive export)")
+@click.option("--margin-arcsec", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="margin cache width")
+def export_hats(out, archive, store, channel, surveys, nights, margin_arcsec) -> None:
+    """Write alerts, or a channel's results, as a HATS catalog (with margin) that lsdb.open_catalog opens."""
+    import ampel_dask as ad
+
+    if bool(archive) == bool(store) or (store and not channel):
+        raise click.UsageError("give --archive, or --store with --channel")
+    try:
+        if archive:
+            view = ad.open_archive(archive).select(surveys=list(surveys) or None, nights=_night_range(nights))
+            path = view.to_hats(out)
+        else:
+            path = ad.open_store(store).to_hats(channel, out)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(str(path))
+
+
+def _night_range(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    a, sep, b = text.partition(":")
+    if not (a.isdigit() and (not sep or b.isdigit())):
+        raise click.BadParameter("FROM:TO as YYYYMMDD:YYYYMMDD (or one night)", param_hint="--nights")
+    return int(a), int(b or a)
+
+
 @main.command()
 @click.argument("obj", metavar="OBJECT")
 @click.option("--store", default="store", show_default=True, type=click.Path(file_okay=False), help="result store folder")
