@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ..io.stores import store_spec
-from ..keys import canonical_json, short_hash
+from ..keys import canonical_json, hash_text
 
 
 class Model(BaseModel):
@@ -143,7 +143,7 @@ class Workflow(Model):
 
     @property
     def hash(self) -> str:
-        return short_hash(canonical_json(self.model_dump(mode="json", by_alias=True)))
+        return hash_text(canonical_json(self.model_dump(mode="json", by_alias=True)))
 
 
 class WorkflowError(ValueError):
