@@ -189,8 +189,9 @@ def _summarise(run: CompiledRun, results: dict, store, plans, parts, run_id: str
             info = store.task_info(name) or {}
             for u, c in info.get("units", {}).items():
                 d = by_unit.setdefault(u, {"computed": 0, "reused": 0})
-                d["reused"] += c.get("states", 0)
-                reused += c.get("states", 0)
+                n = c.get("states", c.get("points", 0))  # a T2PointUnit counts datapoints
+                d["reused"] += n
+                reused += n
             continue
         computed += res["computed"]
         reused += res["reused"]

@@ -93,14 +93,14 @@ def lookup_sorted(sorted_ids: np.ndarray, values: np.ndarray) -> np.ndarray:
 def lookup(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Row of each of ``values`` in ``keys`` (distinct values), -1 where absent. What the joins by id
     (T3 selection, T2 dependencies) use: a row joins only where its id is equal."""
+    if not len(keys):
+        return np.full(len(values), -1, dtype=np.int64)
     if keys.dtype == ID_DTYPE:
         order = id_order(keys)
         at = lookup_sorted(keys[order], values)
         return np.where(at >= 0, order[np.maximum(at, 0)], -1)
     order = np.argsort(keys)
     s = keys[order]
-    if not len(s):
-        return np.full(len(values), -1, dtype=np.int64)
     pos = np.clip(np.searchsorted(s, values), 0, len(s) - 1)
     return np.where(s[pos] == values, order[pos], -1)
 
