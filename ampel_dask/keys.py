@@ -2,8 +2,8 @@
 
 Content addressing is what makes work collapse (inside a run, across channels, across runs): an archive
 part is named by the hash of its bytes, a datapoint without a survey id by a hash of what identifies it,
-a state by a hash of its datapoints, a T2 result by (unit identity, state), a graph task by its inputs'
-keys. One place for all of them, so that a key's meaning and width are decided once.
+a state by a 128-bit hash of its datapoints' content, a T2 result by (unit identity, state), a graph
+task by its inputs' keys. One place for all of them, so that a key's meaning and width are decided once.
 
 Ground floor: imports nothing of the package (numpy, pyarrow, xxhash and the standard library only).
 """
@@ -81,10 +81,11 @@ def bucket_of(stock: np.ndarray, nbuckets: int) -> np.ndarray:
 # A state's id is a hash of its datapoints' *content* (every field a unit can read, not only their ids:
 # copies of one datapoint can differ between packets), 128 bits wide (at LSST scale, ~10^10 states, a
 # 64-bit id would collide; 128 bits do not). Made columnar: each datapoint's fields are absorbed into
-# two independent 64-bit lanes (splitmix64 chains with different seeds, :func:`datapoint_lanes`); a
-# state sums its datapoints' lanes (a multiset hash: independent of their order, ``np.add.reduceat``),
-# then mixes in its object and its datapoint count (:func:`state_ids`). The two lanes of one datapoint
-# are its point id (:func:`point_ids`), what ``T2PointUnit`` results are keyed by.
+# two independent 64-bit lanes (multiply-xorshift rounds, each lane with its own seed and multiplier,
+# then splitmix64's finaliser: :func:`datapoint_lanes`); a state sums its datapoints' lanes (a
+# multiset hash: independent of their order, ``np.add.reduceat``), then mixes in its object and its
+# datapoint count (:func:`state_ids`). The two lanes of one datapoint are its point id
+# (:func:`point_ids`), what ``T2PointUnit`` results are keyed by.
 #
 # In Arrow and in stores an id is ``fixed_size_binary(16)`` (:data:`ID_TYPE`: lane one then lane two,
 # each little-endian); in numpy a ``V16`` array (:data:`ID_DTYPE`, a zero-copy view of the Arrow
@@ -338,6 +339,8 @@ def t2_keys(unit_key: str, ids: np.ndarray) -> pa.StringArray:
 # --- configs, units, graph tasks ------------------------------------------------------------------------
 
 HASH_FAMILY = "xxh3-128"  # of every key, config hash and content hash here: 32 hex digits
+# what a store records about the keys it was written with; stores of another format are refused, not mixed
+KEY_FORMAT = "ampel-dask keys 2: xxh3-128 keys, 128-bit content ids"
 
 
 def canonical_json(value: Any) -> str:

@@ -440,3 +440,33 @@ def _same_rows(a: list[dict], b: list[dict]) -> bool:
     """Row equality with NaN equal to NaN."""
     norm = lambda r: {k: ("nan" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}  # noqa: E731
     return [norm(r) for r in a] == [norm(r) for r in b]
+
+
+def test_a_store_of_the_64_bit_era_is_refused_not_mixed(pitt, tmp_path, mongo, mongo_db):  # noqa: F811
+    """A store with runs but no key format (what earlier versions wrote) is refused by run (exit 2 from
+    the CLI: a WorkflowError) and explain, instead of getting new results beside old 64-bit ids."""
+    import json
+
+    from ampel_dask.graph.workflow import WorkflowError
+    from ampel_dask.io.stores import StoreFormatError
+
+    old = tmp_path / "old"
+    (old / "runs").mkdir(parents=True)
+    (old / "runs" / "20250101T000000-abcdef.json").write_text(json.dumps({"run_id": "20250101T000000-abcdef"}))
+    with pytest.raises(WorkflowError, match="earlier ampel-dask .64-bit state ids and keys."):
+        run(pitt, old, workflow(["T2LightCurveSummary"]))
+    with pytest.raises(StoreFormatError, match="use a new store"):
+        explain(OBJECT, old)
+    assert sorted(p.name for p in old.iterdir()) == ["runs"]  # nothing written
+    new = tmp_path / "new"
+    run(pitt, new, workflow(["T2LightCurveSummary"]))
+    assert (new / "FORMAT").read_text().strip() == keys.KEY_FORMAT
+    (new / "FORMAT").write_text("something else\n")
+    with pytest.raises(WorkflowError, match="something else"):
+        run(pitt, new, workflow(["T2LightCurveSummary"]))
+    mg = MongoStore(mongo.uri, mongo_db.name, tmp_path / "mongo_files")
+    mg.check_format()  # an empty database: nothing to check, nothing created
+    assert mongo_db.list_collection_names() == []
+    mg.db.runs.insert_one({"_id": "20250101T000000-abcdef"})
+    with pytest.raises(StoreFormatError, match="earlier ampel-dask"):
+        mg.check_format(create=True)

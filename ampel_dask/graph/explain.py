@@ -40,6 +40,7 @@ def explain(obj: str, store_dir: str | Path, archive_dir: str | Path | None = No
     manifests = store.manifests()
     if not manifests:  # else a wrong path would look like an object that was never processed
         raise FileNotFoundError(f"{store_dir}: no result store here (no run manifests); give --store the folder or mongodb:// URI a run wrote to")
+    store.check_format()
     if archive_dir is None and manifests:
         archive_dir = manifests[-1].get("archive")
     out: dict = {"object": name, "stock": stock, "alerts": [], "states": [], "t2": [], "t2_points": [], "t3": []}

@@ -19,6 +19,11 @@ PROVENANCE = ("state_id", "stock", "alert_id", "unit", "unit_version", "config_h
 POINT_PROVENANCE = ("point_id", "dp_id", "stock", "unit", "unit_version", "config_hash", "t2_key", "run_id", "code")
 
 
+class StoreFormatError(ValueError):
+    """A store written with other keys (the 64-bit ids of earlier versions): its results can be neither
+    reused nor joined with new ones, so it is refused rather than mixed."""
+
+
 class ResultStore(Protocol):
     """States, T2 results, journal, T3 objects, task markers and run manifests of one store."""
 
@@ -27,6 +32,9 @@ class ResultStore(Protocol):
 
     @property
     def spec(self) -> dict: ...
+
+    # the key format (``keys.KEY_FORMAT``): recorded in a new store (``create``), checked in an old one
+    def check_format(self, create: bool = False) -> None: ...
 
     # task markers: a finished task and its counts (a re-run skips it)
     def task_info(self, key: str) -> dict | None: ...

@@ -14,6 +14,7 @@ Collections (one database per store)::
     t3        objects of T3 outputs: stock, channel, t3_key, state_id, object_id, unit, run_id
               unique (stock, channel, t3_key, state_id)
     tasks     finished-task markers: _id = task key, the task's counts
+    meta      _id "format": the key format the store was written with (``keys.KEY_FORMAT``)
     runs      run manifests: _id = run id
     schemas   the Arrow schemas the tables were written with (_id = "<collection>:<group>"), so what is
               read back has the written types (int8, float32, nested list<struct> datapoints, ...)
@@ -47,9 +48,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ...keys import ID_DTYPE
+from ...keys import ID_DTYPE, KEY_FORMAT
 from ..arrays import sorted_unique
-from .base import POINT_PROVENANCE, PROVENANCE
+from .base import POINT_PROVENANCE, PROVENANCE, StoreFormatError
 
 JOURNAL_IDENTITY = ("stock", "run_id", "tier", "channel", "unit", "action", "alert_id", "state_id")
 WRITE_BATCH = 1000  # rows converted to documents and sent per bulk_write
@@ -141,6 +142,19 @@ class MongoStore:
     def sync(self) -> None:
         """Nothing to do: every write returned after the server acknowledged it (durability is the write
         concern of the URI, e.g. ``?w=majority&journal=true``)."""
+
+    def check_format(self, create: bool = False) -> None:
+        """As :meth:`ParquetStore.check_format`: the ``meta`` document "format", or runs without it (64-bit era)."""
+        doc = self._rdb.meta.find_one({"_id": "format"})
+        where = f"{redact(self.uri)} (database {self.database})"
+        if doc is not None:
+            if doc.get("keys") != KEY_FORMAT:
+                raise StoreFormatError(f"{where}: a store written with {doc.get('keys')!r}, not {KEY_FORMAT!r}: use a new database")
+        elif self._rdb.runs.find_one({}, {"_id": 1}) is not None:
+            raise StoreFormatError(f"{where}: a store written by an earlier ampel-dask (64-bit state ids and keys), whose results "
+                                   "cannot be reused or joined with new ones: use a new database (or drop this one)")  # fmt: skip
+        elif create:
+            self.db.meta.replace_one({"_id": "format"}, {"keys": KEY_FORMAT}, upsert=True)
 
     # --- task markers ---
     def task_info(self, key: str) -> dict | None:

@@ -29,9 +29,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..archive import dps_bytes, dps_path, parquet_bytes, read_part
-from ...keys import ID_DTYPE, id_column, id_values
+from ...keys import ID_DTYPE, KEY_FORMAT, id_column, id_values
 from ..arrays import contains, first_rows, sorted_unique
 from ..files import atomic_write, sync
+from .base import StoreFormatError
 
 
 class ParquetStore:
@@ -46,6 +47,19 @@ class ParquetStore:
     @property
     def spec(self) -> dict:
         return {"kind": "parquet", "path": str(self.root)}
+
+    def check_format(self, create: bool = False) -> None:
+        """``STORE/FORMAT`` names the key format; a store with runs but no such file is of the 64-bit era."""
+        marker = self.root / "FORMAT"
+        if marker.exists():
+            found = marker.read_text().strip()
+            if found != KEY_FORMAT:
+                raise StoreFormatError(f"{self.root}: a store written with {found!r}, not {KEY_FORMAT!r}: use a new store")
+        elif any((self.root / "runs").glob("*.json")):
+            raise StoreFormatError(f"{self.root}: a store written by an earlier ampel-dask (64-bit state ids and keys), whose results "
+                                   "cannot be reused or joined with new ones: use a new store (or delete this one)")  # fmt: skip
+        elif create:
+            atomic_write(marker, (KEY_FORMAT + "\n").encode())
 
     # --- task markers ---
     def task_info(self, key: str) -> dict | None:
