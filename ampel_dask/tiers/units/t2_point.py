@@ -25,8 +25,10 @@ class PointPhotometryConfig(UnitConfig):
 
 
 class T2PointPhotometry(T2PointUnit):
-    """Per datapoint: ``snr`` = flux / flux_err, ``mag`` = 31.4 - 2.5 log10(flux / nJy) and ``mag_err`` =
-    1.0857 flux_err / flux where the flux is positive, ``significant`` = snr >= ``min_snr``.
+    """Per datapoint: signal-to-noise ratio, AB magnitude and its error from the flux, significance.
+
+    ``snr`` = flux / flux_err; where the flux is positive ``mag`` = 31.4 - 2.5 log10(flux / nJy) and
+    ``mag_err`` = 1.0857 flux_err / flux; ``significant`` = snr >= ``min_snr``.
 
     ``code``: 0 ok; 1 = no flux or no positive flux error (an upper limit without a flux, say): all
     values null.
