@@ -289,8 +289,12 @@ def explain(obj, store, archive, as_json) -> None:
     """
     from .graph.explain import explain as run_explain, render
 
+    from .io.stores import StoreFormatError
+
     try:
         info = run_explain(obj, store, archive)
+    except StoreFormatError as exc:
+        raise click.BadParameter(str(exc), param_hint="--store") from None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="OBJECT") from None
     except FileNotFoundError as exc:

@@ -38,7 +38,7 @@ from ampel_dask.graph.plan import ChannelPlan, plan_workflow, t2_units  # noqa: 
 from ampel_dask.graph.selection import left_join  # noqa: E402
 from ampel_dask.graph.shuffle import stocks_of  # noqa: E402
 from ampel_dask.graph.tasks import _dep_results, passing_alerts, run_t0  # noqa: E402
-from ampel_dask.keys import bucket_of  # noqa: E402
+from ampel_dask.keys import bucket_of, id_values  # noqa: E402
 from ampel_dask.graph.workflow import Workflow, load_workflow  # noqa: E402
 from ampel_dask.io.archive import Archive  # noqa: E402
 from ampel_dask.io.arrays import first_rows, order_by  # noqa: E402
@@ -117,7 +117,7 @@ def plain_loop(wf: Workflow, plans: list[ChannelPlan], archive_root: str | Path)
         if not pieces:
             continue
         batch = pa.concat_tables(pieces, promote_options="default")
-        first = first_rows(batch.column("state_id").to_numpy())
+        first = first_rows(id_values(batch.column("state_id")))
         if len(first) < batch.num_rows:  # a filter goes chunk by chunk (a take concatenates them first)
             mask = np.zeros(batch.num_rows, dtype=bool)
             mask[first] = True

@@ -100,8 +100,9 @@ def test_counts_reconcile_and_manifest_has_provenance(first_run, archive):
         for col in ("run_id", "unit_version", "config_hash", "state_id", "t2_key"):
             assert t.column(col).null_count == 0
         assert set(t.column("run_id").to_pylist()) == {summary["run_id"]}
-        keys = t.column("t2_key").to_pylist()  # one key per (unit config, state), 16 hex digits
-        assert len(set(keys)) == t.num_rows and all(len(k) == 16 and int(k, 16) >= 0 for k in keys)
+        keys = t.column("t2_key").to_pylist()  # one key per (unit config, state), 128 bits: 32 hex digits
+        assert len(set(keys)) == t.num_rows and all(len(k) == 32 and int(k, 16) >= 0 for k in keys)
+        assert t.schema.field("state_id").type == pa.binary(16) and len(key) == 32  # 128-bit state and unit ids
         assert not seen & set(keys)
         seen |= set(keys)
     assert summary["t3"]["outputs"] == 1

@@ -22,6 +22,7 @@ from ampel_dask.graph.runner import RunOptions, run_workflow
 from ampel_dask.io.stores import ParquetStore, open_store
 from ampel_dask.graph.workflow import Workflow
 from ampel_dask.graph.ingest import IngestOptions, ingest
+from ampel_dask.keys import ID_DTYPE
 
 from .server_fixtures import mongo, mongo_db  # noqa: F401
 from .test_graph import WORKFLOW
@@ -101,11 +102,12 @@ def test_t2_results_identical_to_parquet(runs):
     a, b = mg.read_t2(unit, key), pq_.read_t2(unit, key)
     assert a.schema.equals(b.schema)  # body columns come back with their types
     assert t2_rows(mg) == t2_rows(pq_)
-    done = mg.done_state_ids(unit, key)
-    assert done.dtype == np.int64 and np.all(np.diff(done) > 0)
-    assert np.array_equal(done, np.sort(b.column("state_id").to_numpy()))
+    done = mg.done_state_ids(unit, key)  # 128-bit ids, sorted by (first lane, second lane) as unsigned numbers
+    lanes = [(int.from_bytes(bytes(i)[:8], "little"), int.from_bytes(bytes(i)[8:], "little")) for i in done]
+    assert done.dtype == ID_DTYPE and all(x < y for x, y in zip(lanes, lanes[1:]))
+    assert [bytes(i) for i in done] == sorted(b.column("state_id").to_pylist(), key=lambda i: (int.from_bytes(i[:8], "little"), int.from_bytes(i[8:], "little")))
     some = done[::7]
-    assert np.array_equal(mg.read_t2(unit, key, some).column("state_id").to_numpy(), some)
+    assert sorted(mg.read_t2(unit, key, some).column("state_id").to_pylist()) == sorted(bytes(i) for i in some)
 
 
 def test_rerun_against_mongo_computes_nothing(runs):
@@ -184,8 +186,8 @@ def test_explain_reads_mongo(runs):
     assert json.loads(out.output.strip().splitlines()[-1])["stock"] == mg["stock"]
 
 
-def _done_in_child(store: MongoStore, unit: str, key: str) -> list[int]:
-    return store.done_state_ids(unit, key).tolist()
+def _done_in_child(store: MongoStore, unit: str, key: str) -> list[bytes]:
+    return [bytes(i) for i in store.done_state_ids(unit, key)]
 
 
 def test_store_pickles_and_reconnects_in_another_process(runs):
@@ -195,7 +197,7 @@ def test_store_pickles_and_reconnects_in_another_process(runs):
     (unit, key), = mg.t2_units()
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
         ids = pool.submit(_done_in_child, mg, unit, key).result(timeout=60)
-    assert ids == mg.done_state_ids(unit, key).tolist()
+    assert ids == [bytes(i) for i in mg.done_state_ids(unit, key)]
 
 
 def test_fresh_database_is_empty(mongo, mongo_db, tmp_path):  # noqa: F811
@@ -205,7 +207,7 @@ def test_fresh_database_is_empty(mongo, mongo_db, tmp_path):  # noqa: F811
     assert mongo_db.list_collection_names() == []  # reading (explain) creates nothing
     store.write_states("EMPTY", "k", pa.table({"state_id": pa.array([], pa.int64())}))  # as Parquet: nothing stored
     assert store.channels() == [] and store.read_states("EMPTY") is None
-    assert store.done_state_ids("U", "k").dtype == np.int64 and store.t3_dir("C", "k") == tmp_path / "t3" / "C" / "k"
+    assert store.done_state_ids("U", "k").dtype == ID_DTYPE and store.t3_dir("C", "k") == tmp_path / "t3" / "C" / "k"
 
 
 @pytest.mark.parametrize("kind", ["parquet", "mongo"])

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 
 from ..io.archive import Archive
 from ..io.layout import ztf_name, ztf_stock
-from ..io.stores import PROVENANCE, open_store, store_spec
+from ..io.stores import POINT_PROVENANCE, PROVENANCE, open_store, store_spec
+from ..keys import id_hex
 
 
 def resolve_stock(obj: str) -> tuple[int, str]:
@@ -39,9 +40,10 @@ def explain(obj: str, store_dir: str | Path, archive_dir: str | Path | None = No
     manifests = store.manifests()
     if not manifests:  # else a wrong path would look like an object that was never processed
         raise FileNotFoundError(f"{store_dir}: no result store here (no run manifests); give --store the folder or mongodb:// URI a run wrote to")
+    store.check_format()
     if archive_dir is None and manifests:
         archive_dir = manifests[-1].get("archive")
-    out: dict = {"object": name, "stock": stock, "alerts": [], "states": [], "t2": [], "t3": []}
+    out: dict = {"object": name, "stock": stock, "alerts": [], "states": [], "t2": [], "t2_points": [], "t3": []}
     if archive_dir and Archive(archive_dir).exists():
         arch = Archive(archive_dir)
         rows = []
@@ -63,7 +65,7 @@ def explain(obj: str, store_dir: str | Path, archive_dir: str | Path | None = No
         if states is None:
             continue
         for r in states.to_pylist():
-            out["states"].append({"channel": channel, "state_id": r["state_id"], "alert_id": r["alert_id"], "mjd": r["mjd"],
+            out["states"].append({"channel": channel, "state_id": id_hex(r["state_id"]), "alert_id": r["alert_id"], "mjd": r["mjd"],
                                   "datapoints": len(r["dps"]), "runs": sorted(runs_by_alert.get((channel, r["alert_id"]), []))})  # fmt: skip
     for unit, key in store.t2_units():
         res = _filter_stock(store.read_t2(unit, key, stock=stock), stock)
@@ -71,13 +73,21 @@ def explain(obj: str, store_dir: str | Path, archive_dir: str | Path | None = No
             continue
         for r in res.to_pylist():
             body = {k: v for k, v in r.items() if k not in PROVENANCE}
-            out["t2"].append({"unit": unit, "unit_version": r["unit_version"], "config_hash": r["config_hash"], "state_id": r["state_id"],
+            out["t2"].append({"unit": unit, "unit_version": r["unit_version"], "config_hash": r["config_hash"], "state_id": id_hex(r["state_id"]),
                               "code": r["code"], "run_id": r["run_id"], "body": body})  # fmt: skip
+    for unit, key in store.t2_point_units():
+        res = _filter_stock(store.read_t2_points(unit, key, stock=stock), stock)
+        if res is None:
+            continue
+        for r in res.sort_by("dp_id").to_pylist():
+            body = {k: v for k, v in r.items() if k not in POINT_PROVENANCE}
+            out["t2_points"].append({"unit": unit, "unit_version": r["unit_version"], "config_hash": r["config_hash"], "dp_id": r["dp_id"],
+                                     "point_id": id_hex(r["point_id"]), "code": r["code"], "run_id": r["run_id"], "body": body})  # fmt: skip
     t3 = _filter_stock(store.read_t3_objects(stock=stock), stock)
     if t3 is not None:
         for r in t3.to_pylist():
             info = store.task_info(r["t3_key"]) or {}
-            out["t3"].append({"channel": r["channel"], "unit": r["unit"], "state_id": r["state_id"], "run_id": r["run_id"],
+            out["t3"].append({"channel": r["channel"], "unit": r["unit"], "state_id": id_hex(r["state_id"]), "run_id": r["run_id"],
                               "outputs": [o.get("path") for o in info.get("outputs", [])]})  # fmt: skip
     return out
 
@@ -89,7 +99,7 @@ def render(info: dict) -> str:
     for a in info["alerts"]:
         mag = f"{a['mag']:.2f}" if a.get("mag") is not None and np.isfinite(a["mag"]) else "-"
         lines.append(f"    alert {a['alert_id']}  mjd {a['mjd']:.5f}  {a['band']} {mag}  [{a['partition']}]")
-    states_by_id: dict[int, list] = {}
+    states_by_id: dict[str, list] = {}
     for s in info["states"]:
         states_by_id.setdefault(s["state_id"], []).append(s)
     lines.append(f"  states: {len(states_by_id)}")
@@ -97,14 +107,19 @@ def render(info: dict) -> str:
         chans = ", ".join(sorted({s['channel'] for s in ss}))
         runs = sorted({r for s in ss for r in s["runs"]})
         s0 = ss[0]
-        lines.append(f"    state {sid:#018x}  alert {s0['alert_id']}  {s0['datapoints']} datapoints  channels: {chans}  runs: {', '.join(runs) or '-'}")
+        lines.append(f"    state {sid[:16]}  alert {s0['alert_id']}  {s0['datapoints']} datapoints  channels: {chans}  runs: {', '.join(runs) or '-'}")
         for t in info["t2"]:
             if t["state_id"] == sid:
                 body = ", ".join(f"{k}={_fmt(v)}" for k, v in list(t["body"].items())[:6])
-                lines.append(f"      T2 {t['unit']} v{t['unit_version']} (config {t['config_hash']}) code {t['code']}  run {t['run_id']}: {body}")
+                lines.append(f"      T2 {t['unit']} v{t['unit_version']} (config {t['config_hash'][:16]}) code {t['code']}  run {t['run_id']}: {body}")
+    points = info.get("t2_points", [])
+    lines.append(f"  T2 per datapoint: {len(points)}")
+    for t in points:
+        body = ", ".join(f"{k}={_fmt(v)}" for k, v in list(t["body"].items())[:6])
+        lines.append(f"    datapoint {t['dp_id']}  T2 {t['unit']} v{t['unit_version']} (config {t['config_hash'][:16]}) code {t['code']}  run {t['run_id']}: {body}")
     lines.append(f"  T3: {len(info['t3'])}")
     for t in info["t3"]:
-        lines.append(f"    {t['channel']} / {t['unit']}  state {t['state_id']:#018x}  run {t['run_id']}  -> {', '.join(p for p in t['outputs'] if p) or '-'}")
+        lines.append(f"    {t['channel']} / {t['unit']}  state {t['state_id'][:16]}  run {t['run_id']}  -> {', '.join(p for p in t['outputs'] if p) or '-'}")
     return "\n".join(lines)
 
 

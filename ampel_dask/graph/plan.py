@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from ..keys import key_of
-from ..tiers.base import T0Filter, T1Unit, T2StateUnit, T3Unit, UnitConfigError
+from ..tiers.base import T0Filter, T1Unit, T2PointUnit, T2StateUnit, T3Unit, UnitConfigError
 from ..tiers.registry import UnknownUnit, load
 from ..tiers.rights import PROGRAMIDS, RIGHTS_RULE
 from .workflow import ChannelSpec, UnitRef, Workflow, WorkflowError, field_path
@@ -25,7 +25,7 @@ class ChannelPlan:
     access: list[str]
     filters: list[T0Filter]
     t1: T1Unit
-    t2: list[T2StateUnit]  # dependencies first
+    t2: list[T2StateUnit | T2PointUnit]  # dependencies first
     t3: list[T3Unit]
     t0_key: str = ""
     t1_key: str = ""
@@ -36,7 +36,7 @@ class ChannelPlan:
         return self.t1.needs_history
 
 
-def _make(ref: UnitRef, loc: tuple, kind: type, wf: Workflow | None = None) -> object:
+def _make(ref: UnitRef, loc: tuple, kind: type | tuple[type, ...], wf: Workflow | None = None) -> object:
     """The unit ``ref`` names, made with its config; an error names the field at ``loc`` (and, for a
     workflow loaded from a file, the line of the field or of the config key at fault)."""
     name = _name(loc, wf)
@@ -46,7 +46,8 @@ def _make(ref: UnitRef, loc: tuple, kind: type, wf: Workflow | None = None) -> o
     except UnknownUnit as exc:
         raise WorkflowError(f"{at(loc + ('unit',))}{name}: {exc}") from None
     if not issubclass(cls, kind):
-        raise WorkflowError(f"{at(loc + ('unit',))}{name}: {ref.unit} is a {cls.tier} unit, expected {kind.tier}")
+        tier = (kind[0] if isinstance(kind, tuple) else kind).tier
+        raise WorkflowError(f"{at(loc + ('unit',))}{name}: {ref.unit} is a {cls.tier} unit, expected {tier}")
     try:
         return cls(ref.config)
     except UnitConfigError as exc:
@@ -66,15 +67,17 @@ def _name(loc: tuple, wf: Workflow | None) -> str:
     return out.lstrip(".")
 
 
-def _with_dependencies(units: list[T2StateUnit]) -> list[T2StateUnit]:
+def _with_dependencies(units: list[T2StateUnit | T2PointUnit]) -> list[T2StateUnit | T2PointUnit]:
     """Topological order: each unit after the units it reads; shared dependencies appear once."""
-    out: dict[str, T2StateUnit] = {}
+    out: dict[str, T2StateUnit | T2PointUnit] = {}
 
-    def visit(u: T2StateUnit, stack: tuple[str, ...]) -> None:
+    def visit(u: T2StateUnit | T2PointUnit, stack: tuple[str, ...]) -> None:
         k = u.identity.key
         if k in stack:
             raise WorkflowError(f"T2 dependency cycle through {u.name()}")
-        for d in u.dependencies():
+        for d in u.dependencies() if isinstance(u, T2StateUnit) else []:
+            if not isinstance(d, T2StateUnit):  # its results are per datapoint, not per state
+                raise WorkflowError(f"{u.name()} depends on {d.name()}, which is not a T2 state unit")
             visit(d, stack + (k,))
         out.setdefault(k, u)
 
@@ -92,7 +95,7 @@ def plan_channel(spec: ChannelSpec, i: int, wf: Workflow | None = None) -> Chann
     loc = ("channels", i)
     filters = [_make(r, (*loc, "filters", j), T0Filter, wf) for j, r in enumerate(spec.filters)]
     t1 = _make(spec.t1, (*loc, "t1"), T1Unit, wf)
-    t2 = _with_dependencies([_make(r, (*loc, "t2", j), T2StateUnit, wf) for j, r in enumerate(spec.t2)])
+    t2 = _with_dependencies([_make(r, (*loc, "t2", j), (T2StateUnit, T2PointUnit), wf) for j, r in enumerate(spec.t2)])
     t3 = [_make(r, (*loc, "t3", j), T3Unit, wf) for j, r in enumerate(spec.t3)]
     plan = ChannelPlan(spec.name, list(spec.access), filters, t1, t2, t3)  # type: ignore[arg-type]
     plan.t0_key = key_of("t0", RIGHTS_RULE, sorted(spec.access), [f.identity.key for f in filters])
@@ -107,9 +110,9 @@ def plan_channel(spec: ChannelSpec, i: int, wf: Workflow | None = None) -> Chann
     return plan
 
 
-def t2_units(plans: list[ChannelPlan]) -> list[T2StateUnit]:
+def t2_units(plans: list[ChannelPlan]) -> list[T2StateUnit | T2PointUnit]:
     """The T2 units of these channels, each identity once, in order (dependencies first)."""
-    seen: dict[str, T2StateUnit] = {}
+    seen: dict[str, T2StateUnit | T2PointUnit] = {}
     for p in plans:
         for u in p.t2:
             seen.setdefault(u.identity.key, u)
@@ -146,5 +149,6 @@ def unit_versions(plans: list[ChannelPlan]) -> dict[str, dict]:
     out = {}
     for p in plans:
         for u in [*p.filters, p.t1, *p.t2, *p.t3]:
-            out[f"{u.name()}:{u.config_hash}"] = {"unit": u.name(), "version": str(u.version), "config_hash": u.config_hash, "tier": u.tier}
+            out[f"{u.name()}:{u.config_hash}"] = {"unit": u.name(), "version": str(u.version), "config_hash": u.config_hash, "tier": u.tier,
+                                                  "libraries": dict(u.library_versions), "key": u.identity.key}  # fmt: skip
     return out

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 from .. import __version__
 from ..io.archive import Archive
-from ..io.stores import open_store
+from ..io.stores import StoreFormatError, open_store
 from ..keys import T2, T3, stage_of, task_key
 from .compile import CompiledRun, compile_run
 from .plan import check_columns, plan_workflow, unit_versions
@@ -64,6 +64,10 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
     if not archive.exists():
         raise WorkflowError(f"{archive_path} is not an ampel-dask archive (run `ampel-dask ingest ... --archive {archive_path}` first)")
     store = open_store(wf.store.resolve(opts.store))
+    try:
+        store.check_format(create=True)
+    except StoreFormatError as exc:
+        raise WorkflowError(str(exc)) from None
     run_id = opts.run_id or new_run_id()
     parts = [p for p in archive.partitions() if wf.archive.wants(p.survey, p.night)]
     if opts.partitions is not None:
@@ -189,8 +193,9 @@ def _summarise(run: CompiledRun, results: dict, store, plans, parts, run_id: str
             info = store.task_info(name) or {}
             for u, c in info.get("units", {}).items():
                 d = by_unit.setdefault(u, {"computed": 0, "reused": 0})
-                d["reused"] += c.get("states", 0)
-                reused += c.get("states", 0)
+                n = c.get("states", c.get("points", 0))  # a T2PointUnit counts datapoints
+                d["reused"] += n
+                reused += n
             continue
         computed += res["computed"]
         reused += res["reused"]

@@ -1,12 +1,18 @@
-"""A channel's T3 selection: each object's latest state, joined with its latest T2 results."""
+"""A channel's T3 selection: each object's latest state, joined with its latest T2 results.
+
+The join is by 128-bit state content id (``keys.state_ids``): a T2 row joins a state only if it was
+computed from the same datapoint values; one computed from other values (even with the same datapoint
+ids) has another id and is refused, and so is a key column that is not a content id at all."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 
-from ..io.arrays import order_by
+from ..io.arrays import lookup, order_by
 from ..io.stores import PROVENANCE, ResultStore
+from ..keys import id_values
+from ..tiers.base import T2PointUnit
 from .plan import ChannelPlan
 
 
@@ -21,8 +27,10 @@ def selection(store: ResultStore, plan: ChannelPlan, state_keys: list[str]) -> p
     order = order_by((stock, "ascending"), (mjd, "descending"), (alert, "descending"))
     first = order[np.r_[True, stock[order][1:] != stock[order][:-1]]]  # one row per object, by stock: the
     sel = states.take(pa.array(first))  # selection's order, so its light curves are gathered once
-    sid = sel.column("state_id").to_numpy()
+    sid = id_values(sel.column("state_id"))
     for unit in plan.t2:
+        if isinstance(unit, T2PointUnit):  # per datapoint, not per state: read with store.read_t2_points
+            continue
         res = store.read_t2(unit.name(), unit.identity.key, sid)
         if res is None:
             continue
@@ -32,17 +40,14 @@ def selection(store: ResultStore, plan: ChannelPlan, state_keys: list[str]) -> p
 
 
 def left_join(left: pa.Table, right: pa.Table, prefix: str) -> pa.Table:
-    """Add ``right``'s columns (one row per state_id) to ``left`` by state_id; nulls where missing.
+    """Add ``right``'s columns (one row per state_id) to ``left`` by state content id; nulls where
+    ``right`` has no row with the same content id. Both sides must hold 128-bit content ids.
 
     Done with sorted ids and ``take`` because Arrow's hash join cannot carry list columns (dps).
     """
-    rid = right.column("state_id").to_numpy()
-    order = np.argsort(rid)
-    lid = left.column("state_id").to_numpy()
-    pos = np.searchsorted(rid[order], lid)
-    pos = np.clip(pos, 0, max(len(rid) - 1, 0))
-    found = (len(rid) > 0) & (rid[order][pos] == lid) if len(rid) else np.zeros(len(lid), dtype=bool)
-    idx = pa.array(np.where(found, order[pos] if len(rid) else 0, 0), mask=~found)
+    at = lookup(id_values(right.column("state_id")), id_values(left.column("state_id")))
+    found = at >= 0
+    idx = pa.array(np.where(found, at, 0), mask=~found)
     for name in right.column_names:
         if name != "state_id":
             left = left.append_column(prefix + name, right.column(name).take(idx))

@@ -17,14 +17,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from ..io.arrays import contains, first_rows
+from ..io.arrays import contains, first_rows, lookup
 from ..io.layout import DATAPOINT
 from ..io.stores import open_store
-from ..tiers.base import T2StateUnit, T3Context, Verdict
+from ..keys import id_values
+from ..tiers.base import T2PointUnit, T2StateUnit, T3Context, Verdict
 from ..tiers.rights import ChannelArchive, channel_view
 from ..tiers.states import HISTORY_SCHEMA, STATE_COLUMNS
 from .batches import with_histories
 from .plan import ChannelPlan, t2_units
+from .points import run_point_unit
 from .provenance import journal_rows, with_provenance
 from .selection import selection
 from .shuffle import read_bucket, write_buckets
@@ -121,7 +123,7 @@ def run_t1_history(shuffle_dir: str, bucket: int, plan: ChannelPlan, spec: dict,
     return states
 
 
-def run_t2_stage(spec: dict, key: str, run_id: str, inputs: list[tuple[str, list[str], pa.Table]], units: list[T2StateUnit]) -> dict:
+def run_t2_stage(spec: dict, key: str, run_id: str, inputs: list[tuple[str, list[str], pa.Table]], units: list[T2StateUnit | T2PointUnit]) -> dict:
     """All T2 units of one work unit (partition or bucket): dedupe states across channels, skip done."""
     store = open_store(spec)
     counts = {"computed": 0, "reused": 0, "failed": 0, "units": {}}
@@ -134,8 +136,16 @@ def run_t2_stage(spec: dict, key: str, run_id: str, inputs: list[tuple[str, list
         if not batches:
             continue
         states = pa.concat_tables(batches, promote_options="default")
-        first = first_rows(states.column("state_id").to_numpy())  # each state once
-        todo = ~contains(store.done_state_ids(unit.name(), ukey), states.column("state_id").to_numpy()[first])
+        if isinstance(unit, T2PointUnit):  # per datapoint, keyed by its content (points.py)
+            c, rows = run_point_unit(store, unit, states, key, run_id)
+            journal += [rows] if rows is not None else []
+            counts["units"][unit.name()] = c
+            for k in ("computed", "reused", "failed"):
+                counts[k] += c[k]
+            continue
+        sid = id_values(states.column("state_id"))  # 128-bit content ids: a state whose values differ is another state
+        first = first_rows(sid)  # each state once
+        todo = ~contains(store.done_state_ids(unit.name(), ukey), sid[first])
         c = {"states": len(first), "computed": int(todo.sum()), "reused": int((~todo).sum()), "failed": 0}
         if todo.any():
             pick = first[todo]  # one gather of the new states' datapoints, none when all rows are new
@@ -167,17 +177,20 @@ def run_t2_stage(spec: dict, key: str, run_id: str, inputs: list[tuple[str, list
 
 
 def _unique_states(states: pa.Table) -> pa.Table:
-    first = first_rows(states.column("state_id").to_numpy())
+    first = first_rows(id_values(states.column("state_id")))
     return states if len(first) == states.num_rows else states.take(pa.array(first))  # no copy when all differ
 
 
 def _dep_results(store, dep: T2StateUnit, batch: pa.Table, fresh: dict[str, pa.Table]) -> pa.Table:
     """The dependency's results aligned row by row with ``batch``: fresh from this stage where there,
-    the store only for the states this stage did not compute (a stage never re-reads every result)."""
-    sid = batch.column("state_id").to_numpy()
+    the store only for the states this stage did not compute (a stage never re-reads every result).
+
+    Joined by 128-bit state content id: a result computed from other datapoint values (even with the
+    same datapoint ids) has another id and never joins; a state without its result is an error."""
+    sid = id_values(batch.column("state_id"))
     pieces = [fresh[dep.identity.key]] if dep.identity.key in fresh else []
-    have = np.sort(pieces[0].column("state_id").to_numpy()) if pieces else np.empty(0, dtype=np.int64)
-    missing = sid[~contains(have, sid)]
+    have = lookup(id_values(pieces[0].column("state_id")), sid) >= 0 if pieces else np.zeros(len(sid), dtype=bool)
+    missing = sid[~have]
     if len(missing):
         stored = store.read_t2(dep.name(), dep.identity.key, missing)
         if stored is not None:
@@ -185,12 +198,10 @@ def _dep_results(store, dep: T2StateUnit, batch: pa.Table, fresh: dict[str, pa.T
     if not pieces:
         raise RuntimeError(f"no results of {dep.name()} for the states of a dependent unit")
     table = _unique_states(pa.concat_tables(pieces, promote_options="default"))
-    ids = table.column("state_id").to_numpy()
-    order = np.argsort(ids)
-    pos = np.clip(np.searchsorted(ids[order], sid), 0, max(len(ids) - 1, 0))
-    if not len(ids) or (ids[order][pos] != sid).any():
-        raise RuntimeError(f"no results of {dep.name()} for some states of a dependent unit")
-    return table.take(pa.array(order[pos]))
+    at = lookup(id_values(table.column("state_id")), sid)
+    if (at < 0).any():
+        raise RuntimeError(f"no results of {dep.name()} for {int((at < 0).sum())} states of a dependent unit")
+    return table.take(pa.array(at))
 
 
 def _as_table(out: pa.Table | list[dict], n: int, unit: T2StateUnit) -> pa.Table:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ..io.stores import store_spec
-from ..keys import canonical_json, short_hash
+from ..keys import canonical_json, hash_text
 from ..tiers.base import shown, terminal_safe
 from .safe_yaml import YamlFileError, YamlLimits, gc_paused, read_yaml
 
@@ -160,7 +160,7 @@ class Workflow(Model):
 
     @property
     def hash(self) -> str:
-        return short_hash(canonical_json(self.model_dump(mode="json", by_alias=True)))
+        return hash_text(canonical_json(self.model_dump(mode="json", by_alias=True)))
 
 
 class WorkflowError(ValueError):

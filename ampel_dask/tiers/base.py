@@ -2,8 +2,9 @@
 
 Units work on batches: a T0 filter sees an Arrow table of alerts and returns a verdict per alert; a T2
 unit sees a table of states (nested light curves) and returns one result row per state; a T3 unit sees
-the population selected by its channel. A unit's identity is its name, version and the hash of its
-canonical config, so the same computation has the same key on every machine and in every run.
+the population selected by its channel. A unit's identity is its name, version, the hash of its
+canonical config and the versions of the libraries it declares, so the same computation has the same
+key on every machine and in every run, and another computation never has it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..keys import canonical_json, short_hash
+from ..keys import canonical_json, hash_text, key_of
 
 
 class UnitConfig(BaseModel):
@@ -73,14 +74,34 @@ def pinned_hash(owner: str, path: str, actual: str, expected: str | None) -> str
 
 @dataclass(frozen=True)
 class UnitIdentity:
+    """What a unit's results depend on, besides their input: its name, version, config (hash), the
+    versions of the libraries that shape its results, and the identities of the units it reads."""
+
     name: str
     version: str
     config_hash: str
+    libraries: tuple[tuple[str, str], ...] = ()  # (distribution, version), as installed when planned
+    depends_on: tuple[str, ...] = ()  # keys of the units whose results it reads
 
     @property
     def key(self) -> str:
-        """Hash of name + version + config hash: the unit's part of every result key."""
-        return short_hash(f"{self.name}|{self.version}|{self.config_hash}")
+        """The unit's part of every result key (xxh3-128, 32 hex digits): a new version of the unit or
+        of a declared library, another config, or a dependency that changed, gives a new key."""
+        return key_of(self.name, self.version, self.config_hash, [list(p) for p in self.libraries], list(self.depends_on))
+
+
+def library_versions(unit: str, names: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """Installed versions of the distributions a unit declares (``Unit.libraries``), read with
+    ``importlib.metadata``; one that is not installed is an error naming the unit."""
+    import importlib.metadata
+
+    out = []
+    for name in names:
+        try:
+            out.append((name, importlib.metadata.version(name)))
+        except importlib.metadata.PackageNotFoundError:
+            raise ValueError(f"{unit} declares library {name!r}, which is not installed") from None
+    return tuple(out)
 
 
 class Unit:
@@ -90,8 +111,9 @@ class Unit:
     version: ClassVar[str] = "1"
     Config: ClassVar[type[UnitConfig]] = UnitConfig
     unit_name: ClassVar[str | None] = None  # registry name; defaults to the class name
-    # distributions (PyPI names) whose versions shape the unit's results, e.g. ("sncosmo", "numpy"):
-    # declared for the unit's identity (results made with another version are other results)
+    # distributions (PyPI names) whose versions shape the unit's results, e.g. ("light-curve",): their
+    # installed versions, read when the unit is made (planning time), enter its identity, so upgrading
+    # one recomputes the unit's results instead of reusing those of the old version
     libraries: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: UnitConfig | dict | None = None, **kwargs: Any):
@@ -104,6 +126,7 @@ class Unit:
                 self.config = self.Config.model_validate({**(config or {}), **kwargs})
             except ValidationError as exc:
                 raise UnitConfigError(self.name(), exc) from None
+        self.library_versions = library_versions(self.name(), self.libraries)
 
     @classmethod
     def name(cls) -> str:
@@ -111,11 +134,12 @@ class Unit:
 
     @property
     def config_hash(self) -> str:
-        return short_hash(canonical_json(self.config.model_dump(mode="json")))
+        return hash_text(canonical_json(self.config.model_dump(mode="json")))
 
     @property
     def identity(self) -> UnitIdentity:
-        return UnitIdentity(self.name(), str(self.version), self.config_hash)
+        deps = tuple(d.identity.key for d in self.dependencies()) if isinstance(self, T2StateUnit) else ()
+        return UnitIdentity(self.name(), str(self.version), self.config_hash, self.library_versions, deps)
 
     def __repr__(self) -> str:
         return f"{self.name()}(v{self.version}, config={self.config_hash})"
@@ -250,7 +274,16 @@ class T2StateUnit(Unit):
 
 
 class T2PointUnit(Unit):
-    """Computes one result per datapoint: :meth:`process` gets flat datapoints (``dp_id``, ``stock`` ...)."""
+    """Computes one result per datapoint.
+
+    :meth:`process` gets a table of distinct datapoints, the fields of ``io.layout.DATAPOINT``
+    (``dp_id``, ``mjd``, ``band``, ``kind``, ``flux``, ``flux_err``, ``mag`` ...), and returns a table
+    (or list of dicts) with exactly one row per input row, in order; a column ``code`` (int, 0 = ok)
+    may report per-datapoint failures. Results are keyed by (unit identity, the datapoint's content id,
+    ``keys.point_ids``): a datapoint in many states, or reached by many channels, is computed once;
+    a copy whose values differ from another's is computed apart. A channel lists it under ``t2`` like
+    a state unit; it sees the datapoints of the channel's states (its T1 policy and data rights).
+    """
 
     tier = "T2"
 

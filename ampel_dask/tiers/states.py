@@ -1,8 +1,9 @@
 """T1: which datapoints make an object's state at an alert, and the state's content hash.
 
 A state is (stock, the datapoints visible at the alert's time under the channel's policy and data
-rights). Its id is a 64-bit hash of the datapoint-id multiset (mixed with splitmix64 and summed per
-list, so it is independent of order and vectorises with ``np.add.reduceat``), mixed with the stock.
+rights). Its id is a 128-bit hash of their content, every field of every datapoint (``keys.state_ids``:
+independent of their order, vectorised), mixed with the stock: two states with the same datapoint ids
+but a value that differs (copies of a datapoint can differ between packets) have different ids.
 Nothing the alert could not have known enters its state (no look-ahead): no datapoint observed after
 it, none first published by a later packet, and no copy of a datapoint from a later packet.
 """
@@ -19,7 +20,7 @@ from pydantic import Field
 
 from ..io.arrays import order_by, take_rows
 from ..io.layout import DATAPOINT, DETECTION, FLAG_BAD_PHOT, FORCED, UPPER_LIMIT
-from ..keys import state_ids
+from ..keys import datapoint_lanes, id_column, state_ids
 from .base import T1Unit, UnitConfig
 
 KINDS = {"detection": DETECTION, "upper_limit": UPPER_LIMIT, "forced": FORCED}
@@ -166,9 +167,14 @@ def build_states(alerts: pa.Table, policy: T1PolicyConfig, access: list[str], hi
     np.cumsum(np.bincount(kept_rows, minlength=n), out=offsets[1:])
     dps = pa.ListArray.from_arrays(pa.array(offsets), kept)
     stock = alerts.column("stock").to_numpy(zero_copy_only=False)
-    sid = state_ids(stock, kept.field("dp_id").to_numpy(zero_copy_only=False), kept_rows, n)
+    if cand is None:  # a packet's datapoints belong to its state alone: hash the kept ones
+        lanes = datapoint_lanes(kept)
+    else:  # an object's datapoints are in many of its states: hash each history row once
+        a, b = datapoint_lanes(source)
+        lanes = (a[cand[idx]], b[cand[idx]])
+    sid = state_ids(stock, lanes, kept_rows, n)
     cols = {
-        "state_id": pa.array(sid),
+        "state_id": id_column(sid),
         "stock": alerts.column("stock"),
         "object_id": alerts.column("object_id"),
         "alert_id": alerts.column("alert_id"),

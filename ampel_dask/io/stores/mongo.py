@@ -8,13 +8,18 @@ Collections (one database per store)::
     t2        T2 results: unit, unit_key, state_id, stock, alert_id, code, run_id, unit_version,
               config_hash, t2_key, task (the stage that computed it), body {the unit's columns}
               unique (unit_key, state_id)
+    t2point   T2PointUnit results: unit, unit_key, point_id, dp_id, stock, code, run_id, unit_version,
+              config_hash, t2_key, task, body; unique (unit_key, point_id)
     journal   one doc per (stock, run_id, tier, channel, unit, action, alert_id, state_id), unique on all
     t3        objects of T3 outputs: stock, channel, t3_key, state_id, object_id, unit, run_id
               unique (stock, channel, t3_key, state_id)
     tasks     finished-task markers: _id = task key, the task's counts
+    meta      _id "format": the key format the store was written with (``keys.KEY_FORMAT``)
     runs      run manifests: _id = run id
     schemas   the Arrow schemas the tables were written with (_id = "<collection>:<group>"), so what is
               read back has the written types (int8, float32, nested list<struct> datapoints, ...)
+
+State and point ids are 128-bit content ids, stored as 16-byte BinData.
 
 Results, states, journal and T3 objects are immutable records keyed by content: they are written as
 unordered bulk inserts, and a duplicate-key error (the record exists: a task run twice, racing tasks)
@@ -43,7 +48,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .base import PROVENANCE
+from ...keys import ID_DTYPE, KEY_FORMAT
+from ..arrays import sorted_unique
+from .base import POINT_PROVENANCE, PROVENANCE, StoreFormatError
 
 JOURNAL_IDENTITY = ("stock", "run_id", "tier", "channel", "unit", "action", "alert_id", "state_id")
 WRITE_BATCH = 1000  # rows converted to documents and sent per bulk_write
@@ -55,6 +62,8 @@ INDEXES: dict[str, list[tuple[list[tuple[str, int]], dict]]] = {
            ([("stock", 1)], {"name": "t1_stock"})],
     "t2": [([("unit_key", 1), ("state_id", 1)], {"unique": True, "name": "t2_identity"}),
            ([("stock", 1)], {"name": "t2_stock"})],
+    "t2point": [([("unit_key", 1), ("point_id", 1)], {"unique": True, "name": "t2point_identity"}),
+                ([("stock", 1)], {"name": "t2point_stock"})],
     "journal": [([(f, 1) for f in JOURNAL_IDENTITY], {"unique": True, "name": "journal_identity"})],
     "t3": [([("stock", 1), ("channel", 1), ("t3_key", 1), ("state_id", 1)], {"unique": True, "name": "t3_identity"})],
     "schemas": [([("collection", 1), ("group", 1)], {"name": "schemas_group"})],
@@ -134,6 +143,19 @@ class MongoStore:
         """Nothing to do: every write returned after the server acknowledged it (durability is the write
         concern of the URI, e.g. ``?w=majority&journal=true``)."""
 
+    def check_format(self, create: bool = False) -> None:
+        """As :meth:`ParquetStore.check_format`: the ``meta`` document "format", or runs without it (64-bit era)."""
+        doc = self._rdb.meta.find_one({"_id": "format"})
+        where = f"{redact(self.uri)} (database {self.database})"
+        if doc is not None:
+            if doc.get("keys") != KEY_FORMAT:
+                raise StoreFormatError(f"{where}: a store written with {doc.get('keys')!r}, not {KEY_FORMAT!r}: use a new database")
+        elif self._rdb.runs.find_one({}, {"_id": 1}) is not None:
+            raise StoreFormatError(f"{where}: a store written by an earlier ampel-dask (64-bit state ids and keys), whose results "
+                                   "cannot be reused or joined with new ones: use a new database (or drop this one)")  # fmt: skip
+        elif create:
+            self.db.meta.replace_one({"_id": "format"}, {"keys": KEY_FORMAT}, upsert=True)
+
     # --- task markers ---
     def task_info(self, key: str) -> dict | None:
         doc = self._rdb.tasks.find_one({"_id": key})
@@ -191,10 +213,37 @@ class MongoStore:
 
     # --- T2 results ---
     def write_t2(self, unit: str, unit_key: str, key: str, table: pa.Table) -> None:
+        self._write_results("t2", PROVENANCE, unit, unit_key, key, table)
+
+    def done_state_ids(self, unit: str, unit_key: str) -> np.ndarray:
+        """Sorted state ids with a result for this unit key: a query covered by the (unit_key, state_id)
+        index, returning nothing but the ids."""
+        return self._done("t2", "state_id", unit_key)
+
+    def read_t2(self, unit: str, unit_key: str, state_ids: np.ndarray | None = None, stock: int | None = None) -> pa.Table | None:
+        return self._read_results("t2", "state_id", unit_key, state_ids, stock)
+
+    def t2_units(self) -> list[tuple[str, str]]:
+        return sorted((d["unit"], d["group"]) for d in self._rdb.schemas.find({"collection": "t2"}, {"unit": 1, "group": 1}))
+
+    # --- T2 results per datapoint (T2PointUnit) ---
+    def write_t2_points(self, unit: str, unit_key: str, key: str, table: pa.Table) -> None:
+        self._write_results("t2point", POINT_PROVENANCE, unit, unit_key, key, table)
+
+    def done_point_ids(self, unit: str, unit_key: str) -> np.ndarray:
+        return self._done("t2point", "point_id", unit_key)
+
+    def read_t2_points(self, unit: str, unit_key: str, point_ids: np.ndarray | None = None, stock: int | None = None) -> pa.Table | None:
+        return self._read_results("t2point", "point_id", unit_key, point_ids, stock)
+
+    def t2_point_units(self) -> list[tuple[str, str]]:
+        return sorted((d["unit"], d["group"]) for d in self._rdb.schemas.find({"collection": "t2point"}, {"unit": 1, "group": 1}))
+
+    def _write_results(self, collection: str, provenance: tuple[str, ...], unit: str, unit_key: str, key: str, table: pa.Table) -> None:
         _reserved(table, ("_id", "unit_key", "task", "body"), "T2 results")
-        self._register("t2", unit_key, table.schema, unit=unit)
-        prov = [c for c in table.column_names if c in PROVENANCE]
-        body = [c for c in table.column_names if c not in PROVENANCE]
+        self._register(collection, unit_key, table.schema, unit=unit)
+        prov = [c for c in table.column_names if c in provenance]
+        body = [c for c in table.column_names if c not in provenance]
 
         def docs() -> Iterator[dict]:
             for row in _rows(table):
@@ -202,34 +251,28 @@ class MongoStore:
                 doc["body"] = {c: row[c] for c in body}
                 yield doc
 
-        self._insert("t2", docs())
+        self._insert(collection, docs())
 
-    def done_state_ids(self, unit: str, unit_key: str) -> np.ndarray:
-        """Sorted state ids with a result for this unit key: a query covered by the (unit_key, state_id)
-        index, returning nothing but the ids."""
-        cursor = self.db.t2.find({"unit_key": unit_key}, {"state_id": 1, "_id": 0}, batch_size=100_000).hint("t2_identity")
-        ids = np.fromiter((d["state_id"] for d in cursor), dtype=np.int64)
-        ids.sort()
-        return ids
+    def _done(self, collection: str, id_field: str, unit_key: str) -> np.ndarray:
+        cursor = self.db[collection].find({"unit_key": unit_key}, {id_field: 1, "_id": 0}, batch_size=100_000).hint(f"{collection}_identity")
+        return sorted_unique(np.frombuffer(b"".join(bytes(d[id_field]) for d in cursor), dtype=ID_DTYPE))
 
-    def read_t2(self, unit: str, unit_key: str, state_ids: np.ndarray | None = None, stock: int | None = None) -> pa.Table | None:
-        schema = self._schema("t2", unit_key)
+    def _read_results(self, collection: str, id_field: str, unit_key: str, ids: np.ndarray | None, stock: int | None) -> pa.Table | None:
+        schema = self._schema(collection, unit_key)
         if schema is None:
             return None
         query: dict = {"unit_key": unit_key}
         if stock is not None:
             query["stock"] = int(stock)
         projection = {"_id": 0, "unit_key": 0, "task": 0}
-        if state_ids is None:
-            found: Iterable[dict] = self._rdb.t2.find(query, projection, batch_size=READ_BATCH)
+        if ids is None:
+            found: Iterable[dict] = self._rdb[collection].find(query, projection, batch_size=READ_BATCH)
         else:
-            ids = np.unique(np.asarray(state_ids, dtype=np.int64)).tolist()
-            found = (d for part in _chunks(ids) for d in self._rdb.t2.find({**query, "state_id": {"$in": part}}, projection, batch_size=READ_BATCH))
+            wanted = sorted_unique(np.asarray(ids, dtype=ID_DTYPE)).tobytes()
+            want = [wanted[i : i + 16] for i in range(0, len(wanted), 16)]
+            found = (d for part in _chunks(want) for d in self._rdb[collection].find({**query, id_field: {"$in": part}}, projection, batch_size=READ_BATCH))
         table = _table(({**d, **(d.pop("body", None) or {})} for d in found), schema)
-        return table.sort_by("state_id")
-
-    def t2_units(self) -> list[tuple[str, str]]:
-        return sorted((d["unit"], d["group"]) for d in self._rdb.schemas.find({"collection": "t2"}, {"unit": 1, "group": 1}))
+        return table.sort_by(id_field)
 
     # --- journal, T3, manifests ---
     def write_journal(self, run_id: str, key: str, table: pa.Table) -> None:

@@ -9,6 +9,7 @@ Parquet layout (every file written atomically, named by the content-hash key of 
     STORE/states/<channel>/<t1 key>.parquet          T1 states of one work unit (the channel's selection)
     STORE/states/<channel>/_dps-<t1 key>.arrow        their datapoints (Arrow IPC, LZ4), same row order
     STORE/t2/<Unit>/<unit key>/<stage key>.parquet   T2 results: state_id, code, body columns, provenance
+    STORE/t2points/<Unit>/<unit key>/<stage key>.parquet   T2PointUnit results: point_id, dp_id, code, body, provenance
     STORE/tasks/<key>.json                           a finished task and its counts (a re-run skips it)
     STORE/journal/<run id>/<key>.parquet             one row per (stock, run, tier, channel, action)
     STORE/t3/<channel>/<t3 key>/...                  T3 outputs, plus objects.parquet (who was in them)
@@ -28,8 +29,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..archive import dps_bytes, dps_path, parquet_bytes, read_part
+from ...keys import ID_DTYPE, KEY_FORMAT, id_column, id_values
 from ..arrays import contains, first_rows, sorted_unique
 from ..files import atomic_write, sync
+from .base import StoreFormatError
 
 
 class ParquetStore:
@@ -44,6 +47,19 @@ class ParquetStore:
     @property
     def spec(self) -> dict:
         return {"kind": "parquet", "path": str(self.root)}
+
+    def check_format(self, create: bool = False) -> None:
+        """``STORE/FORMAT`` names the key format; a store with runs but no such file is of the 64-bit era."""
+        marker = self.root / "FORMAT"
+        if marker.exists():
+            found = marker.read_text().strip()
+            if found != KEY_FORMAT:
+                raise StoreFormatError(f"{self.root}: a store written with {found!r}, not {KEY_FORMAT!r}: use a new store")
+        elif any((self.root / "runs").glob("*.json")):
+            raise StoreFormatError(f"{self.root}: a store written by an earlier ampel-dask (64-bit state ids and keys), whose results "
+                                   "cannot be reused or joined with new ones: use a new store (or delete this one)")  # fmt: skip
+        elif create:
+            atomic_write(marker, (KEY_FORMAT + "\n").encode())
 
     # --- task markers ---
     def task_info(self, key: str) -> dict | None:
@@ -117,21 +133,31 @@ class ParquetStore:
         Read at task time, so results written earlier in the same run count too; each worker process
         reads every result file once and merges it into a cached sorted array.
         """
-        return _DONE.ids(self._t2_dir(unit, unit_key))
+        return _DONE.ids(self._t2_dir(unit, unit_key), "state_id")
 
     def read_t2(self, unit: str, unit_key: str, state_ids: np.ndarray | None = None, stock: int | None = None) -> pa.Table | None:
-        tables = [_read(f, None, stock) for f in self.t2_files(unit, unit_key)]
-        if not tables:
-            return None
-        t = pa.concat_tables(tables, promote_options="default")
-        if state_ids is not None:
-            t = t.filter(pc.is_in(t.column("state_id"), value_set=pa.array(np.asarray(state_ids, dtype=np.int64))))
-        # one row per state (a state computed twice by racing tasks gives identical rows)
-        return t.take(pa.array(first_rows(t.column("state_id").to_numpy())))
+        return _read_results(self.t2_files(unit, unit_key), "state_id", state_ids, stock)
 
     def t2_units(self) -> list[tuple[str, str]]:
-        d = self.root / "t2"
-        return sorted((u.name, k.name) for u in d.iterdir() for k in u.iterdir()) if d.exists() else []
+        return _units(self.root / "t2")
+
+    # --- T2 results per datapoint (T2PointUnit) ---
+    def _points_dir(self, unit: str, unit_key: str) -> Path:
+        return self.root / "t2points" / unit / unit_key
+
+    def write_t2_points(self, unit: str, unit_key: str, key: str, table: pa.Table) -> None:
+        atomic_write(self._points_dir(unit, unit_key) / f"{key}.parquet", parquet_bytes(table), durable=False)
+
+    def done_point_ids(self, unit: str, unit_key: str) -> np.ndarray:
+        """Sorted datapoint content ids with a result for this unit key (as :meth:`done_state_ids`)."""
+        return _DONE.ids(self._points_dir(unit, unit_key), "point_id")
+
+    def read_t2_points(self, unit: str, unit_key: str, point_ids: np.ndarray | None = None, stock: int | None = None) -> pa.Table | None:
+        files = sorted(str(p) for p in self._points_dir(unit, unit_key).glob("*.parquet"))
+        return _read_results(files, "point_id", point_ids, stock)
+
+    def t2_point_units(self) -> list[tuple[str, str]]:
+        return _units(self.root / "t2points")
 
     # --- journal, T3, manifests ---
     def write_journal(self, run_id: str, key: str, table: pa.Table) -> None:
@@ -162,6 +188,22 @@ class ParquetStore:
         return [json.loads(p.read_text()) for p in sorted((self.root / "runs").glob("*.json"))]
 
 
+def _units(folder: Path) -> list[tuple[str, str]]:
+    return sorted((u.name, k.name) for u in folder.iterdir() for k in u.iterdir()) if folder.exists() else []
+
+
+def _read_results(files: list[str], id_column_name: str, ids: np.ndarray | None, stock: int | None) -> pa.Table | None:
+    """T2 result files as one table, only the rows of ``ids`` (content ids) if given, one row per id
+    (an id computed twice by racing tasks gives identical rows)."""
+    tables = [_read(f, None, stock) for f in files]
+    if not tables:
+        return None
+    t = pa.concat_tables(tables, promote_options="default")
+    if ids is not None:
+        t = t.filter(pc.is_in(t.column(id_column_name), value_set=id_column(np.asarray(ids, dtype=ID_DTYPE))))
+    return t.take(pa.array(first_rows(id_values(t.column(id_column_name)))))
+
+
 def _read(path: Path, columns: list[str] | None = None, stock: int | None = None) -> pa.Table:
     """One store file; the dataset reader only when filtering on an object (it costs ~8 ms per file
     in discovery, against ~0.4 ms for a plain ParquetFile read, and a run reads hundreds)."""
@@ -187,26 +229,26 @@ def _of(stock: int | None) -> list | None:
 
 
 class _DoneIds:
-    """Per-process cache: result folder -> (files already read, by name and inode; sorted state ids in
-    them). A file read before that is gone or replaced (a store deleted or pruned while the workers
+    """Per-process cache: result folder -> (files already read, by name and inode; sorted content ids
+    in them). A file read before that is gone or replaced (a store deleted or pruned while the workers
     live on) empties the folder's cache: its ids would otherwise count as done without a result."""
 
     def __init__(self) -> None:
         self._seen: dict[Path, tuple[set[tuple[str, int]], np.ndarray]] = {}
 
-    def ids(self, folder: Path) -> np.ndarray:
-        files, ids = self._seen.get(folder, (set(), np.empty(0, dtype=np.int64)))
+    def ids(self, folder: Path, column: str) -> np.ndarray:
+        files, ids = self._seen.get(folder, (set(), np.empty(0, dtype=ID_DTYPE)))
         try:
             with os.scandir(folder) as it:
                 present = {(e.name, e.inode()): e.path for e in it if e.name.endswith(".parquet") and not e.name.startswith(".")}
         except FileNotFoundError:
             present = {}
         if not files <= present.keys():
-            files, ids = set(), np.empty(0, dtype=np.int64)
+            files, ids = set(), np.empty(0, dtype=ID_DTYPE)
             self._seen.pop(folder, None)
         new = [f for f in present if f not in files]
         if new:
-            parts = [_read(Path(present[f]), ["state_id"]).column("state_id").to_numpy() for f in new]
+            parts = [id_values(_read(Path(present[f]), [column]).column(column)) for f in new]
             ids = sorted_unique(np.concatenate([ids, *parts]))
             self._seen[folder] = (files | set(new), ids)
         return ids

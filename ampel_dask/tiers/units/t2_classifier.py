@@ -182,6 +182,7 @@ class T2Classifier(T2StateUnit):
 
     Config = T2ClassifierConfig
     version = "1"
+    libraries = ("scikit-learn",)  # the estimator's code (the features: a dependency, in the identity too)
 
     def __init__(self, config=None, **kw):
         super().__init__(config, **kw)

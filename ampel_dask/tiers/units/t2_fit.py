@@ -48,6 +48,7 @@ class T2BazinFit(T2StateUnit):
 
     Config = T2BazinFitConfig
     version = "1"
+    libraries = ("light-curve",)  # its fitter shapes the results
     n_jobs: ClassVar[int] = 1  # light_curve threads; not part of the config hash
 
     def __init__(self, config=None, **kw):

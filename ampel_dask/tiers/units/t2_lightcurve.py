@@ -50,6 +50,7 @@ class T2LightCurveFeatures(T2StateUnit):
 
     Config = T2LightCurveFeaturesConfig
     version = "1"
+    libraries = ("light-curve",)  # its feature code shapes the results
     n_jobs: ClassVar[int] = 1  # light_curve threads; Dask parallelises across batches. Not in the config hash.
 
     def __init__(self, config=None, **kw):

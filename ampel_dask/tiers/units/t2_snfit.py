@@ -84,7 +84,7 @@ class T2SNCosmoFit(T2StateUnit):
     Config = T2SNCosmoFitConfig
     version = "1"
     # distributions whose versions shape the results (for the unit's identity)
-    libraries: ClassVar[tuple[str, ...]] = ("sncosmo", "iminuit", "numpy", "scipy", "speclite", "pyphot", "saltshaker-sn")
+    libraries: ClassVar[tuple[str, ...]] = ("sncosmo", "iminuit", "numpy", "scipy", "speclite", "pyphot")  # the model files: by content hash in the config
 
     def __init__(self, config=None, **kw):
         super().__init__(config, **kw)

@@ -153,11 +153,14 @@ class T3Export(T3Unit):
 
 
 def write_csv(table: pa.Table, path: Path) -> None:
-    """CSV with a header; nested columns (lists, structs) become JSON text, since CSV has no nesting."""
+    """CSV with a header; nested columns (lists, structs) become JSON text, since CSV has no nesting,
+    and binary columns (``state_id``: 128-bit content ids) hex text."""
     flat = table
     for i, field in enumerate(table.schema):
         if pa.types.is_nested(field.type):
             flat = flat.set_column(i, field.name, to_json_column(table.column(i)))
+        elif pa.types.is_binary(field.type) or pa.types.is_fixed_size_binary(field.type) or pa.types.is_large_binary(field.type):
+            flat = flat.set_column(i, field.name, pa.array([None if v is None else v.hex() for v in table.column(i).to_pylist()], pa.string()))
     pacsv.write_csv(flat, path)
 
 
