@@ -492,3 +492,28 @@ def test_filter_columns_are_checked_against_the_selected_surveys(tmp_path):
 def load_workflow_text(path: Path, text: str) -> Workflow:
     path.write_text(text)
     return load_workflow(path)
+
+
+@pytest.mark.parametrize("history", ["packet", "archive"])
+def test_channels_that_differ_only_in_name_each_get_their_states_and_t3(history, data_dir, tmp_path):
+    """Two channels with the same filters and T1 policy share T0 work but each writes its own states
+    (the T1 key covers the channel): both hold every alert the cut passes, counted from the raw part
+    files, and both channels' T3 exports them; the shared states are computed once."""
+    import ampel_dask as ad
+
+    archive = tmp_path / "archive"
+    ad.ingest([data_dir / "ztf" / "pitt_google"], archive)
+    parts = [pq.read_table(f, columns=["alert_id", "rb", "programid"]) for f in sorted(archive.glob("survey=*/night=*/part-*.parquet"))]
+    expected = sorted(a for t in parts for a, rb in zip(t.column("alert_id").to_pylist(), t.column("rb").to_pylist()) if rb is not None and rb > 0.3)
+
+    def channel(name: str) -> dict:
+        return {"name": name, "access": ["ZTF_ALL"], "filters": [{"unit": "ExpressionFilter", "config": {"expr": "rb > 0.3"}}],
+                "t1": {"unit": "T1Policy", "config": {"history": history}}, "t2": ["T2LightCurveSummary"], "t3": [{"unit": "T3Export", "config": {"formats": ["csv"]}}]}  # fmt: skip
+
+    run = ad.run({"name": "twins", "store": {"path": str(tmp_path / "store")}, "channels": [channel("A"), channel("B")]}, archive=archive, workers=0)
+    store = ad.open_store(tmp_path / "store")
+    for name in ("A", "B"):
+        assert sorted(store.states(name)["alert_id"]) == expected, name
+    assert run.summary["t2"]["computed"] == len(expected)  # one computation per distinct state, both channels
+    exports = sorted(p for p in run.outputs if p.endswith(".csv"))
+    assert len(exports) == 2 and all(Path(p).exists() for p in exports)

@@ -85,8 +85,9 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
     selection so far), so that T3 after the last micro-batch sees what one archive run would see."""
     b = _Builder(plans, archive, parts, store, run_id, history_buckets, batch_rows)
     b.packet_channels()
+    packet_stages = [k for k in b.dsk if stage_of(k) == T2]
     for c in b.hist:  # their T2 stages run after the packet stages, so a state both reach is computed once
-        b.history_channel(c)
+        b.history_channel(c, packet_stages)
     b.t3(t3_states or {})
     if not b.run.tasks:
         b.run.graph.clear()  # only the plans: nothing to compute
@@ -130,7 +131,9 @@ class _Builder:
         stage_units = t2_units(packet)
         for unit in self.units:
             h = unit.key
-            names = {c.name: key_of(c.t1_key, h) for c in packet}
+            # a T1 task writes its channel's states: the channel is part of its key (two channels with
+            # the same filters and policy share T0, never T1)
+            names = {c.name: key_of(c.name, c.t1_key, h) for c in packet}
             for c in packet:
                 run.t1_names[c.name].append(names[c.name])
                 run.count_names[c.name].append(names[c.name])
@@ -161,16 +164,15 @@ class _Builder:
             for c in packet:
                 run.produced_by.setdefault(c.name, []).append(task_key(T2, stage) if stage else task_key(T1, names[c.name]))
 
-    def history_channel(self, c: ChannelPlan) -> None:
+    def history_channel(self, c: ChannelPlan, packet_stages: list[str]) -> None:
         """A channel joining each object's archived history: pass (per work unit) -> stocks -> hist (per
         archive work unit) -> shuffle by object bucket -> t1h -> T2 stage, per bucket."""
         dsk, run, spec, nb = self.dsk, self.run, self.spec, self.buckets
-        packet_stages = [k for k in dsk if stage_of(k) == T2]
         sel_id = key_of([p.content_hash for p in self.parts])
         sources = self.archive.partitions(sorted({p.survey for p in self.parts}))
         run.history_partitions = sources
         hist_id = key_of([p.content_hash for p in sources])
-        names = [key_of("t1h", HISTORY_RULE, c.t1_key, sel_id, hist_id, b, nb) for b in range(nb)]
+        names = [key_of("t1h", HISTORY_RULE, c.name, c.t1_key, sel_id, hist_id, b, nb) for b in range(nb)]
         stages = [key_of("t2h", n, [u.identity.key for u in c.t2]) if c.t2 else None for n in names]
         counts = [key_of("t0c", c.t0_key, u.key) for u in self.units]
         run.t1_names[c.name] += names
