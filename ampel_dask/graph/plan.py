@@ -89,6 +89,8 @@ CORE_COLUMNS = {"alert_id", "stock", "object_id", "survey", "night", "mjd", "ra"
 def plan_channel(spec: ChannelSpec, i: int, wf: Workflow | None = None) -> ChannelPlan:
     loc = ("channels", i)
     filters = [_make(r, (*loc, "filters", j), T0Filter, wf) for j, r in enumerate(spec.filters)]
+    for f in filters:  # the channel's data rights (part of its T0 key): what a history-reading filter may count
+        f.for_channel(spec.access)
     t1 = _make(spec.t1, (*loc, "t1"), T1Unit, wf)
     t2 = _with_dependencies([_make(r, (*loc, "t2", j), T2StateUnit, wf) for j, r in enumerate(spec.t2)])
     t3 = [_make(r, (*loc, "t3", j), T3Unit, wf) for j, r in enumerate(spec.t3)]
