@@ -36,6 +36,8 @@ from .io.stores import open_store as _open_store
 if TYPE_CHECKING:
     import pandas as pd
 
+    from .graph.backtest import Backtest
+
 
 def ingest(sources: str | Path | list[str | Path], archive: str | Path, workers: int | None = 0, progress: bool | None = False, **options: Any) -> IngestReport:
     """Read alert packets into an archive (created if missing).
@@ -118,6 +120,35 @@ def run(workflow: str | Path | Workflow | dict, archive: str | Path | None = Non
                       workers=workers, client=client, progress=progress)  # fmt: skip
     summary = run_workflow(wf, opts)
     return Run(summary, Store(_open_store(wf.store.resolve(opts.store))))
+
+
+def backtest(workflow: str | Path | Workflow | dict, archive: str | Path | None = None, labels: str | Path | None = None,
+             nights: tuple[int, int] | None = None, object_column: str | None = None, label_column: str | None = None,
+             label_source: str | None = None) -> Backtest:  # fmt: skip
+    """What each channel's filters pass, per night, and against labels (``ampel-dask backtest``).
+
+    Parameters
+    ----------
+    workflow : path, Workflow or dict
+    archive : path, optional
+        Overrides the workflow's ``archive.path``.
+    labels : path, optional
+        A CSV/Parquet file of (object, class): ELAsTiCC's truth table (diaObjectId, GENTYPE), ZTF object
+        labels (object_id, label); ``object_column`` / ``label_column`` name others, ``label_source`` keeps
+        the rows whose ``label_source`` starts with it.
+    nights : (int, int), optional
+        Only these nights (YYYYMMDD, inclusive).
+
+    Returns
+    -------
+    Backtest
+        ``to_dict()``, ``table()`` (text), ``nights_frame()`` / ``classes_frame()`` (pandas), ``plot(path)``.
+    """
+    from .graph.backtest import backtest as _backtest, load_labels
+
+    wf = workflow if isinstance(workflow, Workflow) else Workflow.model_validate(workflow) if isinstance(workflow, dict) else load_workflow(workflow)
+    lab = load_labels(labels, object_column, label_column, label_source) if labels is not None else None
+    return _backtest(wf, archive, lab, nights)
 
 
 # --- the archive -------------------------------------------------------------------------------------
@@ -333,4 +364,4 @@ class Store:
         return explain(str(obj), self.backend.spec.get("uri") or self.backend.spec["path"])
 
 
-__all__ = ["ingest", "run", "open_archive", "open_store", "Run", "ArchiveView", "Store", "IngestReport"]
+__all__ = ["ingest", "run", "backtest", "open_archive", "open_store", "Run", "ArchiveView", "Store", "IngestReport"]

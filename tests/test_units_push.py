@@ -372,3 +372,15 @@ def test_skyportal_config_is_checked():
     with pytest.raises(UnitConfigError, match="group_ids"):
         T3SkyPortal({k: v for k, v in SP_CONFIG.items() if k != "group_ids"} | {"url": "https://fritz.science"})
 
+
+
+def test_skyportal_when_configured_sends_nothing_until_the_secrets_are_set(selection, sp, tmp_path, monkeypatch):
+    cfg = {**SP_CONFIG, "url_env": "AMPEL_DASK_SECRET_FRITZ_URL", "when_configured": True}
+    monkeypatch.delenv("AMPEL_DASK_SECRET_FRITZ_TOKEN")
+    [rec] = T3SkyPortal(cfg).react(selection, context(tmp_path))
+    assert rec["objects"] == 0 and "AMPEL_DASK_SECRET_FRITZ_URL, AMPEL_DASK_SECRET_FRITZ_TOKEN unset" in rec["skipped"]
+    assert sp.requests == []
+    monkeypatch.setenv("AMPEL_DASK_SECRET_FRITZ_URL", sp.url + "/")
+    monkeypatch.setenv("AMPEL_DASK_SECRET_FRITZ_TOKEN", TOKEN)
+    [rec] = T3SkyPortal(cfg).react(selection.slice(0, 2), context(tmp_path))
+    assert rec["objects"] == 2 and sp.violations == [] and rec["url"] == f"{sp.url}/...($AMPEL_DASK_SECRET_FRITZ_URL)"  # host only

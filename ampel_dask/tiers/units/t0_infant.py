@@ -11,7 +11,9 @@ Cuts, in order (the first failing one is the reason): ``negative`` (a negative d
 ``drb``, ``reliability`` (real-bogus scores; a score the alert does not carry rejects nothing: older
 ZTF schemas, ELAsTiCC), ``solar system`` (a known solar-system object within ``min_sso_dist``, or a
 Rubin source associated with an ssObject), ``star`` (the nearest PS1 source is a star: AMPEL's
-DecentFilter rule), ``gaia star`` (AMPEL's Gaia veto, with a local catalog), ``ndet``, ``age``,
+DecentFilter rule), ``gaia star`` (AMPEL's Gaia veto, with a local catalog), ``inconsistent times``
+(ZTF's first detection at the position, ``jdstarthist``, later than the alert itself: a rewritten or
+simulated packet, such as some of Fink's test alerts), ``ndet``, ``age``,
 ``not rising`` (no band brightened from its first to its latest positive detection), ``no recent upper
 limit`` (optional: the last non-detection before the first detection is too old or missing).
 """
@@ -105,6 +107,8 @@ class InfantSNFilter(T0Filter):
             star = np.zeros(n, dtype=bool)
             star[pending] = self._gaia.is_star(num(alerts, "ra")[pending], num(alerts, "dec")[pending])
             v.reject(star, "gaia star")
+        # the survey's first detection after the alert itself: times that cannot be (rewritten or simulated packets)
+        v.reject(num(alerts, "jdstarthist") - MJD_JD_OFFSET > num(alerts, "mjd") + TIME_EPS, "inconsistent times")
         h = self.history(alerts)
         v.reject(h["ndet"] < c.min_ndet, "ndet")
         v.reject(~(h["age"] <= c.max_age), "age")  # no detection at all: NaN age, rejected

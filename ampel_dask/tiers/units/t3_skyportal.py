@@ -16,7 +16,8 @@ variable, never logged or written):
    ``PUT /api/sources/{obj_id}/annotations/{id}`` when its data changed, nothing when equal.
 
 So a re-run posts nothing new (and PUTs photometry SkyPortal already has). With the store's delivery
-journal an object in a state already published is not even asked about.
+journal an object in a state already published is not even asked about. ``when_configured``: a shipped
+workflow publishes only once the operator has set the URL and token variables.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pydantic import Field, field_validator, model_validator
 from ...io.layout import DETECTION, FORCED, NJY_ZP, UPPER_LIMIT
 from ...keys import key_of
 from ..base import T3Context, T3Unit, UnitConfig
-from ..env import WorkflowVariable
+from ..env import WorkflowVariable, read_variable
 from ..helpers.push import Endpoint, PushError, base_url, journal, object_keys, secret, undelivered
 from .t3_export import json_safe, match_columns, t2_columns
 
@@ -53,6 +54,8 @@ class T3SkyPortalConfig(UnitConfig):
     kinds: list[Literal["detection", "upper_limit", "forced"]] = Field(["detection", "upper_limit", "forced"], description="datapoints sent as photometry")
     origin: str = Field("ampel_dask", description="the annotation's origin (one annotation per origin and object)")
     annotate: list[str] | None = Field(None, description="T2 columns (shell patterns) in the annotation; None = every T2 column, [] = no annotation")
+    when_configured: bool = Field(False, description="publish only once the url_env and token_env variables are set; until then send "
+                                                     "nothing and say so (a shipped workflow the operator turns on with the secrets)")  # fmt: skip
     timeout: float = Field(30.0, gt=0, description="seconds per request")
     retries: int = Field(3, ge=0, description="extra attempts after a 5xx/429, timeout or connection error")
     backoff: float = Field(1.0, ge=0, description="first wait before a retry [s]; doubled each time")
@@ -139,6 +142,11 @@ class T3SkyPortal(T3Unit):
         new = undelivered(book, keys)
         if not new.any():
             return []
+        if c.when_configured:
+            unset = [v for v in (c.url_env, c.token_env) if v and not read_variable(v)]
+            if unset:
+                log.info("%s: not configured (%s unset): nothing published", self.name(), ", ".join(unset))
+                return [{"kind": "skyportal", "skipped": f"not configured: {', '.join(unset)} unset", "objects": 0}]
         names = selection.column_names
         columns = [n for n in (t2_columns(names) if c.annotate is None else match_columns(names, c.annotate)) if n != "dps"]
         wanted = ["object_id", "stock", "alert_id", "mjd", "ra", "dec", "survey", "dps", *columns]
