@@ -167,7 +167,9 @@ class FakeSkyPortal(_Server):
         self.token, self.filters, self.instruments = token, filters, instruments
         self.objs: dict[str, dict] = {}
         self.candidates: list[dict] = []  # (obj_id, filter_id, passed_at, passing_alert_id)
-        self.photometry: dict[tuple, dict] = {}
+        self._candidate_keys: set[tuple] = set()
+        self._by_obj: dict[str, dict[str, list]] = {}  # obj -> {"candidates": [...], "annotations": [...]}
+        self.photometry: dict[tuple, dict] = {}  # point -> its values and id
         self.annotations: dict[int, dict] = {}
         super().__init__()
 
@@ -184,9 +186,10 @@ class FakeSkyPortal(_Server):
             obj = self.objs.get(g[1])
             if obj is None:
                 return 400, {"status": "error", "message": "Invalid ID"}
-            data = {"id": g[1], "ra": obj["ra"], "dec": obj["dec"], "annotations": [a for a in self.annotations.values() if a["obj_id"] == g[1]]}
+            mine = self._by_obj.get(g[1], {})
+            data = {"id": g[1], "ra": obj["ra"], "dec": obj["dec"], "annotations": list(mine.get("annotations", []))}
             if req["query"].get("includeAlerts") == ["true"]:
-                cands = [c for c in self.candidates if c["obj_id"] == g[1]]
+                cands = mine.get("candidates", [])
                 data["filter_ids"] = [c["filter_id"] for c in cands]
                 data["passing_alerts"] = [{k: c[k] for k in ("filter_id", "passing_alert_id", "passed_at")} for c in cands]
             return 200, {"status": "success", "data": data}
@@ -217,12 +220,13 @@ class FakeSkyPortal(_Server):
             datetime.fromisoformat(b["passed_at"])
         except (KeyError, TypeError, ValueError):
             return self.bad(f"passed_at {b.get('passed_at')!r}")
-        for f in b["filter_ids"]:
-            if any(c["obj_id"] == b["id"] and c["filter_id"] == f and c["passed_at"] == b["passed_at"] for c in self.candidates):
-                return 400, {"status": "error", "message": f"Failed to post candidate for object {b['id']}: duplicate key candidates_main_index"}
+        if any((b["id"], f, b["passed_at"]) in self._candidate_keys for f in b["filter_ids"]):  # unique (obj, filter, passed_at)
+            return 400, {"status": "error", "message": f"Failed to post candidate for object {b['id']}: duplicate key candidates_main_index"}
         self.objs.setdefault(b["id"], {"ra": b["ra"], "dec": b["dec"]})
         for f in b["filter_ids"]:
+            self._candidate_keys.add((b["id"], f, b["passed_at"]))
             self.candidates.append({"obj_id": b["id"], "filter_id": f, "passed_at": b["passed_at"], "passing_alert_id": b["passing_alert_id"]})
+            self._by_obj.setdefault(b["id"], {}).setdefault("candidates", []).append(self.candidates[-1])
         return 200, {"status": "success", "data": {"ids": list(range(len(self.candidates) - len(b["filter_ids"]), len(self.candidates)))}}
 
     def put_photometry(self, b: dict) -> tuple[int, object]:
@@ -242,8 +246,8 @@ class FakeSkyPortal(_Server):
         for i in range(n):
             key = (b["obj_id"], b["instrument_id"], b["mjd"][i], b["filter"][i], b["flux"][i], b["fluxerr"][i], origin[i])
             if key not in self.photometry:  # PUT: a point already held is not added again
-                self.photometry[key] = {"zp": b["zp"][i], "group_ids": b["group_ids"], "stream_ids": b.get("stream_ids")}
-            ids.append(list(self.photometry).index(key))
+                self.photometry[key] = {"zp": b["zp"][i], "group_ids": b["group_ids"], "stream_ids": b.get("stream_ids"), "id": len(self.photometry)}
+            ids.append(self.photometry[key]["id"])
         return 200, {"status": "success", "data": {"ids": ids, "upload_id": "u"}}
 
     def post_annotation(self, obj: str, b: dict) -> tuple[int, object]:
@@ -251,8 +255,9 @@ class FakeSkyPortal(_Server):
             return 400, {"status": "error", "message": "Invalid object"}
         if not re.match(r"^\w+", b.get("origin") or "") or not isinstance(b.get("data"), dict) or not b["data"]:
             return self.bad(f"annotation {b}")
-        if any(a["obj_id"] == obj and a["origin"] == b["origin"] for a in self.annotations.values()):
+        if any(a["origin"] == b["origin"] for a in self._by_obj.get(obj, {}).get("annotations", [])):
             return 400, {"status": "error", "message": "duplicate annotation origin"}
         aid = len(self.annotations) + 1
         self.annotations[aid] = {"id": aid, "obj_id": obj, "origin": b["origin"], "data": b["data"], "author_id": 1}
+        self._by_obj.setdefault(obj, {}).setdefault("annotations", []).append(self.annotations[aid])
         return 200, {"status": "success", "data": {"annotation_id": aid}}

@@ -23,6 +23,7 @@ workflow publishes only once the operator has set the URL and token variables.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from datetime import datetime
 from typing import Any, ClassVar, Literal
@@ -107,8 +108,8 @@ class T3SkyPortal(T3Unit):
         if survey not in c.instrument_ids:
             raise ValueError(f"{self.name()}: no SkyPortal instrument id for survey {survey!r} (config instrument_ids)")
         kinds = {KIND_CODES[k] for k in c.kinds}
-        pts = sorted((d for d in row["dps"] or [] if d["kind"] in kinds and d.get("flux_err") is not None and d.get("mjd") is not None
-                      and (d["kind"] == UPPER_LIMIT or d.get("flux") is not None)), key=lambda d: (d["mjd"], d["dp_id"]))  # fmt: skip
+        pts = sorted((d for d in row["dps"] or [] if d["kind"] in kinds and _finite(d.get("flux_err")) and _finite(d.get("mjd"))
+                      and (d["kind"] == UPPER_LIMIT or _finite(d.get("flux")))), key=lambda d: (d["mjd"], d["dp_id"]))  # fmt: skip
         if not pts:
             return None
         body: dict[str, Any] = {
@@ -208,6 +209,10 @@ def _data(api: Endpoint, answer: Any) -> dict:
         said = answer.get("message") if isinstance(answer, dict) else answer
         raise PushError(f"{api.unit}: SkyPortal answered with an error: {api.redact(str(said))[:300]}")
     return answer.get("data") or {}
+
+
+def _finite(value: Any) -> bool:
+    return value is not None and math.isfinite(value)
 
 
 def _utc(mjd: float, survey: str | None) -> str:

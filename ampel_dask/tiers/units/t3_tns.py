@@ -113,32 +113,39 @@ class T3TNSReport(T3Unit):
     def reports(self, selection: pa.Table) -> tuple[list[dict], list[int]]:
         """(AT reports, the selection row of each): one per object with a detection in its state."""
         c = self.config
-        rows, out = [], []
+        rows, out, chosen = [], [], []
         names = selection.column_names
         data = {k: selection.column(k).to_pylist() for k in ("object_id", "survey", "ra", "dec", "dps") if k in names}
-        for i in range(selection.num_rows):
+        for i in range(selection.num_rows):  # first the datapoints each report shows
             survey = data.get("survey", ["ztf"] * selection.num_rows)[i] or "ztf"
             dps = data["dps"][i] or []
             det = sorted((d for d in dps if d["kind"] == DETECTION and _mag(d) is not None), key=lambda d: (d["mjd"], d["dp_id"]))
             if not det:
                 continue
+            uls = [d for d in dps if d["kind"] == UPPER_LIMIT and d["mjd"] < det[0]["mjd"] and d.get("maglim") is not None]
+            chosen.append((i, survey, det, max(uls, key=lambda d: d["mjd"]) if uls else None))
+        utc = _utc_many([d["mjd"] for _, _, det, ul in chosen for d in [*det, *([ul] if ul else [])]],
+                        [s for _, s, det, ul in chosen for _ in range(len(det) + (ul is not None))])  # one conversion for the batch  # fmt: skip
+        at = 0
+        for i, survey, det, ul in chosen:
+            times = dict(zip((id(d) for d in [*det, *([ul] if ul else [])]), utc[at:]))
+            at += len(det) + (ul is not None)
             first = det[0]
             shown = det if c.photometry == "all" else ([first, det[-1]] if len(det) > 1 else [first])
-            uls = [d for d in dps if d["kind"] == UPPER_LIMIT and d["mjd"] < first["mjd"] and d.get("maglim") is not None]
             report: dict[str, Any] = {
                 "ra": {"value": data["ra"][i], "error": None, "units": "arcsec"},
                 "dec": {"value": data["dec"][i], "error": None, "units": "arcsec"},
                 "reporting_group_id": str(c.reporting_group_id),
                 "discovery_data_source_id": str(c.discovery_data_source_id),
                 "reporter": c.reporter,
-                "discovery_datetime": _utc(first["mjd"], survey),
+                "discovery_datetime": times[id(first)],
                 "at_type": str(c.at_type),
                 "internal_name": str(data["object_id"][i]),
                 "remarks": c.remarks,
                 "proprietary_period_groups": [str(c.reporting_group_id)],
                 "proprietary_period": {"proprietary_period_value": str(c.proprietary_days), "proprietary_period_units": "days"},
-                "non_detection": self._non_detection(max(uls, key=lambda d: d["mjd"]) if uls else None, survey),
-                "photometry": {"photometry_group": {str(k): self._point(d, survey) for k, d in enumerate(shown)}},
+                "non_detection": self._non_detection(ul, survey, times[id(ul)] if ul else ""),
+                "photometry": {"photometry_group": {str(k): self._point(d, survey, times[id(d)]) for k, d in enumerate(shown)}},
             }
             out.append(report)
             rows.append(i)
@@ -153,16 +160,16 @@ class T3TNSReport(T3Unit):
             raise ValueError(f"{self.name()}: no TNS filter id for {survey} band {band!r} (config filter_ids.{survey})")
         return str(band_ids[band]), str(c.instrument_ids[survey])
 
-    def _point(self, d: dict, survey: str) -> dict:
+    def _point(self, d: dict, survey: str, obsdate: str) -> dict:
         filt, inst = self._ids(survey, d["band"])
-        return {"obsdate": _utc(d["mjd"], survey), "flux": round(_mag(d), 3), "flux_error": _round(d.get("mag_err")), "limiting_flux": _round(d.get("maglim")),
+        return {"obsdate": obsdate, "flux": round(_mag(d), 3), "flux_error": _round(d.get("mag_err")), "limiting_flux": _round(d.get("maglim")),
                 "flux_units": "1", "filter_value": filt, "instrument_value": inst}  # fmt: skip
 
-    def _non_detection(self, d: dict | None, survey: str) -> dict:
+    def _non_detection(self, d: dict | None, survey: str, obsdate: str) -> dict:
         if d is None:
             return {"archiveid": "0", "archival_remarks": self.config.archival_remarks}
         filt, inst = self._ids(survey, d["band"])
-        return {"obsdate": _utc(d["mjd"], survey), "limiting_flux": round(d["maglim"], 3), "flux_units": "1", "filter_value": filt, "instrument_value": inst}
+        return {"obsdate": obsdate, "limiting_flux": round(d["maglim"], 3), "flux_units": "1", "filter_value": filt, "instrument_value": inst}
 
     def react(self, selection: pa.Table, context: T3Context) -> list[dict]:
         c = self.config
@@ -255,11 +262,19 @@ def _round(value: float | None) -> float | None:
     return None if value is None or not np.isfinite(value) else round(float(value), 3)
 
 
-def _utc(mjd: float, survey: str) -> str:
-    """UTC as TNS takes it ('YYYY-MM-DD HH:MM:SS.sss'); Rubin times are TAI, ZTF's UTC."""
+def _utc_many(mjds: list[float], surveys: list[str]) -> list[str]:
+    """UTC as TNS takes it ('YYYY-MM-DD HH:MM:SS.sss'), one astropy call per time scale: Rubin times are
+    TAI, ZTF's UTC."""
     from astropy.time import Time
 
-    return Time(mjd, format="mjd", scale="tai" if survey == "lsst" else "utc").utc.iso
+    out = [""] * len(mjds)
+    tai = np.array([s == "lsst" for s in surveys], dtype=bool)
+    for scale, pick in (("tai", tai), ("utc", ~tai)):
+        idx = np.flatnonzero(pick)
+        if len(idx):
+            for i, text in zip(idx, np.atleast_1d(Time(np.asarray(mjds, dtype=np.float64)[idx], format="mjd", scale=scale).utc.iso)):
+                out[i] = str(text)
+    return out
 
 
 __all__ = ["T3TNSReport", "T3TNSReportConfig", "REPORT_PATH"]
