@@ -217,6 +217,9 @@ class ArchiveView:
 
     def to_arrow(self) -> pa.Table:
         """The selected alerts as one Arrow table (``dps``: histories as ``list<struct>``, when asked for)."""
+        return self._read(histories=True)
+
+    def _read(self, histories: bool) -> pa.Table:
         want = list(self.columns) if self.columns else None
         flat_cols = None if want is None else sorted({*(c for c in want if c != "dps"), "stock", "ra", "dec"})
         tables = []
@@ -225,7 +228,7 @@ class ArchiveView:
             t = pads.dataset(path, format="parquet").to_table(columns=flat_cols, filter=self._filter())
             if self.cone is not None:
                 t = t.filter(pa.array(_in_cone(t, *self.cone)))
-            if t.num_rows and (want is None or "dps" in want):
+            if histories and t.num_rows and (want is None or "dps" in want):
                 t = _with_dps(t, path)
             tables.append(t)
         if not tables:
@@ -236,6 +239,13 @@ class ArchiveView:
     def to_pandas(self) -> pd.DataFrame:
         """The selected alerts as a pandas DataFrame (histories as lists of dicts, if selected)."""
         return self.to_arrow().to_pandas()
+
+    def to_hats(self, path: str | Path, name: str = "alerts", margin_arcsec: float = 10.0) -> Path:
+        """The selected alerts' flat columns as a HATS collection (catalog + margin) that
+        ``lsdb.open_catalog`` opens (see :mod:`ampel_dask.graph.hats`)."""
+        from .graph.hats import write_hats
+
+        return write_hats(self._read(histories=False), path, name, margin_arcsec)
 
     def to_dask(self) -> Any:
         """The selected alerts' flat columns as a lazy ``dask.dataframe`` (one partition per archive part)."""
@@ -356,6 +366,13 @@ class Store:
             body = [c for c in res.column_names if c not in PROVENANCE or c == "code"]
             sel = left_join(sel, res.select(["state_id", *body]), prefix=f"{unit}__")
         return sel.to_pandas()
+
+    def to_hats(self, channel: str, path: str | Path, margin_arcsec: float = 10.0) -> Path:
+        """The channel's objects (latest state with its T2 columns, as :meth:`objects`) as a HATS
+        collection named after the channel."""
+        from .graph.hats import write_hats
+
+        return write_hats(self.objects(channel), path, channel, margin_arcsec)
 
     def explain(self, obj: str | int) -> dict:
         """One object's chain: alerts -> states per channel -> T2 results -> T3 outputs, with run ids."""

@@ -21,35 +21,85 @@ def _emit_json(obj: dict) -> None:
     click.echo(json.dumps(obj, sort_keys=False, default=str))
 
 
+def _from(model: type, name: str, *decls: str, **kw: Any) -> Callable:
+    """A click option for a field of an options model: its default and help come from the model (the
+    one place they are declared); ``decls`` and ``kw`` add what only the command line has (flag names,
+    click types for ranges and paths)."""
+    info = model.model_fields[name]
+    default = None if info.is_required() or info.default_factory is not None else info.default
+    if default is not None and not isinstance(default, bool):
+        kw.setdefault("show_default", True)
+    if not info.is_required() and "is_flag" not in kw and not kw.get("multiple"):
+        kw.setdefault("default", default)
+    choices = _literal_choices(info.annotation)
+    if choices and "type" not in kw:
+        kw["type"] = click.Choice(choices)
+    return click.option(*(decls or (f"--{name.replace('_', '-')}",)), name, help=info.description, **kw)
+
+
+def _literal_choices(annotation: Any) -> list[str] | None:
+    import typing
+
+    for arg in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(arg) is typing.Literal:
+            return list(typing.get_args(arg))
+    return None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ampel-dask")
 def main() -> None:
     """Analyse astronomical alert streams: columnar, content-addressed, on Dask."""
 
 
+def _ingest_options(fn: Callable) -> Callable:
+    """The ``ingest`` command's options, declared once in :class:`~ampel_dask.io.ingest.IngestOptions`."""
+    from .io.ingest import IngestOptions as M
+
+    decorators = [
+        _from(M, "workers", type=click.IntRange(min=0)),
+        _from(M, "chunk_mb", type=click.FloatRange(min=0, min_open=True)),
+        _from(M, "schema_dirs", "--schema-dir", multiple=True, type=click.Path(exists=True, file_okay=False)),
+        _from(M, "progress", "--progress/--no-progress"),
+        _from(M, "follow_links", is_flag=True),
+        _from(M, "max_file_mb", type=click.FloatRange(min=0, min_open=True)),
+        _from(M, "max_packet_mb", type=click.FloatRange(min=0, min_open=True)),
+        _from(M, "max_block_mb", type=click.FloatRange(min=0, min_open=True)),
+        _from(M, "quarantine_keep_mb", type=click.FloatRange(min=0)),
+    ]
+    for d in reversed(decorators):
+        fn = d(fn)
+    return fn
+
+
 @main.command()
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--archive", "archive", required=True, type=click.Path(file_okay=False), help="archive folder (created if missing)")
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Dask worker processes (default: all cores; 0 = no cluster)")
-@click.option("--chunk-mb", type=click.FloatRange(min=0, min_open=True), default=32.0, show_default=True, help="input MB per decode task")
-@click.option("--schema-dir", "schema_dirs", multiple=True, type=click.Path(exists=True, file_okay=False), help="extra Rubin schema folder (wire format)")
-@click.option("--progress/--no-progress", default=None, help="progress bar (default: on a terminal)")
+@_ingest_options
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary as the last stdout line")
-def ingest(sources, archive, workers, chunk_mb, schema_dirs, progress, as_json) -> None:
+def ingest(sources, archive, as_json, **options) -> None:
     """Read alert packets (files, folders, globs, nightly tarballs, Parquet alert dumps) into a Parquet archive.
 
-    Exit code 0 when every packet was ingested (or already there), 3 when some were quarantined.
+    Exit code 0 when every packet was ingested (or already there), 3 when some were quarantined
+    (including anything past a size limit). Special files (FIFOs, devices, sockets) and symlinks out of
+    the sources are skipped with the reason.
     """
     from .graph.ingest import IngestOptions, ingest as run_ingest
     from .io.sources import SourceError
 
-    opts = IngestOptions(workers=workers, chunk_mb=chunk_mb, schema_dirs=list(schema_dirs), progress=progress)
+    opts = IngestOptions(**{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()})
     try:
         report = run_ingest(list(sources), archive, opts)
     except SourceError as exc:
         raise click.UsageError(str(exc)) from exc
     if report.skipped_files:
         click.echo(f"skipped {len(report.skipped_files)} file(s) that are not alert packets, e.g. {report.skipped_files[0]}", err=True)
+    if report.skipped_reasons:
+        click.echo(f"skipped {len(report.skipped_reasons)} file(s) that are not read:", err=True)
+        for path, why in list(report.skipped_reasons.items())[:20]:
+            click.echo(f"  {path!r}: {why}", err=True)  # repr: a name cannot move the terminal's cursor
+        if len(report.skipped_reasons) > 20:
+            click.echo(f"  ... and {len(report.skipped_reasons) - 20} more", err=True)
     line = (
         f"read {report.read}: ingested {report.ingested}, duplicates {report.duplicates}, "
         f"quarantined {report.quarantined}; {report.partitions} new partition(s) in {report.seconds:.1f} s"
@@ -59,7 +109,7 @@ def ingest(sources, archive, workers, chunk_mb, schema_dirs, progress, as_json) 
         reasons = ", ".join(f"{k} ({v})" for k, v in sorted(report.quarantine_reasons.items()))
         click.echo(f"quarantined packets are in {archive}/quarantine: {reasons}", err=True)
     if as_json:
-        _emit_json(report.summary())
+        _emit_json(report.summary() | {"skipped": len(report.skipped_files) + len(report.skipped_reasons)})
     sys.exit(EXIT_QUARANTINED if report.quarantined else 0)
 
 
@@ -228,6 +278,40 @@ def backtest_cmd(workflow, archive, labels_path, nights, object_column, label_co
         _emit_json(result.to_dict())
 
 
+@main.command(name="export-hats")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--archive", type=click.Path(exists=True, file_okay=False), help="export the archive's alerts (flat columns)")
+@click.option("--store", type=click.Path(file_okay=False), help="export a channel's objects with their latest T2 columns (with --channel)")
+@click.option("--channel", default=None, help="the channel whose objects to export (with --store)")
+@click.option("--survey", "surveys", multiple=True, help="only these surveys (archive export)")
+@click.option("--nights", default=None, help="only these nights, FROM:TO as YYYYMMDD (archive export)")
+@click.option("--margin-arcsec", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="margin cache width")
+def export_hats(out, archive, store, channel, surveys, nights, margin_arcsec) -> None:
+    """Write alerts, or a channel's results, as a HATS catalog (with margin) that lsdb.open_catalog opens."""
+    import ampel_dask as ad
+
+    if bool(archive) == bool(store) or (store and not channel):
+        raise click.UsageError("give --archive, or --store with --channel")
+    try:
+        if archive:
+            view = ad.open_archive(archive).select(surveys=list(surveys) or None, nights=_night_range(nights))
+            path = view.to_hats(out)
+        else:
+            path = ad.open_store(store).to_hats(channel, out)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(str(path))
+
+
+def _night_range(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    a, sep, b = text.partition(":")
+    if not (a.isdigit() and (not sep or b.isdigit())):
+        raise click.BadParameter("FROM:TO as YYYYMMDD:YYYYMMDD (or one night)", param_hint="--nights")
+    return int(a), int(b or a)
+
+
 @main.command()
 @click.argument("obj", metavar="OBJECT")
 @click.option("--store", default="store", show_default=True, type=click.Path(file_okay=False), help="result store folder")
@@ -336,31 +420,6 @@ def _live_logging(redactor) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
     logger.propagate = False
-
-
-def _from(model: type, name: str, *decls: str, **kw: Any) -> Callable:
-    """A click option for a field of an options model: its default and help come from the model (the
-    one place they are declared); ``decls`` and ``kw`` add what only the command line has (flag names,
-    click types for ranges and paths)."""
-    info = model.model_fields[name]
-    default = None if info.is_required() or info.default_factory is not None else info.default
-    if default is not None and not isinstance(default, bool):
-        kw.setdefault("show_default", True)
-    if not info.is_required() and "is_flag" not in kw and not kw.get("multiple"):
-        kw.setdefault("default", default)
-    choices = _literal_choices(info.annotation)
-    if choices and "type" not in kw:
-        kw["type"] = click.Choice(choices)
-    return click.option(*(decls or (f"--{name.replace('_', '-')}",)), name, help=info.description, **kw)
-
-
-def _literal_choices(annotation: Any) -> list[str] | None:
-    import typing
-
-    for arg in (annotation, *typing.get_args(annotation)):
-        if typing.get_origin(arg) is typing.Literal:
-            return list(typing.get_args(arg))
-    return None
 
 
 def _live_options(fn: Callable) -> Callable:

@@ -30,7 +30,7 @@ STOCK_STEP = 100 * 26**7  # replica k: stock + k * STOCK_STEP (the packed ZTF na
 
 
 def base_table(work: Path, data_dir: Path = DATA) -> pa.Table:
-    base = work / "base-archive"
+    base = work / "base-archive-4"  # 4: with the history_programids mask (data rights)
     if not (base / "_index.parquet").exists():
         ingest([str(data_dir / "ztf")], base, IngestOptions(workers=0, progress=False))
     arch = Archive(base)
@@ -93,7 +93,7 @@ def replica(base: pa.Table, k: int, rng: np.random.Generator, nights: int = 10) 
 def build(target: Path, alerts: int, part_rows: int = 25_000, nights: int = 10, work: Path | None = None) -> Path:
     """Write an archive of ``alerts`` replicated real ZTF alerts into ``target`` (cached when complete)."""
     marker = target / "_bench.json"
-    wanted = {"alerts": alerts, "part_rows": part_rows, "nights": nights, "layout": 3}  # 2: histories in _dps-*.arrow; 3: Parquet LZ4
+    wanted = {"alerts": alerts, "part_rows": part_rows, "nights": nights, "layout": 4}  # 2: histories in _dps-*.arrow; 3: Parquet LZ4; 4: history_programids
     if marker.exists() and json.loads(marker.read_text()).get("params") == wanted:
         return target
     shutil.rmtree(target, ignore_errors=True)

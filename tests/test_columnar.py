@@ -125,8 +125,9 @@ def test_frame_leaves_damage_to_the_careful_path(data_dir):
 
 def test_a_block_with_bytes_after_its_record_does_not_hang_the_ingest(data_dir, tmp_path, monkeypatch):
     """DataFusion's reader loops for ever on such a block (a damaged length field can make one); its
-    helper process is killed after the timeout and fastavro, which reads the block's one record, takes
-    the batch: every alert archived."""
+    helper process is killed after the timeout and fastavro takes the batch. A block whose records end
+    before its bytes do is damaged (its count leaves a record out, or a length inside is wrong): it is
+    quarantined, its neighbours archived."""
     monkeypatch.setattr(columnar, "TIMEOUT_S", 3.0)
     good = sorted((data_dir / "ztf" / "fink_local_202001").glob("*.avro"))
     src = tmp_path / "in"
@@ -140,4 +141,6 @@ def test_a_block_with_bytes_after_its_record_does_not_hang_the_ingest(data_dir, 
     sync = packet[start + len(block.data) :]
     (src / "trailing.avro").write_bytes(head + columnar._long(1) + columnar._long(len(block.data) + 1) + block.data + b"\x00" + sync)
     report = ingest([str(src)], tmp_path / "archive", OPTS)
-    assert (report.read, report.ingested, report.quarantined) == (10, 10, 0)
+    assert (report.read, report.ingested, report.quarantined) == (10, 9, 1)
+    (entry,) = [json.loads(p.read_text()) for p in (tmp_path / "archive" / "quarantine").glob("*.json")]
+    assert entry["source"].endswith("trailing.avro") and "1 bytes after its last record" in entry["reason"]

@@ -9,7 +9,6 @@ import pyarrow.parquet as pq
 
 from ..io.archive import read_dps, read_part
 from ..io.layout import DATAPOINT
-from ..tiers.columns import SUMMARY
 
 
 def read_partition(archive_root: str, rel_paths: str | list[str], columns: list[str] | None) -> pa.Table:
@@ -20,10 +19,8 @@ def read_partition(archive_root: str, rel_paths: str | list[str], columns: list[
     for path in paths:
         pf = pq.ParquetFile(path)  # opened once: a work unit may be a hundred small parts
         cols = columns
-        if cols is not None:
+        if cols is not None:  # an older part lacks the history aggregates: a channel's view makes them
             names = set(pf.schema_arrow.names) | {"dps"}
-            if any(c in SUMMARY and c not in names for c in cols):
-                cols = [*cols, "dps"]  # an archive written before the summary columns existed
             cols = [c for c in cols if c in names]
         tables.append(read_part(path, cols, pf))
     table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")

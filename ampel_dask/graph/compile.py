@@ -198,7 +198,7 @@ class _Builder:
             read = next((k for k in (task_key(ROWS, q.key), task_key(READ, q.key)) if k in dsk), None)
             # a unit the run read: its histories are decoded once, here, for its packet channels' T1 too
             t1s = self.t1_of_unit.pop(q.key, []) if read else []
-            dsk[task_key(HIST, hk)] = (shuffle.history_pieces, self.root, q.paths, stocks_key, shuffle_dir, hk, nb, read, [t0 for _, t0 in t1s])
+            dsk[task_key(HIST, hk)] = (shuffle.history_pieces, self.root, q.paths, stocks_key, shuffle_dir, hk, nb, read, [t0 for _, t0 in t1s], c.access)
             # the t1h tasks wait for every hist task; they get its row count, not the histories it carries to T1
             dsk[task_key(HIST_WRITTEN, hk)] = (tasks.written, task_key(HIST, hk))
             hist_keys.append(task_key(HIST_WRITTEN, hk))

@@ -11,6 +11,7 @@ import pyarrow as pa
 from ..keys import key_of
 from ..tiers.base import T0Filter, T1Unit, T2StateUnit, T3Unit, UnitConfigError
 from ..tiers.registry import UnknownUnit, load
+from ..tiers.rights import PROGRAMIDS, RIGHTS_RULE
 from .workflow import ChannelSpec, UnitRef, Workflow, WorkflowError, field_path
 
 # what a unit's constructor raises for a file its config names that is missing, unreadable or not what it
@@ -83,19 +84,18 @@ def _with_dependencies(units: list[T2StateUnit]) -> list[T2StateUnit]:
 
 
 # alert columns every step needs, besides what the filters ask for
-CORE_COLUMNS = {"alert_id", "stock", "object_id", "survey", "night", "mjd", "ra", "dec", "band", "mag", "flux", "flux_err", "isdiffpos", "programid"}
+CORE_COLUMNS = {"alert_id", "stock", "object_id", "survey", "night", "mjd", "ra", "dec", "band", "mag", "flux", "flux_err", "isdiffpos", "programid",
+                PROGRAMIDS}  # fmt: skip  (PROGRAMIDS: which datapoints a channel's view must leave out, tiers/rights.py)
 
 
 def plan_channel(spec: ChannelSpec, i: int, wf: Workflow | None = None) -> ChannelPlan:
     loc = ("channels", i)
     filters = [_make(r, (*loc, "filters", j), T0Filter, wf) for j, r in enumerate(spec.filters)]
-    for f in filters:  # the channel's data rights (part of its T0 key): what a history-reading filter may count
-        f.for_channel(spec.access)
     t1 = _make(spec.t1, (*loc, "t1"), T1Unit, wf)
     t2 = _with_dependencies([_make(r, (*loc, "t2", j), T2StateUnit, wf) for j, r in enumerate(spec.t2)])
     t3 = [_make(r, (*loc, "t3", j), T3Unit, wf) for j, r in enumerate(spec.t3)]
     plan = ChannelPlan(spec.name, list(spec.access), filters, t1, t2, t3)  # type: ignore[arg-type]
-    plan.t0_key = key_of("t0", sorted(spec.access), [f.identity.key for f in filters])
+    plan.t0_key = key_of("t0", RIGHTS_RULE, sorted(spec.access), [f.identity.key for f in filters])
     plan.t1_key = key_of("t1", plan.t0_key, t1.identity.key)
     cols: set[str] | None = set(CORE_COLUMNS)
     for f in filters:

@@ -17,7 +17,7 @@ from ..io.archive import read_dps
 from ..io.arrays import take_rows
 from ..io.files import atomic_target
 from ..keys import bucket_of
-from ..tiers.states import thinned_history
+from ..tiers.states import alert_access, thinned_history
 from .batches import with_histories
 
 if TYPE_CHECKING:
@@ -73,10 +73,11 @@ def stocks_of(summaries: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarra
 
 
 def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.ndarray, np.ndarray], shuffle_dir: str, name: str, nbuckets: int,
-                   table: pa.Table | None = None, packet_t0: list[T0Result] | None = None) -> dict:
+                   table: pa.Table | None = None, packet_t0: list[T0Result] | None = None, access: list[str] | None = None) -> dict:
     """The passing objects' packets in these archive parts, up to each object's latest passing alert
     (later packets add nothing to its states), as flat datapoints thinned to one copy per object and
-    datapoint, written by object bucket (the shuffle).
+    datapoint, written by object bucket (the shuffle). ``access``: the channel's tags; only packets
+    whose alert it may see are read (a copy of a datapoint from a packet it may not see is not its).
 
     ``table``: these parts' rows as read for T0, when the run read them; their histories are then
     decoded here once for the packet channels' T1 as well: the rows any of ``packet_t0`` accepted are
@@ -90,7 +91,8 @@ def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.nd
             return np.zeros(head.num_rows, dtype=bool)
         stock = head.column("stock").to_numpy()
         at = np.minimum(np.searchsorted(stocks, stock), len(stocks) - 1)
-        return (stocks[at] == stock) & (head.column("mjd").to_numpy() <= until[at] + 1e-6)
+        keep = (stocks[at] == stock) & (head.column("mjd").to_numpy() <= until[at] + 1e-6)
+        return keep if access is None else keep & alert_access(head, access)
 
     pieces = []  # (alerts with their histories, which rows to keep)
     if table is not None:
@@ -99,7 +101,7 @@ def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.nd
         for t0 in packet_t0 or []:
             carry |= t0.verdict.accepted
         if keep.any() or carry.any():
-            full = with_histories(table.select(["alert_id", "stock", "mjd"]))
+            full = with_histories(table.select(["alert_id", "stock", "mjd"]))  # the thinning's columns only
             if keep.any():
                 pieces.append((full, keep))
             if carry.any():
@@ -107,7 +109,8 @@ def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.nd
     elif len(stocks):
         for rel in rel_paths:
             path = f"{archive_root}/{rel}"
-            head = pq.ParquetFile(path).read(columns=["alert_id", "stock", "mjd"], use_threads=False)
+            pf = pq.ParquetFile(path)
+            head = pf.read(columns=[c for c in ("alert_id", "stock", "mjd", "survey", "programid") if c in pf.schema_arrow.names], use_threads=False)
             keep = wanted(head)
             if keep.any():
                 pieces.append((head.append_column("dps", read_dps(path)), keep))

@@ -21,7 +21,8 @@ from ..io.arrays import contains, first_rows
 from ..io.layout import DATAPOINT
 from ..io.stores import open_store
 from ..tiers.base import T2StateUnit, T3Context, Verdict
-from ..tiers.states import HISTORY_SCHEMA, STATE_COLUMNS, alert_access
+from ..tiers.rights import ChannelArchive, channel_view
+from ..tiers.states import HISTORY_SCHEMA, STATE_COLUMNS
 from .batches import with_histories
 from .plan import ChannelPlan, t2_units
 from .provenance import journal_rows, with_provenance
@@ -39,13 +40,22 @@ class T0Result:
 
 
 def run_t0(table: pa.Table, plan: ChannelPlan) -> T0Result:
-    """Data rights first (reason 'access'), then the channel's filters in order; first rejection wins."""
-    v = Verdict.accept_all(table.num_rows)
-    v.reject(~alert_access(table, plan.access), "access")
+    """Data rights first (reason 'access'), then the channel's filters in order; first rejection wins.
+
+    The filters see the channel's view of the batch only (tiers/rights.py): the alerts it may see,
+    with history aggregates over the datapoints it may see."""
+    view, seen = channel_view(table, plan.access, with_histories)
+    inner = Verdict.accept_all(view.num_rows)
     for f in plan.filters:
-        if not v.accepted.any():
+        if not inner.accepted.any():
             break
-        v = v & f.verdict(table)  # whole batch (vectorised); earlier rejections keep their reason
+        inner = inner & f.verdict(view)  # whole batch (vectorised); earlier rejections keep their reason
+    v = Verdict.accept_all(table.num_rows)
+    v.reject(~seen, "access")
+    codes = np.zeros(table.num_rows, dtype=inner.codes.dtype)
+    codes[seen] = inner.codes
+    for i, reason in enumerate(inner.reasons):
+        v.reject(codes == i + 1, reason)
     return T0Result(v, v.counts())
 
 
@@ -76,7 +86,7 @@ def run_t1(table: pa.Table, t0: T0Result, plan: ChannelPlan, spec: dict, key: st
 def state_rows(table: pa.Table) -> pa.Table:
     """The columns a state takes from its alert (and ``dps`` if the batch has it): what a work unit
     keeps in memory after T0, while it waits for the history channels' ``hist`` task."""
-    return table.select([c for c in STATE_COLUMNS if c != "state_id" and c in table.column_names])
+    return table.select([c for c in [*STATE_COLUMNS, "programid"] if c != "state_id" and c in table.column_names])  # programid: data rights
 
 
 def passing_alerts(table: pa.Table, t0: T0Result) -> pa.Table:
@@ -200,8 +210,8 @@ def run_t3(spec: dict, plan: ChannelPlan, unit_index: int, key: str, run_id: str
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs: list[dict] = []
     if sel is not None and sel.num_rows:
-        ctx = T3Context(out_dir=out_dir, run_id=run_id, channel=plan.name, archive=Archive(archive_root) if archive_root else None,
-                        mapper=cluster_map)
+        archive = ChannelArchive(Archive(archive_root), plan.access) if archive_root else None  # only what the channel may see
+        ctx = T3Context(out_dir=out_dir, run_id=run_id, channel=plan.name, archive=archive, mapper=cluster_map)
         outputs = unit.react(sel, ctx) or []
         objects = pa.table({"stock": sel.column("stock"), "object_id": sel.column("object_id"), "state_id": sel.column("state_id"),
                             "unit": pa.array([unit.name()] * sel.num_rows), "channel": pa.array([plan.name] * sel.num_rows),

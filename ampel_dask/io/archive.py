@@ -275,8 +275,15 @@ class Archive:
     def read(self, part: Partition, columns: list[str] | None = None) -> pa.Table:
         return read_part(self.root / part.path, columns)
 
-    def read_cutouts(self, part: Partition) -> pa.Table | None:
-        return pq.read_table(self.root / part.cutouts) if part.cutouts else None
+    def read_cutouts(self, part: Partition, alert_ids: list[int] | None = None) -> pa.Table | None:
+        """A part's cutouts (``alert_ids``: only these alerts' rows, read with a Parquet filter)."""
+        if not part.cutouts:
+            return None
+        if alert_ids is None:
+            return pq.read_table(self.root / part.cutouts)
+        if not len(alert_ids):
+            return pq.read_schema(self.root / part.cutouts).empty_table()
+        return pq.read_table(self.root / part.cutouts, filters=[("alert_id", "in", [int(a) for a in alert_ids])])
 
     def write_part(self, table: pa.Table, cutouts: pa.Table | None) -> Partition:
         """Write one part (rows of a single survey and night) and its cutouts; returns its index entry."""

@@ -4,16 +4,18 @@ fastavro's ``reader`` parses the writer schema of every file again; alert archiv
 one-alert files sharing a handful of schemas, so here the container framing is read directly and each
 distinct writer schema is parsed once per process. Reading block by block also lets a damaged block be
 skipped (resynchronising on the sync marker) without losing the good records around it.
+
+A container names its own writer schema and record counts, so both are checked before anything is
+decoded: a schema that would crash or hang a decoder is refused (:mod:`.schema_check`), a block's count
+must fit its bytes, and no block or packet may inflate past its limit (:mod:`.limits`).
 """
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import os
 import struct
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +25,12 @@ from fastavro import parse_schema, schemaless_reader
 from fastavro._read import HEADER_SCHEMA
 
 from ..keys import digest16
+from .limits import Limits, TooLarge, beyond, gunzip, inflate_block
+from .schema_check import Refused, min_record_bytes
 
 MAGIC = b"Obj\x01"
 SYNC_SIZE = 16
+DEFAULT_LIMITS = Limits()
 
 
 def packaged_schemas() -> Path | None:
@@ -47,14 +52,28 @@ class WriterSchema:
     key: str
     parsed: dict
     raw: dict
+    refused: str | None = None  # why no record of it may be decoded (:mod:`.schema_check`)
+    min_bytes: int = 1  # the least bytes a record takes: bounds the records a block of N bytes can hold
+
+    @classmethod
+    def of(cls, key: str, raw) -> WriterSchema:
+        """Parsed and checked: a schema that could crash or hang a decoder carries its reason."""
+        try:
+            parsed = parse_schema(raw)
+            return cls(key, parsed, raw, min_bytes=min_record_bytes(parsed))
+        except Refused as exc:
+            return cls(key, {}, raw, refused=str(exc))
+        except RecursionError:
+            return cls(key, {}, raw, refused="it nests too deep to parse")
 
     @property
     def name(self) -> str:
-        return str(self.raw.get("name", "?"))
+        return str(self.raw.get("name", "?")) if isinstance(self.raw, dict) else "?"
 
     @property
     def top_fields(self) -> list[str]:
-        return [f["name"] for f in self.raw.get("fields", [])]
+        fields = self.raw.get("fields", []) if isinstance(self.raw, dict) else []
+        return [str(f.get("name")) for f in fields if isinstance(f, dict)] if isinstance(fields, list) else []
 
 
 @dataclass
@@ -97,8 +116,7 @@ class SchemaCache:
     def from_text(self, text: bytes) -> WriterSchema:
         ws = self._by_text.get(text)
         if ws is None:
-            raw = json.loads(text)
-            ws = WriterSchema(key=text.decode(), parsed=parse_schema(raw), raw=raw)
+            ws = WriterSchema.of(text.decode(), json.loads(text))
             self._by_text[text] = ws
         return ws
 
@@ -133,8 +151,7 @@ class SchemaCache:
                         text = cand.read_text()
                     else:  # upstream layout: resolve the sibling record files
                         text = fastavro.schema.to_parsing_canonical_form(fastavro.schema.load_schema(str(cand)))
-                    raw = json.loads(text)
-                    return WriterSchema(key=text, parsed=parse_schema(raw), raw=raw)
+                    return WriterSchema.of(text, json.loads(text))
         return None
 
 
@@ -153,30 +170,6 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise ValueError("malformed varint in block header")
 
 
-def _decompress(codec: str, data: bytes) -> bytes:
-    if codec == "null":
-        return data
-    if codec == "deflate":
-        return zlib.decompress(data, -15)
-    if codec == "snappy":
-        import cramjam
-
-        return bytes(cramjam.snappy.decompress_raw(data[:-4]))  # 4-byte CRC32 trailer
-    if codec == "zstandard":
-        import cramjam
-
-        return bytes(cramjam.zstd.decompress(data))
-    if codec == "bzip2":
-        import bz2
-
-        return bz2.decompress(data)
-    if codec == "xz":
-        import lzma
-
-        return lzma.decompress(data)
-    raise ValueError(f"unsupported Avro codec {codec!r}")
-
-
 def packet_kind(data: bytes) -> str:
     """'container', 'wire', 'gzip' or 'unknown', from the first bytes."""
     if data[:4] == MAGIC:
@@ -188,24 +181,33 @@ def packet_kind(data: bytes) -> str:
     return "unknown"
 
 
-def iter_packet(data: bytes, cache: SchemaCache) -> Iterator[Record | Damage]:
-    """Decode one packet (container file, Confluent wire message, or either gzipped)."""
+def iter_packet(data: bytes, cache: SchemaCache, limits: Limits = DEFAULT_LIMITS) -> Iterator[Record | Damage]:
+    """Decode one packet (container file, Confluent wire message, or either gzipped). What quarantine
+    gets of a gzipped packet's damage is the packet as it came (compressed), never its inflated bytes."""
     kind = packet_kind(data)
+    original = None
     if kind == "gzip":
         try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as exc:
+            original, data = data, gunzip(data, limits.packet_bytes)
+        except TooLarge as exc:
+            yield Damage(0, f"gzip packet {exc}", data)
+            return
+        except Exception as exc:  # zlib's errors, a truncated stream, bytes after it that are not gzip
             yield Damage(0, f"gzip stream unreadable: {exc}", data)
             return
         kind = packet_kind(data)
     if kind == "container":
-        yield from _iter_container(data, cache)
+        items = _iter_container(data, cache, limits)
     elif kind == "wire":
-        yield from _iter_wire(data, cache)
+        items = _iter_wire(data, cache)
     elif not data:
-        yield Damage(0, "empty packet (0 bytes)", data)
+        items = iter([Damage(0, "empty packet (0 bytes)", data)])
     else:
-        yield Damage(0, f"neither an Avro container nor a Confluent wire message (starts with {data[:8]!r})", data)
+        items = iter([Damage(0, f"neither an Avro container nor a Confluent wire message (starts with {data[:8]!r})", data)])
+    for item in items:
+        if original is not None and isinstance(item, Damage):
+            item.raw = original
+        yield item
 
 
 def _iter_wire(data: bytes, cache: SchemaCache) -> Iterator[Record | Damage]:
@@ -213,6 +215,9 @@ def _iter_wire(data: bytes, cache: SchemaCache) -> Iterator[Record | Damage]:
     ws = cache.from_id(schema_id)
     if ws is None:
         yield Damage(0, f"unknown Confluent schema id {schema_id} (no lsst.v{schema_id // 100}_{schema_id % 100}.alert schema in {', '.join(map(str, cache.dirs))})", data)
+        return
+    if ws.refused:
+        yield Damage(0, f"writer schema refused: {ws.refused} (Confluent schema id {schema_id})", data)
         return
     bio = io.BytesIO(data)
     bio.seek(5)
@@ -234,21 +239,23 @@ class Block:
     offset: int
     count: int
     data: bytes
+    packed: bytes | None = None  # its bytes as written, where a codec compressed them (for quarantine)
 
 
-def frame(data: bytes, cache: SchemaCache) -> tuple[WriterSchema, list[Block]] | None:
+def frame(data: bytes, cache: SchemaCache, limits: Limits = DEFAULT_LIMITS) -> tuple[WriterSchema, list[Block]] | None:
     """A packet's writer schema and blocks, without decoding a record; None unless it is a whole,
-    undamaged container (gzipped or not): everything else takes :func:`iter_packet`'s careful path."""
+    undamaged container (gzipped or not) within the limits: everything else takes :func:`iter_packet`'s
+    careful path."""
     if packet_kind(data) == "gzip":
         try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error):
+            data = gunzip(data, limits.packet_bytes)
+        except Exception:
             return None
     if packet_kind(data) != "container":
         return None
     blocks: list[Block] = []
     ws = None
-    for item in _blocks(data, cache):
+    for item in _blocks(data, cache, limits):
         if isinstance(item, Damage):
             return None
         ws, block = item
@@ -256,28 +263,49 @@ def frame(data: bytes, cache: SchemaCache) -> tuple[WriterSchema, list[Block]] |
     return (ws, blocks) if ws is not None else None
 
 
-def _blocks(data: bytes, cache: SchemaCache) -> Iterator[tuple[WriterSchema, Block] | Damage]:
-    """A container's blocks, decompressed; a damaged block is skipped to the next sync marker."""
+def _blocks(data: bytes, cache: SchemaCache, limits: Limits = DEFAULT_LIMITS) -> Iterator[tuple[WriterSchema, Block] | Damage]:
+    """A container's blocks, decompressed; a damaged block is skipped to the next sync marker. A block's
+    record count is checked against its bytes (a record takes at least ``ws.min_bytes``), and no block,
+    nor the packet's blocks together, may inflate past the limits."""
     try:
         ws, codec, sync, pos = cache.header(data)
     except Exception as exc:
         yield Damage(0, f"Avro container header unreadable: {type(exc).__name__}: {exc}", data)
         return
+    if ws.refused:  # never decoded: all the records its blocks plausibly declare go to quarantine with it
+        yield Damage(0, f"writer schema refused: {ws.refused}", data, 0, _declared_records(data, pos, sync, codec, ws.min_bytes))
+        return
     n = 0
     end = len(data)
+    inflated = 0
+    over = ""  # once the packet has inflated past its limit, the reason for each later block
     while pos < end:
         start = pos
+        most = None  # the most records the block's bytes can hold, once known
         try:
             count, pos = _varint(data, pos)
             size, pos = _varint(data, pos)
-            if count < 0 or size < 0 or pos + size + SYNC_SIZE > end:
+            if count < 0 or size < 0:
+                raise ValueError(f"block header declares {count} records in {size} bytes (negative)")
+            if pos + size + SYNC_SIZE > end:
                 raise EOFError(f"block of {size} bytes runs past the end of the file (truncated?)")
-            block = data[pos : pos + size]
+            packed = data[pos : pos + size]
             pos += size
             if data[pos : pos + SYNC_SIZE] != sync:
                 raise ValueError("sync marker mismatch after block")
             pos += SYNC_SIZE
-            block = _decompress(codec, block)
+            if over:
+                raise TooLarge(over)
+            room = limits.packet_bytes - inflated
+            try:
+                block = inflate_block(codec, packed, min(limits.block_bytes, room))
+            except TooLarge as exc:
+                over = f"packet {beyond(limits.packet_bytes)}" if room < limits.block_bytes else ""
+                raise TooLarge(over or f"block {exc}") from None
+            inflated += len(block)
+            most = len(block) // ws.min_bytes
+            if count > most or (count == 0 and block):
+                raise ValueError(f"block declares {count} records in {len(block)} bytes (a record takes at least {ws.min_bytes})")
         except Exception as exc:
             nxt = data.find(sync, start)
             resume = end if nxt < 0 else nxt + SYNC_SIZE
@@ -287,13 +315,40 @@ def _blocks(data: bytes, cache: SchemaCache) -> Iterator[tuple[WriterSchema, Blo
             if after is not None and nxt >= 0 and _block_ends_at(data, after, nxt):
                 resume = after
             lost = _trusted_count(data, start, resume, nxt)
+            if lost > (most if most is not None else _most_records(data, start, codec, ws.min_bytes)):
+                lost = 0  # more than its bytes can hold: the count itself is what is damaged
             what = f"{lost} records" if lost > 1 else "1 record" if lost else "record count unknown"
-            yield Damage(start, f"damaged container block at byte {start} ({what}): {exc}", data[start:resume], n, max(lost, 1))
+            if isinstance(exc, TooLarge):
+                reason = f"{exc} (container block at byte {start}, {what})"
+            else:
+                reason = f"damaged container block at byte {start} ({what}): {exc}"
+            yield Damage(start, reason, data[start:resume], n, max(lost, 1))
             n += max(lost, 1)  # record numbers after it stay the file's own where the count is known
             pos = resume
             continue
-        yield ws, Block(start, count, block)
+        yield ws, Block(start, count, block, None if codec == "null" else packed)
         n += count
+
+
+def _most_records(data: bytes, start: int, codec: str, min_bytes: int) -> int:
+    """The most records the block at ``start`` can hold by its size: a record takes at least
+    ``min_bytes`` uncompressed, and (by a plausibility bound, not a law) a byte compressed."""
+    head = _block_header(data, start)
+    return 0 if head is None else head[2] // (min_bytes if codec == "null" else 1)
+
+
+def _declared_records(data: bytes, pos: int, sync: bytes, codec: str, min_bytes: int) -> int:
+    """The records a container's blocks declare, block by block while their framing holds and each
+    count fits its bytes (at least 1): what a packet stands for when none of it is decoded."""
+    total = 0
+    while (head := _block_header(data, pos)) is not None:
+        count, start, size = head
+        stop = start + size
+        if data[stop : stop + SYNC_SIZE] != sync or count > size // (min_bytes if codec == "null" else 1):
+            break
+        total += count
+        pos = stop + SYNC_SIZE
+    return max(total, 1)
 
 
 def _block_header(data: bytes, start: int) -> tuple[int, int, int] | None:
@@ -331,9 +386,9 @@ def _block_ends_at(data: bytes, start: int, marker: int) -> bool:
     return head is not None and head[0] > 0 and head[1] + head[2] == marker
 
 
-def _iter_container(data: bytes, cache: SchemaCache) -> Iterator[Record | Damage]:
+def _iter_container(data: bytes, cache: SchemaCache, limits: Limits = DEFAULT_LIMITS) -> Iterator[Record | Damage]:
     n = 0
-    for item in _blocks(data, cache):
+    for item in _blocks(data, cache, limits):
         if isinstance(item, Damage):
             yield item
             n += item.records
@@ -341,18 +396,25 @@ def _iter_container(data: bytes, cache: SchemaCache) -> Iterator[Record | Damage
         ws, blk = item
         start, count, block = blk.offset, blk.count, blk.data
         bb = io.BytesIO(block)
+        records: list[Record] = []
         for i in range(count):
             rstart = bb.tell()
             try:
                 value = schemaless_reader(bb, ws.parsed, None)
             except Exception as exc:
                 lost = count - i
-                yield Damage(start, f"record {n} in block at byte {start} does not decode ({lost} record(s) of the block lost): {type(exc).__name__}: {exc}",
-                             block[rstart:], n, lost)  # fmt: skip
-                n += lost
+                yield from records
+                yield Damage(start, f"record {n + i} in block at byte {start} does not decode ({lost} record(s) of the block lost): {type(exc).__name__}: {exc}",
+                             blk.packed or block[rstart:], n + i, lost)  # fmt: skip
                 break
-            yield Record(value, ws, start, n, block[rstart : bb.tell()])
-            n += 1
+            records.append(Record(value, ws, start, n + i, block[rstart : bb.tell()]))
+        else:
+            if bb.tell() == len(block):
+                yield from records
+            else:  # the records end before the block does: its count or a length inside is damaged
+                yield Damage(start, f"damaged container block at byte {start} ({count} record(s)): {len(block) - bb.tell()} bytes after its last record (its record count or a length is damaged)",
+                             blk.packed or block, n, count)  # fmt: skip
+        n += count
 
 
 def single_record_container(rec: Record) -> bytes:

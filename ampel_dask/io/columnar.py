@@ -23,7 +23,12 @@ import pyarrow as pa
 
 from .avro import MAGIC, Record, WriterSchema
 
-TIMEOUT_S = 30.0  # a batch's DataFusion read may take this plus 20 ms per record (it takes ~0.1 ms)
+# a batch's DataFusion read may take TIMEOUT_S, plus 1 s per 4 MB and 2 ms per record (it reads 40-200 MB/s
+# and ~0.1 ms per record on a loaded 2-core machine): the bytes bound it, never a count a header declares
+TIMEOUT_S = 10.0
+BYTES_PER_S = 4e6
+S_PER_RECORD = 0.002
+START_TIMEOUT_S = 120.0  # for the helper to start (imports), apart from any read
 _SYNC = b"ampel-dask-sync!"  # any 16 bytes: the container is written and read here only
 _EXPANDED: dict[str, bytes] = {}
 
@@ -63,11 +68,12 @@ def write_container(path: Path, ws: WriterSchema, blocks: list[tuple[int, bytes]
 def decode_blocks(ws: WriterSchema, blocks: list[tuple[int, bytes]], tmp_dir: str | Path) -> pa.StructArray:
     """All records of these blocks, in order, as one struct array (raises if DataFusion cannot)."""
     expected = sum(count for count, _ in blocks)
+    nbytes = sum(len(data) for _, data in blocks)
     path = Path(tmp_dir) / f".records-{uuid.uuid4().hex}.avro"
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         write_container(path, ws, blocks)
-        table = _HELPER.read(path, expected, timeout=TIMEOUT_S + 0.02 * expected)
+        table = _HELPER.read(path, expected, timeout=TIMEOUT_S + nbytes / BYTES_PER_S + S_PER_RECORD * expected)
     finally:
         path.unlink(missing_ok=True)
     if table.num_rows != expected:
@@ -87,8 +93,9 @@ def _datafusion_read(path: str, expected: int) -> pa.Table:
 class _Helper:
     """DataFusion runs in a helper process of its own: its Avro reader loops for ever on a block with
     bytes after its last record (which a damaged length field can make). A helper that takes too long
-    is killed (the next call starts another) and the batch goes to fastavro's careful path. Tables come
-    back as Arrow IPC files, memory-mapped: no copy in this process."""
+    is killed (the next call starts another) and the batch goes to fastavro's careful path. The helper
+    says when it is ready (its imports take seconds on a busy machine): only the read itself is timed.
+    Tables come back as Arrow IPC files, memory-mapped: no copy in this process."""
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen | None = None
@@ -99,14 +106,16 @@ class _Helper:
             proc = self._proc
             if proc is None or proc.poll() is not None:
                 proc = self._proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                if self._answer(proc, START_TIMEOUT_S) != "ready":
+                    self._stop()
+                    raise RuntimeError("the DataFusion helper did not start")
             proc.stdin.write(f"{expected} {path}\n")
             proc.stdin.flush()
-            if not select.select([proc.stdout], [], [], timeout)[0]:
-                proc.kill()
-                proc.wait()
-                self._proc = None
+            answer = self._answer(proc, timeout)
+            if answer is None:
+                self._stop()
                 raise TimeoutError(f"DataFusion did not read {expected} records in {timeout:.0f} s (a damaged block?)")
-            status, _, payload = proc.stdout.readline().rstrip("\n").partition(" ")
+            status, _, payload = answer.partition(" ")
         if status != "ok":
             raise ValueError(payload or "the DataFusion helper ended")
         try:
@@ -114,12 +123,29 @@ class _Helper:
         finally:
             Path(payload).unlink(missing_ok=True)
 
+    @staticmethod
+    def _answer(proc: subprocess.Popen, timeout: float) -> str | None:
+        """The helper's next line, or None if none comes within ``timeout`` seconds."""
+        if not select.select([proc.stdout], [], [], timeout)[0]:
+            return None
+        return proc.stdout.readline().rstrip("\n")
+
+    def _stop(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
 
 _HELPER = _Helper()
 
 
 def _serve() -> None:
-    """The helper's loop: 'COUNT PATH' in, 'ok IPC_PATH' or 'error REASON' out, until stdin closes."""
+    """The helper's loop: 'ready' once imported, then 'COUNT PATH' in, 'ok IPC_PATH' or 'error REASON'
+    out, until stdin closes."""
+    import datafusion  # noqa: F401  (the slow import, before 'ready')
+
+    print("ready", flush=True)
     for line in sys.stdin:
         count, _, path = line.rstrip("\n").partition(" ")
         try:

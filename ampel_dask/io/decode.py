@@ -10,6 +10,7 @@ by batch.
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,12 @@ from .archive import Staged, stage
 from .files import atomic_write, sync
 from .avro import Block, Damage, Record, SchemaCache, WriterSchema, frame, iter_packet, single_record_container
 from .columnar import decode_blocks, records_rows
+from .limits import Limits, TooLarge
 from .normalize import Normalized, rows_where
 from .sources import Chunk, Packet
 
 NORMALIZERS = {"ztf": ztf.normalize, "lsst": lsst.normalize}
+_NUMBER = re.compile(r"\d+")
 _CACHE: SchemaCache | None = None  # one per worker process: parsed schemas survive across chunks
 
 
@@ -61,8 +64,12 @@ class QuarantineEntry:
     def key(self) -> str:
         return record_hash([self.source, self.member or "", str(self.offset), str(self.record), self.reason], self.raw)
 
-    def write(self, qdir: Path) -> str:
-        """Content-addressed: quarantining the same bad input twice writes the same two files."""
+    def write(self, qdir: Path, keep: int | None = None) -> str:
+        """Content-addressed: quarantining the same bad input twice writes the same two files. Of the
+        raw bytes (as they came: compressed where they were), the first ``keep`` are kept."""
+        size = len(self.raw)
+        if keep is not None and size > keep:
+            self.raw = self.raw[:keep]
         key = self.key()
         meta = {
             "source": self.source,
@@ -71,9 +78,11 @@ class QuarantineEntry:
             "record": self.record,
             "reason": self.reason,
             "records": self.records,
-            "raw_bytes": len(self.raw),
+            "raw_bytes": size,
             "raw_file": f"{key}.bin" if self.raw else None,
         }
+        if len(self.raw) < size:
+            meta["raw_kept"] = len(self.raw)  # the first bytes only (``quarantine_bytes``)
         if self.raw and not (qdir / f"{key}.bin").exists():
             atomic_write(qdir / f"{key}.bin", self.raw)
         if not (qdir / f"{key}.json").exists():
@@ -116,19 +125,34 @@ class _Group:
     first: int = 0  # position in the chunk of its first packet
 
 
-def decode_chunk(chunk: Chunk, tmp_dir: str, quarantine_dir: str, schema_dirs: list[str] | None = None) -> ChunkResult:
+def decode_chunk(chunk: Chunk, tmp_dir: str, quarantine_dir: str, schema_dirs: list[str] | None = None, limits: Limits | None = None) -> ChunkResult:
     """Packets -> staged parts. Whole containers of a known survey take the fast path (their blocks,
     undecoded, go to DataFusion by schema); anything else, and any batch DataFusion refuses, is decoded
-    record by record with fastavro, so that damage is isolated and quarantined."""
+    record by record with fastavro, so that damage is isolated and quarantined. Packets are taken in
+    rounds of at most ``limits.packet_bytes`` inflated (one round for any real chunk), so that a chunk
+    of packets each just under the limits never holds more than that at once."""
+    limits = limits or Limits()
     cache = schema_cache(schema_dirs)
     result = ChunkResult(chunk.index, nbytes=chunk.nbytes)
     qdir = Path(quarantine_dir)
 
     def quarantine(entry: QuarantineEntry) -> None:
-        entry.write(qdir)
+        entry.write(qdir, limits.quarantine_bytes)
         result.quarantined += entry.records
-        reason = entry.reason.split(":")[0].split(" (")[0]
+        reason = _NUMBER.sub("N", entry.reason.split(":")[0].split(" (")[0])  # one kind, wherever it was
         result.reasons[reason] = result.reasons.get(reason, 0) + entry.records
+
+    def read(packet: Packet) -> bytes | None:
+        """A packet's bytes, or None once it is quarantined (unreadable, not a regular file, too large)."""
+        try:
+            return packet.read(limits.file_bytes)
+        except TooLarge as exc:
+            reason = f"{'tar member' if packet.member else 'file'} {exc}"
+            quarantine(QuarantineEntry(packet.source, packet.member, None, None, reason, exc.head))
+        except OSError as exc:
+            quarantine(QuarantineEntry(packet.source, packet.member, None, None, f"unreadable file: {exc}"))
+        result.read += 1
+        return None
 
     for source, member, reason, raw in chunk.problems:
         result.read += 1
@@ -138,35 +162,44 @@ def decode_chunk(chunk: Chunk, tmp_dir: str, quarantine_dir: str, schema_dirs: l
     # of two copies of an alert id the first in the input is the one archived, whichever path they took
     fast: dict[str, list[tuple[int, Packet, WriterSchema, list[Block]]]] = defaultdict(list)
     careful: list[tuple[int, Packet, bytes]] = []
+    held = 0
     for pos, packet in enumerate(chunk.packets):
-        try:
-            data = packet.read()
-        except OSError as exc:
-            result.read += 1
-            quarantine(QuarantineEntry(packet.source, packet.member, None, None, f"unreadable file: {exc}"))
+        data = read(packet)
+        if data is None:
             continue
-        framed = frame(data, cache)
+        framed = frame(data, cache, limits)
         if framed is not None and survey_of(framed[0]) is not None:
             fast[framed[0].key].append((pos, packet, *framed))
+            held += sum(len(b.data) for b in framed[1])
         else:
             careful.append((pos, packet, data))
+            held += len(data)
+        if held >= limits.packet_bytes and pos + 1 < len(chunk.packets):
+            _decode_round(fast, careful, cache, tmp_dir, result, quarantine, read, limits)
+            fast, careful, held = defaultdict(list), [], 0
+    _decode_round(fast, careful, cache, tmp_dir, result, quarantine, read, limits)
+    if chunk.slices:
+        _decode_slices(chunk.slices, tmp_dir, result, quarantine)
+    if result.staged:
+        sync()  # once per chunk, not an fsync per file: staged parts are on disk before they are published
+    return result
+
+
+def _decode_round(fast: dict, careful: list, cache: SchemaCache, tmp_dir: str, result: ChunkResult, quarantine, read, limits: Limits) -> None:
+    """Decode, normalise and stage one round of a chunk's packets."""
     fast_groups, refused = _fast_groups(fast, tmp_dir)
     result.read += sum(len(g.origins) for g in fast_groups)  # the careful path counts its own
-    groups = fast_groups + _careful_groups(careful + refused, cache, tmp_dir, result, quarantine)
+    refused = [(pos, packet, data) for pos, packet in refused if (data := read(packet)) is not None]
+    groups = fast_groups + _careful_groups(careful + refused, cache, tmp_dir, result, quarantine, limits)
 
     by_survey: dict[str, list[Normalized]] = defaultdict(list)
     for group in sorted(groups, key=lambda g: g.first):
         for norm, bad in _normalize_group(group.survey, group.schema, group.rows, group.origins):
             by_survey[group.survey].append(norm)
             for origin, reason in bad:
-                quarantine(QuarantineEntry(origin.packet.source, origin.packet.member, origin.offset, origin.index, f"cannot normalise: {reason}", _origin_raw(origin, cache)))
+                quarantine(QuarantineEntry(origin.packet.source, origin.packet.member, origin.offset, origin.index, f"cannot normalise: {reason}", _origin_raw(origin, cache, limits)))
 
     _stage(by_survey, tmp_dir, result)
-    if chunk.slices:
-        _decode_slices(chunk.slices, tmp_dir, result, quarantine)
-    if result.staged:
-        sync()  # once per chunk, not an fsync per file: staged parts are on disk before they are published
-    return result
 
 
 def _stage(by_survey: dict[str, list[Normalized]], tmp_dir: str, result: ChunkResult) -> None:
@@ -219,16 +252,16 @@ def _decode_slices(slices: list[parquet_alerts.Slice], tmp_dir: str, result: Chu
     _stage(by_survey, tmp_dir, result)
 
 
-def _fast_groups(fast: dict[str, list], tmp_dir: str) -> tuple[list[_Group], list[tuple[int, Packet, bytes]]]:
+def _fast_groups(fast: dict[str, list], tmp_dir: str) -> tuple[list[_Group], list[tuple[int, Packet]]]:
     """One DataFusion read per writer schema of all its packets' blocks; the packets of a schema it
-    refuses (e.g. a record that does not decode) are returned for the careful path."""
+    refuses (e.g. a record that does not decode) are returned for the careful path (to be read again)."""
     groups, refused = [], []
     for items in fast.values():
         ws = items[0][2]
         try:
             rows = decode_blocks(ws, [(b.count, b.data) for *_, blocks in items for b in blocks], tmp_dir)
         except Exception:
-            refused += [(pos, packet, packet.read()) for pos, packet, _, _ in items]
+            refused += [(pos, packet) for pos, packet, _, _ in items]
             continue
         group = _Group(survey_of(ws), ws, rows, first=items[0][0])
         for _, packet, _, blocks in items:
@@ -240,14 +273,14 @@ def _fast_groups(fast: dict[str, list], tmp_dir: str) -> tuple[list[_Group], lis
     return groups, refused
 
 
-def _careful_groups(careful: list[tuple[int, Packet, bytes]], cache: SchemaCache, tmp_dir: str, result: ChunkResult, quarantine) -> list[_Group]:
+def _careful_groups(careful: list[tuple[int, Packet, bytes]], cache: SchemaCache, tmp_dir: str, result: ChunkResult, quarantine, limits: Limits) -> list[_Group]:
     """fastavro record by record: damage and unknown schemas are quarantined one record at a time, the
     good records grouped by writer schema as on the fast path."""
     by_schema: dict[str, list[Record]] = defaultdict(list)
     origin_of: dict[int, _Origin] = {}
     first: dict[str, int] = {}
     for pos, packet, data in sorted(careful, key=lambda c: c[0]):
-        for item in iter_packet(data, cache):
+        for item in iter_packet(data, cache, limits):
             if isinstance(item, Damage):  # a damaged block: all the alerts its header says it held
                 result.read += item.records
                 quarantine(QuarantineEntry(packet.source, packet.member, item.offset, item.index, item.reason, item.raw, item.records))
@@ -276,14 +309,18 @@ def _normalize_group(survey: str, ws: WriterSchema, rows: pa.StructArray, origin
     return [(norm, [(origins[i], reason) for i, reason in norm.rejects])]
 
 
-def _origin_raw(origin: _Origin, cache: SchemaCache) -> bytes:
+def _origin_raw(origin: _Origin, cache: SchemaCache, limits: Limits) -> bytes:
     """What quarantine keeps of a record: a one-record container (fastavro decodes it again if it
     came by the fast path: rare, only for records that fail normalisation)."""
     rec = origin.record
     if rec is None:
-        rec = next((r for r in iter_packet(origin.packet.read(), cache) if isinstance(r, Record) and r.index == origin.index), None)
+        try:
+            data = origin.packet.read(limits.file_bytes)
+        except (OSError, TooLarge):
+            return b""  # gone or changed since it was decoded: the entry still names it
+        rec = next((r for r in iter_packet(data, cache, limits) if isinstance(r, Record) and r.index == origin.index), None)
         if rec is None:
-            return origin.packet.read()
+            return data
     return _raw(rec)
 
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from .archive import Archive, Partition, discard
 from .decode import ChunkResult, decode_chunk
+from .limits import MiB, Limits
 from .sources import Chunk, Packet, chunks, expand
 
 #: decodes chunks (given the arguments of :func:`decode_chunk` after the chunk) and yields their results
@@ -30,11 +31,22 @@ Decoder = Callable[[Iterator[Chunk], tuple], Iterable[ChunkResult]]
 class IngestOptions(BaseModel):
     """How an ingest runs; defaults suit a laptop and a nightly tarball alike."""
 
-    workers: int | None = Field(None, ge=0, description="Dask workers (processes); None = all cores, 0 = in this process")
-    chunk_mb: float = Field(32.0, gt=0, description="input bytes per decode task")
+    workers: int | None = Field(None, ge=0, description="Dask worker processes (default: all cores; 0 = no cluster)")
+    chunk_mb: float = Field(32.0, gt=0, description="input MB per decode task")
     chunk_packets: int = Field(2000, gt=0, description="packets per decode task")
-    schema_dirs: list[str] = Field(default_factory=list, description="extra folders of Rubin wire schemas")
-    progress: bool | None = Field(None, description="progress bar; None = when stderr is a terminal")
+    schema_dirs: list[str] = Field(default_factory=list, description="extra Rubin schema folder (wire format)")
+    progress: bool | None = Field(None, description="progress bar (default: on a terminal)")
+    follow_links: bool = Field(False, description="follow symlinks that point out of the given sources")
+    # what one input may cost (io/limits.py); past a limit, the input is quarantined with the reason
+    max_file_mb: float = Field(256.0, gt=0, description="MiB of a packet file or tarball member, as read")
+    max_packet_mb: float = Field(256.0, gt=0, description="MiB of a packet inflated (gunzipped, its Avro blocks together)")
+    max_block_mb: float = Field(64.0, gt=0, description="MiB of one Avro block inflated")
+    quarantine_keep_mb: float = Field(16.0, ge=0, description="MiB of a bad input's original bytes kept in quarantine")
+
+    def limits(self) -> Limits:
+        mib = lambda mb: max(1, int(mb * MiB))  # noqa: E731
+        return Limits(file_bytes=mib(self.max_file_mb), packet_bytes=mib(self.max_packet_mb), block_bytes=mib(self.max_block_mb),
+                      quarantine_bytes=int(self.quarantine_keep_mb * MiB))  # fmt: skip
 
 
 @dataclass
@@ -46,6 +58,7 @@ class IngestReport:
     partitions: int = 0
     seconds: float = 0.0
     skipped_files: list[str] = field(default_factory=list)
+    skipped_reasons: dict[str, str] = field(default_factory=dict)  # files not read, and why (special files, links out)
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     new_partitions: list[Partition] = field(default_factory=list)
     # archived parts that already held this ingest's duplicates: with new_partitions, every part that
@@ -64,10 +77,10 @@ class IngestReport:
 
 def source_chunks(sources: list[str], opts: IngestOptions) -> tuple[Iterator[Chunk], IngestReport, int]:
     """The work of an ingest of files, folders, globs or tarballs: its chunks (lazy), a report that knows
-    the files skipped, and the input's bytes (for progress)."""
-    inputs = expand(sources)
-    report = IngestReport(skipped_files=inputs.skipped_files())
-    return chunks(inputs, int(opts.chunk_mb * 2**20), opts.chunk_packets), report, inputs.total_bytes
+    the files skipped (and why), and the input's bytes (for progress)."""
+    inputs = expand(sources, opts.follow_links)
+    report = IngestReport(skipped_files=inputs.skipped_files(), skipped_reasons=dict(inputs.refused))
+    return chunks(inputs, int(opts.chunk_mb * 2**20), opts.chunk_packets, opts.limits()), report, inputs.total_bytes
 
 
 def packet_chunks(packets: list[Packet], opts: IngestOptions) -> Iterator[Chunk]:
@@ -99,7 +112,7 @@ def run_ingest(work: Iterator[Chunk], archive: str | Path | Archive, opts: Inges
     arch = archive if isinstance(archive, Archive) else Archive(archive)
     arch.create()
     run_tmp = arch.tmp_dir / uuid.uuid4().hex
-    args = (str(run_tmp), str(arch.quarantine_dir), opts.schema_dirs)
+    args = (str(run_tmp), str(arch.quarantine_dir), opts.schema_dirs, opts.limits())
     results: dict[int, ChunkResult] = {}
     read = 0
     try:

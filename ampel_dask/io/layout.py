@@ -46,6 +46,15 @@ DATAPOINT = pa.struct(
     ]
 )
 DATAPOINT_FIELDS = [f.name for f in DATAPOINT]
+OTHER_PROGRAMID = 15  # the bit of history_programids for a datapoint without a programid in 0..14
+
+
+def programid_bits(programid: np.ndarray) -> np.ndarray:
+    """``1 << programid`` per datapoint (float programids, NaN for none), ``1 << 15`` outside 0..14."""
+    pid = np.asarray(programid, dtype=np.float64)
+    ok = np.isfinite(pid) & (pid >= 0) & (pid < OTHER_PROGRAMID) & (pid == np.floor(pid))
+    return np.left_shift(np.int32(1), np.where(ok, pid, OTHER_PROGRAMID).astype(np.int32))
+
 
 COMMON = [
     pa.field("alert_id", pa.int64()),
@@ -66,6 +75,9 @@ COMMON = [
     pa.field("ndet", pa.int32()),  # detections in the packet (trigger included)
     pa.field("first_det_mjd", pa.float64()),
     pa.field("last_det_mjd", pa.float64()),
+    # data rights: which programids the history's datapoints carry (bit p: programid p < 15; bit 15:
+    # none or another value), so a channel's view recomputes the aggregates only where it must
+    pa.field("history_programids", pa.int32()),
     pa.field("schema", pa.string()),
     pa.field("source", pa.string()),
 ]

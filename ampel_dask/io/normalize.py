@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .avro import WriterSchema
-from .layout import CUTOUTS, DATAPOINT, DATAPOINT_FIELDS
+from .layout import CUTOUTS, DATAPOINT, DATAPOINT_FIELDS, programid_bits
 
 
 @dataclass
@@ -114,11 +114,17 @@ def assemble_dps(n_alerts: int, parts: list[DatapointPart]) -> pa.ListArray:
 
 
 def history_summary(dps: pa.ListArray) -> dict[str, pa.Array]:
-    """Per alert: number of detections and first / last detection time in its nested history."""
+    """Per alert: number of detections and first / last detection time in its nested history, over
+    all its datapoints, and the programids they carry (:func:`.layout.programid_bits`; a channel that
+    may not see some of them gets the aggregates recomputed in its view, see ``tiers/rights.py``)."""
     n = len(dps)
     offsets = np.asarray(dps.offsets)
     rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(offsets))
-    values = dps.values
+    values = dps.values.slice(offsets[0], offsets[-1] - offsets[0]) if n else dps.values.slice(0, 0)
+    bits = np.zeros(n, dtype=np.int32)
+    if len(rows):
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        bits[rows[starts]] = np.bitwise_or.reduceat(programid_bits(f64(values.field("programid"))), starts)
     det = values.field("kind").to_numpy(zero_copy_only=False) == 0
     mjd = f64(values.field("mjd"))
     r, t = rows[det], mjd[det]
@@ -129,7 +135,7 @@ def history_summary(dps: pa.ListArray) -> dict[str, pa.Array]:
         starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
         first[r[starts]] = np.fmin.reduceat(t, starts)
         last[r[starts]] = np.fmax.reduceat(t, starts)
-    return {"ndet": pa.array(ndet), "first_det_mjd": nan_to_null(first), "last_det_mjd": nan_to_null(last)}
+    return {"ndet": pa.array(ndet), "first_det_mjd": nan_to_null(first), "last_det_mjd": nan_to_null(last), "history_programids": pa.array(bits)}
 
 
 def cutouts_table(alert_ids: pa.Array, rows: pa.StructArray) -> pa.Table:

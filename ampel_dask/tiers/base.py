@@ -187,15 +187,6 @@ class T0Filter(Unit):
     columns: ClassVar[Sequence[str] | None] = None  # alert columns the filter reads (None = all)
     # columns it cannot work without (checked against the selected surveys' alerts before a run)
     required_columns: ClassVar[Sequence[str]] = ()
-    # the data rights of the channel the filter serves (set by the planner, :meth:`for_channel`); None
-    # outside a channel (``ampel-dask filter``, a notebook)
-    channel_access: list[str] | None = None
-
-    def for_channel(self, access: list[str]) -> None:
-        """Told by the planner which datapoints the channel may see: a filter that reads the history
-        (``dps``) counts only those (the channel's view), as T1 does."""
-        self.channel_access = list(access)
-
     def apply(self, alerts: pa.Table) -> Verdict | np.ndarray:
         raise NotImplementedError
 

@@ -204,6 +204,12 @@ class Catalog:
         index[src[first]], distance[src[first]] = cat[first], dist[first]
         return index, distance
 
+    def match(self, ra: np.ndarray, dec: np.ndarray, radius_arcsec: float, columns: list[str]) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+        """The nearest source within the radius of each position: its ``columns`` (nulls where none), the
+        distance in arcsec (NaN where none) and whether there was one (what :class:`HatsCatalog` offers too)."""
+        index, dist = self.cone_match(ra, dec, radius_arcsec)
+        return self.take(index, columns), dist, index >= 0
+
     def take(self, index: np.ndarray, columns: list[str] | None = None) -> pa.Table:
         """Catalog rows by global row index (-1 -> null row), reading only the row groups involved."""
         index = np.asarray(index, dtype=np.int64)

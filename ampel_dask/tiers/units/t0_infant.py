@@ -1,8 +1,9 @@
 """T0 infant-supernova filter: young, rising, real, not a star, not a solar-system object.
 
 Young supernovae are the ones worth a TNS report and a spectrum the same night: first detected within a
-few days of the alert, still brightening. The filter reads each alert's own history (``dps``), in the
-channel's view (only the datapoints its data rights allow, as its states will hold), and ZTF's
+few days of the alert, still brightening. The filter reads each alert's own history (``dps``; in a
+channel, the framework gives it the channel's view: only the datapoints its data rights allow, as its
+states will hold, see tiers/rights.py), and ZTF's
 ``jdstarthist`` (the survey's first detection at the position, which also counts detections that raised
 no alert). Everything is computed on the flattened datapoints of the whole batch with list offsets: no
 Python per alert.
@@ -31,7 +32,7 @@ from pydantic import Field
 from ...io.layout import DETECTION, MJD_JD_OFFSET, UPPER_LIMIT
 from ..base import T0Filter, UnitConfig, Verdict, pinned_hash
 from ..columns import num, present
-from ..states import TIME_EPS, access_by_survey, survey_codes
+from ..states import TIME_EPS
 
 
 class InfantSNFilterConfig(UnitConfig):
@@ -60,7 +61,6 @@ class InfantSNFilterConfig(UnitConfig):
     gaia_excessnoise_sig_max: float = 999.0
     gaia_catalog: str | None = Field(None, description="HEALPix-indexed Gaia Parquet catalog for the Gaia veto")
     gaia_catalog_hash: str | None = Field(None, description="content hash of gaia_catalog; None: taken from the file")
-    access: list[str] | None = Field(None, description="data rights of the history datapoints counted; None = the channel's")
 
 
 class InfantSNFilter(T0Filter):
@@ -118,11 +118,10 @@ class InfantSNFilter(T0Filter):
         return v
 
     def history(self, alerts: pa.Table) -> dict[str, np.ndarray]:
-        """Per alert, from its history in the channel's view: ``ndet``, ``first`` detection time, ``age``
-        (days, after ``age_from``), ``rise`` (the largest brightening [mag] of a band from its first to its
-        latest positive detection, in time order, a tie by datapoint id; NaN without two in one band) and ``nondet_gap`` (first detection minus
-        the last upper limit before it; NaN without one)."""
-        c = self.config
+        """Per alert, from its history (``dps``): ``ndet``, ``first`` detection time, ``age`` (days, after
+        ``age_from``), ``rise`` (the largest brightening [mag] of a band from its first to its latest
+        positive detection, in time order, a tie by datapoint id; NaN without two in one band) and
+        ``nondet_gap`` (first detection minus the last upper limit before it; NaN without one)."""
         n = alerts.num_rows
         if "dps" not in alerts.column_names:
             raise ValueError(f"{self.name()} reads the alerts' histories: the batch has no dps column")
@@ -135,12 +134,9 @@ class InfantSNFilter(T0Filter):
         def field(name: str) -> np.ndarray:
             return pc.fill_null(pc.cast(dp.field(name), pa.float64()), np.nan).to_numpy(zero_copy_only=False)
 
-        mjd, flux, kind, pid = field("mjd"), field("flux"), field("kind"), field("programid")
+        mjd, flux, kind = field("mjd"), field("flux"), field("kind")
         band = pc.fill_null(pc.dictionary_encode(dp.field("band")).indices, -1).to_numpy(zero_copy_only=False)
-        names, codes = survey_codes(alerts.column("survey"))
-        access = c.access if c.access is not None else self.channel_access
-        seen = access_by_survey(names, codes[rows], pid, access) if access is not None else np.ones(len(rows), bool)
-        seen &= mjd <= alert_mjd[rows] + TIME_EPS  # a packet's own datapoints are never later; kept for any input
+        seen = mjd <= alert_mjd[rows] + TIME_EPS  # a packet's own datapoints are never later; kept for any input
         det = seen & (kind == DETECTION)
         ndet = np.bincount(rows[det], minlength=n)
         first = _per_row(np.fmin, mjd[det], rows[det], n)

@@ -1,4 +1,5 @@
-"""Nearest-neighbour match of each state's position against a local HEALPix-indexed catalog."""
+"""Nearest-neighbour match of each state's position against a catalog: a local HEALPix-indexed Parquet file
+(``build_catalog``) or a HATS catalog folder (crossmatched through lsdb)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from pydantic import Field
 
 from ..base import T2StateUnit, UnitConfig, pinned_hash
 from ..catalog import HPX, open_catalog
+from ..hats_catalog import HatsCatalog, is_hats
 
 OK, NO_POSITION = 0, 1
 
 
 class T2CatalogMatchConfig(UnitConfig):
-    catalog: str = Field(..., description="catalog file written by ampel_dask.tiers.catalog.build_catalog")
+    catalog: str = Field(..., description="catalog file written by ampel_dask.tiers.catalog.build_catalog, or a HATS catalog/collection folder")
     radius_arcsec: float = Field(2.0, gt=0, le=3600.0, description="search radius [arcsec]")
     columns: list[str] | None = Field(None, description="catalog columns returned for the nearest match (None: all)")
     prefix: str = Field("cat_", description="prefix of the result columns, so several catalogs can sit side by side")
@@ -33,7 +35,7 @@ class T2CatalogMatch(T2StateUnit):
 
     def __init__(self, config=None, **kw):
         super().__init__(config, **kw)
-        self.catalog = open_catalog(self.config.catalog)
+        self.catalog = HatsCatalog(self.config.catalog) if is_hats(self.config.catalog) else open_catalog(self.config.catalog)
         digest = pinned_hash(self.name(), self.config.catalog, self.catalog.content_hash, self.config.catalog_hash)
         self.config = self.config.model_copy(update={"catalog_hash": digest})
         cols = self.config.columns if self.config.columns is not None else self.catalog.columns
@@ -46,11 +48,10 @@ class T2CatalogMatch(T2StateUnit):
         p = self.config.prefix
         ra = pc.fill_null(pc.cast(states.column("ra"), pa.float64()), np.nan).to_numpy(zero_copy_only=False)
         dec = pc.fill_null(pc.cast(states.column("dec"), pa.float64()), np.nan).to_numpy(zero_copy_only=False)
-        index, dist = self.catalog.cone_match(ra, dec, self.config.radius_arcsec)
-        rows = self.catalog.take(index, self.out_columns)
+        rows, dist, found = self.catalog.match(ra, dec, self.config.radius_arcsec, self.out_columns)
         cols = {f"{p}{c}": rows.column(c) for c in self.out_columns}
         cols[f"{p}dist_arcsec"] = pa.array(dist)
-        cols[f"{p}matched"] = pa.array(index >= 0)
+        cols[f"{p}matched"] = pa.array(found)
         valid = np.isfinite(ra) & np.isfinite(dec) & (np.abs(dec) <= 90)
         cols["code"] = pa.array(np.where(valid, OK, NO_POSITION).astype(np.int32))
         return pa.table(cols)

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
 from ...io.files import atomic_target, atomic_write
@@ -239,10 +238,7 @@ def load_cutouts(archive: Any, alert_ids: list[int]) -> dict[int, dict[str, byte
         if not len(ids):
             continue
         try:
-            if hasattr(archive, "root"):
-                t = pq.read_table(Path(archive.root) / part.cutouts, filters=[("alert_id", "in", ids.tolist())])
-            else:
-                t = archive.read_cutouts(part)
+            t = archive.read_cutouts(part, ids.tolist())  # a channel's archive gives only the alerts it may see
         except Exception as exc:
             log.warning("cutouts of %s not readable: %s", part.path, exc)
             continue
