@@ -40,7 +40,7 @@ def archive(tmp_path_factory, data_dir) -> Path:
 @pytest.fixture(scope="module")
 def alerts(archive) -> pa.Table:
     arch = Archive(archive)
-    cols = ["alert_id", *InfantSNFilter.columns]
+    cols = ["alert_id", "programid", *InfantSNFilter.columns]  # programid: the trigger's rights, for channel views
     return pa.concat_tables([arch.read(p, columns=cols) for p in arch.partitions()], promote_options="permissive")
 
 
