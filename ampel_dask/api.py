@@ -2,8 +2,9 @@
 
 Five calls cover the work: :func:`ingest` alert packets into an archive, :func:`run` a workflow over it,
 :func:`open_archive` to look at alerts (lazy; select, then convert), :func:`open_store` to read results as
-pandas frames, and units used directly on frames (``DecentFilter(min_ndet=2).verdict(frame)``). The
-``ampel-dask`` command is a thin layer over the same functions.
+pandas frames, and units used directly on frames (``DecentFilter(min_ndet=2).verdict(frame)``);
+:func:`backtest` tells what a workflow's channels would pass, against labels. The ``ampel-dask`` command
+is a thin layer over the same functions.
 
 Examples
 --------
@@ -12,6 +13,7 @@ Examples
 >>> result = ad.run("workflows/ztf_archive.yml", archive="archive", store="store")  # doctest: +SKIP
 >>> alerts = ad.open_archive("archive").select(surveys=["ztf"], cone=(150.1, 2.2, 0.5)).to_pandas()  # doctest: +SKIP
 >>> ad.open_store("store").objects("DECENT")                            # doctest: +SKIP
+>>> ad.backtest("workflows/infant_sne.yml", archive="archive", labels="labels.csv").classes_frame()  # doctest: +SKIP
 """
 
 from __future__ import annotations
