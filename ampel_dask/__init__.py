@@ -1,7 +1,7 @@
 """ampel-dask: columnar, content-addressed analysis of astronomical alert streams on Dask.
 
 The Python API (``import ampel_dask as ad``): :func:`ingest`, :func:`run`, :func:`open_archive`,
-:func:`open_store` (see :mod:`ampel_dask.api`); units are used directly on frames, e.g.
+:func:`open_store`, :func:`backtest` (see :mod:`ampel_dask.api`); units are used directly on frames, e.g.
 ``from ampel_dask.units import DecentFilter``. Loaded on first use, so ``import ampel_dask`` stays light.
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API = ("ingest", "run", "open_archive", "open_store", "Run", "ArchiveView", "Store")
+_API = ("ingest", "run", "backtest", "open_archive", "open_store", "Run", "ArchiveView", "Store")
 
 
 def __getattr__(name: str) -> Any:

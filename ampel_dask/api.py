@@ -2,8 +2,9 @@
 
 Five calls cover the work: :func:`ingest` alert packets into an archive, :func:`run` a workflow over it,
 :func:`open_archive` to look at alerts (lazy; select, then convert), :func:`open_store` to read results as
-pandas frames, and units used directly on frames (``DecentFilter(min_ndet=2).verdict(frame)``). The
-``ampel-dask`` command is a thin layer over the same functions.
+pandas frames, and units used directly on frames (``DecentFilter(min_ndet=2).verdict(frame)``);
+:func:`backtest` tells what a workflow's channels would pass, against labels. The ``ampel-dask`` command
+is a thin layer over the same functions.
 
 Examples
 --------
@@ -12,6 +13,7 @@ Examples
 >>> result = ad.run("workflows/ztf_archive.yml", archive="archive", store="store")  # doctest: +SKIP
 >>> alerts = ad.open_archive("archive").select(surveys=["ztf"], cone=(150.1, 2.2, 0.5)).to_pandas()  # doctest: +SKIP
 >>> ad.open_store("store").objects("DECENT")                            # doctest: +SKIP
+>>> ad.backtest("workflows/infant_sne.yml", archive="archive", labels="labels.csv").classes_frame()  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from .io.stores import open_store as _open_store
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from .graph.backtest import Backtest
 
 
 def ingest(sources: str | Path | list[str | Path], archive: str | Path, workers: int | None = 0, progress: bool | None = False, **options: Any) -> IngestReport:
@@ -118,6 +122,35 @@ def run(workflow: str | Path | Workflow | dict, archive: str | Path | None = Non
                       workers=workers, client=client, progress=progress)  # fmt: skip
     summary = run_workflow(wf, opts)
     return Run(summary, Store(_open_store(wf.store.resolve(opts.store))))
+
+
+def backtest(workflow: str | Path | Workflow | dict, archive: str | Path | None = None, labels: str | Path | None = None,
+             nights: tuple[int, int] | None = None, object_column: str | None = None, label_column: str | None = None,
+             label_source: str | None = None) -> Backtest:  # fmt: skip
+    """What each channel's filters pass, per night, and against labels (``ampel-dask backtest``).
+
+    Parameters
+    ----------
+    workflow : path, Workflow or dict
+    archive : path, optional
+        Overrides the workflow's ``archive.path``.
+    labels : path, optional
+        A CSV/Parquet file of (object, class): ELAsTiCC's truth table (diaObjectId, GENTYPE), ZTF object
+        labels (object_id, label); ``object_column`` / ``label_column`` name others, ``label_source`` keeps
+        the rows whose ``label_source`` starts with it.
+    nights : (int, int), optional
+        Only these nights (YYYYMMDD, inclusive).
+
+    Returns
+    -------
+    Backtest
+        ``to_dict()``, ``table()`` (text), ``nights_frame()`` / ``classes_frame()`` (pandas), ``plot(path)``.
+    """
+    from .graph.backtest import backtest as _backtest, load_labels
+
+    wf = workflow if isinstance(workflow, Workflow) else Workflow.model_validate(workflow) if isinstance(workflow, dict) else load_workflow(workflow)
+    lab = load_labels(labels, object_column, label_column, label_source) if labels is not None else None
+    return _backtest(wf, archive, lab, nights)
 
 
 # --- the archive -------------------------------------------------------------------------------------
@@ -350,4 +383,4 @@ class Store:
         return explain(str(obj), self.backend.spec.get("uri") or self.backend.spec["path"])
 
 
-__all__ = ["ingest", "run", "open_archive", "open_store", "Run", "ArchiveView", "Store", "IngestReport"]
+__all__ = ["ingest", "run", "backtest", "open_archive", "open_store", "Run", "ArchiveView", "Store", "IngestReport"]

@@ -201,6 +201,7 @@ RUN_KEYS = ("run_id", "alerts", "channels", "t2", "t3", "tasks", "seconds")
 @click.option("--json", "as_json", is_flag=True, help="print the run summary as JSON on the last stdout line")
 def run(workflow, archive, store, workers, cluster, jobs, progress, run_id, as_json) -> None:
     """Run a workflow over an archive: T0 filters, T1 states, T2 units, T3 reactions."""
+    from .graph.guard import PassRatioExceeded
     from .graph.runner import RunOptions, run_workflow
     from .graph.watchdog import StalledRun
     from .graph.workflow import WorkflowError, load_workflow
@@ -214,7 +215,7 @@ def run(workflow, archive, store, workers, cluster, jobs, progress, run_id, as_j
         )
     except WorkflowError as exc:
         raise click.UsageError(str(exc)) from None
-    except StalledRun as exc:
+    except (StalledRun, PassRatioExceeded) as exc:
         raise click.ClickException(str(exc)) from None
     except Exception as exc:  # a unit failing on the data (the task's own error, e.g. an unknown column)
         raise _failure("run failed", exc) from None
@@ -241,6 +242,40 @@ def _report_run(summary: dict, as_json: bool) -> None:
         print(f"  {summary['note']}", file=out)
     if as_json:
         _emit_json({k: summary[k] for k in RUN_KEYS} | ({"note": summary["note"]} if summary.get("note") else {}))
+
+
+@main.command(name="backtest")
+@click.argument("workflow", type=click.Path(exists=True, dir_okay=False))
+@click.option("--archive", type=click.Path(file_okay=False), help="archive folder (overrides archive.path)")
+@click.option("--labels", "labels_path", type=click.Path(dir_okay=False), help="labels file (CSV/Parquet: ELAsTiCC truth, ZTF object labels)")
+@click.option("--nights", "nights", default=None, help="only nights A..B (YYYYMMDD:YYYYMMDD, inclusive; or one night)")
+@click.option("--object-column", default=None, help="labels: the object id column (default: object_id, objectId, diaObjectId, SNID)")
+@click.option("--label-column", default=None, help="labels: the class column (default: GENTYPE, label, class, type)")
+@click.option("--label-source", default=None, help="labels: only rows whose label_source starts with this (e.g. 'alerce')")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="PNG file (default: <workflow name>-backtest.png)")
+@click.option("--no-plot", is_flag=True, help="no PNG")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON on the last stdout line")
+def backtest_cmd(workflow, archive, labels_path, nights, object_column, label_column, label_source, plot_path, no_plot, as_json) -> None:
+    """What each channel's filters would pass: per channel and night alerts, passed, pass ratio, objects;
+    against labels, purity and completeness per class. Stores nothing."""
+    from .graph.backtest import LabelsError, backtest, load_labels, parse_nights
+    from .graph.workflow import WorkflowError, load_workflow
+
+    try:
+        night_range = parse_nights(nights) if nights else None
+        labels = load_labels(labels_path, object_column, label_column, label_source) if labels_path else None
+        wf = load_workflow(workflow)
+        result = backtest(wf, archive, labels, night_range)
+    except (ValueError, LabelsError, WorkflowError) as exc:  # WorkflowError and LabelsError are ValueErrors
+        raise click.UsageError(str(exc)) from None
+    except Exception as exc:  # a filter failing on the data
+        raise _failure("backtest failed", exc) from None
+    click.echo(result.table(), err=as_json)
+    if not no_plot:
+        path = result.plot(plot_path or f"{wf.name}-backtest.png")
+        click.echo(f"plot: {path}", err=as_json)
+    if as_json:
+        _emit_json(result.to_dict())
 
 
 @main.command(name="export-hats")

@@ -34,6 +34,10 @@ class CompiledRun:
     skipped_partitions: int = 0
     shuffle_dirs: list[str] = field(default_factory=list)  # removed when the run is done
     produced_by: dict[str, list[str]] = field(default_factory=dict)  # channel -> tasks its T3 waits for
+    # T3 of channels with a max_pass_ratio: a graph of its own (selection + T3 tasks and their channel
+    # plans), run only once the T0 counts are known to be within the limit (graph/guard.py)
+    held: dict = field(default_factory=dict)
+    held_sinks: list[str] = field(default_factory=list)
 
     @property
     def tasks(self) -> int:
@@ -80,15 +84,16 @@ def work_units(parts: list[Partition], min_rows: int = 10_000) -> list[WorkUnit]
 
 
 def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partition], store: ResultStore, run_id: str, history_buckets: int = 16,
-                batch_rows: int = 10_000, t3_states: dict[str, list[str]] | None = None) -> CompiledRun:  # fmt: skip
+                batch_rows: int = 10_000, t3_states: dict[str, list[str]] | None = None, hold_t3: frozenset[str] = frozenset()) -> CompiledRun:  # fmt: skip
     """``t3_states``: per channel, states of earlier runs that T3 reads besides this run's (live mode's
-    selection so far), so that T3 after the last micro-batch sees what one archive run would see."""
+    selection so far), so that T3 after the last micro-batch sees what one archive run would see.
+    ``hold_t3``: channels whose T3 goes to ``held`` instead of the graph (their max_pass_ratio)."""
     b = _Builder(plans, archive, parts, store, run_id, history_buckets, batch_rows)
     b.packet_channels()
     packet_stages = [k for k in b.dsk if stage_of(k) == T2]
     for c in b.hist:  # their T2 stages run after the packet stages, so a state both reach is computed once
         b.history_channel(c, packet_stages)
-    b.t3(t3_states or {})
+    b.t3(t3_states or {}, hold_t3)
     if not b.run.tasks:
         b.run.graph.clear()  # only the plans: nothing to compute
     return b.run
@@ -210,14 +215,17 @@ class _Builder:
                 run.sinks.append(task_key(T1H, n))
             run.produced_by.setdefault(c.name, []).append(task_key(T2, s) if s else task_key(T1H, n))
 
-    def t3(self, t3_states: dict[str, list[str]]) -> None:
+    def t3(self, t3_states: dict[str, list[str]], hold: frozenset[str] = frozenset()) -> None:
         """T3 per channel and unit, after the tasks that write the channel's states and T2 results (not
         every channel's: one channel's report can be drawn while another's history join still runs); the
-        channel's selection is one task, shared by its T3 units."""
-        dsk, run = self.dsk, self.run
-        computing = any(stage_of(k) in (T1, T1H, T2) for k in dsk)
+        channel's selection is one task, shared by its T3 units. A held channel's T3 goes to a graph of
+        its own (``run.held``), run after the main one."""
+        run = self.run
+        computing = any(stage_of(k) in (T1, T1H, T2) for k in self.dsk)
         for c in self.plans:
-            t2_deps = run.produced_by.get(c.name, [])
+            held = c.name in hold
+            dsk, sinks = (run.held, run.held_sinks) if held else (self.dsk, run.sinks)
+            t2_deps = [] if held else run.produced_by.get(c.name, [])
             t3_sel = sorted(set(run.t1_names[c.name]) | set(t3_states.get(c.name, [])))
             sel_key = task_key(SELECTION, key_of("sel", c.name, t3_sel, [u.identity.key for u in c.t2]))
             for i, unit in enumerate(c.t3):
@@ -225,6 +233,8 @@ class _Builder:
                 run.t3_names.append(name)
                 if self.store.task_info(name) and not computing:
                     continue
+                if held:
+                    dsk.setdefault(self.pk[c.name], c)
                 dsk.setdefault(sel_key, (tasks.selection_task, self.spec, self.pk[c.name], t3_sel, *t2_deps))
                 dsk[task_key(T3, name)] = (tasks.run_t3, self.spec, self.pk[c.name], i, name, self.run_id, sel_key, self.root)
-                run.sinks.append(task_key(T3, name))
+                sinks.append(task_key(T3, name))

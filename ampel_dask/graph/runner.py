@@ -19,6 +19,7 @@ from ..io.archive import Archive
 from ..io.stores import StoreFormatError, open_store
 from ..keys import T2, T3, stage_of, task_key
 from .compile import CompiledRun, compile_run
+from .guard import PassRatioExceeded, limits, over_limit
 from .plan import check_columns, plan_workflow, unit_versions
 from .progress import Progress, as_finished, on_terminal
 from .watchdog import StalledRun, Watchdog
@@ -75,17 +76,21 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
         parts = [p for p in parts if p.path in wanted]
     check_columns(wf, plans, {p.survey for p in parts})
     t_compile = time.perf_counter()
-    run = compile_run(plans, archive, parts, store, run_id, wf.history_buckets, wf.batch_rows, opts.t3_states)
+    run = compile_run(plans, archive, parts, store, run_id, wf.history_buckets, wf.batch_rows, opts.t3_states, frozenset(limits(wf)))
     t_exec = time.perf_counter()
     results: dict[str, Any] = {}
     dashboard = None
     workers: list[dict] = []
-    if run.graph:
+    stopped = None  # why guarded channels' T3 did not run (graph/guard.py)
+    if run.graph or run.held:
         with _client(wf, opts) as client:
             dashboard = getattr(client, "dashboard_link", None)
             if dashboard and on_terminal(opts.progress):
                 echo(f"Dask dashboard: {dashboard}")
-            results = _execute(client, run, opts.progress, wf.cluster.stall_timeout)
+            if run.graph:
+                results = _execute(client, run, opts.progress, wf.cluster.stall_timeout)
+            if run.held and not (stopped := over_limit(store, run, wf)):  # T0 counts known: within the limits
+                results.update(_execute(client, CompiledRun(graph=run.held, sinks=run.held_sinks), opts.progress, wf.cluster.stall_timeout))
             workers = _workers(client)
     # states a work unit wrote anew (a night added, history extended) replace the old ones in the store;
     # not in a run over chosen parts (a live batch): its work units are not the whole selection, and
@@ -101,7 +106,11 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
                 break
     summary = _summarise(run, results, store, plans, parts, run_id)
     summary["seconds"] = round(time.perf_counter() - t_start, 3)
-    if not run.graph:
+    if stopped:
+        summary["stopped"] = stopped
+    elif run.held:
+        summary["tasks"] += CompiledRun(graph=run.held).tasks
+    if not run.graph and not run.held:
         summary["note"] = f"nothing to compute: all {len(parts)} partition(s) already processed with this workflow"
     selected = {p.path for p in parts}
     manifest = {
@@ -124,6 +133,8 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
         **(opts.manifest_extra or {}),
     }
     store.write_manifest(run_id, manifest)
+    if stopped:  # after the manifest: the states and T2 results are stored, the manifest says why
+        raise PassRatioExceeded(stopped, summary)
     return summary
 
 

@@ -69,6 +69,9 @@ class ChannelSpec(Model):
     t1: UnitRef = Field(default_factory=lambda: UnitRef(unit="T1Policy"), description="T1 state policy")
     t2: list[UnitRef] = Field(default_factory=list)
     t3: list[UnitRef] = Field(default_factory=list)
+    max_pass_ratio: float | None = Field(
+        None, gt=0, le=1, description="largest fraction of the run's alerts the channel may pass; a run that passes more stops before "
+        "the channel's T3 reactions, with the reason (a filter gone wrong must not flood TNS or a marshal)")  # fmt: skip
 
     @field_validator("name")
     @classmethod

@@ -211,7 +211,6 @@ class T0Filter(Unit):
     columns: ClassVar[Sequence[str] | None] = None  # alert columns the filter reads (None = all)
     # columns it cannot work without (checked against the selected surveys' alerts before a run)
     required_columns: ClassVar[Sequence[str]] = ()
-
     def apply(self, alerts: pa.Table) -> Verdict | np.ndarray:
         raise NotImplementedError
 
