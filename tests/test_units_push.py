@@ -5,7 +5,6 @@ never reach a log line, a record, a file or an error message; re-runs post nothi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
