@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pyarrow as pa
 
 from ..io.arrays import order_by
 from ..io.stores import PROVENANCE, ResultStore
+from ..tiers.labels import with_label
 from .plan import ChannelPlan
 
 
@@ -27,12 +30,13 @@ def selection(store: ResultStore, plan: ChannelPlan, state_keys: list[str]) -> p
         if res is None:
             continue
         body = [c for c in res.column_names if c not in PROVENANCE or c == "code"]
-        sel = left_join(sel, res.select(["state_id", *body]), prefix=f"{unit.name()}__")
+        sel = left_join(sel, res.select(["state_id", *body]), prefix=f"{unit.name()}__", label=lambda col, u=unit: u.label(col, u.config))
     return sel
 
 
-def left_join(left: pa.Table, right: pa.Table, prefix: str) -> pa.Table:
+def left_join(left: pa.Table, right: pa.Table, prefix: str, label: Callable[[str], tuple[str, str]] | None = None) -> pa.Table:
     """Add ``right``'s columns (one row per state_id) to ``left`` by state_id; nulls where missing.
+    ``label(column)``: the (label, unit) each added column carries in its field metadata (reports show it).
 
     Done with sorted ids and ``take`` because Arrow's hash join cannot carry list columns (dps).
     """
@@ -45,5 +49,7 @@ def left_join(left: pa.Table, right: pa.Table, prefix: str) -> pa.Table:
     idx = pa.array(np.where(found, order[pos] if len(rid) else 0, 0), mask=~found)
     for name in right.column_names:
         if name != "state_id":
-            left = left.append_column(prefix + name, right.column(name).take(idx))
+            col = right.column(name).take(idx)
+            field = pa.field(prefix + name, col.type)
+            left = left.append_column(with_label(field, *label(name)) if label else field, col)
     return left

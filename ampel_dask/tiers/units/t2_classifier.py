@@ -182,6 +182,7 @@ class T2Classifier(T2StateUnit):
 
     Config = T2ClassifierConfig
     version = "1"
+    column_labels = {"classification": ("Most probable class", ""), "p_{cls}": ("P({cls})", "")}
 
     def __init__(self, config=None, **kw):
         super().__init__(config, **kw)
