@@ -156,6 +156,7 @@ table.cands th[data-sort]:hover{background:#e4e4e4}
 table.cands th[aria-sort=ascending]::after{content:" \\25B2";font-size:10px}
 table.cands th[aria-sort=descending]::after{content:" \\25BC";font-size:10px}
 table.cands tbody tr:hover{background:#f7fbff}
+table.cands td.rank{background:#fdf6dc}table.cands th.rank{background:#f3e7b8}
 td.lc{padding:1px 4px;width:250px}td.lc img{display:block}
 td.cut{white-space:nowrap;padding:1px 4px}td.cut img{width:50px;height:50px;margin-right:2px;vertical-align:middle}
 td.oid{white-space:nowrap}td.oid a{font-weight:600}
@@ -243,8 +244,9 @@ def index_page(title: str, channel: str, run_id: str, entries: list[Entry], show
         unit = f'<br><span class="sub">[{e(c.unit)}]</span>' if c.unit else ""
         source = f'<br><span class="sub">{e(c.group)}</span>' if counts[c.heading] > 1 and c.group else ""
         kind = "num" if c.numeric else "text"
-        mark = f' data-rank="{rank_sort}"' if c.name == rank_by.name else ""
-        head.append(f'<th class="{"num" if c.numeric else ""}" data-sort="{kind}" title="{e(c.name)}"{mark}>{e(c.label)}{unit}{source}</th>')
+        cls = cell_class(c, rank_by)
+        tip = f"{c.name}: the ranking ({rank_sort})" if c.name == rank_by.name else c.name
+        head.append(f'<th class="{cls}" data-sort="{kind}" title="{e(tip)}">{e(c.label)}{unit}{source}</th>')
     body.append('<table class="cands" id="candidates"><thead><tr>' + "".join(head) + "</tr></thead><tbody>")
     for en in entries:
         page = f"objects/{e(en.stem)}.html"
@@ -263,13 +265,17 @@ def index_page(title: str, channel: str, run_id: str, entries: list[Entry], show
             f'<td class="num" data-v="{sort_value(en.dec)}">{fmt(en.dec, "deg")}</td>',
             f'<td class="num" data-v="{sort_value(en.mjd)}">{fmt(en.mjd, "MJD")}</td>',
             f'<td class="num" data-v="{e(latest_mag)}">{e(en.latest) or "&ndash;"}</td>',
-            *(f'<td class="{"num" if c.numeric else ""}" data-v="{sort_value(en.values.get(c.name))}">{fmt(en.values.get(c.name), c.unit)}</td>' for c in shown),
+            *(f'<td class="{cell_class(c, rank_by)}" data-v="{sort_value(en.values.get(c.name))}">{fmt(en.values.get(c.name), c.unit)}</td>' for c in shown),
         ]
         body.append(f'<tr id="{e(en.stem)}">' + "".join(cells) + "</tr>")
     body.append("</tbody></table>")
     if not entries:
         body.append('<p class="meta">No objects in this selection.</p>')
     return _page(title, _TABLE_CSS, body, _SORT_JS)
+
+
+def cell_class(c: Column, rank_by: Column) -> str:
+    return " ".join(x for x in ("num" if c.numeric else "", "rank" if c.name == rank_by.name else "") if x)
 
 
 # --- one object -------------------------------------------------------------------------------------
