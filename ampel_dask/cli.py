@@ -30,7 +30,7 @@ def main() -> None:
 @main.command()
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--archive", "archive", required=True, type=click.Path(file_okay=False), help="archive folder (created if missing)")
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Dask worker processes (default: all cores; 0 = no cluster)")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Dask worker processes (default: all cores, none for inputs under 64 MB; 0 = no cluster)")
 @click.option("--chunk-mb", type=click.FloatRange(min=0, min_open=True), default=32.0, show_default=True, help="input MB per decode task")
 @click.option("--schema-dir", "schema_dirs", multiple=True, type=click.Path(exists=True, file_okay=False), help="extra Rubin schema folder (wire format)")
 @click.option("--progress/--no-progress", default=None, help="progress bar (default: on a terminal)")

@@ -30,7 +30,10 @@ Decoder = Callable[[Iterator[Chunk], tuple], Iterable[ChunkResult]]
 class IngestOptions(BaseModel):
     """How an ingest runs; defaults suit a laptop and a nightly tarball alike."""
 
-    workers: int | None = Field(None, ge=0, description="Dask workers (processes); None = all cores, 0 = in this process")
+    workers: int | None = Field(None, ge=0, description="Dask workers (processes); None = all cores (in this process for inputs under in_process_mb), 0 = in this process")
+    # a local cluster costs ~5 s to start and stop (12 s on a busy 2-core machine) where decoding runs at ~10 MB/s
+    # per core: with n workers it gains only above ~5 s x 10 MB/s x n/(n-1), i.e. 50-100 MB
+    in_process_mb: float = Field(64.0, ge=0, description="with workers=None, inputs smaller than this (MB on disk) are decoded in this process")
     chunk_mb: float = Field(32.0, gt=0, description="input bytes per decode task")
     chunk_packets: int = Field(2000, gt=0, description="packets per decode task")
     schema_dirs: list[str] = Field(default_factory=list, description="extra folders of Rubin wire schemas")
