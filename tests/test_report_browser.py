@@ -46,14 +46,9 @@ def _need_browser() -> None:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> dict:
-    _need_browser()
-    from ampel_dask.demo.run import run_demo
-
-    out = tmp_path_factory.mktemp("demo")
-    summary = run_demo(out, workers=0, progress=False, echo=lambda *_: None)
-    assert summary["report"]
-    return {"out": out, "report": Path(summary["report"]), "summary": summary}
+def demo(request) -> dict:
+    _need_browser()  # before the demo runs
+    return request.getfixturevalue("demo_run")
 
 
 @pytest.fixture(scope="module")
