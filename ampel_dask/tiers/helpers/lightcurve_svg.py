@@ -26,6 +26,7 @@ from ...io.layout import DETECTION, FORCED, UPPER_LIMIT, flux_to_mag
 
 BAND_COLORS = {"u": "#6a3d9a", "g": "#1b9e3e", "r": "#d62728", "i": "#e6a100", "z": "#8c564b", "y": "#555555"}
 OTHER_BAND = "#1f77b4"
+MAX_ERR_RANGE = 1.0  # mag: error bars count towards the axis range up to this length
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ def light_curve_svg(dps: pa.StructArray | None, object_id: str, alert_mjd: float
             for key in ("det", "fp"):
                 x, y, e = marks[key]
                 xs.append(x)
+                e = np.minimum(e, MAX_ERR_RANGE)  # a point with a huge error must not flatten the others; its bar is clipped
                 ys += [y - e, y + e]
             xs.append(marks["ul"][0])
             ys.append(marks["ul"][1])

@@ -158,8 +158,8 @@ table.cands th[aria-sort=descending]::after{content:" \\25BC";font-size:10px}
 table.cands tbody tr:hover{background:#f7fbff}
 table.cands td.rank{background:#fdf6dc}table.cands th.rank{background:#f3e7b8}
 td.lc{padding:1px 4px;width:250px}td.lc img{display:block}
-td.cut{white-space:nowrap;padding:1px 4px}td.cut img{width:50px;height:50px;margin-right:2px;vertical-align:middle}
-td.oid{white-space:nowrap}td.oid a{font-weight:600}
+td.cut{white-space:nowrap;padding:1px 4px}td.cut img{width:46px;height:46px;margin-right:2px;vertical-align:middle}
+td.oid{white-space:nowrap}
 """
 
 _OBJECT_CSS = """
@@ -235,8 +235,7 @@ def index_page(title: str, channel: str, run_id: str, entries: list[Entry], show
         '<th data-sort="text">Object</th>',
         "<th>Light curve</th>",
         "<th>Cutouts</th>",
-        '<th class="num" data-sort="num">RA<br><span class="sub">[deg]</span></th>',
-        '<th class="num" data-sort="num">Dec<br><span class="sub">[deg]</span></th>',
+        '<th class="num" data-sort="num" title="sorts by RA">RA, Dec<br><span class="sub">[deg]</span></th>',
         '<th class="num" data-sort="num">Last alert<br><span class="sub">[MJD]</span></th>',
         '<th class="num" data-sort="num">Latest<br><span class="sub">[mag]</span></th>',
     ]
@@ -252,7 +251,7 @@ def index_page(title: str, channel: str, run_id: str, entries: list[Entry], show
         page = f"objects/{e(en.stem)}.html"
         oid = e(str(en.object_id))
         stamps = "".join(
-            f'<img class="stamp" src="objects/{e(en.stem)}_{k}.png" width="50" height="50" alt="{CUTOUT_NAMES[k]} cutout of {oid}" title="{CUTOUT_NAMES[k]}">'
+            f'<img class="stamp" src="objects/{e(en.stem)}_{k}.png" width="46" height="46" alt="{CUTOUT_NAMES[k]} cutout of {oid}" title="{CUTOUT_NAMES[k]}">'
             for k in en.stamps
         )
         latest_mag = en.latest.split(" ")[0] if en.latest else ""
@@ -261,8 +260,7 @@ def index_page(title: str, channel: str, run_id: str, entries: list[Entry], show
             f'<td class="oid" data-v="{oid}"><a href="{page}">{oid}</a></td>',
             f'<td class="lc"><a href="{page}"><img src="objects/{e(en.stem)}_lc_small.svg" width="250" height="130" alt="light curve of {oid}"></a></td>',
             f'<td class="cut">{stamps}</td>' if stamps else '<td class="cut"><span class="sub">none</span></td>',
-            f'<td class="num" data-v="{sort_value(en.ra)}">{fmt(en.ra, "deg")}</td>',
-            f'<td class="num" data-v="{sort_value(en.dec)}">{fmt(en.dec, "deg")}</td>',
+            f'<td class="num" data-v="{sort_value(en.ra)}">{fmt(en.ra, "deg")}<br>{fmt(en.dec, "deg")}</td>',
             f'<td class="num" data-v="{sort_value(en.mjd)}">{fmt(en.mjd, "MJD")}</td>',
             f'<td class="num" data-v="{e(latest_mag)}">{e(en.latest) or "&ndash;"}</td>',
             *(f'<td class="{cell_class(c, rank_by)}" data-v="{sort_value(en.values.get(c.name))}">{fmt(en.values.get(c.name), c.unit)}</td>' for c in shown),

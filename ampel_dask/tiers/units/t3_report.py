@@ -52,7 +52,7 @@ class T3HtmlReportConfig(UnitConfig):
         description="T2 columns in the candidate table (shell patterns allowed); None = the sort column and the first "
         "max_columns other T2 columns (result codes left out). Every T2 result is on the object's own page",
     )
-    max_columns: int = Field(6, ge=0, le=50, description="T2 columns in the table when columns is None (a laptop screen fits ~6)")
+    max_columns: int = Field(5, ge=1, le=50, description="T2 columns in the table, the sort column included, when columns is None (a laptop screen fits 5-6)")
     cutouts: bool = Field(True, description="show the latest alert's cutouts when the context has an archive")
     broker_links: bool = Field(True, description="link each object to its pages at ALeRCE, Fink and Lasair (real survey ids only)")
     dirname: str | None = Field(None, description="report folder inside out_dir; default '<channel>_report'")
@@ -94,11 +94,11 @@ class T3HtmlReport(T3Unit):
     def shown(self, names: list[str]) -> list[str]:
         """The T2 columns of the candidate table, the sort column first."""
         c = self.config
+        lead = [c.sort_by] if c.sort_by in names and c.sort_by not in FIXED_LABELS else []
         if c.columns is not None:
             cols = match_columns(names, c.columns)
         else:
-            cols = [n for n in t2_columns(names) if not n.endswith("__code") and n != c.sort_by][: c.max_columns]
-        lead = [c.sort_by] if c.sort_by in names and c.sort_by not in FIXED_LABELS else []
+            cols = [n for n in t2_columns(names) if not n.endswith("__code") and n != c.sort_by][: c.max_columns - len(lead)]
         return lead + [n for n in cols if n != c.sort_by]
 
     def react(self, selection: pa.Table, context: T3Context) -> list[dict]:
