@@ -73,4 +73,20 @@ def group_archives(tmp_path_factory, data_dir, manifest):
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> dict:
+    """``ampel-dask demo`` run once (workers 0: no cluster), as a user runs it: {out, report}, the report
+    being the last line it printed."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("demo")
+    proc = subprocess.run([sys.executable, "-m", "ampel_dask.cli", "demo", "--out", str(out), "--workers", "0", "--no-progress"],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = Path(proc.stdout.strip().splitlines()[-1])
+    assert report.name == "index.html" and report.is_file() and report.is_relative_to(out / "store")
+    return {"out": out, "report": report}
+
+
 from .slurm_fixture import slurm  # noqa: E402,F401  (session fixture: the one-node SLURM of slurm/)

@@ -190,6 +190,16 @@ def figures(folder: Path) -> list[str]:
     return [p.name for p in [*folder.glob("*.png"), *folder.glob("*.svg")]]
 
 
+def report_files(index: Path) -> set[str]:
+    """Every file the report's pages reference (index and object pages), relative to ``objects/``."""
+    page = parse_page(index)
+    names = {Path(s).name for s in page.imgs}
+    for link in page.links:
+        sub = parse_page(index.parent / link)
+        names |= {link.split("/")[-1]} | {s for s in sub.imgs}
+    return names
+
+
 def test_report_top_n_by_t2_score_with_cutouts(selection, archive_root, tmp_path):
     unit = T3HtmlReport(sort_by="T2Classifier__p_SN", top_n=5, title="Best SN candidates")
     [rec] = unit.react(selection, context(tmp_path, Archive(archive_root)))
@@ -200,25 +210,36 @@ def test_report_top_n_by_t2_score_with_cutouts(selection, archive_root, tmp_path
     ids = selection.column("object_id").to_pylist()
     ranked = sorted((i for i in range(len(ids)) if not np.isnan(p_sn[i])), key=lambda i: -p_sn[i])
     assert page.objects == [ids[i] for i in ranked[:5]]
-    # every object has a light curve and (the archive keeps ZTF stamps) a cutout figure
-    assert rec["images"] == 10 and len(page.imgs) == 10 and rec["objects"] == 5
-    assert sum(s.endswith("_cutouts.png") for s in page.imgs) == 5 and sum(s.endswith("_lc.svg") for s in page.imgs) == 5
+    # every object has a small light curve in the table and (the archive keeps ZTF's three stamps) its cutouts;
+    # its own page has the large light curve and the same stamps
+    stamps = [s for s in page.imgs if s.endswith(".png")]
+    assert sum(s.endswith("_lc_small.svg") for s in page.imgs) == 5 and len(stamps) == 15 and len(page.imgs) == 20
+    assert rec["objects"] == 5 and rec["images"] == 5 * 2 + 15
+    assert sorted(Path(s).name.rsplit("_", 1)[1] for s in stamps) == ["difference.png"] * 5 + ["science.png"] * 5 + ["template.png"] * 5
+    assert page.links == [f"objects/{i}.html" for i in page.objects for _ in ("name", "light curve")]
     for src in page.imgs:
         (check_png if src.endswith(".png") else check_svg)(index.parent / src)
-    assert all((index.parent / h).exists() for h in page.links)
-    assert sorted(figures(index.parent)) == sorted(page.imgs)
-    assert not list(index.parent.glob("*.tmp"))
+    for link in dict.fromkeys(page.links):
+        sub = parse_page(index.parent / link)
+        assert [s for s in sub.imgs if s.endswith(".svg")] == [link.split("/")[1].replace(".html", "_lc.svg")]
+        assert sorted(s for s in sub.imgs if s.endswith(".png")) == sorted(Path(s).name for s in stamps if Path(s).name.startswith(link.split("/")[1][:-5] + "_"))
+        assert all((index.parent / "objects" / s).exists() for s in sub.imgs)
+    objects = index.parent / "objects"
+    assert sorted(figures(objects)) == sorted(n for n in report_files(index) if not n.endswith(".html"))
+    assert not list(index.parent.rglob("*.tmp"))
     text = index.read_text()
-    assert "Best SN candidates" in text and "T2BazinFit__rise_time_r" in text and "run-42" in text
+    assert "Best SN candidates" in text and "run-42" in text
+    # columns without a declared label get their name made readable; the raw name is the header's tooltip
+    assert 'title="T2BazinFit__rise_time_r">Rise time r<' in text and 'title="T2LightCurveFeatures__amplitude_g">Half amplitude (g)<br><span class="sub">[mag]</span>' in text
 
-    import matplotlib.image as mpimg
+    from PIL import Image
 
-    img = mpimg.imread(index.parent / next(s for s in page.imgs if s.endswith(".png")))
-    assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
+    with Image.open(index.parent / stamps[0]) as im:  # a ZTF stamp at its own size, 63x63 grey
+        assert im.mode == "L" and im.size == (63, 63)
 
 
 def test_report_figures_drawn_across_workers_are_the_same_files(selection, archive_root, tmp_path):
-    """Inside a Dask worker the report hands its figures to the cluster (T3Context.map): same page,
+    """Inside a Dask worker the report hands its stamps to the cluster (T3Context.map): same pages,
     same figure bytes as drawn in one process, and the stamp chunks really ran as their own tasks."""
     from distributed import Client, LocalCluster, get_task_stream
 
@@ -231,12 +252,12 @@ def test_report_figures_drawn_across_workers_are_the_same_files(selection, archi
             [rec_remote] = client.submit(unit.react, selection, context(remote, Archive(archive_root))).result()
     assert sum(str(t["key"]).startswith("draw_cutouts") for t in ts.data) == 3  # 12 objects with stamps, 5 per task
     assert {k: v for k, v in rec_remote.items() if k != "path"} == {k: v for k, v in rec_local.items() if k != "path"}
-    a, b = Path(rec_local["path"]).parent, Path(rec_remote["path"]).parent
-    names = sorted(figures(a))
-    assert len(names) == 24 and names == sorted(figures(b))
+    a, b = Path(rec_local["path"]).parent / "objects", Path(rec_remote["path"]).parent / "objects"
+    names = sorted(p.name for p in a.iterdir())
+    assert len(names) == 12 * (3 + 3) and names == sorted(p.name for p in b.iterdir())  # page, 2 light curves, 3 stamps
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    assert parse_page(a / "index.html").objects == parse_page(b / "index.html").objects
+    assert parse_page(a.parent / "index.html").objects == parse_page(b.parent / "index.html").objects
 
 
 def test_light_curve_svg_marks_every_datapoint_of_a_real_object(selection):
@@ -292,19 +313,21 @@ def test_report_default_order_without_archive_and_rerun(selection, tmp_path):
     mjd, ids = selection.column("mjd").to_numpy(), selection.column("object_id").to_pylist()
     expected = [ids[i] for i in sorted(range(len(ids)), key=lambda i: (-mjd[i], ids[i]))[:4]]
     assert page.objects == expected
-    assert rec["images"] == 4 and all(s.endswith("_lc.svg") for s in page.imgs)
+    assert rec["images"] == 8 and len(page.imgs) == 4 and all(s.endswith("_lc_small.svg") for s in page.imgs)  # no archive: no cutouts
     text = Path(rec["path"]).read_text()
     assert "T2Classifier__p_SN" in text and "T2BazinFit__rise_time_r" not in text
+    assert "T2BazinFit__rise_time_r" not in text and "rise_time_r" in Path(rec["path"]).with_name("objects").joinpath(f"{expected[0]}.html").read_text()
 
-    # ascending p_SN: objects without a score come last; the earlier run's figures are replaced
+    # ascending p_SN: objects without a score come last; the earlier run's pages and figures are removed
     subset = selection.take([12, 11, 4, 3, 2])  # rows 3 and 11 have p_SN = NaN
     [rec2] = T3HtmlReport(sort_by="T2Classifier__p_SN", descending=False, top_n=100).react(subset, ctx)
     page2 = parse_page(Path(rec2["path"]))
     p_sn = selection.column("T2Classifier__p_SN").to_numpy()
     scored = sorted([12, 4, 2], key=lambda i: p_sn[i])
     assert page2.objects == [ids[i] for i in scored] + sorted([ids[3], ids[11]])
-    folder = Path(rec2["path"]).parent
-    assert sorted(figures(folder)) == sorted(page2.imgs)
+    folder = Path(rec2["path"]).parent / "objects"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(report_files(Path(rec2["path"])))
+    assert len(list(folder.glob("*.html"))) == 5
 
 
 def test_report_errors_and_empty(selection, tmp_path):

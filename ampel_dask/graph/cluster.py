@@ -63,8 +63,10 @@ def _quiet(client: Any) -> None:
 
 
 @contextmanager
-def make_cluster(spec: ClusterSpec) -> Iterator[Any]:
-    """A client of the cluster ``spec`` describes (overrides applied: :meth:`ClusterSpec.overridden`)."""
+def make_cluster(spec: ClusterSpec, log_dir: str | Path | None = None) -> Iterator[Any]:
+    """A client of the cluster ``spec`` describes (overrides applied: :meth:`ClusterSpec.overridden`).
+    ``log_dir``: where SLURM worker jobs write their output unless a log-directory is configured
+    (the runner passes ``<store>/logs/slurm``)."""
     from distributed import Client
 
     kind, workers = spec.kind, spec.workers
@@ -76,7 +78,7 @@ def make_cluster(spec: ClusterSpec) -> Iterator[Any]:
             yield client
         return
     if kind == "slurm":
-        cluster = slurm_cluster(spec)
+        cluster = slurm_cluster(spec, log_dir)
         try:
             if spec.adaptive:
                 cluster.adapt(**spec.adaptive)
@@ -105,23 +107,34 @@ def make_cluster(spec: ClusterSpec) -> Iterator[Any]:
         cluster.close()
 
 
-def jobqueue_settings(spec: ClusterSpec) -> dict:
+def jobqueue_settings(spec: ClusterSpec, log_dir: str | Path | None = None) -> dict:
     """dask-jobqueue ``jobqueue.slurm`` settings: the config file's (e.g. slurm/jobqueue.yaml), then the
-    workflow's ``cluster.jobqueue`` on top; keys as in dask-jobqueue's own yaml (``log-directory``)."""
+    workflow's ``cluster.jobqueue`` on top; keys as in dask-jobqueue's own yaml (``log-directory``).
+
+    Worker jobs' output goes to the configured ``log-directory`` (here or in dask's config); without
+    one, to ``log_dir``: SLURM would otherwise write ``slurm-<job>.out`` files into the directory the
+    user ran the command from."""
     settings: dict = {"cores": 1, "memory": "1GB", "scheduler-options": {"dashboard_address": ":0"}}
     if spec.config_file:
         data = yaml.safe_load(Path(spec.config_file).read_text()) or {}
         settings.update((data.get("jobqueue") or {}).get("slurm") or {})
     settings.update({k.replace("_", "-"): v for k, v in spec.jobqueue.items()})
+    if settings.get("log-directory") is None and dask.config.get("jobqueue.slurm.log-directory", None) is None and log_dir is not None:
+        settings["log-directory"] = str(log_dir)
     return settings
 
 
-def slurm_cluster(spec: ClusterSpec):
+def slurm_log_dir(store_root: str | Path) -> Path:
+    """Where a run's SLURM worker jobs write their output when no log-directory is configured."""
+    return Path(store_root).resolve() / "logs" / "slurm"
+
+
+def slurm_cluster(spec: ClusterSpec, log_dir: str | Path | None = None):
     """A SLURMCluster from those settings (as keyword arguments: dask-jobqueue reads its config again
     whenever it makes a job, so a temporary config would be gone by then)."""
     from dask_jobqueue import SLURMCluster
 
-    kwargs = {("job_name" if k == "name" else k.replace("-", "_")): v for k, v in jobqueue_settings(spec).items() if v is not None}
+    kwargs = {("job_name" if k == "name" else k.replace("-", "_")): v for k, v in jobqueue_settings(spec, log_dir).items() if v is not None}
     # the job's nanny takes these from its environment over its config (see WORKER_MALLOC, QUIET)
     exports = " ".join(f"{k}={v}" for k, v in {**WORKER_MALLOC, **quiet_environ(spec.profile)}.items())
     kwargs["job_script_prologue"] = [f"export {exports}", *(kwargs.get("job_script_prologue") or [])]

@@ -1,8 +1,8 @@
 """Ingest on a Dask cluster: the driver that spreads decode tasks over workers, with progress.
 
 The library part (chunking, decoding, de-duplication, publishing) is ``ampel_dask.io.ingest``; this
-module only decides where chunks are decoded: in this process (``workers=0``), on a given client, or on
-a LocalCluster started for the ingest.
+module only decides where chunks are decoded: in this process (``workers=0``, or by default for inputs
+under ``in_process_mb``), on a given client, or on a LocalCluster started for the ingest.
 """
 
 from __future__ import annotations
@@ -33,8 +33,11 @@ def ingest_packets(packets: list[Packet], archive: str | Path | Archive, options
 
 
 def _ingest(work: Iterator[Chunk], archive, opts: IngestOptions, client, report: IngestReport, total_bytes: int) -> IngestReport:
+    workers = opts.workers
+    if workers is None and client is None and total_bytes < opts.in_process_mb * 2**20:
+        workers = 0  # a small input: decoding it here is done before a cluster would have started
     with Progress(opts.progress, total_bytes, "ingest", unit="B", unit_scale=True) as bar:
-        return run_ingest(work, archive, opts, report, _decoder(opts.workers, client), lambda res, read: bar.update(res.nbytes, alerts=read))
+        return run_ingest(work, archive, opts, report, _decoder(workers, client), lambda res, read: bar.update(res.nbytes, alerts=read))
 
 
 def _decoder(workers: int | None, client) -> Decoder:

@@ -66,7 +66,7 @@ def run_live(
     on_batch: Callable[[dict], None] | None = None,
 ) -> dict:
     """Consume micro-batches until ``batches``/``until_idle``/a stop signal; returns the totals."""
-    from .cluster import make_cluster
+    from .cluster import make_cluster, slurm_log_dir
 
     stop = stop or StopFlag()
     t_start = time.time()
@@ -97,7 +97,7 @@ def run_live(
              archive, store.root, f"; metrics on http://{opts.metrics_host}:{metrics.port}/metrics" if metrics.port is not None else "")  # fmt: skip
     stopped = "signal"
     try:
-        with make_cluster(wf.cluster.overridden(opts.cluster, opts.workers, opts.jobs)) as client:
+        with make_cluster(wf.cluster.overridden(opts.cluster, opts.workers, opts.jobs), slurm_log_dir(store.root)) as client:
             ctx.client = client
             stopped = _loop(ctx, consumer, stop)
     except Abandon:

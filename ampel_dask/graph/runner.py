@@ -83,7 +83,7 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
     workers: list[dict] = []
     stopped = None  # why guarded channels' T3 did not run (graph/guard.py)
     if run.graph or run.held:
-        with _client(wf, opts) as client:
+        with _client(wf, opts, store.root) as client:
             dashboard = getattr(client, "dashboard_link", None)
             if dashboard and on_terminal(opts.progress):
                 echo(f"Dask dashboard: {dashboard}")
@@ -156,13 +156,13 @@ def _workers(client) -> list[dict]:
 
 
 @contextmanager
-def _client(wf: Workflow, opts: RunOptions) -> Iterator[Any]:
+def _client(wf: Workflow, opts: RunOptions, store_root: Path) -> Iterator[Any]:
     if opts.client is not None:
         yield opts.client
         return
-    from .cluster import make_cluster
+    from .cluster import make_cluster, slurm_log_dir
 
-    with make_cluster(wf.cluster.overridden(opts.cluster, opts.workers, opts.jobs)) as client:
+    with make_cluster(wf.cluster.overridden(opts.cluster, opts.workers, opts.jobs), slurm_log_dir(store_root)) as client:
         yield client
 
 

@@ -6,6 +6,8 @@ ids) has another id and is refused, and so is a key column that is not a content
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pyarrow as pa
 
@@ -13,6 +15,7 @@ from ..io.arrays import lookup, order_by
 from ..io.stores import PROVENANCE, ResultStore
 from ..keys import id_values
 from ..tiers.base import T2PointUnit
+from ..tiers.labels import with_label
 from .plan import ChannelPlan
 
 
@@ -35,13 +38,14 @@ def selection(store: ResultStore, plan: ChannelPlan, state_keys: list[str]) -> p
         if res is None:
             continue
         body = [c for c in res.column_names if c not in PROVENANCE or c == "code"]
-        sel = left_join(sel, res.select(["state_id", *body]), prefix=f"{unit.name()}__")
+        sel = left_join(sel, res.select(["state_id", *body]), prefix=f"{unit.name()}__", label=lambda col, u=unit: u.label(col, u.config))
     return sel
 
 
-def left_join(left: pa.Table, right: pa.Table, prefix: str) -> pa.Table:
+def left_join(left: pa.Table, right: pa.Table, prefix: str, label: Callable[[str], tuple[str, str]] | None = None) -> pa.Table:
     """Add ``right``'s columns (one row per state_id) to ``left`` by state content id; nulls where
     ``right`` has no row with the same content id. Both sides must hold 128-bit content ids.
+    ``label(column)``: the (label, unit) each added column carries in its field metadata (reports show it).
 
     Done with sorted ids and ``take`` because Arrow's hash join cannot carry list columns (dps).
     """
@@ -50,5 +54,7 @@ def left_join(left: pa.Table, right: pa.Table, prefix: str) -> pa.Table:
     idx = pa.array(np.where(found, at, 0), mask=~found)
     for name in right.column_names:
         if name != "state_id":
-            left = left.append_column(prefix + name, right.column(name).take(idx))
+            col = right.column(name).take(idx)
+            field = pa.field(prefix + name, col.type)
+            left = left.append_column(with_label(field, *label(name)) if label else field, col)
     return left

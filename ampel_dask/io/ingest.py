@@ -31,7 +31,10 @@ Decoder = Callable[[Iterator[Chunk], tuple], Iterable[ChunkResult]]
 class IngestOptions(BaseModel):
     """How an ingest runs; defaults suit a laptop and a nightly tarball alike."""
 
-    workers: int | None = Field(None, ge=0, description="Dask worker processes (default: all cores; 0 = no cluster)")
+    workers: int | None = Field(None, ge=0, description="Dask worker processes (default: all cores, none for inputs under in_process_mb; 0 = no cluster)")
+    # a local cluster costs ~5 s to start and stop (12 s on a busy 2-core machine) where decoding runs at ~10 MB/s
+    # per core: with n workers it gains only above ~5 s x 10 MB/s x n/(n-1), i.e. 50-100 MB
+    in_process_mb: float = Field(64.0, ge=0, description="with no --workers given, inputs smaller than this (MB on disk) are decoded in this process")
     chunk_mb: float = Field(32.0, gt=0, description="input MB per decode task")
     chunk_packets: int = Field(2000, gt=0, description="packets per decode task")
     schema_dirs: list[str] = Field(default_factory=list, description="extra Rubin schema folder (wire format)")

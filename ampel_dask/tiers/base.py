@@ -19,6 +19,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..keys import canonical_json, hash_text, key_of
+from .labels import column_label
 
 
 class UnitConfig(BaseModel):
@@ -261,6 +262,16 @@ class T2StateUnit(Unit):
     """
 
     tier = "T2"
+    # what a report shows for each result column: {column: (label, unit)}, e.g. {"peak_mag": ("Peak
+    # magnitude", "mag")}; keys may hold placeholders ("n_{band}": ("Points in {band}", "")), see
+    # tiers/labels.py. Columns without an entry get a readable form of their name and no unit.
+    column_labels: ClassVar[dict[str, tuple[str, str]]] = {}
+
+    @classmethod
+    def label(cls, column: str, config: UnitConfig | None = None) -> tuple[str, str]:
+        """(label, unit) of a result column; ``config`` (None: the default) for units whose units of
+        measure depend on it (override then)."""
+        return column_label(cls.column_labels, column)
 
     def dependencies(self) -> list[T2StateUnit]:
         """Other T2 units whose results this one reads (computed first, passed to :meth:`process` as

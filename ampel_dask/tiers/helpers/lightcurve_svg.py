@@ -6,15 +6,17 @@ is a few hundred marks; written as SVG it costs well under a millisecond, stays 
 the text is real text. Tick positions come from matplotlib's ``MaxNLocator`` (the same "nice" steps a
 matplotlib axis would choose; no figure is made).
 
-Marks as in AMPEL's and Fink's plots: detections with error bars (filled circles), upper limits as open
-down-triangles, forced photometry with S/N >= 3 as open squares, the alert's time as a dotted line;
-magnitudes increase downwards.
+Marks as in AMPEL's and Fink's plots: detections with 1-sigma error bars (filled circles), upper limits
+as open down-triangles (flat side at the limit), forced photometry with S/N >= 3 as open squares, one
+colour per band, the alert's time as a dotted line; magnitudes increase downwards. Two sizes: a large
+plot for an object's page (15 px text, 960 px wide) and a small one for a row of the candidate table.
 """
 
 from __future__ import annotations
 
 import html
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -24,8 +26,29 @@ from ...io.layout import DETECTION, FORCED, UPPER_LIMIT, flux_to_mag
 
 BAND_COLORS = {"u": "#6a3d9a", "g": "#1b9e3e", "r": "#d62728", "i": "#e6a100", "z": "#8c564b", "y": "#555555"}
 OTHER_BAND = "#1f77b4"
-WIDTH, HEIGHT = 640, 340
-LEFT, RIGHT, TOP, BOTTOM = 70, 570, 30, 292  # the plot area, in px of the viewBox
+MAX_ERR_RANGE = 1.0  # mag: error bars count towards the axis range up to this length
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Size of the drawing and of its marks, in px of the viewBox (shown 1:1 on the report's pages)."""
+
+    width: int
+    height: int
+    left: int
+    right: int
+    top: int
+    bottom: int
+    font: int  # px
+    marker: float  # radius of a detection's circle; triangles and squares scale with it
+    x_ticks: int
+    y_ticks: int
+    labels: bool  # axis titles and the object's name (the small plot sits in a row that names it)
+
+
+LARGE = Layout(960, 480, 78, 880, 36, 426, 15, 4.5, 8, 6, True)  # the object's own page
+SMALL = Layout(250, 130, 38, 226, 6, 110, 10, 2.4, 3, 3, False)  # a cell of the candidate table
+WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = LARGE.width, LARGE.height, LARGE.left, LARGE.right, LARGE.top, LARGE.bottom
 
 
 def _bands(band: np.ndarray) -> list[str]:
@@ -68,8 +91,9 @@ def _fmt(v: np.ndarray) -> list[str]:
     return [f"{x:.1f}" for x in np.asarray(v, dtype=float).tolist()]
 
 
-def light_curve_svg(dps: pa.StructArray | None, object_id: str, alert_mjd: float | None) -> str:
+def light_curve_svg(dps: pa.StructArray | None, object_id: str, alert_mjd: float | None, layout: Layout = LARGE) -> str:
     """The SVG text of one light curve (a pure function of its arguments)."""
+    L = layout
     layers: list[tuple[str, str, dict]] = []  # (band, color, marks)
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
@@ -94,6 +118,7 @@ def light_curve_svg(dps: pa.StructArray | None, object_id: str, alert_mjd: float
             for key in ("det", "fp"):
                 x, y, e = marks[key]
                 xs.append(x)
+                e = np.minimum(e, MAX_ERR_RANGE)  # a point with a huge error must not flatten the others; its bar is clipped
                 ys += [y - e, y + e]
             xs.append(marks["ul"][0])
             ys.append(marks["ul"][1])
@@ -103,60 +128,65 @@ def light_curve_svg(dps: pa.StructArray | None, object_id: str, alert_mjd: float
         xs.append(np.array([alert_mjd]))
     x0, x1 = padded(xs, (0.0, 1.0))
     y0, y1 = padded(ys, (0.0, 1.0))
-    sx, sy = _Scale(x0, x1, LEFT, RIGHT), _Scale(y0, y1, TOP, BOTTOM)  # magnitudes: brighter up
+    sx, sy = _Scale(x0, x1, L.left, L.right), _Scale(y0, y1, L.top, L.bottom)  # magnitudes: brighter up
     e = html.escape
+    r = L.marker
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" '
-        'font-family="DejaVu Sans, Arial, sans-serif" font-size="12">',
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {L.width} {L.height}" width="{L.width}" height="{L.height}" '
+        f'font-family="DejaVu Sans, Arial, sans-serif" font-size="{L.font}">',
         f"<title>{e(str(object_id))}: light curve</title>",
         '<rect width="100%" height="100%" fill="white"/>',
-        f'<clipPath id="plot"><rect x="{LEFT}" y="{TOP}" width="{RIGHT - LEFT}" height="{BOTTOM - TOP}"/></clipPath>',
+        f'<clipPath id="plot"><rect x="{L.left}" y="{L.top}" width="{L.right - L.left}" height="{L.bottom - L.top}"/></clipPath>',
     ]
     grid = []
-    for v, label in ticks(x0, x1, 6):
+    for v, label in ticks(x0, x1, L.x_ticks):
         x = f"{sx(v):.1f}"
-        grid.append(f"M{x} {BOTTOM}v5")
-        out.append(f'<text x="{x}" y="{BOTTOM + 18}" text-anchor="middle">{label}</text>')
-    for v, label in ticks(y0, y1, 5):
+        grid.append(f"M{x} {L.bottom}v{L.font // 3}")
+        out.append(f'<text x="{x}" y="{L.bottom + 1.3 * L.font:.0f}" text-anchor="middle">{label}</text>')
+    for v, label in ticks(y0, y1, L.y_ticks):
         y = f"{sy(v):.1f}"
-        grid.append(f"M{LEFT} {y}h-5")
-        out.append(f'<text x="{LEFT - 8}" y="{y}" text-anchor="end" dominant-baseline="middle">{label}</text>')
+        grid.append(f"M{L.left} {y}h-{L.font // 3}")
+        out.append(f'<text x="{L.left - L.font // 2}" y="{y}" text-anchor="end" dominant-baseline="middle">{label}</text>')
     out.append(f'<path d="{"".join(grid)}" stroke="black" fill="none"/>')
-    out.append(f'<text x="{(LEFT + RIGHT) / 2:.0f}" y="{HEIGHT - 8}" text-anchor="middle">MJD</text>')
-    out.append(f'<text transform="translate(16 {(TOP + BOTTOM) / 2:.0f}) rotate(-90)" text-anchor="middle">mag (AB)</text>')
-    out.append(f'<text x="{(LEFT + RIGHT) / 2:.0f}" y="{TOP - 10}" text-anchor="middle" font-size="13">{e(str(object_id))}</text>')
+    if L.labels:
+        out.append(f'<text x="{(L.left + L.right) / 2:.0f}" y="{L.height - 8}" text-anchor="middle">MJD</text>')
+        out.append(f'<text transform="translate({L.font + 4} {(L.top + L.bottom) / 2:.0f}) rotate(-90)" text-anchor="middle">magnitude (AB)</text>')
+        out.append(f'<text x="{(L.left + L.right) / 2:.0f}" y="{L.top - 12}" text-anchor="middle" font-size="{L.font + 1}">{e(str(object_id))}</text>')
     body = ['<g clip-path="url(#plot)">']
     if has_alert:
-        body.append(f'<path class="alert" d="M{sx(alert_mjd):.1f} {TOP}V{BOTTOM}" stroke="#999" stroke-dasharray="2 3" fill="none"/>')
+        body.append(f'<path class="alert" d="M{sx(alert_mjd):.1f} {L.top}V{L.bottom}" stroke="#999" stroke-dasharray="2 3" fill="none"/>')
     legend = []
+    # an upper limit: an open triangle pointing down (fainter), its flat top at the limit
+    tri = f"m-{1.4 * r:.1f} 0h{2.8 * r:.1f}l-{1.4 * r:.1f} {2.4 * r:.1f}z"
     for b, color, m in layers:
+        x, y = m["ul"]
+        if len(x):
+            d = "".join(f"M{a} {c}{tri}" for a, c in zip(_fmt(sx(x)), _fmt(sy(y))))
+            body.append(f'<path class="ul" d="{d}" stroke="{color}" stroke-width="1.2" stroke-opacity="0.75" fill="white" fill-opacity="0.6"/>')
         x, y, err = m["det"]
         if len(x):
             px, lo, hi = _fmt(sx(x)), _fmt(sy(y - err)), _fmt(sy(y + err))
-            body.append(f'<path d="{"".join(f"M{a} {c}V{d}" for a, c, d in zip(px, lo, hi))}" stroke="{color}" fill="none"/>')
-            body.append(f'<g class="det" fill="{color}">' + "".join(f'<circle cx="{a}" cy="{c}" r="3.5"/>' for a, c in zip(px, _fmt(sy(y)))) + "</g>")
-        x, y = m["ul"]
-        if len(x):
-            d = "".join(f"M{a} {c}m-4.5 -3h9l-4.5 7.5z" for a, c in zip(_fmt(sx(x)), _fmt(sy(y))))
-            body.append(f'<path class="ul" d="{d}" stroke="{color}" stroke-opacity="0.6" fill="none"/>')
+            body.append(f'<path class="err" d="{"".join(f"M{a} {c}V{d}" for a, c, d in zip(px, lo, hi))}" stroke="{color}" stroke-width="1.2" fill="none"/>')
+            body.append(f'<g class="det" fill="{color}">' + "".join(f'<circle cx="{a}" cy="{c}" r="{r}"/>' for a, c in zip(px, _fmt(sy(y)))) + "</g>")
         x, y, err = m["fp"]
         if len(x):
             px = _fmt(sx(x))
             bars = "".join(f"M{a} {c}V{d}" for a, c, d in zip(px, _fmt(sy(y - err)), _fmt(sy(y + err))))
-            boxes = "".join(f"M{a} {c}m-3 -3h6v6h-6z" for a, c in zip(px, _fmt(sy(y))))
-            body.append(f'<path class="fp" d="{bars}{boxes}" stroke="{color}" stroke-opacity="0.7" fill="none"/>')
+            boxes = "".join(f"M{a} {c}m-{r:.1f} -{r:.1f}h{2 * r:.1f}v{2 * r:.1f}h-{2 * r:.1f}z" for a, c in zip(px, _fmt(sy(y))))
+            body.append(f'<path class="fp" d="{bars}{boxes}" stroke="{color}" stroke-opacity="0.8" fill="none"/>')
         if any(len(m[k][0]) for k in m):
             legend.append((b, color))
     body.append("</g>")
     out += body
-    out.append(f'<rect x="{LEFT}" y="{TOP}" width="{RIGHT - LEFT}" height="{BOTTOM - TOP}" stroke="black" fill="none"/>')
+    out.append(f'<rect x="{L.left}" y="{L.top}" width="{L.right - L.left}" height="{L.bottom - L.top}" stroke="black" fill="none"/>')
     if not legend:
-        out.append(f'<text x="{(LEFT + RIGHT) / 2:.0f}" y="{(TOP + BOTTOM) / 2:.0f}" text-anchor="middle">no photometry</text>')
+        out.append(f'<text x="{(L.left + L.right) / 2:.0f}" y="{(L.top + L.bottom) / 2:.0f}" text-anchor="middle">no photometry</text>')
     for i, (b, color) in enumerate(legend):
-        y = TOP + 10 + 18 * i
-        out.append(f'<circle cx="{RIGHT + 16}" cy="{y}" r="3.5" fill="{color}"/><text x="{RIGHT + 26}" y="{y}" dominant-baseline="middle">{e(b)}</text>')
+        y = L.top + L.font * (0.8 + 1.4 * i)
+        out.append(f'<circle cx="{L.right + r + 8:.1f}" cy="{y:.1f}" r="{r}" fill="{color}"/>'
+                   f'<text x="{L.right + 2 * r + 14:.1f}" y="{y:.1f}" dominant-baseline="middle">{e(b)}</text>')  # fmt: skip
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
 
-__all__ = ["light_curve_svg", "ticks", "padded", "BAND_COLORS"]
+__all__ = ["light_curve_svg", "ticks", "padded", "BAND_COLORS", "Layout", "LARGE", "SMALL"]

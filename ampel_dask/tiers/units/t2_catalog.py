@@ -32,6 +32,7 @@ class T2CatalogMatch(T2StateUnit):
 
     Config = T2CatalogMatchConfig
     version = "1"
+    column_labels = {"{prefix}dist_arcsec": ("{prefix} match distance", "arcsec"), "{prefix}matched": ("{prefix} match found", "")}
 
     def __init__(self, config=None, **kw):
         super().__init__(config, **kw)

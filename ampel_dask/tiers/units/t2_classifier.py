@@ -183,6 +183,7 @@ class T2Classifier(T2StateUnit):
     Config = T2ClassifierConfig
     version = "1"
     libraries = ("scikit-learn",)  # the estimator's code (the features: a dependency, in the identity too)
+    column_labels = {"classification": ("Most probable class", ""), "p_{cls}": ("P({cls})", "")}
 
     def __init__(self, config=None, **kw):
         super().__init__(config, **kw)

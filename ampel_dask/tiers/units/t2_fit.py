@@ -50,6 +50,19 @@ class T2BazinFit(T2StateUnit):
     version = "1"
     libraries = ("light-curve",)  # its fitter shapes the results
     n_jobs: ClassVar[int] = 1  # light_curve threads; not part of the config hash
+    column_labels = {
+        "n_{band}": ("Points in {band}", ""),
+        "bazin_fit_amplitude_{band}": ("Bazin amplitude ({band})", "nJy"),
+        "bazin_fit_baseline_{band}": ("Bazin baseline ({band})", "nJy"),
+        "bazin_fit_reference_time_{band}": ("Bazin reference time ({band})", "MJD"),
+        "bazin_fit_rise_time_{band}": ("Rise time ({band})", "d"),
+        "bazin_fit_fall_time_{band}": ("Fall time ({band})", "d"),
+        "bazin_fit_reduced_chi2_{band}": ("Bazin fit chi2/dof ({band})", ""),
+        # transform: true
+        "bazin_fit_mag_full_amplitude_{band}": ("Bazin full amplitude ({band})", "mag"),
+        "bazin_fit_baseline_amplitude_ratio_{band}": ("Bazin baseline/amplitude ({band})", ""),
+        "ln1p_bazin_fit_reduced_chi2_{band}": ("ln(1 + Bazin chi2/dof) ({band})", ""),
+    }
 
     def __init__(self, config=None, **kw):
         super().__init__(config, **kw)

@@ -17,6 +17,21 @@ DEFAULT_FEATURES = ["Amplitude", "Mean", "StandardDeviation", "Skew", "BeyondNSt
                     "MaximumSlope", "StetsonK", "InterPercentileRange(0.1)", "WeightedMean"]  # fmt: skip
 
 OK, TOO_FEW_POINTS = 0, 1
+# readable names of light_curve's features, with their unit for magnitudes (value: flux swaps mag for nJy)
+FEATURE_LABELS = {
+    "amplitude": ("Half amplitude", "mag"),
+    "mean": ("Mean", "mag"),
+    "standard_deviation": ("Standard deviation", "mag"),
+    "skew": ("Skewness", ""),
+    "beyond_1_std": ("Fraction beyond 1 sigma", ""),
+    "linear_fit_slope": ("Linear fit slope", "mag/d"),
+    "linear_fit_slope_sigma": ("Linear fit slope error", "mag/d"),
+    "linear_fit_reduced_chi2": ("Linear fit chi2/dof", ""),
+    "maximum_slope": ("Maximum slope", "mag/d"),
+    "stetson_k": ("Stetson K", ""),
+    "inter_percentile_range_10": ("10-90 percentile range", "mag"),
+    "weighted_mean": ("Weighted mean", "mag"),
+}
 
 
 class T2LightCurveFeaturesConfig(UnitConfig):
@@ -52,6 +67,18 @@ class T2LightCurveFeatures(T2StateUnit):
     version = "1"
     libraries = ("light-curve",)  # its feature code shapes the results
     n_jobs: ClassVar[int] = 1  # light_curve threads; Dask parallelises across batches. Not in the config hash.
+    column_labels = {
+        "n_{band}": ("Points in {band}", ""),
+        **{f"{f}_{{band}}": (f"{label} ({{band}})", unit) for f, (label, unit) in FEATURE_LABELS.items()},
+        "{feature}_{band}": ("{feature} ({band})", ""),
+    }
+
+    @classmethod
+    def label(cls, column: str, config: T2LightCurveFeaturesConfig | None = None) -> tuple[str, str]:
+        label, unit = super().label(column, config)
+        if config is not None and config.value == "flux":
+            unit = {"mag": "nJy", "mag/d": "nJy/d"}.get(unit, unit)
+        return label, unit
 
     def __init__(self, config=None, **kw):
         super().__init__(config, **kw)

@@ -60,6 +60,14 @@ class T2RedshiftDigest(T2StateUnit):
 
     Config = T2RedshiftDigestConfig
     version = "1"
+    column_labels = {
+        "z": ("Redshift", ""),
+        "z_err": ("Redshift error", ""),
+        "z_source": ("Redshift source", ""),
+        "z_group": ("Redshift quality group (1 best)", ""),
+        "z_dist_arcsec": ("Distance to redshift source", "arcsec"),
+        "n_sources": ("Usable redshift sources", ""),
+    }
     libraries = ("numpy", "astropy")
 
     def __init__(self, config=None, **kw):

@@ -83,6 +83,25 @@ class T2SNCosmoFit(T2StateUnit):
 
     Config = T2SNCosmoFitConfig
     version = "1"
+    column_labels = {
+        "z": ("Redshift", ""),
+        "z_err": ("Redshift error", ""),
+        "z_fitted": ("Redshift fitted", ""),
+        "t0": ("Peak time t0", "MJD"),
+        "t0_err": ("t0 error", "d"),
+        "x0": ("Amplitude x0", ""),
+        "x0_err": ("x0 error", ""),
+        "x1": ("Stretch x1", ""),
+        "x1_err": ("x1 error", ""),
+        "c": ("Colour c", ""),
+        "c_err": ("c error", ""),
+        "mb": ("Peak B magnitude, rest frame (AB)", "mag"),
+        "chi2": ("Fit chi2", ""),
+        "ndof": ("Degrees of freedom", ""),
+        "chi2_ndof": ("Fit chi2/dof", ""),
+        "n_points": ("Points fitted", ""),
+        "n_bands": ("Bands fitted", ""),
+    }
     # distributions whose versions shape the results (for the unit's identity)
     libraries: ClassVar[tuple[str, ...]] = ("sncosmo", "iminuit", "numpy", "scipy", "speclite", "pyphot")  # the model files: by content hash in the config
 

@@ -19,6 +19,16 @@ class T2LightCurveSummary(T2StateUnit):
     """Cheap per-state summary, vectorised over the whole batch of states."""
 
     Config = LightCurveSummaryConfig
+    column_labels = {
+        "ndet": ("Detections", ""),
+        "nupper": ("Upper limits", ""),
+        "first_mjd": ("First detection", "MJD"),
+        "last_mjd": ("Last detection", "MJD"),
+        "duration": ("Detected over", "d"),
+        "peak_mag": ("Peak magnitude", "mag"),
+        "latest_mag": ("Latest magnitude", "mag"),
+        "ndet_{band}": ("Detections in {band}", ""),
+    }
 
     def process(self, states: pa.Table, inputs=None) -> pa.Table:
         n = states.num_rows

@@ -128,13 +128,15 @@ class T3Export(T3Unit):
                 col = selection.column(name)
                 if name == "dps":
                     col = to_json_column(col)
+                field = selection.schema.field(name).with_type(col.type)  # keeps a T2 column's label and unit
             else:  # asked for by name, absent in this run (e.g. a T2 unit without results)
                 col = pa.nulls(selection.num_rows, pa.null())
+                field = pa.field(name, pa.null())
             arrays.append(col)
-            fields.append(name)
+            fields.append(field)
         if not fields:
             raise ValueError(f"{self.name()}: include/exclude leave no column to export")
-        return pa.table(arrays, names=fields)
+        return pa.table(arrays, schema=pa.schema(fields))
 
     def react(self, selection: pa.Table, context: T3Context) -> list[dict]:
         table = self.table(selection)

@@ -1,24 +1,21 @@
-"""T3 HTML report: the top candidates of a run, each with its light curve and cutouts, on one static page.
+"""T3 HTML report: a run's top candidates on a sortable page, and a page per object.
 
-A scientist scans a night's best candidates in a browser: a table sorted by any column (a T2 score, or
-the latest alert time), a light-curve SVG per object (:mod:`.lightcurve_svg`) and the alert's
-science/template/difference stamps when the archive has them. Stamps are drawn with matplotlib's object
-API (``Figure`` rendered by the Agg canvas), so no pyplot state is kept between objects and the caller's
-backend is untouched.
+A scientist scans a night's best candidates in a browser: ``index.html`` ranks the objects (by a T2
+score, or the latest alert time) in a table that fits a laptop screen and sorts by any column in the
+browser; each row shows a small light curve and the latest alert's cutouts, and links to the object's
+own page (``objects/<id>.html``) with the full light curve, every T2 result with its label and unit,
+the cutouts, the run and state ids, and links to the object's pages at public brokers. Pages are
+rendered by :mod:`..helpers.report_html`, light curves by :mod:`..helpers.lightcurve_svg`, cutouts by
+:mod:`..helpers.stamps`; a cutout that is missing or does not decode is left out, not drawn blank.
+
+What the report shows comes from the selection (the states the channel may see, with its T2 results)
+and, for the cutouts, from ``context.archive``: the light curves are the states' datapoints.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import gzip
-import html
-import io
-import json
 import logging
-import math
-import warnings
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +27,18 @@ from pydantic import Field, field_validator
 from ...io.files import atomic_target, atomic_write
 from ...io.layout import DETECTION
 from ..base import T3Context, T3Unit, UnitConfig
-from ..helpers.lightcurve_svg import light_curve_svg
-from .t3_export import json_safe, match_columns, safe_name, t2_columns
+from ..helpers.lightcurve_svg import LARGE, SMALL, light_curve_svg
+from ..helpers.report_html import CUTOUT_NAMES, Column, Entry, index_page, object_page
+from ..helpers.stamps import stamp_png
+from ..labels import label_of, prettify
+from .t3_export import match_columns, safe_name, t2_columns
 
 log = logging.getLogger(__name__)
 
-CUTOUT_KINDS = ("science", "template", "difference")
-_FIXED = ("object_id", "ra", "dec", "mjd")
+CUTOUT_KINDS = tuple(CUTOUT_NAMES)
+# alert columns a report may rank by, as its header shows them
+FIXED_LABELS = {"mjd": ("Last alert", "MJD"), "ra": ("RA", "deg"), "dec": ("Dec", "deg"), "object_id": ("Object", ""),
+                "alert_id": ("Alert id", ""), "stock": ("Stock", "")}  # fmt: skip
 
 
 class T3HtmlReportConfig(UnitConfig):
@@ -45,11 +47,14 @@ class T3HtmlReportConfig(UnitConfig):
     descending: bool = Field(True, description="highest first; missing values (null/NaN) always go last")
     top_n: int = Field(20, ge=1, description="objects shown")
     columns: list[str] | None = Field(
-        None, description="T2 columns shown in the table (shell patterns allowed); None = every T2 column"
+        None,
+        description="T2 columns in the candidate table (shell patterns allowed); None = the sort column and the first "
+        "max_columns other T2 columns (result codes left out). Every T2 result is on the object's own page",
     )
-    cutouts: bool = Field(True, description="draw the alert's cutouts when the context has an archive")
+    max_columns: int = Field(5, ge=1, le=50, description="T2 columns in the table, the sort column included, when columns is None (a laptop screen fits 5-6)")
+    cutouts: bool = Field(True, description="show the latest alert's cutouts when the context has an archive")
+    broker_links: bool = Field(True, description="link each object to its pages at ALeRCE, Fink and Lasair (real survey ids only)")
     dirname: str | None = Field(None, description="report folder inside out_dir; default '<channel>_report'")
-    dpi: int = Field(80, ge=20, le=300, description="resolution of the cutout PNGs")
 
     @field_validator("dirname")
     @classmethod
@@ -60,10 +65,10 @@ class T3HtmlReportConfig(UnitConfig):
 
 
 class T3HtmlReport(T3Unit):
-    """Static HTML page of the top-N objects: table of key values and T2 results, light curves, cutouts."""
+    """Static HTML report of the top-N objects: a sortable table, and a page per object."""
 
     Config = T3HtmlReportConfig
-    version = "1"
+    version = "2"
 
     def ranked(self, selection: pa.Table) -> pa.Table:
         """The top-N rows in report order (missing sort values last, ties by object id)."""
@@ -85,44 +90,100 @@ class T3HtmlReport(T3Unit):
             parts.append(rows[np.asarray(pc.sort_indices(sub, sort_keys=[*keys, ("o", "ascending")]))])
         return selection.take(pa.array(np.concatenate(parts)[: c.top_n]))
 
+    def shown(self, names: list[str]) -> list[str]:
+        """The T2 columns of the candidate table, the sort column first."""
+        c = self.config
+        lead = [c.sort_by] if c.sort_by in names and c.sort_by not in FIXED_LABELS else []
+        if c.columns is not None:
+            cols = match_columns(names, c.columns)
+        else:
+            cols = [n for n in t2_columns(names) if not n.endswith("__code") and n != c.sort_by][: c.max_columns - len(lead)]
+        return lead + [n for n in cols if n != c.sort_by]
+
     def react(self, selection: pa.Table, context: T3Context) -> list[dict]:
         c = self.config
         out = Path(context.out_dir) / (c.dirname or f"{safe_name(context.channel)}_report")
+        folder = out / "objects"
+        folder.mkdir(parents=True, exist_ok=True)
         top = self.ranked(selection) if selection.num_rows else selection
-        shown = match_columns(selection.column_names, c.columns) if c.columns is not None else t2_columns(selection.column_names)
-        if c.sort_by not in shown and c.sort_by not in _FIXED:
-            shown = [c.sort_by, *shown]
+        results = [column(selection.schema.field(n)) for n in t2_columns(selection.column_names)]
+        by_name = {col.name: col for col in results}
+        shown = [by_name.get(n) or column(selection.schema.field(n)) for n in self.shown(selection.column_names)]
+        if c.sort_by in selection.column_names:
+            rank_by = by_name.get(c.sort_by) or column(selection.schema.field(c.sort_by))
+        else:  # an empty selection (ranked() checks the column when there are rows)
+            rank_by = Column(c.sort_by, prettify(c.sort_by), "", True)
         stamps = {}
         if c.cutouts and context.archive is not None and top.num_rows:
             stamps = load_cutouts(context.archive, top.column("alert_id").to_pylist())
-        base = {k: top.column(k).to_pylist() for k in ("object_id", "stock", "alert_id", "ra", "dec", "mjd")}
-        values = {k: top.column(k).to_pylist() for k in shown}
+        entries = self.entries(top, [col.name for col in results])
+        jobs = []
+        for en in entries:
+            atomic_write(folder / f"{en.stem}_lc.svg", light_curve_svg(en.dps, en.object_id, en.mjd, LARGE).encode(), durable=False)
+            atomic_write(folder / f"{en.stem}_lc_small.svg", light_curve_svg(en.dps, en.object_id, en.mjd, SMALL).encode(), durable=False)
+            if stamps.get(en.alert_id):
+                jobs.append((en, CutoutJob(folder, en.stem, stamps[en.alert_id])))
+        # decoding stamps is most of a big report's time: chunks of them go to the cluster's workers when there is one
+        chunks = [[j for _, j in jobs[k : k + FIGURES_PER_TASK]] for k in range(0, len(jobs), FIGURES_PER_TASK)]
+        drawn = [kinds for part in context.map(draw_cutouts, chunks) for kinds in part]
+        for (en, _), kinds in zip(jobs, drawn):
+            en.stamps = kinds
+        for i, en in enumerate(entries):
+            prev, nxt = (entries[i - 1] if i else None), (entries[i + 1] if i + 1 < len(entries) else None)
+            page = object_page(c.title, context.channel, context.run_id, en, results, len(entries), prev, nxt, c.broker_links)
+            atomic_write(folder / f"{en.stem}.html", page.encode(), durable=False)
+        index = out / "index.html"
+        page = index_page(c.title, context.channel, context.run_id, entries, shown, rank_by, c.descending, selection.num_rows)
+        with atomic_target(index) as tmp:
+            tmp.write_text(page, encoding="utf-8")
+        keep = {f"{en.stem}{suffix}" for en in entries for suffix in (".html", "_lc.svg", "_lc_small.svg")}
+        keep |= {f"{en.stem}_{k}.png" for en in entries for k in en.stamps}
+        _remove_stale(folder, keep)
+        images = sum(2 + len(en.stamps) for en in entries)
+        return [{"kind": "html", "path": str(index), "images": images, "objects": len(entries)}]
+
+    @staticmethod
+    def entries(top: pa.Table, results: list[str]) -> list[Entry]:
+        """The rows of the report, with file-name-safe stems that are unique within it."""
+        base = {k: top.column(k).to_pylist() if k in top.column_names else [None] * top.num_rows
+                for k in ("object_id", "stock", "survey", "alert_id", "state_id", "ra", "dec", "mjd")}  # fmt: skip
+        values = {k: top.column(k).to_pylist() for k in results}
         dps_col = top.column("dps").combine_chunks() if "dps" in top.column_names else None
-        rows, jobs, used = [], [], set()
+        out, used = [], set()
         for i in range(top.num_rows):
             rec = {k: v[i] for k, v in base.items()}
             stem = safe_name(rec["object_id"])
             stem = stem if stem not in used else f"{stem}_{rec['stock']}"
             used.add(stem)
-            dps = dps_col[i].values if dps_col is not None else None
-            rec.update(latest=latest_mag(dps), values=[values[k][i] for k in shown], lc=f"{stem}_lc.svg", cutouts=None)
-            atomic_write(out / rec["lc"], light_curve_svg(dps, rec["object_id"], rec["mjd"]).encode(), durable=False)
-            rows.append(rec)
-            if stamps.get(rec["alert_id"]):
-                jobs.append((rec, CutoutJob(out, stem, stamps[rec["alert_id"]])))
-        # stamp figures are most of a report's time: chunks of them go to the cluster's workers when there is one
-        chunks = [[j for _, j in jobs[k : k + FIGURES_PER_TASK]] for k in range(0, len(jobs), FIGURES_PER_TASK)]
-        drawn = [f for part in context.map(partial(draw_cutouts, dpi=c.dpi), chunks) for f in part]
-        for (rec, _), cut in zip(jobs, drawn):
-            rec["cutouts"] = cut
-        images = len(rows) + sum(1 for cut in drawn if cut)
-        index = out / "index.html"
-        page = render_page(c, context, rows, shown, selection.num_rows)
-        with atomic_target(index) as tmp:
-            tmp.write_text(page, encoding="utf-8")
-        _remove_stale(out, {r["lc"] for r in rows} | {r["cutouts"] for r in rows if r["cutouts"]})
-        return [{"kind": "html", "path": str(index), "images": images, "objects": len(rows)}]
+            dps = dps_col[i].values if dps_col is not None and dps_col[i].is_valid else None
+            out.append(Entry(rank=i + 1, stem=stem, latest=latest_mag(dps), values={k: v[i] for k, v in values.items()}, dps=dps,
+                             survey=str(rec.pop("survey") or ""), **rec))  # fmt: skip
+        return out
 
+
+def column(field: pa.Field) -> Column:
+    """How a selection column is shown: its label and unit from the field's metadata (the selection
+    carries them, from the unit that computed it), else from the unit's declaration, else its name."""
+    numeric = pa.types.is_integer(field.type) or pa.types.is_floating(field.type)
+    if field.name in FIXED_LABELS:
+        return Column(field.name, *FIXED_LABELS[field.name], numeric)
+    found = label_of(field)
+    if found is None and "__" in field.name:
+        unit, col = field.name.split("__", 1)
+        found = declared_label(unit, col)
+    return Column(field.name, *(found or (prettify(field.name), "")), numeric)
+
+
+def declared_label(unit: str, col: str) -> tuple[str, str]:
+    """(label, unit of measure) a registered T2 unit declares for a column, for its default config."""
+    from ..base import T2StateUnit
+    from ..registry import UnknownUnit, load
+
+    try:
+        cls = load(unit)
+    except (UnknownUnit, TypeError, ImportError):
+        return prettify(col), ""
+    return cls.label(col) if issubclass(cls, T2StateUnit) else (prettify(col), "")
 
 
 FIGURES_PER_TASK = 5
@@ -130,98 +191,26 @@ FIGURES_PER_TASK = 5
 
 @dataclass
 class CutoutJob:
-    """One object's stamps and where to write their figure."""
+    """One object's stamps and where to write them."""
 
     out: Path
     stem: str
     stamps: dict[str, bytes | None]
 
 
-def draw_cutouts(jobs: list[CutoutJob], dpi: int) -> list[str | None]:
-    """The stamps figure of each job; returns the file names written (None: no stamp decodes)."""
-    canvas = CutoutCanvas(dpi) if jobs else None
+def draw_cutouts(jobs: list[CutoutJob]) -> list[list[str]]:
+    """Each job's stamps as ``<stem>_<kind>.png``; returns the kinds written per job (missing ones and
+    those that do not decode have no file)."""
     out = []
     for j in jobs:
-        fig = canvas.render(j.stamps)
-        cut = None
-        if fig is not None:
-            cut = f"{j.stem}_cutouts.png"
-            _save(fig, j.out / cut)
-        out.append(cut)
+        kinds = []
+        for kind in CUTOUT_KINDS:
+            png = stamp_png(j.stamps.get(kind))
+            if png is not None:
+                atomic_write(j.out / f"{j.stem}_{kind}.png", png, durable=False)
+                kinds.append(kind)
+        out.append(kinds)
     return out
-
-
-def _save(fig: Any, path: Path) -> None:
-    with atomic_target(path) as tmp:
-        fig.savefig(tmp, format="png", pil_kwargs={"compress_level": 1})  # zlib level 6 costs a third more time for ~10% smaller files
-
-
-# --- figures --------------------------------------------------------------------------------------
-
-
-def _figure(w: float, h: float, dpi: int, **margins: float) -> Any:
-    """A figure with fixed margins (an automatic layout engine would double the drawing time)."""
-    from matplotlib.figure import Figure  # imported here: only reports with stamps pay for matplotlib's canvas
-
-    fig = Figure(figsize=(w, h), dpi=dpi)
-    fig.subplots_adjust(**margins)
-    return fig
-
-
-def fits_image(blob: bytes) -> np.ndarray | None:
-    """First 2-d image of a (possibly gzipped) FITS stamp, as float; None if it does not decode."""
-    from astropy.io import fits
-
-    try:
-        if blob[:2] == b"\x1f\x8b":
-            blob = gzip.decompress(blob)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with fits.open(io.BytesIO(blob), memmap=False) as hdul:
-                for hdu in hdul:
-                    if hdu.data is not None and np.ndim(hdu.data) >= 2:
-                        data = np.asarray(hdu.data, dtype=np.float64)
-                        return data.reshape(-1, *data.shape[-2:])[0]  # first plane of a cube
-    except Exception as exc:  # a broken stamp must not stop the report
-        log.debug("cutout did not decode: %s", exc)
-    return None
-
-
-class CutoutCanvas:
-    """Science, template and difference stamps side by side (1-99.5 percentile stretch).
-
-    One figure is kept and only its image data is swapped per object: building axes is most of the
-    cost of a matplotlib figure, drawing three 63x63 images is cheap.
-    """
-
-    def __init__(self, dpi: int):
-        self.fig = _figure(6.0, 2.2, dpi, left=0.01, right=0.99, bottom=0.01, top=0.88, wspace=0.04)
-        self.axes = dict(zip(CUTOUT_KINDS, self.fig.subplots(1, len(CUTOUT_KINDS))))
-        self.images = {}
-        for kind, ax in self.axes.items():
-            ax.set_axis_off()
-            ax.set_title(kind, fontsize="small")
-            self.images[kind] = ax.imshow(np.zeros((2, 2)), cmap="gray", origin="lower", interpolation="nearest")
-
-    def render(self, blobs: dict[str, bytes | None]) -> Any | None:
-        """The figure showing these stamps, or None when none of them decodes."""
-        data = {k: fits_image(b) for k, b in blobs.items() if b}
-        data = {k: v for k, v in data.items() if v is not None and np.isfinite(v).any()}
-        if not data:
-            return None
-        for kind, im in self.images.items():
-            img = data.get(kind)
-            im.set_visible(img is not None)
-            if img is None:
-                continue
-            lo, hi = np.nanpercentile(img, [1.0, 99.5])
-            h, w = img.shape
-            im.set_data(img)
-            im.set_extent((-0.5, w - 0.5, -0.5, h - 0.5))
-            im.set_clim(lo, hi if hi > lo else lo + 1)
-            self.axes[kind].set_xlim(-0.5, w - 0.5)
-            self.axes[kind].set_ylim(-0.5, h - 0.5)
-        return self.fig
 
 
 def load_cutouts(archive: Any, alert_ids: list[int]) -> dict[int, dict[str, bytes | None]]:
@@ -264,60 +253,11 @@ def latest_mag(dps: pa.StructArray | None) -> str:
     return f"{mag[i]:.2f} ({dps.field('band')[i].as_py()})"
 
 
-# --- page -----------------------------------------------------------------------------------------
-
-_CSS = """body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}
-td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px;vertical-align:middle}th{background:#eee}
-td.num{text-align:right;font-family:monospace}img{display:block}"""
-
-
-def fmt(value: Any, digits: str = ".6g") -> str:
-    """A table cell: numbers compact, missing values as a dash, nested values as short JSON."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "&ndash;"
-    if isinstance(value, float):
-        return html.escape(format(value, digits))
-    if isinstance(value, (list, dict)):
-        text = json.dumps(json_safe(value), separators=(",", ":"))
-        return html.escape(text if len(text) <= 80 else text[:77] + "...")
-    return html.escape(str(value))
-
-
-def render_page(c: T3HtmlReportConfig, context: T3Context, rows: list[dict], shown: list[str], total: int) -> str:
-    e = html.escape
-    head = ["#", "object", "ra", "dec", "mjd", "latest mag", *shown, "light curve", "cutouts"]
-    lines = [
-        "<!DOCTYPE html>",
-        f'<html lang="en"><head><meta charset="utf-8"><title>{e(c.title)}</title><style>{_CSS}</style></head><body>',
-        f"<h1>{e(c.title)}</h1>",
-        f"<p>channel <b>{e(context.channel)}</b>, run <code>{e(str(context.run_id))}</code>: {len(rows)} of {total} "
-        f"objects by <code>{e(c.sort_by)}</code> ({'descending' if c.descending else 'ascending'}); "
-        f"written {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC}</p>",
-        '<table id="candidates"><thead><tr>' + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>",
-    ]
-    for rank, r in enumerate(rows, 1):
-        lc, cut = e(r["lc"]), e(r["cutouts"]) if r["cutouts"] else None
-        cells = [
-            f'<td class="num">{rank}</td>',
-            f'<td class="oid"><a href="{lc}">{e(str(r["object_id"]))}</a></td>',
-            f'<td class="num">{fmt(r["ra"], ".5f")}</td>',
-            f'<td class="num">{fmt(r["dec"], ".5f")}</td>',
-            f'<td class="num">{fmt(r["mjd"], ".4f")}</td>',
-            f'<td class="num">{e(r["latest"]) or "&ndash;"}</td>',
-            *(f'<td class="num">{fmt(v)}</td>' for v in r["values"]),
-            f'<td><a href="{lc}"><img src="{lc}" width="300" alt="light curve of {e(str(r["object_id"]))}"></a></td>',
-            f'<td><a href="{cut}"><img src="{cut}" width="300" alt="cutouts"></a></td>' if cut else "<td>&ndash;</td>",
-        ]
-        lines.append(f'<tr id="{e(safe_name(r["object_id"]))}">' + "".join(cells) + "</tr>")
-    lines += ["</tbody></table>", "</body></html>", ""]
-    return "\n".join(lines)
-
-
 def _remove_stale(folder: Path, keep: set[str]) -> None:
-    """Drop figures of earlier runs that this page no longer shows (PNG light curves of older versions too)."""
-    for p in [*folder.glob("*.png"), *folder.glob("*.svg")]:
-        if p.name not in keep and p.name.endswith(("_lc.png", "_lc.svg", "_cutouts.png")):
+    """Drop the pages and figures of objects an earlier run showed and this one does not."""
+    for p in [*folder.glob("*.html"), *folder.glob("*.png"), *folder.glob("*.svg")]:
+        if p.name not in keep:
             p.unlink(missing_ok=True)
 
 
-__all__ = ["T3HtmlReport", "T3HtmlReportConfig", "CutoutCanvas", "draw_cutouts", "load_cutouts"]
+__all__ = ["T3HtmlReport", "T3HtmlReportConfig", "draw_cutouts", "load_cutouts"]
