@@ -223,7 +223,7 @@ class ArchiveView:
 
     def _read(self, histories: bool) -> pa.Table:
         want = list(self.columns) if self.columns else None
-        flat_cols = None if want is None else sorted({*(c for c in want if c != "dps"), "stock", "ra", "dec"})
+        flat_cols = None if want is None else sorted({*(c for c in want if c != "dps"), "alert_id", "stock", "ra", "dec"})  # alert_id: joins dps
         tables = []
         for part in self.partitions():
             path = self.archive.root / part.path

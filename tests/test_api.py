@@ -62,6 +62,8 @@ def test_cone_object_and_night_selections_match_plain_python(archive, data_dir):
     sel = view.select(objects=[name], columns=["alert_id", "object_id", "dps"]).to_pandas()
     assert sorted(sel["alert_id"]) == sorted(r["alert_id"] for r in rows if r["object_id"] == name)
     assert all(len(h) > 0 for h in sel["dps"])  # histories joined back to their alerts
+    only = view.select(objects=[name], columns=["mjd", "dps"]).to_pandas()  # histories without asking for ids
+    assert list(only.columns) == ["mjd", "dps"] and len(only) == len(sel)
 
     # the Fink night: nights from the packets' own Julian dates in the manifest (UTC date = ZTF night)
     def night(jd: float) -> int:
