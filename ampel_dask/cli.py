@@ -258,11 +258,11 @@ def _report_run(summary: dict, as_json: bool) -> None:
 def backtest_cmd(workflow, archive, labels_path, nights, object_column, label_column, label_source, plot_path, no_plot, as_json) -> None:
     """What each channel's filters would pass: per channel and night alerts, passed, pass ratio, objects;
     against labels, purity and completeness per class. Stores nothing."""
-    from .graph.backtest import LabelsError, backtest, load_labels, parse_nights
+    from .graph.backtest import LabelsError, backtest, load_labels
     from .graph.workflow import WorkflowError, load_workflow
 
+    night_range = _night_range(nights)
     try:
-        night_range = parse_nights(nights) if nights else None
         labels = load_labels(labels_path, object_column, label_column, label_source) if labels_path else None
         wf = load_workflow(workflow)
         result = backtest(wf, archive, labels, night_range)
@@ -304,12 +304,15 @@ def export_hats(out, archive, store, channel, surveys, nights, margin_arcsec) ->
 
 
 def _night_range(text: str | None) -> tuple[int, int] | None:
+    """``--nights A:B`` (or one night) as a range, or a usage error."""
+    from .graph.workflow import parse_nights
+
     if not text:
         return None
-    a, sep, b = text.partition(":")
-    if not (a.isdigit() and (not sep or b.isdigit())):
-        raise click.BadParameter("FROM:TO as YYYYMMDD:YYYYMMDD (or one night)", param_hint="--nights")
-    return int(a), int(b or a)
+    try:
+        return parse_nights(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--nights") from None
 
 
 @main.command()

@@ -27,7 +27,7 @@ from ..io.files import atomic_target
 from .batches import read_partition
 from .plan import check_columns, plan_workflow
 from .tasks import run_t0
-from .workflow import Workflow, WorkflowError
+from .workflow import Workflow, WorkflowError, parse_nights
 
 # where a labels file keeps its object and its class, by the layouts we know (first present wins):
 # ELAsTiCC truth (diaObjectId, GENTYPE), ZTF object labels (object_id, label, label_source), ...
@@ -284,18 +284,6 @@ def _pct(x: float | None) -> str:
 
 def _class_order(c: str) -> tuple:
     return (0, int(c), c) if c.isdigit() else (1, 0, c)
-
-
-def parse_nights(text: str) -> tuple[int, int]:
-    """``A:B`` (inclusive, YYYYMMDD) or one night ``A``."""
-    a, sep, b = text.partition(":")
-    try:
-        lo, hi = int(a), int(b if sep else a)
-    except ValueError:
-        raise ValueError(f"--nights takes YYYYMMDD:YYYYMMDD (or one YYYYMMDD), not {text!r}") from None
-    if not (10000101 <= lo <= 99991231 and 10000101 <= hi <= 99991231) or lo > hi:
-        raise ValueError(f"--nights takes two YYYYMMDD nights, the first not after the second, not {text!r}")
-    return lo, hi
 
 
 __all__ = ["Backtest", "ChannelBacktest", "Labels", "LabelsError", "backtest", "load_labels", "parse_nights"]

@@ -47,6 +47,18 @@ class NightRange(Model):
     end: int = Field(alias="to")
 
 
+def parse_nights(text: str) -> tuple[int, int]:
+    """``A:B`` (inclusive, YYYYMMDD) or one night ``A``."""
+    a, sep, b = text.partition(":")
+    try:
+        lo, hi = int(a), int(b if sep else a)
+    except ValueError:
+        raise ValueError(f"--nights takes YYYYMMDD:YYYYMMDD (or one YYYYMMDD), not {text!r}") from None
+    if not (10000101 <= lo <= 99991231 and 10000101 <= hi <= 99991231) or lo > hi:
+        raise ValueError(f"--nights takes two YYYYMMDD nights, the first not after the second, not {text!r}")
+    return lo, hi
+
+
 class ArchiveSpec(Model):
     path: str | None = Field(None, description="archive folder (overridden by --archive)")
     surveys: list[Literal["ztf", "lsst"]] | None = Field(None, description="only these surveys")
