@@ -135,6 +135,29 @@ def key_of(*parts: object) -> str:
     return short_hash(canonical_json(list(parts)))
 
 
+# --- pushes (T3 webhooks): idempotency keys -------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """A state id as JSON: bytes (a wide binary id) as hex, numbers and text as they are."""
+    return value.hex() if isinstance(value, (bytes, bytearray)) else value
+
+
+def delivery_keys(channel: str, unit_key: str, stocks: list, state_ids: list) -> list[str]:
+    """The idempotency key of each object a T3 unit pushes: 32 hex digits (128 bits) of blake2b over the
+    canonical JSON of ``[channel, stock, state id, unit key]``. The same object in the same state, pushed
+    by the same unit for the same channel, has the same key in every run and on every machine; a new
+    state gives a new key. One key per selected object (thousands, not millions: a Python loop)."""
+    return [hashlib.blake2b(canonical_json([channel, int(s), _plain(st), unit_key]).encode(), digest_size=16).hexdigest()
+            for s, st in zip(stocks, state_ids)]  # fmt: skip
+
+
+def batch_key(keys: list[str]) -> str:
+    """The key of a request carrying several objects (the ``Idempotency-Key`` header): 32 hex digits of
+    blake2b over its objects' keys, sorted (the same objects give the same key in any order)."""
+    return hashlib.blake2b("\n".join(sorted(keys)).encode(), digest_size=16).hexdigest()
+
+
 # Graph task keys are ``<stage>-<content key>``; the stage names are used by the compiler that makes the
 # keys and by the runner that reads results back, never spelled out elsewhere.
 PLAN, READ, ROWS, T0, T1, T1H, T2, PASS, STOCKS, HIST, HIST_WRITTEN, SELECTION, T3 = (

@@ -76,12 +76,13 @@ def make_cluster(spec: ClusterSpec) -> Iterator[Any]:
             yield client
         return
     if kind == "slurm":
+        size = slurm_size(spec)
         cluster = slurm_cluster(spec)
         try:
-            if spec.adaptive:
-                cluster.adapt(**spec.adaptive)
+            if "adaptive" in size:
+                cluster.adapt(**size["adaptive"])
             else:  # submitted now (adapt's first look comes a second later), then kept by adapt(): a job that
-                n = spec.jobs or 1  # ends (walltime, scancel, node failure) is replaced, where
+                n = size["jobs"]  # ends (walltime, scancel, node failure) is replaced, where
                 cluster.scale(jobs=n)  # scale() alone would leave the run short of workers for good
                 cluster.adapt(minimum_jobs=n, maximum_jobs=n, interval=KEEP_INTERVAL)
             with Client(cluster) as client:
@@ -105,15 +106,53 @@ def make_cluster(spec: ClusterSpec) -> Iterator[Any]:
         cluster.close()
 
 
+def _config_file(spec: ClusterSpec) -> dict:
+    if not spec.config_file:
+        return {}
+    try:
+        data = yaml.safe_load(Path(spec.config_file).read_text()) or {}
+    except OSError as exc:
+        raise WorkflowError(f"cluster.config_file {spec.config_file}: {exc.strerror}") from None
+    if not isinstance(data, dict):
+        raise WorkflowError(f"cluster.config_file {spec.config_file}: not a mapping (jobqueue:, ampel_dask:)")
+    return data
+
+
 def jobqueue_settings(spec: ClusterSpec) -> dict:
     """dask-jobqueue ``jobqueue.slurm`` settings: the config file's (e.g. slurm/jobqueue.yaml), then the
     workflow's ``cluster.jobqueue`` on top; keys as in dask-jobqueue's own yaml (``log-directory``)."""
     settings: dict = {"cores": 1, "memory": "1GB", "scheduler-options": {"dashboard_address": ":0"}}
-    if spec.config_file:
-        data = yaml.safe_load(Path(spec.config_file).read_text()) or {}
-        settings.update((data.get("jobqueue") or {}).get("slurm") or {})
+    settings.update((_config_file(spec).get("jobqueue") or {}).get("slurm") or {})
     settings.update({k.replace("_", "-"): v for k, v in spec.jobqueue.items()})
     return settings
+
+
+SIZE_KEYS = {"jobs", "adaptive"}
+
+
+def slurm_size(spec: ClusterSpec) -> dict:
+    """How many SLURM worker jobs: ``{"jobs": n}`` (a fixed number, ended jobs replaced) or
+    ``{"adaptive": {...}}`` (``cluster.adapt`` arguments). The workflow's ``cluster.jobs`` /
+    ``cluster.adaptive`` (or ``--jobs``) first; else the config file's ``ampel_dask: slurm:`` section
+    (one of ``jobs`` and ``adaptive``); else one job."""
+    if spec.jobs:
+        return {"jobs": spec.jobs}
+    if spec.adaptive:
+        return {"adaptive": dict(spec.adaptive)}
+    own = (_config_file(spec).get("ampel_dask") or {}).get("slurm") or {}
+    where = f"cluster.config_file {spec.config_file}: ampel_dask.slurm"
+    if not isinstance(own, dict) or set(own) - SIZE_KEYS:
+        raise WorkflowError(f"{where} takes jobs or adaptive, not {', '.join(sorted(set(own) - SIZE_KEYS)) if isinstance(own, dict) else own!r}")
+    if own.get("jobs") is not None and own.get("adaptive") is not None:
+        raise WorkflowError(f"{where} gives both jobs and adaptive: give one (a fixed number of jobs, or adapt() arguments)")
+    if own.get("adaptive") is not None:
+        if not isinstance(own["adaptive"], dict):
+            raise WorkflowError(f"{where}.adaptive is a mapping of adapt() arguments, e.g. {{minimum_jobs: 1, maximum_jobs: 4}}")
+        return {"adaptive": dict(own["adaptive"])}
+    jobs = own.get("jobs", 1)
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise WorkflowError(f"{where}.jobs is a number of worker jobs >= 1, not {jobs!r}")
+    return {"jobs": jobs}
 
 
 def slurm_cluster(spec: ClusterSpec):

@@ -173,7 +173,7 @@ def decode_chunk(chunk: Chunk, tmp_dir: str, quarantine_dir: str, schema_dirs: l
             part = rows_where(table, nights == night)
             result.staged.append(stage(part, cutouts if cutouts.num_rows else None, Path(tmp_dir), durable=False))  # stage() picks this night's cutouts
     if result.staged:
-        sync()  # once per chunk, not an fsync per file: staged parts are on disk before they are published
+        sync()  # once per chunk: the files this worker staged, and their folder, durable before they are published
     return result
 
 

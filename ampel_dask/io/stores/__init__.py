@@ -10,7 +10,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from .base import PROVENANCE, ResultStore
+from .base import PROVENANCE, Deliveries, ResultStore, StatesGone
 from .mongo import is_mongo_uri, redact, uri_database
 from .parquet import ParquetStore
 
@@ -41,4 +41,4 @@ def _open(spec_json: str) -> ResultStore:
     raise ValueError(f"unknown store kind {spec['kind']!r}")
 
 
-__all__ = ["ResultStore", "ParquetStore", "PROVENANCE", "store_spec", "open_store", "is_mongo_uri", "redact", "uri_database"]
+__all__ = ["ResultStore", "Deliveries", "StatesGone", "ParquetStore", "PROVENANCE", "store_spec", "open_store", "is_mongo_uri", "redact", "uri_database"]

@@ -1,8 +1,10 @@
 """The Parquet result store (the default; read it with pandas, DuckDB, polars).
 
-Files are renamed into place atomically but not fsync'ed one by one; the runner calls ``sync()`` once
-before the run manifest is written (live mode before committing offsets), which makes all of them
-durable at once.
+Files are renamed into place atomically and made durable by the process that wrote them: a task's files
+(on whichever worker or node it ran) are fsync'ed, with their folders, when it marks itself done
+(:meth:`ParquetStore.mark_task`, which calls :func:`~ampel_dask.io.files.sync` first); the driver syncs
+what it wrote itself before the run manifest (live mode: before committing offsets). One run at a time:
+:meth:`ParquetStore.locked` (``STORE/_lock``).
 
 Parquet layout (every file written atomically, named by the content-hash key of the task that made it)::
 
@@ -13,12 +15,17 @@ Parquet layout (every file written atomically, named by the content-hash key of 
     STORE/journal/<run id>/<key>.parquet             one row per (stock, run, tier, channel, action)
     STORE/t3/<channel>/<t3 key>/...                  T3 outputs, plus objects.parquet (who was in them)
     STORE/runs/<run id>.json                         run manifests
+    STORE/deliveries/<channel>/<unit key>/...         what push units (webhooks) delivered (``deliveries``)
+    STORE/states/<channel>/_superseded/<key>.json     state sets a run replaced, and by which (``current_states``)
+    STORE/_lock                                      held by the run using the store (pid, host, run id, since)
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +36,26 @@ import pyarrow.parquet as pq
 
 from ..archive import dps_bytes, dps_path, parquet_bytes, read_part
 from ..arrays import contains, first_rows, sorted_unique
-from ..files import atomic_write, sync
+from ..files import atomic_write, fsync_dir, sync
+from ..locks import file_lock
+from .base import StatesGone
+from .deliveries import ParquetDeliveries
 
 
 class ParquetStore:
     kind = "parquet"
 
     def sync(self) -> None:
+        """Make what this process wrote to the store durable (files and folders)."""
         sync()
+
+    @contextmanager
+    def locked(self, run_id: str, wait: float | None = 0) -> Iterator[dict]:
+        """Hold the store for one run (``STORE/_lock``: an fcntl lock, honoured across NFS clients);
+        :class:`~ampel_dask.io.locks.Busy` names the holder when it does not come free within ``wait``
+        seconds (None: wait for ever). Re-entrant in the thread that holds it (a live batch's run)."""
+        with file_lock(self.root / "_lock", {"run_id": run_id, "store": str(self.root)}, wait, what=f"store {self.root}") as holder:
+            yield holder
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -51,7 +70,10 @@ class ParquetStore:
         return json.loads(p.read_text()) if p.exists() else None
 
     def mark_task(self, key: str, info: dict) -> None:
-        atomic_write(self.root / "tasks" / f"{key}.json", json.dumps(info, sort_keys=True).encode(), durable=False)
+        """The task is done: what it wrote is made durable first (by this process, on its node), then the
+        marker itself, so a marker never survives a crash that its results did not."""
+        sync()
+        atomic_write(self.root / "tasks" / f"{key}.json", json.dumps(info, sort_keys=True).encode())
 
     def shuffle_dir(self, run_id: str, key: str) -> Path:
         """Scratch space of a run's shuffle by object (shared by all workers; removed after the run)."""
@@ -80,22 +102,54 @@ class ParquetStore:
         """Remove the channel's state files that a run made obsolete: every alert of such a file has a
         state in the files this run made current (a night added to a work unit, or history extended,
         writes the work unit's states anew under a new key). Other runs' files (other nights) stay.
-        Returns how many were removed, so that the store holds one state per alert and channel."""
+        Each removed set leaves a note naming the sets that replaced it (``_superseded/<key>.json``,
+        durable before the removal), so a reader holding old names (live mode's T3) follows them
+        (:meth:`current_states`). Returns how many were removed: one state per alert and channel."""
         folder = self.root / "states" / channel
         names = set(current)
         old = [f for f in sorted(folder.glob("*.parquet")) if f.stem not in names and not f.name.startswith(".")]
         if not old:
             return 0
-        now = [pq.read_table(folder / f"{k}.parquet", columns=["alert_id"]).column("alert_id").to_numpy() for k in names if (folder / f"{k}.parquet").exists()]
-        covered = np.unique(np.concatenate(now)) if now else np.empty(0, np.int64)
+        now = {k: np.unique(pq.read_table(folder / f"{k}.parquet", columns=["alert_id"]).column("alert_id").to_numpy())
+               for k in sorted(names) if (folder / f"{k}.parquet").exists()}  # fmt: skip
+        covered = np.unique(np.concatenate(list(now.values()))) if now else np.empty(0, np.int64)
         removed = 0
         for f in old:
-            if contains(covered, pq.read_table(f, columns=["alert_id"]).column("alert_id").to_numpy()).all():
+            ids = pq.read_table(f, columns=["alert_id"]).column("alert_id").to_numpy()
+            if contains(covered, ids).all():
+                by = [k for k, a in now.items() if contains(a, ids).any()]
+                atomic_write(folder / "_superseded" / f"{f.stem}.json", json.dumps({"by": by}).encode())
                 (self.root / "tasks" / f"{f.stem}.json").unlink(missing_ok=True)  # planned again, it runs again
                 f.unlink()
                 dps_path(f).unlink(missing_ok=True)
                 removed += 1
+        if removed:
+            fsync_dir(folder)
+            fsync_dir(self.root / "tasks")
         return removed
+
+    def current_states(self, channel: str, names: list[str]) -> list[str]:
+        """The state sets that hold now what ``names`` held: each name itself while its file is there,
+        else the sets that superseded it (followed to the current ones); a work unit where nothing passed
+        (a task marker, no file) resolves to nothing. A name neither there nor superseded raises
+        :class:`StatesGone`: states are never dropped from a selection in silence."""
+        folder = self.root / "states" / channel
+        out, gone, seen = set(), [], set()
+        todo = list(names)
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if (folder / f"{n}.parquet").exists():
+                out.add(n)
+            elif (note := folder / "_superseded" / f"{n}.json").exists():
+                todo += json.loads(note.read_text())["by"]
+            elif (self.task_info(n) or {}).get("states", 1) != 0:
+                gone.append(n)
+        if gone:
+            raise StatesGone(channel, sorted(gone), str(folder))
+        return sorted(out)
 
     def channels(self) -> list[str]:
         d = self.root / "states"
@@ -145,6 +199,10 @@ class ParquetStore:
     def t3_dir(self, channel: str, key: str) -> Path:
         return self.root / "t3" / channel / key
 
+    def deliveries(self, channel: str, unit_key: str) -> ParquetDeliveries:
+        """The delivery journal of a push unit (its delivery key) for a channel (``deliveries.py``)."""
+        return ParquetDeliveries(self.root / "deliveries" / channel / unit_key)
+
     def write_t3_objects(self, channel: str, key: str, table: pa.Table) -> None:
         atomic_write(self.t3_dir(channel, key) / "objects.parquet", parquet_bytes(table), durable=False)
 
@@ -154,7 +212,7 @@ class ParquetStore:
 
     def write_manifest(self, run_id: str, manifest: dict[str, Any]) -> Path:
         path = self.root / "runs" / f"{run_id}.json"
-        sync()  # everything the run wrote is on disk before its manifest says so
+        sync()  # what this process wrote is durable (the tasks' files were, when each task ended)
         atomic_write(path, (json.dumps(manifest, indent=1, sort_keys=False, default=str) + "\n").encode())
         return path
 
