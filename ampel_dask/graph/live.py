@@ -193,7 +193,7 @@ def _process_held(ctx: _Context, consumer: LiveConsumer, batch: Batch, n: int, r
         extra = {"live": {"batch": n, "group": ctx.group, "topics": opts.topics, "offsets": batch.ranges(),
                           "ingest": report.summary(), "t3_scope": opts.t3_scope}}  # fmt: skip
         ropts = RunOptions(archive=str(ctx.archive), store=opts.store, client=ctx.client, partitions=parts, progress=False,
-                           run_id=run_id, manifest_extra=extra, t3_states=_stream_states(ctx) if opts.t3_scope == "stream" else None)  # fmt: skip
+                           run_id=run_id, manifest_extra=extra, t3_states=stream_states(ctx.record, ctx.store) if opts.t3_scope == "stream" else None)  # fmt: skip
         with crash_during_run(n, Path(ctx.store.root)):
             summary = run_workflow(ctx.wf, ropts)
         ctx.record.add(summary["state_names"], parts, report.read)
@@ -220,16 +220,16 @@ def _process_held(ctx: _Context, consumer: LiveConsumer, batch: Batch, n: int, r
     return info
 
 
-def _stream_states(ctx: _Context) -> dict[str, list[str]]:
+def stream_states(record: StreamRecord, store: Any) -> dict[str, list[str]]:
     """The state sets the stream's T3 reads, as they are now: an archive run on the same store may have
     replaced some (a night or history rewritten under new keys, the old sets pruned); those names are
     followed to the sets that hold their alerts now (``current_states``), and the record is updated, so
     that no object drops out of the stream's T3. A set gone without a successor is an error, not a gap."""
-    recorded = ctx.record.states()
-    now = {ch: ctx.store.current_states(ch, names) for ch, names in recorded.items()}
+    recorded = record.states()
+    now = {ch: store.current_states(ch, names) for ch, names in recorded.items()}
     if now != recorded:
         log.info("the stream's T3 follows %d state set(s) an archive run replaced", sum(len(set(v) - set(now[c])) for c, v in recorded.items()))
-        ctx.record.replace_states(now)
+        record.replace_states(now)
     return now
 
 
@@ -300,4 +300,4 @@ def _summary(t: Totals, store: Any, archive: Path, group: str, opts: LiveOptions
     }
 
 
-__all__ = ["LiveOptions", "run_live", "StopFlag", "Abandon", "StreamRecord", "CRASH_ENV", "CRASH_POINTS"]
+__all__ = ["LiveOptions", "run_live", "stream_states", "StopFlag", "Abandon", "StreamRecord", "CRASH_ENV", "CRASH_POINTS"]
