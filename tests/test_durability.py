@@ -13,11 +13,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import fastavro
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -30,7 +28,7 @@ from ampel_dask.io import files
 from ampel_dask.io.archive import Archive
 from ampel_dask.io.stores import ParquetStore
 
-from .test_graph import TARBALLS, WORKFLOW, t2_rows
+from .test_graph import TARBALLS, WORKFLOW, t2_row_counts
 from .test_units_t3 import Recorder, hook  # noqa: F401  (the counting HTTP receiver)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,19 +49,6 @@ def wait_for(check, what: str, timeout: float = 120, proc: subprocess.Popen | No
             pytest.fail(f"process ended (exit {proc.returncode}) before {what}: {proc.stderr.read() if proc.stderr else ''}")
         time.sleep(0.01)
     pytest.fail(f"timed out waiting for {what}")
-
-
-def multiset_t2(store: Path) -> Counter:
-    """Every T2 result row (without run-dependent provenance) with its multiplicity: a row stored
-    twice counts twice."""
-    s = ParquetStore(store)
-    out: Counter = Counter()
-    for unit, key in s.t2_units():
-        for f in s.t2_files(unit, key):
-            t = pq.read_table(f)
-            body = [c for c in t.column_names if c not in ("run_id", "t2_key", "alert_id")]
-            out.update((unit, key, repr(sorted(r.items()))) for r in t.select(body).to_pylist())
-    return out
 
 
 def states_of(store: Path, channel: str) -> list[tuple]:
@@ -116,7 +101,7 @@ def test_two_runs_on_one_store_one_exits_2_one_waits_and_the_store_is_a_single_r
     # the store is what one run on a fresh store makes: every result once, the same states
     fresh = tmp_path / "fresh"
     single = run_workflow(Workflow.model_validate(WORKFLOW), RunOptions(archive=str(archive), store=str(fresh), workers=0, progress=False))
-    assert multiset_t2(store) == multiset_t2(fresh) and sum(multiset_t2(store).values()) == single["t2"]["computed"]
+    assert t2_row_counts(store) == t2_row_counts(fresh) and sum(t2_row_counts(store).values()) == single["t2"]["computed"]
     for ch in ("DECENT", "BRIGHT", "FULLHIST"):
         assert states_of(store, ch) == states_of(fresh, ch), ch
     assert sorted(p.name for p in store.iterdir()) == sorted(p.name for p in fresh.iterdir())  # no scratch left
