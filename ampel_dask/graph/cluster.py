@@ -141,8 +141,10 @@ def slurm_size(spec: ClusterSpec) -> dict:
         return {"adaptive": dict(spec.adaptive)}
     own = (_config_file(spec).get("ampel_dask") or {}).get("slurm") or {}
     where = f"cluster.config_file {spec.config_file}: ampel_dask.slurm"
-    if not isinstance(own, dict) or set(own) - SIZE_KEYS:
-        raise WorkflowError(f"{where} takes jobs or adaptive, not {', '.join(sorted(set(own) - SIZE_KEYS)) if isinstance(own, dict) else own!r}")
+    if not isinstance(own, dict):
+        raise WorkflowError(f"{where} is a mapping with jobs or adaptive, not {own!r}")
+    if set(own) - SIZE_KEYS:
+        raise WorkflowError(f"{where} takes jobs or adaptive, not {', '.join(sorted(set(own) - SIZE_KEYS))}")
     if own.get("jobs") is not None and own.get("adaptive") is not None:
         raise WorkflowError(f"{where} gives both jobs and adaptive: give one (a fixed number of jobs, or adapt() arguments)")
     if own.get("adaptive") is not None:
