@@ -117,15 +117,19 @@ def pd_time(iso: str) -> float:
 # --- durable, by the process that wrote the file -------------------------------------------------------
 
 
-def test_a_task_marker_is_fsynced_after_the_files_and_folders_the_task_wrote(tmp_path, monkeypatch):
+def test_a_task_fsyncs_its_files_before_its_marker_and_the_checkpoint_makes_the_rest_durable(tmp_path, monkeypatch):
     synced: list[str] = []
+    marker_there: list[bool] = []  # at each fsync: was the task's marker written already?
     real = os.fsync
+    root = str((tmp_path / "store").resolve())
 
     def fsync(fd: int) -> None:
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        marker_there.append(os.path.exists(f"{root}/tasks/k1.json"))
         real(fd)
 
     monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files, "_SYNCFS", None)  # the checkpoint's fallback: an fsync per path, which we can watch
     from ampel_dask.io.layout import DATAPOINT
 
     store = ParquetStore(tmp_path / "store")
@@ -133,15 +137,47 @@ def test_a_task_marker_is_fsynced_after_the_files_and_folders_the_task_wrote(tmp
                       "dps": pa.array([[], []], pa.list_(DATAPOINT))})  # fmt: skip
     store.write_states("C", "k1", table)
     store.write_t2("U", "uk", "k1", table.drop_columns(["dps"]))
-    assert synced == [] and files.pending() >= 3  # deferred: nothing fsync'ed yet
-    store.mark_task("k1", {"kind": "t1"})
-    root = str((tmp_path / "store").resolve())
-    data = {f"{root}/states/C/k1.parquet", f"{root}/states/C/_dps-k1.arrow", f"{root}/t2/U/uk/k1.parquet"}
-    folders = {f"{root}/states/C", f"{root}/t2/U/uk", f"{root}/states", f"{root}/t2/U", f"{root}/t2", root}
-    assert data | folders <= set(synced), set(synced)
-    (marker,) = [i for i, p in enumerate(synced) if p.startswith(f"{root}/tasks/.k1.json.")]  # written to a temp name, then renamed
-    assert marker > max(synced.index(p) for p in data | folders)  # the marker only after its task's files
-    assert synced[-1] == f"{root}/tasks" and files.pending() == 0  # and the marker's own folder entry
+    store.write_journal("run", "k1", table.select(["stock", "alert_id"]))
+    assert synced == [] and files.pending() >= 4  # nothing fsync'ed while the task works
+    store.mark_task("k1", {"kind": "t1"})  # returns at once: a background thread fsyncs, then writes the marker
+    files.settle()
+    data = [f"{root}/states/C/k1.parquet", f"{root}/states/C/_dps-k1.arrow", f"{root}/t2/U/uk/k1.parquet"]
+    assert sorted(synced) == sorted(data) and not any(marker_there)  # the task's results, before its marker existed
+    assert store.task_info("k1") == {"kind": "t1"}
+    synced.clear()
+    store.sync()  # the checkpoint (every worker runs it before a manifest): marker, journal, every folder made or renamed into
+    later = {f"{root}/tasks/k1.json", f"{root}/journal/run/k1.parquet", f"{root}/states/C", f"{root}/t2/U/uk", f"{root}/tasks",
+             f"{root}/journal/run", f"{root}/states", f"{root}/t2/U", f"{root}/t2", f"{root}/journal", root}  # fmt: skip
+    assert later <= set(synced) and not set(data) & set(synced) and files.pending() == 0
+
+
+def test_a_file_that_cannot_be_made_durable_fails_the_checkpoint(tmp_path, monkeypatch):
+    """The background writer's error is not lost in its thread: the checkpoint (before any manifest) raises it."""
+    store = ParquetStore(tmp_path / "store")
+    store.write_t2("U", "uk", "k1", pa.table({"state_id": pa.array([1], pa.int64())}))
+
+    def broken(path):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(files, "fsync_file", broken)
+    store.mark_task("k1", {"kind": "t2"})
+    with pytest.raises(OSError, match="a task's files could not be made durable: .*Input/output error"):
+        files.checkpoint()
+    monkeypatch.undo()
+    files.checkpoint()  # the error was reported once; nothing else is wrong
+    assert files.pending() == 0 and store.task_info("k1") is None  # not marked: the task runs again
+
+
+def test_the_checkpoint_uses_one_syncfs_per_filesystem(tmp_path, monkeypatch):
+    if files._SYNCFS is None:
+        pytest.skip("no syncfs in this C library")
+    calls = []
+    real = files._SYNCFS
+    monkeypatch.setattr(files, "_SYNCFS", lambda fd: calls.append(os.fstat(fd).st_dev) or real(fd))
+    store = ParquetStore(tmp_path / "store")
+    for i in range(20):
+        store.mark_task(f"k{i}", {"kind": "t0"})
+    assert files.checkpoint() >= 21 and calls == [os.stat(tmp_path).st_dev] and files.pending() == 0
 
 
 def test_every_worker_process_syncs_what_it_wrote(archive, tmp_path):

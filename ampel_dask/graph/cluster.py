@@ -55,9 +55,22 @@ class QuietTaskFailures(WorkerPlugin):
         quiet_task_failures(worker)
 
 
+class DurableOnExit(WorkerPlugin):
+    """A worker that leaves (``--lifetime``, a scaled-down SLURM job) first makes what it wrote durable:
+    the run's checkpoint (``io/files.py``) only reaches the workers still there at its end."""
+
+    name = "ampel-dask-durable-on-exit"
+
+    def teardown(self, worker: Any) -> None:
+        from ..io.files import checkpoint
+
+        checkpoint()
+
+
 def _quiet(client: Any) -> None:
-    """On every worker of our own clusters, now and later (SLURM replaces ended jobs), unless
-    AMPEL_DASK_DEBUG asks for everything."""
+    """On every worker of our own clusters, now and later (SLURM replaces ended jobs): durable files on
+    exit, and quiet task failures unless AMPEL_DASK_DEBUG asks for everything."""
+    client.register_plugin(DurableOnExit())
     if not os.environ.get("AMPEL_DASK_DEBUG"):
         client.register_plugin(QuietTaskFailures())
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 from .. import __version__
 from ..io.archive import Archive
+from ..io.files import checkpoint
 from ..io.locks import scratch_dir, sweep
 from ..io.stores import open_store
 from ..keys import T2, T3, stage_of, task_key
@@ -111,6 +112,7 @@ def _run_workflow(wf: Workflow, opts: RunOptions) -> dict:
             if dashboard and on_terminal(opts.progress):
                 echo(f"Dask dashboard: {dashboard}")
             results = _execute(client, run, opts.progress, wf.cluster.stall_timeout)
+            client.run(checkpoint)  # every worker makes what it wrote durable (files, markers, folders) before the manifest
             workers = _workers(client)
     # states a work unit wrote anew (a night added, history extended) replace the old ones in the store;
     # not in a run over chosen parts (a live batch): its work units are not the whole selection, and

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..io.arrays import contains, first_rows
+from ..io.files import sync as sync_files
 from ..io.layout import DATAPOINT
 from ..io.stores import open_store
 from ..tiers.base import T2StateUnit, T3Context, Verdict
@@ -221,8 +222,8 @@ def t2_stage(spec: dict, key: str, run_id: str, n: int, *deps: object) -> dict:
     inputs = [(p.name, [u.identity.key for u in p.t2], s) for p, s in zip(plans, states)]  # type: ignore[attr-defined]
     try:
         return run_t2_stage(spec, key, run_id, inputs, t2_units(list(plans)))  # type: ignore[arg-type]
-    finally:  # what the stage wrote is durable before it reports (its marker did this too, when it wrote one)
-        open_store(spec).sync()
+    finally:  # what the stage wrote is fsync'ed before it reports (its marker did this too, when it wrote one)
+        sync_files()
 
 
 def pass_to_shuffle(table: pa.Table, t0: T0Result, plan: ChannelPlan, spec: dict, key: str, shuffle_dir: str, nbuckets: int) -> tuple[np.ndarray, np.ndarray]:

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..files import sync as sync_files
+from ..files import checkpoint, sync as sync_files
 from ..locks import Busy, identity
 from .base import PROVENANCE, StatesGone
 
@@ -147,8 +147,8 @@ class MongoStore:
     def sync(self) -> None:
         """The database needs nothing: every write returned after the server acknowledged it (durability
         is the write concern of the URI, e.g. ``?w=majority&journal=true``); the local files (T3 outputs)
-        this process wrote are fsync'ed."""
-        sync_files()
+        this process wrote are made durable."""
+        checkpoint()
 
     @contextmanager
     def locked(self, run_id: str, wait: float | None = 0, poll: float = 0.5) -> Iterator[dict]:

@@ -2,8 +2,9 @@
 
 Files are renamed into place atomically and made durable by the process that wrote them: a task's files
 (on whichever worker or node it ran) are fsync'ed, with their folders, when it marks itself done
-(:meth:`ParquetStore.mark_task`, which calls :func:`~ampel_dask.io.files.sync` first); the driver syncs
-what it wrote itself before the run manifest (live mode: before committing offsets). One run at a time:
+(:meth:`ParquetStore.mark_task`, which calls :func:`~ampel_dask.io.files.sync` first), markers, journal
+rows and folders at each worker's checkpoint, which the runner asks of every worker before it writes
+the run manifest (live mode: before committing offsets); see ``io/files.py``. One run at a time:
 :meth:`ParquetStore.locked` (``STORE/_lock``).
 
 Parquet layout (every file written atomically, named by the content-hash key of the task that made it)::
@@ -36,7 +37,7 @@ import pyarrow.parquet as pq
 
 from ..archive import dps_bytes, dps_path, parquet_bytes, read_part
 from ..arrays import contains, first_rows, sorted_unique
-from ..files import atomic_write, fsync_dir, sync
+from ..files import atomic_write, checkpoint, commit, fsync_dir, settle
 from ..locks import file_lock
 from .base import StatesGone
 from .deliveries import ParquetDeliveries
@@ -46,8 +47,8 @@ class ParquetStore:
     kind = "parquet"
 
     def sync(self) -> None:
-        """Make what this process wrote to the store durable (files and folders)."""
-        sync()
+        """Make what this process wrote to the store durable, files and folders (a checkpoint)."""
+        checkpoint()
 
     @contextmanager
     def locked(self, run_id: str, wait: float | None = 0) -> Iterator[dict]:
@@ -66,14 +67,15 @@ class ParquetStore:
 
     # --- task markers ---
     def task_info(self, key: str) -> dict | None:
+        settle()  # markers this process handed to the background writer are written
         p = self.root / "tasks" / f"{key}.json"
         return json.loads(p.read_text()) if p.exists() else None
 
     def mark_task(self, key: str, info: dict) -> None:
-        """The task is done: what it wrote is made durable first (by this process, on its node), then the
-        marker itself, so a marker never survives a crash that its results did not."""
-        sync()
-        atomic_write(self.root / "tasks" / f"{key}.json", json.dumps(info, sort_keys=True).encode())
+        """The task is done: what it wrote is fsync'ed first (by this process, on its node, in the
+        background), then the marker is written (durable at the checkpoint), so a marker never survives a
+        crash its results did not; the runner's checkpoint waits for both (``io/files.py``)."""
+        commit(self.root / "tasks" / f"{key}.json", json.dumps(info, sort_keys=True).encode())
 
     def shuffle_dir(self, run_id: str, key: str) -> Path:
         """Scratch space of a run's shuffle by object (shared by all workers; removed after the run)."""
@@ -105,6 +107,7 @@ class ParquetStore:
         Each removed set leaves a note naming the sets that replaced it (``_superseded/<key>.json``,
         durable before the removal), so a reader holding old names (live mode's T3) follows them
         (:meth:`current_states`). Returns how many were removed: one state per alert and channel."""
+        settle()  # the markers removed below are written (this process's background writer)
         folder = self.root / "states" / channel
         names = set(current)
         old = [f for f in sorted(folder.glob("*.parquet")) if f.stem not in names and not f.name.startswith(".")]
@@ -190,7 +193,7 @@ class ParquetStore:
     # --- journal, T3, manifests ---
     def write_journal(self, run_id: str, key: str, table: pa.Table) -> None:
         if table.num_rows:
-            atomic_write(self.root / "journal" / run_id / f"{key}.parquet", parquet_bytes(table), durable=False)
+            atomic_write(self.root / "journal" / run_id / f"{key}.parquet", parquet_bytes(table), durable="checkpoint")
 
     def read_journal(self, stock: int | None = None) -> pa.Table | None:
         files = sorted((self.root / "journal").glob("*/*.parquet"))
@@ -212,7 +215,7 @@ class ParquetStore:
 
     def write_manifest(self, run_id: str, manifest: dict[str, Any]) -> Path:
         path = self.root / "runs" / f"{run_id}.json"
-        sync()  # what this process wrote is durable (the tasks' files were, when each task ended)
+        checkpoint()  # what this process wrote is durable (the workers' own checkpoints came before)
         atomic_write(path, (json.dumps(manifest, indent=1, sort_keys=False, default=str) + "\n").encode())
         return path
 
