@@ -97,6 +97,9 @@ class _Durable:
 
     def __init__(self, fn: Any):
         self.fn = fn
+        from dask.utils import funcname
+
+        self.__name__ = funcname(fn)  # task keys keep the function's name (the dashboard, tests)
 
     def __call__(self, item: Any) -> Any:
         from ..io.files import sync
