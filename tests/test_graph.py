@@ -133,14 +133,22 @@ def t2_row_counts(store: Path) -> Counter:
 
 
 def store_content(store: Path) -> dict:
-    """What a store holds, run ids aside: T2 rows with multiplicity, each channel's states, T3 members,
-    finished-task markers."""
+    """What a store holds, run ids aside: T2 rows with multiplicity, each channel's states (every column,
+    datapoints included), T3 members, finished-task markers."""
     s = ParquetStore(store)
-    states = {c: sorted(zip(*(s.read_states(c, columns=["alert_id", "state_id"]).column(k).to_pylist() for k in ("alert_id", "state_id"))))
-              for c in s.channels()}  # fmt: skip
+    states = {c: sorted(repr(_nan_free(r)) for r in s.read_states(c).to_pylist()) for c in s.channels()}  # every column, datapoints too
     t3 = s.read_t3_objects()
     members = sorted(zip(*(t3.column(k).to_pylist() for k in ("channel", "unit", "t3_key", "stock", "state_id")))) if t3 is not None else []
     return {"t2": t2_row_counts(store), "states": states, "t3": members, "tasks": sorted(p.name for p in (store / "tasks").glob("*.json"))}
+
+
+def _nan_free(v):
+    """NaN as None, inside rows and datapoint lists (NaN != NaN would make equal states differ)."""
+    if isinstance(v, dict):
+        return {k: _nan_free(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_nan_free(x) for x in v]
+    return None if isinstance(v, float) and v != v else v
 
 
 def test_rerun_computes_nothing_and_leaves_what_a_fresh_store_run_makes(first_run, archive, tmp_path):
