@@ -67,8 +67,7 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
     store = open_store(wf.store.resolve(opts.store))
     with store.locked(opts.run_id, opts.wait):
         shuffle_root = Path(store.shuffle_dir(opts.run_id, "_")).parent.parent
-        archive_path = opts.archive or wf.archive.path
-        swept = {k: v for k, v in (("shuffle", sweep(shuffle_root)), ("archive_tmp", sweep(Archive(Path(archive_path)).tmp_dir) if archive_path else [])) if v}
+        swept = _sweep(shuffle_root, opts.archive or wf.archive.path)
         if swept:
             (opts.echo or log.warning)(f"removed scratch left by killed runs/ingests: {', '.join(f'{k} {len(v)}' for k, v in swept.items())}")
             opts = replace(opts, manifest_extra={**(opts.manifest_extra or {}), "swept": swept})
@@ -80,6 +79,13 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
                 shuffle_root.rmdir()  # _shuffle itself, when no other run's scratch is in it
             except OSError:
                 pass
+
+
+def _sweep(shuffle_root: Path, archive_path: str | None) -> dict[str, list[str]]:
+    """Scratch folders whose owners died (their lock is free): a killed run's shuffle, a killed ingest's
+    staging in the archive; a live owner's are left alone (``io/locks.sweep``)."""
+    swept = {"shuffle": sweep(shuffle_root), "archive_tmp": sweep(Archive(Path(archive_path)).tmp_dir) if archive_path else []}
+    return {k: v for k, v in swept.items() if v}
 
 
 def _run_workflow(wf: Workflow, opts: RunOptions) -> dict:

@@ -1,11 +1,10 @@
 """The Parquet result store (the default; read it with pandas, DuckDB, polars).
 
-Files are renamed into place atomically and made durable by the process that wrote them: a task's files
-(on whichever worker or node it ran) are fsync'ed, with their folders, when it marks itself done
-(:meth:`ParquetStore.mark_task`, which calls :func:`~ampel_dask.io.files.sync` first), markers, journal
-rows and folders at each worker's checkpoint, which the runner asks of every worker before it writes
-the run manifest (live mode: before committing offsets); see ``io/files.py``. One run at a time:
-:meth:`ParquetStore.locked` (``STORE/_lock``).
+Files are renamed into place atomically and made durable by the process that wrote them, on whichever
+worker or node it ran: a task's files are fsync'ed before its marker is written (:meth:`ParquetStore.mark_task`
+hands both to that process's background writer); markers, journal rows and folders at each worker's
+checkpoint, which the runner asks of every worker before it writes the run manifest (live mode: before
+committing offsets); see ``io/files.py``. One run at a time: :meth:`ParquetStore.locked` (``STORE/_lock``).
 
 Parquet layout (every file written atomically, named by the content-hash key of the task that made it)::
 
