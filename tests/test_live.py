@@ -389,7 +389,7 @@ def test_a_replayed_batch_posts_nothing_new_and_the_stream_posts_only_changed_st
         changed = {(s, v[0]) for s, v in now.items() if before.get(s) != v}
         assert by_run.get(m["run_id"], set()) == changed, m["live"]["batch"]
         before = now
-    assert len(runs) >= 4 and sum(len(v) for v in by_run.values()) == len(objects) > len(before)  # some objects posted in several states
+    assert len(runs) >= 4 and sum(len(v) for v in by_run.values()) == len(objects) >= len(before)  # every object once at least
 
 
 # --------------------------------------------------------------------------------------------------
