@@ -198,21 +198,29 @@ RUN_KEYS = ("run_id", "alerts", "channels", "t2", "t3", "tasks", "seconds")
 @click.option("--jobs", type=click.IntRange(min=1), default=None, help="SLURM worker jobs (with --cluster slurm)")
 @click.option("--progress/--no-progress", default=None, help="progress bar (default: on a terminal)")
 @click.option("--run-id", default=None, hidden=True, help="use this run id (set by `submit`)")
+@click.option("--wait", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="seconds to wait while another run holds the store (then exit 2 naming it)")
 @click.option("--json", "as_json", is_flag=True, help="print the run summary as JSON on the last stdout line")
-def run(workflow, archive, store, workers, cluster, jobs, progress, run_id, as_json) -> None:
-    """Run a workflow over an archive: T0 filters, T1 states, T2 units, T3 reactions."""
+def run(workflow, archive, store, workers, cluster, jobs, progress, run_id, wait, as_json) -> None:
+    """Run a workflow over an archive: T0 filters, T1 states, T2 units, T3 reactions.
+
+    One run per store at a time: exit 2 when another run holds it (after --wait seconds).
+    """
     from .graph.guard import PassRatioExceeded
     from .graph.runner import RunOptions, run_workflow
     from .graph.watchdog import StalledRun
     from .graph.workflow import WorkflowError, load_workflow
+    from .io.locks import Busy
 
     try:
         wf = load_workflow(workflow)
         summary = run_workflow(
             wf,
             RunOptions(archive=archive, store=store, workers=workers, cluster=cluster, jobs=jobs, progress=progress,
-                       run_id=run_id, echo=lambda line: click.echo(line, err=True)),  # fmt: skip
+                       run_id=run_id, wait=wait, echo=lambda line: click.echo(line, err=True)),  # fmt: skip
         )
+    except Busy as exc:
+        raise StoreBusy(f"{exc}; try again later, or give --wait SECONDS") from None
     except WorkflowError as exc:
         raise click.UsageError(str(exc)) from None
     except (StalledRun, PassRatioExceeded) as exc:
@@ -220,6 +228,12 @@ def run(workflow, archive, store, workers, cluster, jobs, progress, run_id, as_j
     except Exception as exc:  # a unit failing on the data (the task's own error, e.g. an unknown column)
         raise _failure("run failed", exc) from None
     _report_run(summary, as_json)
+
+
+class StoreBusy(click.ClickException):
+    """Another run holds the store: exit 2, one line naming it (pid, host, run id, since)."""
+
+    exit_code = 2
 
 
 def _failure(what: str, exc: Exception) -> click.ClickException:
@@ -456,6 +470,7 @@ def _live_options(fn: Callable) -> Callable:
         _from(M, "metrics_port", type=click.IntRange(min=0)),
         _from(M, "metrics_host"),
         _from(M, "join_timeout", type=click.FloatRange(min=0)),
+        _from(M, "store_wait", type=click.FloatRange(min=0)),
     ]
     for d in reversed(decorators):
         fn = d(fn)
@@ -476,6 +491,7 @@ def live(workflow, as_json, **options) -> None:
     from .graph.workflow import WorkflowError, load_workflow
     from .io.kafka import KafkaFailure
     from .io.kafka_auth import CredentialsError, KafkaCredentials, Redactor
+    from .io.locks import Busy
     from .io.schema_registry import RegistryError
 
     try:
@@ -491,6 +507,8 @@ def live(workflow, as_json, **options) -> None:
             totals = run_live(wf, opts, stop)
     except (WorkflowError, CredentialsError) as exc:
         raise click.UsageError(redactor(exc)) from None
+    except Busy as exc:
+        raise StoreBusy(redactor(exc)) from None
     except (KafkaFailure, RegistryError) as exc:
         raise click.ClickException(redactor(exc)) from None
     except Exception as exc:  # anything else: a redacted one-line reason, never a raw message

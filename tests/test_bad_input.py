@@ -34,6 +34,38 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def first_block(data: bytes) -> tuple[int, int, int]:
+    """(end of the container header, start and length of the first data block's records), parsed here
+    by hand: the header ends with the 16-byte sync marker the file also ends with; a block starts with
+    its record count and byte size (zigzag varints)."""
+
+    def varint(i: int) -> tuple[int, int]:
+        n = shift = 0
+        while True:
+            b = data[i]
+            i += 1
+            n |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return (n >> 1) ^ -(n & 1), i
+
+    header_end = data.find(data[-16:]) + 16
+    _, i = varint(header_end)
+    size, start = varint(i)
+    assert start + size + 16 == len(data)  # one block: the real single-alert files are
+    return header_end, start, size
+
+
+def damaged_record(data: bytes) -> bytes:
+    """The alert with the first 64 bytes of its record inverted: inside the data block, past the schema
+    header (its first fields' lengths become nonsense). A flipped byte inside a float or a cutout would
+    decode as a wrong value: Avro carries no checksum to tell."""
+    _, start, _ = first_block(data)
+    out = bytearray(data)
+    out[start : start + 64] = bytes(b ^ 0xFF for b in out[start : start + 64])
+    return bytes(out)
+
+
 @pytest.fixture()
 def bad_inputs(tmp_path, data_dir):
     good = sorted((data_dir / GOOD_DIR).glob("*.avro"))
@@ -53,15 +85,13 @@ def bad_inputs(tmp_path, data_dir):
         for p in good[31:36]:
             add_member(tar, p.name, p.read_bytes())
         add_member(tar, "empty.avro", b"")
-        corrupt = bytearray(good[36].read_bytes())
-        corrupt[len(corrupt) // 3 : len(corrupt) // 3 + 200] = os.urandom(200)
-        add_member(tar, "corrupt.avro", bytes(corrupt))
+        add_member(tar, "corrupt.avro", damaged_record(good[36].read_bytes()))
         for p in good[37:40]:
             add_member(tar, p.name, p.read_bytes())
     return src, tar_path
 
 
-def test_bad_packets_are_quarantined_and_good_ones_kept(tmp_path, bad_inputs):
+def test_bad_packets_are_quarantined_and_good_ones_kept(tmp_path, bad_inputs, data_dir):
     src, tar_path = bad_inputs
     archive = tmp_path / "archive"
     proc = cli("ingest", str(src), str(tar_path), "--archive", str(archive), "--json", "--workers", "0")
@@ -76,7 +106,9 @@ def test_bad_packets_are_quarantined_and_good_ones_kept(tmp_path, bad_inputs):
     assert "neither an Avro container" in reasons[("random.avro", None)]
     assert "unknown alert schema 'weather'" in reasons[("unknown_schema.avro", None)]
     assert "empty tar member" in reasons[(tar_path.name, "empty.avro")]
-    assert (tar_path.name, "corrupt.avro") in reasons
+    # the damaged member's block is named by its offset: the header's end (the header itself is intact)
+    header_end = first_block(sorted((data_dir / GOOD_DIR).glob("*.avro"))[36].read_bytes())[0]
+    assert reasons[(tar_path.name, "corrupt.avro")].startswith(f"record 0 in block at byte {header_end} does not decode (1 record(s) of the block lost)")
     # the raw bytes are kept for inspection (the unknown-schema record is a standalone Avro file)
     unknown = next(e for e in entries if "weather" in e["reason"])
     rec = next(fastavro.reader(open(archive / "quarantine" / unknown["raw_file"], "rb")))

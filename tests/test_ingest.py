@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+from datetime import datetime, timedelta
 import math
 import struct
 import tarfile
@@ -218,10 +219,10 @@ def test_lsst_night_is_dayobs(group_archives):
     evening = frac > 0.9  # 21:36-24:00 UTC, i.e. the first half of a Chilean night
     morning = frac < 0.4  # 00:00-09:36 UTC, the second half
     assert evening.any() and morning.any()
-    # morning alerts belong to the night that started the previous UTC day
-    from ampel_dask.io.layout import night_of
-
-    assert (night == night_of(mjd, "lsst")).all()
-    prev_day = night_of(mjd[morning] - 1.0, "ztf")
-    assert (night[morning] == prev_day).all()
-    assert (night[evening] == night_of(mjd[evening], "ztf")).all()
+    # Rubin's dayObs, computed here with the standard library: the calendar date 12 h before the alert's
+    # UTC time (MJD 0 = 1858-11-17 00:00 UTC); so morning alerts belong to the previous UTC day's night
+    epoch = datetime(1858, 11, 17)
+    day_obs = np.array([int((epoch + timedelta(days=float(m)) - timedelta(hours=12)).strftime("%Y%m%d")) for m in mjd])
+    utc_date = np.array([int((epoch + timedelta(days=float(m))).strftime("%Y%m%d")) for m in mjd])
+    assert (night == day_obs).all()
+    assert (night[morning] != utc_date[morning]).all() and (night[evening] == utc_date[evening]).all()

@@ -42,6 +42,7 @@ from ampel_dask.io.kafka import consumer_config, producer
 from ampel_dask.io.kafka_auth import CredentialsError, KafkaCredentials, Redactor, check_properties
 from ampel_dask.io.sources import Packet
 from tests.server_fixtures import kafka, new_topic  # noqa: F401  (fixtures)
+from tests.test_units_t3 import hook  # noqa: F401  (the counting HTTP receiver)
 
 from .test_graph import t2_rows
 from .test_tiers import DECENT
@@ -153,8 +154,11 @@ def totals_of(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+NOT_COMMITTED = -1001  # librdkafka's RD_KAFKA_OFFSET_INVALID: what committed() gives a partition with no commit
+
+
 def committed(kafka, topic: str, group: str) -> dict[int, int]:  # noqa: F811
-    """The group's committed offsets per partition (negative: nothing committed)."""
+    """The group's committed offsets per partition (:data:`NOT_COMMITTED`: nothing committed)."""
     from confluent_kafka import Consumer, TopicPartition
 
     c = Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": group, "enable.auto.commit": False})
@@ -309,7 +313,7 @@ def test_killed_and_restarted_gives_the_uninterrupted_results(point, crashes, fe
     assert f"SIGKILL at {point} of batch 2" in left["stderr"]
     runs, record = left["runs"], left["record"]
     batch1 = {int(k.rsplit("/", 1)[1]): last + 1 for k, (_, last) in runs[0]["live"]["offsets"].items()}
-    assert {q: o for q, o in left["committed"].items() if o >= 0} == batch1  # batch 2 was never committed
+    assert {q: o for q, o in left["committed"].items() if o != NOT_COMMITTED} == batch1  # batch 2 was never committed
     if point == "after_ingest":  # its partition is in the archive, its run never started
         assert len(runs) == 1 and record["batches"] == 1 and left["archived"] > runs[0]["live"]["ingest"]["ingested"]
     elif point == "during_run":  # some of its tasks finished, the run did not
@@ -322,6 +326,70 @@ def test_killed_and_restarted_gives_the_uninterrupted_results(point, crashes, fe
     assert out["committed"] == feed.ends
     assert_same_results(base, reference)
     assert t2_rows(base / "store") == t2_rows(uninterrupted[0] / "store")
+
+
+# --------------------------------------------------------------------------------------------------
+# webhook pushes: a replayed batch posts nothing new; the stream posts only objects whose state changed
+# --------------------------------------------------------------------------------------------------
+
+
+def latest_states(store: Path, channel: str, names: list[str]) -> dict[int, tuple]:
+    """Each object's latest state among the named state sets, by (mjd, alert id), in plain Python."""
+    t = ParquetStore(store).read_states(channel, sorted(set(names)), columns=["stock", "mjd", "alert_id", "state_id"])
+    out: dict[int, tuple] = {}
+    for r in (t.to_pylist() if t is not None else []):
+        if r["stock"] not in out or (r["mjd"], r["alert_id"]) > out[r["stock"]][:2]:
+            out[r["stock"]] = (r["mjd"], r["alert_id"], r["state_id"])
+    return out
+
+
+def test_a_replayed_batch_posts_nothing_new_and_the_stream_posts_only_changed_states(kafka, feed, tmp_path, hook):  # noqa: F811
+    rec, url = hook
+    wf = {"name": "live-push", "channels": [{"name": "PUSH", "access": ["ZTF_ALL"], "t3": [{"unit": "T3Webhook", "config": {"url": url, "batch_size": 10}}]}]}
+    wf_file = tmp_path / "push.yml"
+    wf_file.write_text(yaml.safe_dump(wf))
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+    group = f"push-{uuid.uuid4().hex[:6]}"
+    cmd = live_cmd(kafka, feed, wf_file, group, tmp_path, "--until-idle")
+    store = tmp_path / "store"
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**env, CRASH_ENV: "before_commit:2"})
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    # as if killed right after batch 2's pushes were acknowledged and journalled, before T3's marker and the
+    # stream's record: the restart replays batch 2 and runs its T3 again
+    (m1, m2) = sorted(ParquetStore(store).manifests(), key=lambda m: m["started"])
+    for marker in (store / "tasks").glob("*.json"):
+        if json.loads(marker.read_text())["kind"] == "t3":
+            marker.unlink()
+    (record_file,) = (store / "live").glob("*.json")
+    record = json.loads(record_file.read_text())
+    record["parts"] = sorted(set(record["parts"]) - {i["path"] for i in m2["inputs"]})
+    record_file.write_text(json.dumps(record))
+    posted_before_restart = len(rec.requests)
+    assert posted_before_restart > 0
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert totals_of(second)["stopped"] == "idle" and committed(kafka, feed.topic, group) == feed.ends
+
+    runs = sorted(ParquetStore(store).manifests(), key=lambda m: m["started"])
+    restart = runs[2:]  # batch 2's messages again (uncommitted), then the rest of the topic
+    assert {i["path"] for m in restart for i in m["inputs"]} >= {i["path"] for i in m2["inputs"]}  # batch 2's parts ran again ...
+    objects = [(r["body"]["run_id"], o) for r in rec.requests for o in r["body"]["objects"]]
+    keys = [o["idempotency_key"] for _, o in objects]
+    assert len(keys) == len(set(keys)), "an object state was posted twice"
+    by_run: dict[str, set] = {}
+    for run_id, o in objects:
+        by_run.setdefault(run_id, set()).add((o["stock"], o["mjd"]))
+    again = set().union(*(by_run.get(m["run_id"], set()) for m in restart))
+    assert by_run[m2["run_id"]] and not by_run[m2["run_id"]] & again  # ... and re-posted none of it
+    # each batch posts exactly the objects whose latest state over the stream so far changed with it
+    names: list[str] = []
+    before: dict[int, tuple] = {}
+    for m in runs:
+        names += m["state_names"]["PUSH"]
+        now = latest_states(store, "PUSH", names)
+        changed = {(s, v[0]) for s, v in now.items() if before.get(s) != v}
+        assert by_run.get(m["run_id"], set()) == changed, m["live"]["batch"]
+        before = now
+    assert len(runs) >= 4 and sum(len(v) for v in by_run.values()) == len(objects) >= len(before)  # every object once at least
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,7 +431,7 @@ def test_sigterm_finishes_the_batch_in_hand_then_stops(kafka, feed, workflow_fil
     assert code == 0 and totals["stopped"] == "signal" and 1 <= totals["batches"] <= 2
     got = committed(kafka, feed.topic, group)
     assert sum(o for o in got.values() if o > 0) == totals["alerts"] < feed.messages  # exactly what was processed
-    assert {q: o for q, o in got.items() if o >= 0} == {int(k.rsplit("/", 1)[1]): v for k, v in totals["committed"].items()}
+    assert {q: o for q, o in got.items() if o != NOT_COMMITTED} == {int(k.rsplit("/", 1)[1]): v for k, v in totals["committed"].items()}
     assert len(manifests(tmp_path / "store")) == totals["batches"]
 
     again = Watched(cmd)  # no --batches, no --until-idle: drains the rest, then only a signal stops it

@@ -5,6 +5,7 @@ idempotent; the unique indexes exist; explain works; the store travels to worker
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import time
 import uuid
@@ -227,3 +228,65 @@ def test_prune_states_removes_only_work_units_whose_alerts_all_have_newer_states
     assert sorted(store.read_states("C").column("alert_id").to_pylist()) == [1, 2, 3, 9]
     assert store.task_info("old") is None and store.task_info("new") and store.task_info("other_night")
     assert store.prune_states("C", ["new"]) == 0
+    # the pruned set's alerts are in "new" now: a reader holding the old name follows it (live mode's T3)
+    assert store.current_states("C", ["old"]) == ["new"]
+    assert store.current_states("C", ["old", "other_night"]) == ["new", "other_night"]
+    store.mark_task("empty", {"kind": "t1", "states": 0})  # a work unit where nothing passed: no states, no error
+    assert store.current_states("C", ["empty", "new"]) == ["new"]
+    from ampel_dask.io.stores import StatesGone
+
+    with pytest.raises(StatesGone, match=r"1 state set\(s\) of channel C are gone .* not superseded by a run: never_written"):
+        store.current_states("C", ["new", "never_written"])
+
+
+@pytest.mark.parametrize("kind", ["parquet", "mongo"])
+def test_one_run_holds_the_store_and_a_second_is_told_who(kind, mongo, mongo_db, tmp_path):  # noqa: F811
+    """The lock is re-entrant in its thread; another thread (as another process) waits or gets Busy
+    naming the holder's run id, pid and host; it gets the store once the holder lets go."""
+    import socket
+    import threading
+
+    from ampel_dask.io.locks import Busy
+
+    def open_it():
+        return MongoStore(mongo.uri, mongo_db.name, tmp_path) if kind == "mongo" else ParquetStore(tmp_path / "pq")
+
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        store = open_it()
+        with store.locked("run-A"), store.locked("run-A-inner"):  # re-entrant: the inner one does not wait
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert held.wait(30)
+    with pytest.raises(Busy) as err:
+        with open_it().locked("run-B", wait=0):
+            pass
+    assert err.value.holder["run_id"] == "run-A" and err.value.holder["pid"] == os.getpid()
+    assert f"run run-A (pid {os.getpid()} on host {socket.gethostname()} since " in str(err.value)
+    threading.Timer(0.5, release.set).start()
+    t0 = time.monotonic()
+    with open_it().locked("run-B", wait=30) as me:  # waits for the holder, then has it
+        assert me["run_id"] == "run-B" and time.monotonic() - t0 >= 0.4
+    t.join(10)
+
+
+def test_a_mongo_lock_whose_holder_stopped_beating_is_taken_over(mongo, mongo_db, tmp_path):  # noqa: F811
+    from ampel_dask.io.stores.mongo import LOCK_STALE
+
+    store = MongoStore(mongo.uri, mongo_db.name, tmp_path)
+    mongo_db.locks.insert_one({"_id": "store", "token": "dead", "run_id": "run-dead", "pid": 1, "host": "elsewhere", "heartbeat": time.time() - LOCK_STALE - 5})
+    with store.locked("run-new", wait=0):
+        assert mongo_db.locks.find_one({"_id": "store"})["run_id"] == "run-new"
+    assert mongo_db.locks.find_one({"_id": "store"}) is None  # released
+
+
+def test_mongo_delivery_journal(mongo, mongo_db, tmp_path):  # noqa: F811
+    journal = MongoStore(mongo.uri, mongo_db.name, tmp_path).deliveries("C", "unit")
+    journal.record("req1", ["a" * 32, "b" * 32], [1, 2], "run-1", 200)
+    journal.record("req1", ["a" * 32], [1], "run-2", 200)  # recorded again (a crash before the record): still one
+    assert journal.delivered(["a" * 32, "c" * 32, "b" * 32]).tolist() == [True, False, True]
+    assert mongo_db.deliveries.count_documents({}) == 2

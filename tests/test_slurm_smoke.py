@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import textwrap
 import time
 from pathlib import Path
 
@@ -49,10 +50,14 @@ def test_jobqueue_yaml_is_accepted(tmp_path):
     unknown = {k.rsplit(".", 1)[1] for k in flat} - known
     assert not unknown, f"keys dask-jobqueue does not know: {unknown}"
 
+    # ampel-dask's own section is read (graph/cluster.slurm_size; tests/test_cluster_settings.py): one of
+    # jobs and adaptive; the commented adaptive alternative names only arguments adapt() takes
+    assert set(ours) == {"jobs"} and ours["jobs"] >= 1
+    section = JOBQUEUE_YAML.read_text().split("ampel_dask:", 1)[1].splitlines()
+    commented = yaml.safe_load(textwrap.dedent("\n".join(ln.replace("#", " ", 1) for ln in section if ln.strip().startswith(("# adaptive:", "#   ")))))
     adapt_ok = {"minimum_jobs", "maximum_jobs"} | set(inspect.signature(Adaptive.__init__).parameters)
-    assert set(ours["adaptive"]) <= adapt_ok
-    assert ours["adaptive"]["minimum_jobs"] <= ours["adaptive"]["maximum_jobs"]
-    assert ours["jobs"] >= 1
+    assert commented["adaptive"] and set(commented["adaptive"]) <= adapt_ok
+    assert commented["adaptive"]["minimum_jobs"] <= commented["adaptive"]["maximum_jobs"]
 
     with dask.config.set(flat), SLURMCluster() as cluster:  # no arguments: everything from the yaml
         script = cluster.job_script()

@@ -7,6 +7,7 @@ import logging
 import math
 import socket
 import threading
+from functools import partial
 from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,9 +17,11 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+import xxhash
 
 from ampel_dask.io.archive import Archive
 from ampel_dask.graph.ingest import IngestOptions, ingest
+from ampel_dask.io.stores import ParquetStore
 from ampel_dask.tiers.base import T3Context, UnitConfigError
 from ampel_dask.tiers.states import T1PolicyConfig, build_states
 from ampel_dask.tiers.units.t3_export import T3Export
@@ -401,7 +404,7 @@ def test_webhook_batches_values_and_env_header(selection, hook, monkeypatch, cap
     assert all(b["channel"] == "TEST_CHANNEL" and b["run_id"] == "run-42" for b in bodies)
     objects = [o for b in bodies for o in b["objects"]]
     assert [o["object_id"] for o in objects] == selection.column("object_id").to_pylist()
-    assert set(objects[0]) == {"object_id", "stock", "ra", "dec", "mjd",
+    assert set(objects[0]) == {"idempotency_key", "object_id", "stock", "ra", "dec", "mjd",
                                "T2Classifier__p_SN", "T2Classifier__code", "T2Classifier__classes"}  # fmt: skip
     assert [o["stock"] for o in objects] == selection.column("stock").to_pylist()
     assert [o["ra"] for o in objects] == selection.column("ra").to_pylist()
@@ -490,3 +493,96 @@ def test_webhook_config_is_checked():
         T3Webhook(url="http://example.org/x", batch_size=0)
     with pytest.raises(UnitConfigError, match="token"):
         T3Webhook(url="http://example.org/x", token="not here")
+
+
+# --- webhook: idempotency keys and the delivery journal ---------------------------------------------
+
+
+def object_key(channel: str, stock: int, state_id: object, unit_key: str) -> str:
+    """The documented idempotency key, computed here with xxhash and json (not keys.delivery_keys):
+    xxh3-128 of the compact JSON list [channel, stock, state id (hex if binary), unit delivery key]."""
+    sid = state_id.hex() if isinstance(state_id, bytes) else state_id
+    return xxhash.xxh3_128_hexdigest(json.dumps([channel, stock, sid, unit_key], separators=(",", ":")).encode())
+
+
+def journal_context(tmp_path: Path, store: ParquetStore, channel: str = "TEST_CHANNEL", run_id: str = "run-42") -> T3Context:
+    """As graph/tasks.run_t3 makes it: the store's delivery journal of the channel."""
+    return T3Context(out_dir=tmp_path, run_id=run_id, channel=channel, deliveries=partial(store.deliveries, channel))
+
+
+def header(request: dict, name: str) -> str | None:
+    return next((v for k, v in request["headers"].items() if k.lower() == name.lower()), None)
+
+
+def posted(rec: Recorder) -> list[dict]:
+    return [o for r in rec.requests for o in r["body"]["objects"]]
+
+
+def test_webhook_keys_in_payload_and_header_and_nothing_posted_twice(selection, hook, tmp_path):
+    rec, url = hook
+    store = ParquetStore(tmp_path / "store")
+    unit = T3Webhook(url=url, batch_size=7)
+    stock, sid = selection.column("stock").to_pylist(), selection.column("state_id").to_pylist()
+    expected = [object_key("TEST_CHANNEL", s, i, unit.delivery_key) for s, i in zip(stock, sid)]
+    assert len(set(expected)) == selection.num_rows
+
+    records = unit.react(selection, journal_context(tmp_path, store))
+    assert sum(r["objects"] for r in records) == selection.num_rows == len(posted(rec))
+    assert [o["idempotency_key"] for o in posted(rec)] == expected
+    for r in rec.requests:  # the request's key: xxh3-128 of its objects' keys, sorted, one per line
+        keys = sorted(o["idempotency_key"] for o in r["body"]["objects"])
+        assert header(r, "Idempotency-Key") == xxhash.xxh3_128_hexdigest("\n".join(keys).encode())
+
+    # a re-run (another run id), and the unit with other transport settings: nothing is posted again
+    rec.requests.clear()
+    assert unit.react(selection, journal_context(tmp_path, store, run_id="run-43")) == []
+    assert T3Webhook(url=url, batch_size=3, timeout=5, retries=0).react(selection, journal_context(tmp_path, store)) == []
+    assert rec.requests == []
+
+    # two objects reach a new state (here: each other's state id): one request with exactly those two
+    new_sid = list(sid)
+    new_sid[4], new_sid[9] = sid[9], sid[4]
+    changed = selection.set_column(selection.column_names.index("state_id"), "state_id", pa.array(new_sid, selection.schema.field("state_id").type))
+    records = unit.react(changed, journal_context(tmp_path, store, run_id="run-44"))
+    assert [r["objects"] for r in records] == [2] and len(rec.requests) == 1
+    assert [(o["stock"], o["idempotency_key"]) for o in posted(rec)] == [
+        (stock[i], object_key("TEST_CHANNEL", stock[i], new_sid[i], unit.delivery_key)) for i in (4, 9)]
+
+    # another channel, or another destination, is another delivery: everything is posted
+    rec.requests.clear()
+    unit.react(selection, journal_context(tmp_path, store, channel="OTHER"))
+    assert len(posted(rec)) == selection.num_rows
+    assert T3Webhook(url=url + "/other").delivery_key != unit.delivery_key
+
+
+def test_webhook_failed_request_is_counted_and_posted_by_the_next_run(selection, hook, tmp_path):
+    rec, url = hook
+    store = ParquetStore(tmp_path / "store")
+    sel = selection.slice(0, 12)
+    unit = T3Webhook(url=url, batch_size=5, retries=0)
+    rec.script = [200, 500]  # the second request fails (no retry): 12 - 5 objects are not delivered
+    with pytest.raises(WebhookError, match=r"1 earlier batches were delivered; 7 objects not delivered: the next run posts them"):
+        unit.react(sel, journal_context(tmp_path, store))
+    first = [o["idempotency_key"] for o in rec.requests[0]["body"]["objects"]]
+    rec.requests.clear()
+    records = unit.react(sel, journal_context(tmp_path, store, run_id="run-43"))
+    assert [r["objects"] for r in records] == [5, 2]
+    again = [o["idempotency_key"] for o in posted(rec)]
+    keys = [object_key("TEST_CHANNEL", s, i, unit.delivery_key) for s, i in zip(sel.column("stock").to_pylist(), sel.column("state_id").to_pylist())]
+    assert first == keys[:5] and again == keys[5:]  # every object delivered once, none twice
+    journal = store.deliveries("TEST_CHANNEL", unit.delivery_key)
+    assert journal.delivered(keys).all() and not journal.delivered(["0" * 32]).any()
+
+
+def test_delivery_journal_compacts_and_keeps_every_key(tmp_path):
+    from ampel_dask.io.stores.deliveries import COMPACT_AT
+
+    journal = ParquetStore(tmp_path / "store").deliveries("C", "unit")
+    keys = [[f"{i:04d}{j:028d}" for j in range(3)] for i in range(COMPACT_AT + 5)]
+    for i, ks in enumerate(keys):
+        journal.record(f"req{i}", ks, [i] * 3, "run", 200)
+    assert len(list(journal.folder.glob("*.parquet"))) == COMPACT_AT + 5
+    flat = [k for ks in keys for k in ks]
+    assert journal.delivered(flat + ["f" * 32]).tolist() == [True] * len(flat) + [False]
+    assert len(list(journal.folder.glob("*.parquet"))) == 1  # merged into one file
+    assert sorted(pq.read_table(next(journal.folder.glob("*.parquet"))).column("key").to_pylist()) == sorted(flat)

@@ -55,18 +55,30 @@ class QuietTaskFailures(WorkerPlugin):
         quiet_task_failures(worker)
 
 
+class DurableOnExit(WorkerPlugin):
+    """A worker that leaves (``--lifetime``, a scaled-down SLURM job) first makes what it wrote durable:
+    the run's checkpoint (``io/files.py``) only reaches the workers still there at its end."""
+
+    name = "ampel-dask-durable-on-exit"
+
+    def teardown(self, worker: Any) -> None:
+        from ..io.files import checkpoint
+
+        checkpoint()
+
+
 def _quiet(client: Any) -> None:
-    """On every worker of our own clusters, now and later (SLURM replaces ended jobs), unless
-    AMPEL_DASK_DEBUG asks for everything."""
+    """On every worker of our own clusters, now and later (SLURM replaces ended jobs): durable files on
+    exit, and quiet task failures unless AMPEL_DASK_DEBUG asks for everything."""
+    client.register_plugin(DurableOnExit())
     if not os.environ.get("AMPEL_DASK_DEBUG"):
         client.register_plugin(QuietTaskFailures())
 
 
 @contextmanager
 def make_cluster(spec: ClusterSpec, log_dir: str | Path | None = None) -> Iterator[Any]:
-    """A client of the cluster ``spec`` describes (overrides applied: :meth:`ClusterSpec.overridden`).
-    ``log_dir``: where SLURM worker jobs write their output unless a log-directory is configured
-    (the runner passes ``<store>/logs/slurm``)."""
+    """A client of the cluster ``spec`` describes (overrides applied: :meth:`ClusterSpec.overridden`);
+    ``log_dir``: where SLURM worker jobs write their output when no log-directory is configured."""
     from distributed import Client
 
     kind, workers = spec.kind, spec.workers
@@ -78,12 +90,13 @@ def make_cluster(spec: ClusterSpec, log_dir: str | Path | None = None) -> Iterat
             yield client
         return
     if kind == "slurm":
+        size = slurm_size(spec)
         cluster = slurm_cluster(spec, log_dir)
         try:
-            if spec.adaptive:
-                cluster.adapt(**spec.adaptive)
+            if "adaptive" in size:
+                cluster.adapt(**size["adaptive"])
             else:  # submitted now (adapt's first look comes a second later), then kept by adapt(): a job that
-                n = spec.jobs or 1  # ends (walltime, scancel, node failure) is replaced, where
+                n = size["jobs"]  # ends (walltime, scancel, node failure) is replaced, where
                 cluster.scale(jobs=n)  # scale() alone would leave the run short of workers for good
                 cluster.adapt(minimum_jobs=n, maximum_jobs=n, interval=KEEP_INTERVAL)
             with Client(cluster) as client:
@@ -107,6 +120,18 @@ def make_cluster(spec: ClusterSpec, log_dir: str | Path | None = None) -> Iterat
         cluster.close()
 
 
+def _config_file(spec: ClusterSpec) -> dict:
+    if not spec.config_file:
+        return {}
+    try:
+        data = yaml.safe_load(Path(spec.config_file).read_text()) or {}
+    except OSError as exc:
+        raise WorkflowError(f"cluster.config_file {spec.config_file}: {exc.strerror}") from None
+    if not isinstance(data, dict):
+        raise WorkflowError(f"cluster.config_file {spec.config_file}: not a mapping (jobqueue:, ampel_dask:)")
+    return data
+
+
 def jobqueue_settings(spec: ClusterSpec, log_dir: str | Path | None = None) -> dict:
     """dask-jobqueue ``jobqueue.slurm`` settings: the config file's (e.g. slurm/jobqueue.yaml), then the
     workflow's ``cluster.jobqueue`` on top; keys as in dask-jobqueue's own yaml (``log-directory``).
@@ -115,9 +140,7 @@ def jobqueue_settings(spec: ClusterSpec, log_dir: str | Path | None = None) -> d
     one, to ``log_dir``: SLURM would otherwise write ``slurm-<job>.out`` files into the directory the
     user ran the command from."""
     settings: dict = {"cores": 1, "memory": "1GB", "scheduler-options": {"dashboard_address": ":0"}}
-    if spec.config_file:
-        data = yaml.safe_load(Path(spec.config_file).read_text()) or {}
-        settings.update((data.get("jobqueue") or {}).get("slurm") or {})
+    settings.update((_config_file(spec).get("jobqueue") or {}).get("slurm") or {})
     settings.update({k.replace("_", "-"): v for k, v in spec.jobqueue.items()})
     if settings.get("log-directory") is None and dask.config.get("jobqueue.slurm.log-directory", None) is None and log_dir is not None:
         settings["log-directory"] = str(log_dir)
@@ -127,6 +150,36 @@ def jobqueue_settings(spec: ClusterSpec, log_dir: str | Path | None = None) -> d
 def slurm_log_dir(store_root: str | Path) -> Path:
     """Where a run's SLURM worker jobs write their output when no log-directory is configured."""
     return Path(store_root).resolve() / "logs" / "slurm"
+
+
+SIZE_KEYS = {"jobs", "adaptive"}
+
+
+def slurm_size(spec: ClusterSpec) -> dict:
+    """How many SLURM worker jobs: ``{"jobs": n}`` (a fixed number, ended jobs replaced) or
+    ``{"adaptive": {...}}`` (``cluster.adapt`` arguments). The workflow's ``cluster.jobs`` /
+    ``cluster.adaptive`` (or ``--jobs``) first; else the config file's ``ampel_dask: slurm:`` section
+    (one of ``jobs`` and ``adaptive``); else one job."""
+    if spec.jobs:
+        return {"jobs": spec.jobs}
+    if spec.adaptive:
+        return {"adaptive": dict(spec.adaptive)}
+    own = (_config_file(spec).get("ampel_dask") or {}).get("slurm") or {}
+    where = f"cluster.config_file {spec.config_file}: ampel_dask.slurm"
+    if not isinstance(own, dict):
+        raise WorkflowError(f"{where} is a mapping with jobs or adaptive, not {own!r}")
+    if set(own) - SIZE_KEYS:
+        raise WorkflowError(f"{where} takes jobs or adaptive, not {', '.join(sorted(set(own) - SIZE_KEYS))}")
+    if own.get("jobs") is not None and own.get("adaptive") is not None:
+        raise WorkflowError(f"{where} gives both jobs and adaptive: give one (a fixed number of jobs, or adapt() arguments)")
+    if own.get("adaptive") is not None:
+        if not isinstance(own["adaptive"], dict):
+            raise WorkflowError(f"{where}.adaptive is a mapping of adapt() arguments, e.g. {{minimum_jobs: 1, maximum_jobs: 4}}")
+        return {"adaptive": dict(own["adaptive"])}
+    jobs = own.get("jobs", 1)
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise WorkflowError(f"{where}.jobs is a number of worker jobs >= 1, not {jobs!r}")
+    return {"jobs": jobs}
 
 
 def slurm_cluster(spec: ClusterSpec, log_dir: str | Path | None = None):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +32,7 @@ from .live_control import CRASH_ENV, CRASH_POINTS, Abandon, StopFlag, crash, cra
 from .live_metrics import LiveMetrics
 from .live_record import StreamRecord
 from ..keys import key_of
+from ..io.locks import Busy
 from ..io.stores import open_store
 from .plan import plan_workflow
 from .runner import RunOptions, new_run_id, run_workflow
@@ -161,6 +163,19 @@ def _empty(ctx: _Context, batch: Batch, n: int) -> dict:
 
 
 def _process(ctx: _Context, consumer: LiveConsumer, batch: Batch, n: int) -> dict:
+    """The batch with the store held (one run per store at a time: an archive run on the same store
+    makes the batch wait, ``store_wait``), from its ingest to its commit."""
+    run_id = f"live-{new_run_id()}"
+    with ExitStack() as held:
+        try:
+            held.enter_context(ctx.store.locked(run_id, 0))
+        except Busy as exc:
+            log.warning("batch %d waits: %s", n, exc)
+            held.enter_context(ctx.store.locked(run_id, ctx.opts.store_wait))
+        return _process_held(ctx, consumer, batch, n, run_id)
+
+
+def _process_held(ctx: _Context, consumer: LiveConsumer, batch: Batch, n: int, run_id: str) -> dict:
     """Ingest, run, make durable, commit: the order that makes results exactly-once."""
     opts = ctx.opts
     t0 = time.time()
@@ -180,8 +195,7 @@ def _process(ctx: _Context, consumer: LiveConsumer, batch: Batch, n: int) -> dic
         extra = {"live": {"batch": n, "group": ctx.group, "topics": opts.topics, "offsets": batch.ranges(),
                           "ingest": report.summary(), "t3_scope": opts.t3_scope}}  # fmt: skip
         ropts = RunOptions(archive=str(ctx.archive), store=opts.store, client=ctx.client, partitions=parts, progress=False,
-                           run_id=f"live-{new_run_id()}", manifest_extra=extra,
-                           t3_states=ctx.record.states() if opts.t3_scope == "stream" else None)  # fmt: skip
+                           run_id=run_id, manifest_extra=extra, t3_states=stream_states(ctx.record, ctx.store) if opts.t3_scope == "stream" else None)  # fmt: skip
         with crash_during_run(n, Path(ctx.store.root)):
             summary = run_workflow(ctx.wf, ropts)
         ctx.record.add(summary["state_names"], parts, report.read)
@@ -206,6 +220,19 @@ def _process(ctx: _Context, consumer: LiveConsumer, batch: Batch, n: int) -> dic
     ctx.metrics.flush()
     log.info(_line(info, ts, t_done))
     return info
+
+
+def stream_states(record: StreamRecord, store: Any) -> dict[str, list[str]]:
+    """The state sets the stream's T3 reads, as they are now: an archive run on the same store may have
+    replaced some (a night or history rewritten under new keys, the old sets pruned); those names are
+    followed to the sets that hold their alerts now (``current_states``), and the record is updated, so
+    that no object drops out of the stream's T3. A set gone without a successor is an error, not a gap."""
+    recorded = record.states()
+    now = {ch: store.current_states(ch, names) for ch, names in recorded.items()}
+    if now != recorded:
+        log.info("the stream's T3 follows %d state set(s) an archive run replaced", sum(len(set(v) - set(now[c])) for c, v in recorded.items()))
+        record.replace_states(now)
+    return now
 
 
 def _account(ctx: _Context, batch: Batch, info: dict, committed: bool) -> None:
@@ -275,4 +302,4 @@ def _summary(t: Totals, store: Any, archive: Path, group: str, opts: LiveOptions
     }
 
 
-__all__ = ["LiveOptions", "run_live", "StopFlag", "Abandon", "StreamRecord", "CRASH_ENV", "CRASH_POINTS"]
+__all__ = ["LiveOptions", "run_live", "stream_states", "StopFlag", "Abandon", "StreamRecord", "CRASH_ENV", "CRASH_POINTS"]

@@ -36,3 +36,4 @@ class LiveOptions(BaseModel):
     metrics_host: str = Field("127.0.0.1", description="address for --metrics-port")
     join_timeout: float = Field(60.0, ge=0, description="seconds to wait for the group's first partitions")
     chunk_packets: int = Field(2000, ge=1, description="messages per decode task")
+    store_wait: float | None = Field(None, ge=0, description="seconds a batch waits for the store while another run holds it (default: as long as it takes)")

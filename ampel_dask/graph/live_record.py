@@ -5,6 +5,8 @@ from __future__ import annotations
 import fcntl
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..io.files import atomic_write
@@ -38,13 +40,23 @@ class StreamRecord:
         return set(self.load()["parts"])
 
     def add(self, state_names: dict[str, list[str]], parts: list[str], alerts: int) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            rec = self.load()
+        with self._updating() as rec:
             for ch, names in state_names.items():
                 rec["states"][ch] = sorted(set(rec["states"].get(ch, [])) | set(names))
             rec["parts"] = sorted(set(rec["parts"]) | set(parts))
             rec["batches"] += 1
             rec["alerts"] += alerts
+
+    def replace_states(self, states: dict[str, list[str]]) -> None:
+        """The state names T3 reads, replaced by the ones that hold the same alerts now (see live)."""
+        with self._updating() as rec:
+            rec["states"] = {ch: sorted(set(names)) for ch, names in states.items()}
+
+    @contextmanager
+    def _updating(self) -> Iterator[dict]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            rec = self.load()
+            yield rec
             atomic_write(self.path, json.dumps(rec, sort_keys=True).encode(), durable=True)

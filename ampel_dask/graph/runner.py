@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import shutil
 import secrets
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from collections.abc import Callable
@@ -16,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 from .. import __version__
 from ..io.archive import Archive
+from ..io.files import checkpoint
+from ..io.locks import scratch_dir, sweep
 from ..io.stores import StoreFormatError, open_store
 from ..keys import T2, T3, stage_of, task_key
 from .compile import CompiledRun, compile_run
@@ -28,6 +31,8 @@ from .workflow import Workflow, WorkflowError
 
 if TYPE_CHECKING:
     from distributed import Client
+
+log = logging.getLogger("ampel_dask")
 
 
 @dataclass
@@ -46,6 +51,7 @@ class RunOptions:
     t3_states: dict[str, list[str]] | None = None  # channel -> earlier runs' state names T3 reads too (live)
     manifest_extra: dict | None = None  # more provenance for the manifest (live: topic, offsets, batch)
     echo: Callable[[str], None] | None = None  # where human-readable lines go (stderr on the CLI)
+    wait: float | None = 0  # seconds to wait for a store another run holds (then io.locks.Busy); None = for ever
 
 
 def new_run_id() -> str:
@@ -53,7 +59,41 @@ def new_run_id() -> str:
 
 
 def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
+    """Run ``wf``; one run per store at a time: the store is held for the whole run (``opts.wait``: how
+    long to wait for another run's; :class:`~ampel_dask.io.locks.Busy` names it). First removes the
+    scratch a killed run or ingest left (shuffle folders, staging folders whose owner is gone)."""
     opts = opts or RunOptions()
+    if opts.run_id is None:
+        opts = replace(opts, run_id=new_run_id())
+    store = open_store(wf.store.resolve(opts.store))
+    try:
+        store.check_format()  # a store of another key format is refused before anything is written to it
+    except StoreFormatError as exc:
+        raise WorkflowError(str(exc)) from None
+    with store.locked(opts.run_id, opts.wait):
+        shuffle_root = Path(store.shuffle_dir(opts.run_id, "_")).parent.parent
+        swept = _sweep(shuffle_root, opts.archive or wf.archive.path)
+        if swept:
+            (opts.echo or log.warning)(f"removed scratch left by killed runs/ingests: {', '.join(f'{k} {len(v)}' for k, v in swept.items())}")
+            opts = replace(opts, manifest_extra={**(opts.manifest_extra or {}), "swept": swept})
+        try:
+            with scratch_dir(shuffle_root / opts.run_id, {"run_id": opts.run_id}):  # held: no other run sweeps it
+                return _run_workflow(wf, opts)
+        finally:
+            try:
+                shuffle_root.rmdir()  # _shuffle itself, when no other run's scratch is in it
+            except OSError:
+                pass
+
+
+def _sweep(shuffle_root: Path, archive_path: str | None) -> dict[str, list[str]]:
+    """Scratch folders whose owners died (their lock is free): a killed run's shuffle, a killed ingest's
+    staging in the archive; a live owner's are left alone (``io/locks.sweep``)."""
+    swept = {"shuffle": sweep(shuffle_root), "archive_tmp": sweep(Archive(Path(archive_path)).tmp_dir) if archive_path else []}
+    return {k: v for k, v in swept.items() if v}
+
+
+def _run_workflow(wf: Workflow, opts: RunOptions) -> dict:
     echo = opts.echo or (lambda *_: None)
     t_start = time.perf_counter()
     started = datetime.now(timezone.utc).isoformat()
@@ -91,6 +131,7 @@ def run_workflow(wf: Workflow, opts: RunOptions | None = None) -> dict:
                 results = _execute(client, run, opts.progress, wf.cluster.stall_timeout)
             if run.held and not (stopped := over_limit(store, run, wf)):  # T0 counts known: within the limits
                 results.update(_execute(client, CompiledRun(graph=run.held, sinks=run.held_sinks), opts.progress, wf.cluster.stall_timeout))
+            client.run(checkpoint)  # every worker makes what it wrote durable (files, markers, folders) before the manifest
             workers = _workers(client)
     # states a work unit wrote anew (a night added, history extended) replace the old ones in the store;
     # not in a run over chosen parts (a live batch): its work units are not the whole selection, and

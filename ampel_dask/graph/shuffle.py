@@ -36,7 +36,7 @@ def write_buckets(table: pa.Table, shuffle_dir: str, kind: str, name: str, nbuck
         table, b = table.take(pa.array(order)), b[order]
     table = table.combine_chunks()
     bounds = np.searchsorted(b, np.arange(nbuckets + 1))
-    with atomic_target(Path(shuffle_dir) / kind / f"{name}.arrow") as tmp, pa.OSFile(str(tmp), "wb") as sink:
+    with atomic_target(Path(shuffle_dir) / kind / f"{name}.arrow", scratch=True) as tmp, pa.OSFile(str(tmp), "wb") as sink:
         with pa.ipc.new_file(sink, table.schema) as writer:
             for k in range(nbuckets):
                 writer.write_batch(_one_batch(table.slice(bounds[k], bounds[k + 1] - bounds[k])))

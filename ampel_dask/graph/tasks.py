@@ -13,11 +13,13 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
 
 from ..io.arrays import contains, first_rows, lookup
+from ..io.files import sync as sync_files
 from ..io.layout import DATAPOINT
 from ..io.stores import open_store
 from ..keys import id_values
@@ -222,7 +224,8 @@ def run_t3(spec: dict, plan: ChannelPlan, unit_index: int, key: str, run_id: str
     outputs: list[dict] = []
     if sel is not None and sel.num_rows:
         archive = ChannelArchive(Archive(archive_root), plan.access) if archive_root else None  # only what the channel may see
-        ctx = T3Context(out_dir=out_dir, run_id=run_id, channel=plan.name, archive=archive, mapper=cluster_map)
+        ctx = T3Context(out_dir=out_dir, run_id=run_id, channel=plan.name, archive=archive, mapper=cluster_map,
+                        deliveries=partial(store.deliveries, plan.name))
         outputs = unit.react(sel, ctx) or []
         objects = pa.table({"stock": sel.column("stock"), "object_id": sel.column("object_id"), "state_id": sel.column("state_id"),
                             "unit": pa.array([unit.name()] * sel.num_rows), "channel": pa.array([plan.name] * sel.num_rows),
@@ -241,7 +244,10 @@ def t2_stage(spec: dict, key: str, run_id: str, n: int, *deps: object) -> dict:
     """deps: ``n`` channel plans, their ``n`` states tables, then tasks that only have to finish first."""
     plans, states = deps[:n], deps[n : 2 * n]
     inputs = [(p.name, [u.identity.key for u in p.t2], s) for p, s in zip(plans, states)]  # type: ignore[attr-defined]
-    return run_t2_stage(spec, key, run_id, inputs, t2_units(list(plans)))  # type: ignore[arg-type]
+    try:
+        return run_t2_stage(spec, key, run_id, inputs, t2_units(list(plans)))  # type: ignore[arg-type]
+    finally:  # what the stage wrote is fsync'ed before it reports (its marker did this too, when it wrote one)
+        sync_files()
 
 
 def pass_to_shuffle(table: pa.Table, t0: T0Result, plan: ChannelPlan, spec: dict, key: str, shuffle_dir: str, nbuckets: int) -> tuple[np.ndarray, np.ndarray]:

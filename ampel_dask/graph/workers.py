@@ -88,4 +88,23 @@ def cluster_map(fn: Any, items: list) -> list:
     from distributed import worker_client
 
     with worker_client() as client:
-        return client.gather(client.map(fn, items, pure=False))
+        return client.gather(client.map(_Durable(fn), items, pure=False))
+
+
+class _Durable:
+    """``fn`` whose files are durable when it returns: each worker syncs what it wrote itself (the
+    calling task's marker cannot do that for files written on another worker or node)."""
+
+    def __init__(self, fn: Any):
+        self.fn = fn
+        from dask.utils import funcname
+
+        self.__name__ = funcname(fn)  # task keys keep the function's name (the dashboard, tests)
+
+    def __call__(self, item: Any) -> Any:
+        from ..io.files import sync
+
+        try:
+            return self.fn(item)
+        finally:
+            sync()

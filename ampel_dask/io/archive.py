@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..keys import content_hash
-from .files import atomic_write
+from .files import atomic_write, checkpoint, later, make_dirs
 
 INDEX = "_index.parquet"
 INDEX_SCHEMA = pa.schema(
@@ -261,6 +261,7 @@ class Archive:
         """Append parts to the index (atomic replace, under the lock); already-known paths are skipped."""
         if not parts:
             return
+        checkpoint()  # the parts' bytes were fsync'ed by their writers; their names (renames by this process) now
         with self.locked():
             current = self.index()
             known = set(current.column("path").to_pylist())
@@ -302,7 +303,7 @@ class Archive:
             mask = pa.array(keep)
             staged = stage(table.filter(mask), cut, staged.path.parent)  # stage() picks the kept rows' cutouts
         ndir = self.night_dir(staged.survey, staged.night)
-        ndir.mkdir(parents=True, exist_ok=True)
+        later(ndir, *make_dirs(ndir))  # the renames below are durable with the folder: made so before the index names them
         part_path = ndir / f"part-{staged.content_hash}.parquet"
         cut_rel = dps_rel = None
         if staged.dps is not None:

@@ -181,7 +181,7 @@ def decode_chunk(chunk: Chunk, tmp_dir: str, quarantine_dir: str, schema_dirs: l
     if chunk.slices:
         _decode_slices(chunk.slices, tmp_dir, result, quarantine)
     if result.staged:
-        sync()  # once per chunk, not an fsync per file: staged parts are on disk before they are published
+        sync()  # once per chunk: the files this worker staged, and their folder, durable before they are published
     return result
 
 

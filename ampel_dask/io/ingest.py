@@ -9,7 +9,7 @@ orphaned staged files, never a half-written part or an index entry without its f
 
 from __future__ import annotations
 
-import shutil
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -22,7 +22,10 @@ from pydantic import BaseModel, Field
 from .archive import Archive, Partition, discard
 from .decode import ChunkResult, decode_chunk
 from .limits import MiB, Limits
+from .locks import scratch_dir, sweep
 from .sources import Chunk, Packet, chunks, expand
+
+log = logging.getLogger("ampel_dask")
 
 #: decodes chunks (given the arguments of :func:`decode_chunk` after the chunk) and yields their results
 Decoder = Callable[[Iterator[Chunk], tuple], Iterable[ChunkResult]]
@@ -67,6 +70,7 @@ class IngestReport:
     # archived parts that already held this ingest's duplicates: with new_partitions, every part that
     # holds an alert of the input (live mode runs a replayed batch on them)
     duplicate_partitions: list[Partition] = field(default_factory=list)
+    swept: list[str] = field(default_factory=list)  # staging folders of killed ingests removed first
 
     def summary(self) -> dict:
         return {k: getattr(self, k) for k in ("read", "ingested", "duplicates", "quarantined", "partitions", "seconds")}
@@ -114,19 +118,20 @@ def run_ingest(work: Iterator[Chunk], archive: str | Path | Archive, opts: Inges
     t0 = time.perf_counter()
     arch = archive if isinstance(archive, Archive) else Archive(archive)
     arch.create()
+    report.swept = sweep(arch.tmp_dir)  # staging folders of ingests that were killed (their lock is free)
+    if report.swept:
+        log.warning("removed %d staging folder(s) under %s left by killed ingests", len(report.swept), arch.tmp_dir)
     run_tmp = arch.tmp_dir / uuid.uuid4().hex
     args = (str(run_tmp), str(arch.quarantine_dir), opts.schema_dirs, opts.limits())
     results: dict[int, ChunkResult] = {}
     read = 0
-    try:
+    with scratch_dir(run_tmp, {"what": "ingest"}):  # held while it lives: a later sweep leaves it alone
         for res in decode(work, args):
             results[res.index] = res
             read += res.read
             if on_result is not None:
                 on_result(res, read)
         _finalize(arch, [results[i] for i in sorted(results)], report)
-    finally:
-        shutil.rmtree(run_tmp, ignore_errors=True)
     report.seconds = round(time.perf_counter() - t0, 3)
     return report
 

@@ -314,6 +314,9 @@ class T3Context:
     archive: Any = None  # ampel_dask.io.archive.Archive, for light curves and cutouts
     # how ``map`` spreads work: set by the framework when the unit runs on a cluster; None = in turn, here
     mapper: Callable[[Callable[[Any], Any], list], list] | None = None
+    # the store's delivery journal of this channel for a push unit's delivery key (``io.stores.Deliveries``):
+    # what a webhook already delivered is not sent again; None = no journal (the unit used on its own)
+    deliveries: Callable[[str], Any] | None = None
 
     def map(self, fn: Callable[[Any], Any], items: list) -> list:
         """``[fn(x) for x in items]``, spread over the cluster when the framework gives a mapper: for

@@ -6,6 +6,8 @@ Tasks get a store *spec* (a small dict, picklable, the same on every worker) and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,6 +24,23 @@ POINT_PROVENANCE = ("point_id", "dp_id", "stock", "unit", "unit_version", "confi
 class StoreFormatError(ValueError):
     """A store written with other keys (the 64-bit ids of earlier versions): its results can be neither
     reused nor joined with new ones, so it is refused rather than mixed."""
+
+
+class StatesGone(LookupError):
+    """State sets asked for by name are neither in the store nor superseded by others (removed by hand,
+    or a store replaced): a selection would lose their objects in silence."""
+
+    def __init__(self, channel: str, names: list[str], where: str):
+        self.channel, self.names = channel, names
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        super().__init__(f"{len(names)} state set(s) of channel {channel} are gone from {where} and were not superseded by a run: {shown}")
+
+
+class Deliveries(Protocol):
+    """A push unit's delivery journal for one channel: which idempotency keys were delivered."""
+
+    def delivered(self, keys: Sequence[str]) -> np.ndarray: ...
+    def record(self, request_key: str, keys: Sequence[str], stocks: Sequence[int], run_id: str, status: int) -> None: ...
 
 
 class ResultStore(Protocol):
@@ -68,3 +87,8 @@ class ResultStore(Protocol):
     def write_manifest(self, run_id: str, manifest: dict[str, Any]) -> Any: ...
     def manifests(self) -> list[dict]: ...
     def sync(self) -> None: ...
+
+    # one run at a time; what replaced pruned states; push units' delivery journals
+    def locked(self, run_id: str, wait: float | None = 0) -> AbstractContextManager[dict]: ...
+    def current_states(self, channel: str, names: list[str]) -> list[str]: ...
+    def deliveries(self, channel: str, unit_key: str) -> Deliveries: ...

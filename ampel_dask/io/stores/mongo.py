@@ -18,6 +18,9 @@ Collections (one database per store)::
     runs      run manifests: _id = run id
     schemas   the Arrow schemas the tables were written with (_id = "<collection>:<group>"), so what is
               read back has the written types (int8, float32, nested list<struct> datapoints, ...)
+    superseded  T1 work units a run replaced: _id = "<channel>:<key>", by (the keys that replaced it)
+    deliveries  what push units (webhooks) delivered: _id = idempotency key, channel, unit_key, stock, ...
+    locks     the run holding the store: _id = "store", pid, host, run_id, since, heartbeat (see locked)
 
 State and point ids are 128-bit content ids, stored as 16-byte BinData.
 
@@ -38,9 +41,13 @@ spawned Dask worker makes its own), and the indexes are ensured once per process
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import threading
+import time
+import uuid
+from contextlib import contextmanager
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,7 +57,13 @@ import pyarrow as pa
 
 from ...keys import ID_DTYPE, KEY_FORMAT
 from ..arrays import sorted_unique
-from .base import POINT_PROVENANCE, PROVENANCE, StoreFormatError
+from ..files import checkpoint, sync as sync_files
+from ..locks import Busy, identity
+from .base import POINT_PROVENANCE, PROVENANCE, StatesGone, StoreFormatError
+
+log = logging.getLogger("ampel_dask")
+LOCK_STALE = 90.0  # seconds without a heartbeat after which a lock document's holder counts as dead
+HEARTBEAT = 10.0  # seconds between the holder's heartbeats
 
 JOURNAL_IDENTITY = ("stock", "run_id", "tier", "channel", "unit", "action", "alert_id", "state_id")
 WRITE_BATCH = 1000  # rows converted to documents and sent per bulk_write
@@ -72,6 +85,7 @@ INDEXES: dict[str, list[tuple[list[tuple[str, int]], dict]]] = {
 _LOCK = threading.Lock()
 _CLIENTS: dict[tuple[int, str], Any] = {}  # (pid, uri) -> MongoClient: one per process
 _INDEXED: set[tuple[int, str, str]] = set()  # (pid, uri, database) whose indexes this process ensured
+_HELD: dict[tuple[str, str], dict] = {}  # (uri, database) -> this process's run lock on it (thread, count, info)
 
 
 def is_mongo_uri(location: str | os.PathLike | None) -> bool:
@@ -140,8 +154,77 @@ class MongoStore:
         return _client(self.uri)[self.database]
 
     def sync(self) -> None:
-        """Nothing to do: every write returned after the server acknowledged it (durability is the write
-        concern of the URI, e.g. ``?w=majority&journal=true``)."""
+        """The database needs nothing: every write returned after the server acknowledged it (durability
+        is the write concern of the URI, e.g. ``?w=majority&journal=true``); the local files (T3 outputs)
+        this process wrote are made durable."""
+        checkpoint()
+
+    @contextmanager
+    def locked(self, run_id: str, wait: float | None = 0, poll: float = 0.5) -> Iterator[dict]:
+        """Hold the store for one run: a lock document (``locks``, _id "store") with the holder's pid, host,
+        run id and a heartbeat every :data:`HEARTBEAT` s; a holder silent for :data:`LOCK_STALE` s is taken
+        for dead (its document is taken over). :class:`~ampel_dask.io.locks.Busy` names the holder when
+        the store does not come free within ``wait`` seconds (None: wait for ever). Re-entrant in the
+        thread that holds it."""
+        from pymongo.errors import DuplicateKeyError
+
+        key = (self.uri, self.database)
+        me = threading.get_ident()
+        with _LOCK:
+            held = _HELD.get(key)
+            if held is not None and held["thread"] == me:
+                held["count"] += 1
+        if held is not None and held["thread"] == me:
+            try:
+                yield held["info"]
+            finally:
+                with _LOCK:
+                    held["count"] -= 1
+            return
+        locks = self.db.locks
+        token = uuid.uuid4().hex
+        info = identity(run_id=run_id, store=f"{redact(self.uri)} database {self.database}")
+        start = time.monotonic()
+        while True:
+            now = time.time()
+            doc = {"_id": "store", "token": token, **info, "heartbeat": now}
+            try:
+                locks.insert_one(doc)
+                break
+            except DuplicateKeyError:
+                pass
+            old = locks.find_one_and_update({"_id": "store", "heartbeat": {"$lt": now - LOCK_STALE}}, {"$set": doc})
+            if old is not None:
+                log.warning("store %s: took over the lock of %s, silent for %.0f s", self.database, old.get("run_id"), now - old["heartbeat"])
+                break
+            waited = time.monotonic() - start
+            if wait is not None and waited >= wait:
+                holder = locks.find_one({"_id": "store"}) or {}
+                raise Busy(f"store {redact(self.uri)} database {self.database}", holder, round(waited, 1))
+            time.sleep(poll if wait is None else max(0.0, min(poll, wait - waited)))
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT):
+                try:
+                    if locks.update_one({"_id": "store", "token": token}, {"$set": {"heartbeat": time.time()}}).matched_count == 0:
+                        log.error("store %s: the run lock was taken over by another run", self.database)
+                        return
+                except Exception as exc:  # a server that does not answer for a while: try again
+                    log.warning("store %s: lock heartbeat failed: %s", self.database, exc)
+
+        thread = threading.Thread(target=beat, name="ampel-dask-store-lock", daemon=True)
+        thread.start()
+        with _LOCK:
+            _HELD[key] = {"thread": me, "count": 1, "info": info}
+        try:
+            yield info
+        finally:
+            with _LOCK:
+                _HELD.pop(key, None)
+            stop.set()
+            thread.join()
+            locks.delete_one({"_id": "store", "token": token})
 
     def check_format(self, create: bool = False) -> None:
         """As :meth:`ParquetStore.check_format`: the ``meta`` document "format", or runs without it (64-bit era)."""
@@ -165,6 +248,7 @@ class MongoStore:
         return doc
 
     def mark_task(self, key: str, info: dict) -> None:
+        sync_files()  # the task's local files (T3 outputs) are durable before its marker
         doc = json.loads(json.dumps(info, sort_keys=True))  # the same values the Parquet store's JSON keeps
         self.db.tasks.replace_one({"_id": key}, doc, upsert=True)
 
@@ -193,20 +277,49 @@ class MongoStore:
 
     def prune_states(self, channel: str, current: list[str]) -> int:
         """As :meth:`ParquetStore.prune_states`: drop the channel's work units whose every alert has a
-        state in the ones this run made current. Returns how many work units were dropped."""
+        state in the ones this run made current, each leaving a ``superseded`` document naming the units
+        that replaced it. Returns how many work units were dropped."""
         names = set(current)
         old = [k for k in self.db.t1.distinct("key", {"channel": channel}) if k not in names]
         if not old:
             return 0
-        covered = {d["alert_id"] for part in _chunks(sorted(names)) for d in self.db.t1.find({"channel": channel, "key": {"$in": part}}, {"_id": 0, "alert_id": 1})}
+        now: dict[str, set] = {}
+        for part in _chunks(sorted(names)):
+            for d in self.db.t1.find({"channel": channel, "key": {"$in": part}}, {"_id": 0, "alert_id": 1, "key": 1}):
+                now.setdefault(d["key"], set()).add(d["alert_id"])
+        covered = set().union(*now.values()) if now else set()
         removed = 0
         for key in old:
             ids = {d["alert_id"] for d in self.db.t1.find({"channel": channel, "key": key}, {"_id": 0, "alert_id": 1})}
             if ids <= covered:
+                by = sorted(k for k, a in now.items() if a & ids)
+                self.db.superseded.replace_one({"_id": f"{channel}:{key}"}, {"channel": channel, "key": key, "by": by}, upsert=True)
                 self.db.tasks.delete_one({"_id": key})  # planned again, it runs again
                 self.db.t1.delete_many({"channel": channel, "key": key})
                 removed += 1
         return removed
+
+    def current_states(self, channel: str, names: list[str]) -> list[str]:
+        """As :meth:`ParquetStore.current_states`: names followed through ``superseded`` to the work
+        units that hold their alerts now; :class:`StatesGone` for a name neither there nor superseded."""
+        out, gone, seen = set(), [], set()
+        todo = sorted(set(names))
+        while todo:
+            batch = [n for n in todo if n not in seen]
+            seen.update(batch)
+            todo = []
+            present = {k for part in _chunks(batch) for k in self._rdb.t1.distinct("key", {"channel": channel, "key": {"$in": part}})}
+            out |= present
+            rest = [n for n in batch if n not in present]
+            notes = {d["key"]: d["by"] for part in _chunks(rest) for d in self._rdb.superseded.find({"_id": {"$in": [f"{channel}:{n}" for n in part]}})}
+            for n in rest:
+                if n in notes:
+                    todo += [b for b in notes[n] if b not in seen]
+                elif (self.task_info(n) or {}).get("states", 1) != 0:
+                    gone.append(n)
+        if gone:
+            raise StatesGone(channel, sorted(gone), f"{redact(self.uri)} database {self.database}")
+        return sorted(out)
 
     def channels(self) -> list[str]:
         return sorted(d["group"] for d in self._rdb.schemas.find({"collection": "t1"}, {"group": 1}))
@@ -314,6 +427,10 @@ class MongoStore:
     def t3_dir(self, channel: str, key: str) -> Path:
         return self.root / "t3" / channel / key
 
+    def deliveries(self, channel: str, unit_key: str) -> MongoDeliveries:
+        """The delivery journal of a push unit for a channel (collection ``deliveries``)."""
+        return MongoDeliveries(self, channel, unit_key)
+
     def shuffle_dir(self, run_id: str, key: str) -> Path:
         """Scratch files of a run's shuffle by object stay on (shared) disk, beside the T3 outputs."""
         return self.root / "_shuffle" / run_id / key
@@ -378,6 +495,29 @@ class MongoStore:
             return None
         schemas = [pa.ipc.read_schema(pa.py_buffer(bytes(b))) for b in doc["schemas"]]
         return schemas[0] if len(schemas) == 1 else pa.unify_schemas(schemas, promote_options="default")
+
+
+class MongoDeliveries:
+    """A push unit's journal in the ``deliveries`` collection: one document per delivered key (``_id``),
+    inserted once the endpoint acknowledged the request (acknowledged by the server before the next
+    request is sent)."""
+
+    def __init__(self, store: MongoStore, channel: str, unit_key: str):
+        self.store, self.channel, self.unit_key = store, channel, unit_key
+
+    def delivered(self, keys: Iterable[str]) -> np.ndarray:
+        keys = list(keys)
+        found = {d["_id"] for part in _chunks(keys) for d in self.store._rdb.deliveries.find({"_id": {"$in": part}}, {"_id": 1})}
+        return np.array([k in found for k in keys], dtype=bool)
+
+    def record(self, request_key: str, keys: Iterable[str], stocks: Iterable[int], run_id: str, status: int) -> None:
+        from pymongo import InsertOne
+
+        now = time.time()
+        ops = [InsertOne({"_id": k, "channel": self.channel, "unit_key": self.unit_key, "stock": int(s), "run_id": run_id,
+                          "status": int(status), "request": request_key, "at": now}) for k, s in zip(keys, stocks)]  # fmt: skip
+        for part in _chunks(ops, WRITE_BATCH):
+            _bulk(self.store.db.deliveries, part)
 
 
 def _rows(table: pa.Table) -> Iterator[dict]:

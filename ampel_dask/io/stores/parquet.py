@@ -1,8 +1,10 @@
 """The Parquet result store (the default; read it with pandas, DuckDB, polars).
 
-Files are renamed into place atomically but not fsync'ed one by one; the runner calls ``sync()`` once
-before the run manifest is written (live mode before committing offsets), which makes all of them
-durable at once.
+Files are renamed into place atomically and made durable by the process that wrote them, on whichever
+worker or node it ran: a task's files are fsync'ed before its marker is written (:meth:`ParquetStore.mark_task`
+hands both to that process's background writer); markers, journal rows and folders at each worker's
+checkpoint, which the runner asks of every worker before it writes the run manifest (live mode: before
+committing offsets); see ``io/files.py``. One run at a time: :meth:`ParquetStore.locked` (``STORE/_lock``).
 
 Parquet layout (every file written atomically, named by the content-hash key of the task that made it)::
 
@@ -14,12 +16,17 @@ Parquet layout (every file written atomically, named by the content-hash key of 
     STORE/journal/<run id>/<key>.parquet             one row per (stock, run, tier, channel, action)
     STORE/t3/<channel>/<t3 key>/...                  T3 outputs, plus objects.parquet (who was in them)
     STORE/runs/<run id>.json                         run manifests
+    STORE/deliveries/<channel>/<unit key>/...         what push units (webhooks) delivered (``deliveries``)
+    STORE/states/<channel>/_superseded/<key>.json     state sets a run replaced, and by which (``current_states``)
+    STORE/_lock                                      held by the run using the store (pid, host, run id, since)
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +38,26 @@ import pyarrow.parquet as pq
 from ..archive import dps_bytes, dps_path, parquet_bytes, read_part
 from ...keys import ID_DTYPE, KEY_FORMAT, id_column, id_values
 from ..arrays import contains, first_rows, sorted_unique
-from ..files import atomic_write, sync
-from .base import StoreFormatError
+from ..files import atomic_write, checkpoint, commit, fsync_dir, settle
+from ..locks import file_lock
+from .base import StatesGone, StoreFormatError
+from .deliveries import ParquetDeliveries
 
 
 class ParquetStore:
     kind = "parquet"
 
     def sync(self) -> None:
-        sync()
+        """Make what this process wrote to the store durable, files and folders (a checkpoint)."""
+        checkpoint()
+
+    @contextmanager
+    def locked(self, run_id: str, wait: float | None = 0) -> Iterator[dict]:
+        """Hold the store for one run (``STORE/_lock``: an fcntl lock, honoured across NFS clients);
+        :class:`~ampel_dask.io.locks.Busy` names the holder when it does not come free within ``wait``
+        seconds (None: wait for ever). Re-entrant in the thread that holds it (a live batch's run)."""
+        with file_lock(self.root / "_lock", {"run_id": run_id, "store": str(self.root)}, wait, what=f"store {self.root}") as holder:
+            yield holder
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -63,11 +81,15 @@ class ParquetStore:
 
     # --- task markers ---
     def task_info(self, key: str) -> dict | None:
+        settle()  # markers this process handed to the background writer are written
         p = self.root / "tasks" / f"{key}.json"
         return json.loads(p.read_text()) if p.exists() else None
 
     def mark_task(self, key: str, info: dict) -> None:
-        atomic_write(self.root / "tasks" / f"{key}.json", json.dumps(info, sort_keys=True).encode(), durable=False)
+        """The task is done: what it wrote is fsync'ed first (by this process, on its node, in the
+        background), then the marker is written (durable at the checkpoint), so a marker never survives a
+        crash its results did not; the runner's checkpoint waits for both (``io/files.py``)."""
+        commit(self.root / "tasks" / f"{key}.json", json.dumps(info, sort_keys=True).encode())
 
     def shuffle_dir(self, run_id: str, key: str) -> Path:
         """Scratch space of a run's shuffle by object (shared by all workers; removed after the run)."""
@@ -96,22 +118,55 @@ class ParquetStore:
         """Remove the channel's state files that a run made obsolete: every alert of such a file has a
         state in the files this run made current (a night added to a work unit, or history extended,
         writes the work unit's states anew under a new key). Other runs' files (other nights) stay.
-        Returns how many were removed, so that the store holds one state per alert and channel."""
+        Each removed set leaves a note naming the sets that replaced it (``_superseded/<key>.json``,
+        durable before the removal), so a reader holding old names (live mode's T3) follows them
+        (:meth:`current_states`). Returns how many were removed: one state per alert and channel."""
+        settle()  # the markers removed below are written (this process's background writer)
         folder = self.root / "states" / channel
         names = set(current)
         old = [f for f in sorted(folder.glob("*.parquet")) if f.stem not in names and not f.name.startswith(".")]
         if not old:
             return 0
-        now = [pq.read_table(folder / f"{k}.parquet", columns=["alert_id"]).column("alert_id").to_numpy() for k in names if (folder / f"{k}.parquet").exists()]
-        covered = np.unique(np.concatenate(now)) if now else np.empty(0, np.int64)
+        now = {k: np.unique(pq.read_table(folder / f"{k}.parquet", columns=["alert_id"]).column("alert_id").to_numpy())
+               for k in sorted(names) if (folder / f"{k}.parquet").exists()}  # fmt: skip
+        covered = np.unique(np.concatenate(list(now.values()))) if now else np.empty(0, np.int64)
         removed = 0
         for f in old:
-            if contains(covered, pq.read_table(f, columns=["alert_id"]).column("alert_id").to_numpy()).all():
+            ids = pq.read_table(f, columns=["alert_id"]).column("alert_id").to_numpy()
+            if contains(covered, ids).all():
+                by = [k for k, a in now.items() if contains(a, ids).any()]
+                atomic_write(folder / "_superseded" / f"{f.stem}.json", json.dumps({"by": by}).encode())
                 (self.root / "tasks" / f"{f.stem}.json").unlink(missing_ok=True)  # planned again, it runs again
                 f.unlink()
                 dps_path(f).unlink(missing_ok=True)
                 removed += 1
+        if removed:
+            fsync_dir(folder)
+            fsync_dir(self.root / "tasks")
         return removed
+
+    def current_states(self, channel: str, names: list[str]) -> list[str]:
+        """The state sets that hold now what ``names`` held: each name itself while its file is there,
+        else the sets that superseded it (followed to the current ones); a work unit where nothing passed
+        (a task marker, no file) resolves to nothing. A name neither there nor superseded raises
+        :class:`StatesGone`: states are never dropped from a selection in silence."""
+        folder = self.root / "states" / channel
+        out, gone, seen = set(), [], set()
+        todo = list(names)
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if (folder / f"{n}.parquet").exists():
+                out.add(n)
+            elif (note := folder / "_superseded" / f"{n}.json").exists():
+                todo += json.loads(note.read_text())["by"]
+            elif (self.task_info(n) or {}).get("states", 1) != 0:
+                gone.append(n)
+        if gone:
+            raise StatesGone(channel, sorted(gone), str(folder))
+        return sorted(out)
 
     def channels(self) -> list[str]:
         d = self.root / "states"
@@ -162,7 +217,7 @@ class ParquetStore:
     # --- journal, T3, manifests ---
     def write_journal(self, run_id: str, key: str, table: pa.Table) -> None:
         if table.num_rows:
-            atomic_write(self.root / "journal" / run_id / f"{key}.parquet", parquet_bytes(table), durable=False)
+            atomic_write(self.root / "journal" / run_id / f"{key}.parquet", parquet_bytes(table), durable="checkpoint")
 
     def read_journal(self, stock: int | None = None) -> pa.Table | None:
         files = sorted((self.root / "journal").glob("*/*.parquet"))
@@ -170,6 +225,10 @@ class ParquetStore:
 
     def t3_dir(self, channel: str, key: str) -> Path:
         return self.root / "t3" / channel / key
+
+    def deliveries(self, channel: str, unit_key: str) -> ParquetDeliveries:
+        """The delivery journal of a push unit (its delivery key) for a channel (``deliveries.py``)."""
+        return ParquetDeliveries(self.root / "deliveries" / channel / unit_key)
 
     def write_t3_objects(self, channel: str, key: str, table: pa.Table) -> None:
         atomic_write(self.t3_dir(channel, key) / "objects.parquet", parquet_bytes(table), durable=False)
@@ -180,7 +239,7 @@ class ParquetStore:
 
     def write_manifest(self, run_id: str, manifest: dict[str, Any]) -> Path:
         path = self.root / "runs" / f"{run_id}.json"
-        sync()  # everything the run wrote is on disk before its manifest says so
+        checkpoint()  # what this process wrote is durable (the workers' own checkpoints came before)
         atomic_write(path, (json.dumps(manifest, indent=1, sort_keys=False, default=str) + "\n").encode())
         return path
 

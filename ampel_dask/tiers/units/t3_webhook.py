@@ -6,6 +6,14 @@ the returned records. Only variables named ``AMPEL_DASK_SECRET_*`` may be named
 (:mod:`ampel_dask.tiers.env`): a workflow must not send the Kafka password, or anything else in the
 environment, to the URL it names. Transient failures (5xx, 429, connection errors, timeouts) are
 retried with exponential backoff; other 4xx answers mean the request is wrong and raise at once.
+
+Idempotent pushes: each object carries an ``idempotency_key`` (channel, object, state, unit: see
+``keys.delivery_keys``), each request an ``Idempotency-Key`` header (its objects' keys, combined). With
+the framework's delivery journal (``T3Context.deliveries``), keys already delivered are not sent again,
+and each acknowledged request is recorded durably before the next one goes out: a re-run, a replayed
+live batch, or the next batch of a stream (``--t3-scope stream``) posts only objects in a state not
+delivered before. A request that fails (after its retries) fails the run with the number of objects not
+delivered; they are posted by the next run.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
+from ...keys import batch_key, delivery_keys, key_of
 from ..base import T3Context, T3Unit, UnitConfig, shown
 from ..env import WorkflowVariable, read_variable
 from .t3_export import json_safe, match_columns, t2_columns
@@ -92,36 +101,69 @@ class T3WebhookConfig(UnitConfig):
 
 
 class T3Webhook(T3Unit):
-    """POST ``{"channel", "run_id", "objects": [...]}`` in batches to an HTTP endpoint."""
+    """POST ``{"channel", "run_id", "objects": [...]}`` in batches to an HTTP endpoint; each object and
+    request carries an idempotency key, and what was delivered is not posted again (module docstring)."""
 
     Config = T3WebhookConfig
     version = "1"
 
-    def payloads(self, selection: pa.Table, context: T3Context) -> list[dict]:
-        """The JSON bodies, one per batch (NaN/inf -> null)."""
+    @property
+    def delivery_key(self) -> str:
+        """The unit part of the idempotency keys: what decides where and what is delivered (destination
+        and columns), not how (timeouts, retries, batch size): changing those re-posts nothing."""
+        c = self.config
+        return key_of(self.name(), str(self.version), c.url or f"${c.url_env}", c.columns)
+
+    def object_keys(self, selection: pa.Table, context: T3Context) -> list[str]:
+        """The idempotency key of each selected object (channel, stock, state id, unit)."""
+        stock = selection.column("stock").to_pylist()
+        state = selection.column("state_id").to_pylist() if "state_id" in selection.column_names else [None] * len(stock)
+        return delivery_keys(context.channel, self.delivery_key, stock, state)
+
+    def payloads(self, selection: pa.Table, context: T3Context, keys: list[str] | None = None) -> list[dict]:
+        """The JSON bodies, one per batch (NaN/inf -> null); each object with its ``idempotency_key``."""
         names = selection.column_names
         c = self.config
         extra = match_columns(names, c.columns) if c.columns is not None else t2_columns(names)
         cols = [n for n in BASE_FIELDS if n in names] + [n for n in extra if n not in BASE_FIELDS]
         data = {n: selection.column(n).to_pylist() for n in cols}
-        objects = [{n: json_safe(data[n][i]) for n in cols} for i in range(selection.num_rows)]
+        keys = self.object_keys(selection, context) if keys is None else keys
+        objects = [{"idempotency_key": keys[i], **{n: json_safe(data[n][i]) for n in cols}} for i in range(selection.num_rows)]
         return [
             {"channel": context.channel, "run_id": str(context.run_id), "objects": objects[i : i + c.batch_size]}
             for i in range(0, len(objects), c.batch_size)
         ]
 
     def react(self, selection: pa.Table, context: T3Context) -> list[dict]:
+        journal = context.deliveries(self.delivery_key) if context.deliveries is not None else None
+        keys = self.object_keys(selection, context)
+        if journal is not None and keys:
+            done = journal.delivered(keys)
+            if done.any():
+                log.info("%s: %d of %d objects were delivered before (same state): not posted again", self.name(), int(done.sum()), len(keys))
+                keep = ~done
+                selection = selection.filter(pa.array(keep))
+                keys = [k for k, new in zip(keys, keep) if new]
+        if not keys:
+            return []
         url, shown = self._url()
-        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, **self._secret_headers()}
-        records = []
-        for body in self.payloads(selection, context):
+        base_headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, **self._secret_headers()}
+        records: list[dict] = []
+        bodies = self.payloads(selection, context, keys)
+        for i, body in enumerate(bodies):
+            obj_keys = [o["idempotency_key"] for o in body["objects"]]
+            request = batch_key(obj_keys)
             data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
             try:
-                status = self._post(url, shown, data, headers)
+                status = self._post(url, shown, data, {**base_headers, "Idempotency-Key": request})
             except WebhookError as exc:
+                left = sum(len(b["objects"]) for b in bodies[i:])
                 exc.sent = records
-                exc.args = (f"{exc.args[0]} ({len(records)} earlier batches were delivered)",) if records else exc.args
+                done = f"{len(records)} earlier batches were delivered; " if records else ""
+                exc.args = (f"{exc.args[0]} ({done}{left} objects not delivered: the next run posts them)",)
                 raise
+            if journal is not None:  # durable before the next request: a crash from here on re-posts nothing delivered
+                journal.record(request, obj_keys, [o["stock"] for o in body["objects"]], str(context.run_id), status)
             log.info("%s: posted %d objects to %s (HTTP %d)", self.name(), len(body["objects"]), shown, status)
             records.append({"kind": "webhook", "url": shown, "objects": len(body["objects"]), "status": status})
         return records
