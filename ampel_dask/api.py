@@ -79,8 +79,8 @@ class Run:
 
     @property
     def counts(self) -> dict:
-        """Alerts, per-channel passed/rejected, T2 computed/reused(/failed), T3 outputs."""
-        return {k: self.summary[k] for k in ("alerts", "channels", "t2", "t3") if k in self.summary}
+        """Alerts, per-channel passed/rejected, T2 computed/reused/failed/recorded, T3 outputs, failures."""
+        return {k: self.summary[k] for k in ("alerts", "channels", "t2", "t3", "failures") if k in self.summary}
 
     @property
     def manifest(self) -> dict:
@@ -116,6 +116,14 @@ def run(workflow: str | Path | Workflow | dict, archive: str | Path | None = Non
     Returns
     -------
     Run
+
+    Raises
+    ------
+    ampel_dask.graph.failures.RunFailed
+        A unit raised and its failures were not recorded (``on_error: fail``): the message names it, the
+        exception's ``summary`` holds the counts; the run manifest is written all the same.
+    ampel_dask.graph.guard.PassRatioExceeded
+        A channel passed more than its ``max_pass_ratio``: its T3 did not run (``summary`` as above).
     """
     wf = workflow if isinstance(workflow, Workflow) else Workflow.model_validate(workflow) if isinstance(workflow, dict) else load_workflow(workflow)
     opts = RunOptions(archive=str(archive) if archive else None, store=str(store) if store else None, cluster=cluster,  # type: ignore[arg-type]
@@ -316,9 +324,10 @@ class Store:
             return ms
         import pandas as pd
 
-        keep = ("run_id", "workflow", "workflow_hash", "started", "alerts", "seconds", "tasks")
+        keep = ("run_id", "workflow", "workflow_hash", "status", "started", "alerts", "seconds", "tasks")
         return pd.DataFrame([{k: m.get(k) for k in keep} | {"t2_computed": (m.get("t2") or {}).get("computed"),
-                                                             "t2_reused": (m.get("t2") or {}).get("reused")} for m in ms])  # fmt: skip
+                                                             "t2_reused": (m.get("t2") or {}).get("reused"),
+                                                             "t2_failed": (m.get("t2") or {}).get("failed")} for m in ms])  # fmt: skip
 
     def channels(self) -> list[str]:
         return self.backend.channels()
@@ -349,8 +358,9 @@ class Store:
         """One row per object of the channel: its latest state, with the latest T2 results of that state
         as ``<Unit>__<column>`` columns (what the channel's T3 units see)."""
         from .graph.selection import left_join
-        from .io.arrays import order_by
-        from .io.stores import PROVENANCE
+        from .io.arrays import first_rows, order_by
+        from .io.stores import FAILURE, PROVENANCE
+        from .keys import id_values
 
         states = self.backend.read_states(channel, columns=["state_id", "stock", "object_id", "alert_id", "survey", "mjd", "ra", "dec"])
         if states is None:
@@ -358,15 +368,21 @@ class Store:
         stock, mjd, alert = (states.column(c).to_numpy() for c in ("stock", "mjd", "alert_id"))
         order = order_by((stock, "ascending"), (mjd, "descending"), (alert, "descending"))
         sel = states.take(pa.array(order[np.r_[True, stock[order][1:] != stock[order][:-1]]]))
-        for unit in self.units():
+        failed_units = {u for u, _ in self.backend.t2_failure_units()}
+        for unit in sorted(set(self.units()) | failed_units):
             res = self._t2(unit)
-            if res is None:
-                continue
-            res = res.filter(pc.is_in(res.column("state_id"), value_set=sel.column("state_id")))
-            if not res.num_rows:
-                continue
-            body = [c for c in res.column_names if c not in PROVENANCE or c == "code"]
-            sel = left_join(sel, res.select(["state_id", *body]), prefix=f"{unit}__")
+            pieces = []
+            if res is not None:
+                res = res.filter(pc.is_in(res.column("state_id"), value_set=sel.column("state_id")))
+                pieces.append(res.select(["state_id", *[c for c in res.column_names if c not in PROVENANCE or c == "code"]]))
+            if unit in failed_units:  # recorded failures (on_error: record) of states without a result since: as T3 sees them
+                done = res.column("state_id") if res is not None else pa.array([], sel.schema.field("state_id").type)
+                open_ = pc.filter(sel.column("state_id"), pc.invert(pc.is_in(sel.column("state_id"), value_set=done)))
+                fails = [t for u, k in self.backend.t2_failure_units() if u == unit and (t := self.backend.read_t2_failures(u, k, id_values(open_))) is not None]
+                pieces += [t.select(["state_id", "code", FAILURE]) for t in fails if t.num_rows]
+            right = pa.concat_tables(pieces, promote_options="default") if pieces else None
+            if right is not None and right.num_rows:
+                sel = left_join(sel, right.take(pa.array(first_rows(id_values(right.column("state_id"))))), prefix=f"{unit}__")
         return sel.to_pandas()
 
     def to_hats(self, channel: str, path: str | Path, margin_arcsec: float = 10.0) -> Path:

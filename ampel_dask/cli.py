@@ -186,7 +186,7 @@ def filter_cmd(archive, unit_name, config_path, surveys, nights, out_csv, as_jso
         _emit_json({"alerts": total, "accepted": accepted, "rejected": total - accepted, "reasons": reasons})
 
 
-RUN_KEYS = ("run_id", "alerts", "channels", "t2", "t3", "tasks", "seconds")
+RUN_KEYS = ("run_id", "status", "alerts", "channels", "t2", "t2_units", "t3", "failures", "stopped", "tasks", "seconds")
 
 
 @main.command()
@@ -204,8 +204,12 @@ RUN_KEYS = ("run_id", "alerts", "channels", "t2", "t3", "tasks", "seconds")
 def run(workflow, archive, store, workers, cluster, jobs, progress, run_id, wait, as_json) -> None:
     """Run a workflow over an archive: T0 filters, T1 states, T2 units, T3 reactions.
 
-    One run per store at a time: exit 2 when another run holds it (after --wait seconds).
+    Exit code 0 when every unit succeeded (or its failures were recorded: on_error: record), 1 when a
+    unit failed or a channel passed more than its max_pass_ratio (the last stderr line says why; the
+    summary is printed first), 2 on a usage error or when another run holds the store (after --wait
+    seconds): one run per store at a time.
     """
+    from .graph.failures import RunFailed
     from .graph.guard import PassRatioExceeded
     from .graph.runner import RunOptions, run_workflow
     from .graph.watchdog import StalledRun
@@ -223,9 +227,20 @@ def run(workflow, archive, store, workers, cluster, jobs, progress, run_id, wait
         raise StoreBusy(f"{exc}; try again later, or give --wait SECONDS") from None
     except WorkflowError as exc:
         raise click.UsageError(str(exc)) from None
-    except (StalledRun, PassRatioExceeded) as exc:
+    except StalledRun as exc:
         raise click.ClickException(str(exc)) from None
-    except Exception as exc:  # a unit failing on the data (the task's own error, e.g. an unknown column)
+    except PassRatioExceeded as exc:  # guarded channels' T3 not run: what the run did, then why
+        if exc.summary:
+            _report_run(exc.summary, as_json)
+        raise click.ClickException(f"run stopped: {exc}") from None
+    except RunFailed as exc:  # a unit failed: what the run did, then the one line that says why
+        _report_run(exc.summary, as_json)
+        if os.environ.get("AMPEL_DASK_DEBUG"):
+            for f in exc.summary["failures"]:
+                if f.get("traceback"):
+                    click.echo(f["traceback"], err=True)
+        raise click.ClickException(f"run failed: {exc}") from None
+    except Exception as exc:  # anything else on the way (the task's own error)
         raise _failure("run failed", exc) from None
     _report_run(summary, as_json)
 
@@ -244,18 +259,30 @@ def _failure(what: str, exc: Exception) -> click.ClickException:
 
 
 def _report_run(summary: dict, as_json: bool) -> None:
+    from .graph.failures import reason
+
     out = sys.stderr if as_json else sys.stdout
     print(f"run {summary['run_id']}: {summary['alerts']} alerts, {summary['tasks']} tasks, {summary['seconds']:.1f} s", file=out)
     for name, c in summary["channels"].items():
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["rejections"][name].items(), key=lambda kv: -kv[1])[:6])
-        print(f"  channel {name}: passed {c['passed']}, rejected {c['rejected']}" + (f" ({reasons})" if reasons else ""), file=out)
-    print(f"  T2: computed {summary['t2']['computed']}, reused {summary['t2']['reused']}; T3 outputs: {summary['t3']['outputs']}", file=out)
+        missing = f", not processed {c['not_processed']}" if c.get("not_processed") else ""
+        print(f"  channel {name}: passed {c['passed']}, rejected {c['rejected']}" + (f" ({reasons})" if reasons else "") + missing, file=out)
+    t2 = summary["t2"]
+    failed = f", failed {t2['failed']}" + (f" (recorded {t2['recorded']}, retried by the next run)" if t2.get("recorded") else "") if t2.get("failed") else ""
+    print(f"  T2: computed {t2['computed']}, reused {t2['reused']}{failed}; T3 outputs: {summary['t3']['outputs']}", file=out)
+    for unit, c in summary.get("t2_units", {}).items():
+        if c.get("failed"):
+            print(f"  T2 unit {unit}: computed {c['computed']}, reused {c['reused']}, failed {c['failed']} (recorded {c['recorded']})", file=out)
+    for f in summary.get("failures", []):
+        print(f"  {'recorded' if f['policy'] == 'record' else 'FAILED'}: {reason(f)}", file=out)
+    for channel, why in summary["t3"].get("not_run", {}).items():
+        print(f"  T3 of channel {channel} not run: {why}", file=out)
     for p in summary.get("t3_outputs", []):
         print(f"  output: {p}", file=out)
     if summary.get("note"):
         print(f"  {summary['note']}", file=out)
     if as_json:
-        _emit_json({k: summary[k] for k in RUN_KEYS} | ({"note": summary["note"]} if summary.get("note") else {}))
+        _emit_json({k: summary[k] for k in RUN_KEYS if k in summary} | ({"note": summary["note"]} if summary.get("note") else {}))
 
 
 @main.command(name="backtest")
@@ -363,8 +390,13 @@ def explain(obj, store, archive, as_json) -> None:
 def demo(out, workers, progress) -> None:
     """Simulate a ZTF-like stream, ingest it, run an example workflow; prints the T3 report path last."""
     from .demo.run import run_demo
+    from .graph.failures import RunFailed
 
-    summary = run_demo(out, workers=workers, progress=progress, echo=lambda line: click.echo(line, err=True))
+    try:
+        summary = run_demo(out, workers=workers, progress=progress, echo=lambda line: click.echo(line, err=True))
+    except RunFailed as exc:
+        _report_run(exc.summary, as_json=False)
+        raise click.ClickException(f"run failed: {exc}") from None
     _report_run(summary, as_json=False)
     if not summary.get("report"):
         raise click.ClickException("the demo produced no report")
@@ -413,8 +445,16 @@ def status(run_id, store, as_json) -> None:
     line = f"run {run_id}: {info['state']}"
     if "job_id" in info:
         line += f" (SLURM job {info['job_id']}: {info.get('slurm_state')})"
-    if info["state"] == "finished":
-        line += f"; {info['alerts']} alerts, T2 computed {info['t2']['computed']}, reused {info['t2']['reused']}, {info['seconds']} s"
+    if info["state"] in ("finished", "failed", "stopped"):
+        line += f"; {info['alerts']} alerts, T2 computed {info['t2']['computed']}, reused {info['t2']['reused']}"
+        line += f", failed {info['t2']['failed']}" if info["t2"].get("failed") else ""
+        line += f", {info['seconds']} s"
+    if info["state"] == "failed":
+        from .graph.failures import run_reason
+
+        line += f"; {run_reason(info['failures'])}"
+    if info.get("stopped"):
+        line += f"; {info['stopped']}"
     click.echo(line, err=as_json)
     if as_json:
         _emit_json(info)
@@ -485,9 +525,10 @@ def live(workflow, as_json, **options) -> None:
     """Consume alerts from Kafka in micro-batches: archive, run WORKFLOW, then commit (exactly-once results).
 
     SIGTERM (or Ctrl-C) finishes the current batch and stops; a second one abandons it uncommitted.
+    A unit that fails on a batch (on_error: fail) stops live mode before that batch's commit (exit 1).
     Credentials (SASL/TLS) come from AMPEL_DASK_KAFKA_* variables or --secrets, never from the workflow.
     """
-    from .graph.live import LiveOptions, StopFlag, run_live
+    from .graph.live import BatchFailed, LiveOptions, StopFlag, run_live
     from .graph.workflow import WorkflowError, load_workflow
     from .io.kafka import KafkaFailure
     from .io.kafka_auth import CredentialsError, KafkaCredentials, Redactor
@@ -509,12 +550,13 @@ def live(workflow, as_json, **options) -> None:
         raise click.UsageError(redactor(exc)) from None
     except Busy as exc:
         raise StoreBusy(redactor(exc)) from None
-    except (KafkaFailure, RegistryError) as exc:
+    except (KafkaFailure, RegistryError, BatchFailed) as exc:
         raise click.ClickException(redactor(exc)) from None
     except Exception as exc:  # anything else: a redacted one-line reason, never a raw message
         raise click.ClickException(f"live mode failed: {type(exc).__name__}: {redactor(exc)}") from None
     line = (f"live: {totals['batches']} batch(es) ({totals['empty_batches']} empty), {totals['alerts']} alerts, "
-            f"quarantined {totals['quarantined']}, T2 computed {totals['t2']['computed']}, reused {totals['t2']['reused']}; "
+            f"quarantined {totals['quarantined']}, T2 computed {totals['t2']['computed']}, reused {totals['t2']['reused']}, "
+            f"failed {totals['t2']['failed']} (recorded {totals['t2']['recorded']}); "
             f"stopped: {totals['stopped']}")  # fmt: skip
     click.echo(line, err=True)
     if as_json:

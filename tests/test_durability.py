@@ -97,7 +97,7 @@ def test_two_runs_on_one_store_one_exits_2_one_waits_and_the_store_is_a_single_r
     done1 = (store / "runs" / f"{s1['run_id']}.json").stat().st_mtime
     m3 = json.loads((store / "runs" / f"{s3['run_id']}.json").read_text())
     assert pd_time(m3["started"]) >= done1 - 1e-3  # it started only when the first had written its manifest
-    assert s3["t2"] == {"computed": 0, "reused": s1["t2"]["computed"] + s1["t2"]["reused"]} and s3["channels"] == s1["channels"]
+    assert s3["t2"] == {"computed": 0, "reused": s1["t2"]["computed"] + s1["t2"]["reused"], "failed": 0, "recorded": 0} and s3["channels"] == s1["channels"]
     # the store is what one run on a fresh store makes: every result once, the same states
     fresh = tmp_path / "fresh"
     single = run_workflow(Workflow.model_validate(WORKFLOW), RunOptions(archive=str(archive), store=str(fresh), workers=0, progress=False))

@@ -518,7 +518,8 @@ def test_unit_failures_are_one_line_errors(archive, tmp_path):
     wrong_type = {"name": "t", "channels": [{"name": "A", "filters": [{"unit": "ExpressionFilter", "config": {"expr": "object_id > 3"}}]}]}
     path.write_text(yaml.safe_dump(wrong_type))
     proc = subprocess.run([sys.executable, "-m", "ampel_dask.cli", "run", str(path), "--archive", str(archive), "--store", str(tmp_path / "s"), "--workers", "0"], capture_output=True, text=True)
-    assert proc.returncode == 1 and "Error: run failed: TypeError" in proc.stderr and "str" in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and "Error: run failed: T0 filter ExpressionFilter (channel A) failed on" in proc.stderr, proc.stderr
+    assert "TypeError" in proc.stderr and "str" in proc.stderr
     assert "ampel_dask/cli.py" not in proc.stderr  # the CLI's own traceback is not printed
     assert "Compute Failed" not in proc.stderr  # nor Dask's, once per failed task
 

@@ -268,10 +268,10 @@ def test_same_datapoint_ids_other_values_get_other_keys_and_are_computed_apart(p
     differ = [(x["dp_id"], n) for x, y in zip(a["dps"], b["dps"]) for n in NAMES if canonical(x[n]) != canonical(y[n])]
     assert {dp for dp, _ in differ} == {packets["candid"]} and ("dp_id", "mag") in [("dp_id", n) for _, n in differ]
     assert a["state_id"] != b["state_id"] and len(a["state_id"]) == 16
-    assert first["t2_units"]["T2LightCurveSummary"] == second["t2_units"]["T2LightCurveSummary"] == {"computed": 1, "reused": 0}
+    assert first["t2_units"]["T2LightCurveSummary"] == second["t2_units"]["T2LightCurveSummary"] == {"computed": 1, "reused": 0, "failed": 0, "recorded": 0}
     # per datapoint: only the changed one is new, every other datapoint's result is reused
-    assert first["t2_units"]["T2PointPhotometry"] == {"computed": len(a["dps"]), "reused": 0}
-    assert second["t2_units"]["T2PointPhotometry"] == {"computed": 1, "reused": len(b["dps"]) - 1}
+    assert first["t2_units"]["T2PointPhotometry"] == {"computed": len(a["dps"]), "reused": 0, "failed": 0, "recorded": 0}
+    assert second["t2_units"]["T2PointPhotometry"] == {"computed": 1, "reused": len(b["dps"]) - 1, "failed": 0, "recorded": 0}
     (unit, key), = [u for u in store.t2_units() if u[0] == "T2LightCurveSummary"]
     t2 = store.read_t2(unit, key).to_pylist()
     assert len({r["t2_key"] for r in t2}) == 2 and all(len(r["t2_key"]) == 32 for r in t2)
@@ -366,12 +366,12 @@ def test_upgrading_a_declared_library_recomputes(pitt, tmp_path, monkeypatch):
     n = first["t2_units"]["T2LightCurveFeatures"]["computed"]
     assert n > 50 and first["t2_units"]["T2LightCurveSummary"]["computed"] == n
     again = run(pitt, tmp_path / "store", wf)
-    assert again["t2"] == {"computed": 0, "reused": 2 * n}
+    assert again["t2"] == {"computed": 0, "reused": 2 * n, "failed": 0, "recorded": 0}
     real = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "99.0" if name == "light-curve" else real(name))
     upgraded = run(pitt, tmp_path / "store", wf)
-    assert upgraded["t2_units"]["T2LightCurveFeatures"] == {"computed": n, "reused": 0}  # all again
-    assert upgraded["t2_units"]["T2LightCurveSummary"] == {"computed": 0, "reused": n}  # untouched by light-curve
+    assert upgraded["t2_units"]["T2LightCurveFeatures"] == {"computed": n, "reused": 0, "failed": 0, "recorded": 0}  # all again
+    assert upgraded["t2_units"]["T2LightCurveSummary"] == {"computed": 0, "reused": n, "failed": 0, "recorded": 0}  # untouched by light-curve
 
 
 def reference_photometry(dp: dict, min_snr: float = 5.0) -> dict:
@@ -413,7 +413,7 @@ def test_point_unit_results_equal_plain_python_and_are_computed_once(pitt, tmp_p
             assert any(all(g == pytest.approx(x, rel=1e-12) if isinstance(x, float) else g == x for g, x in zip(row, w)) for row in got), (dp_id, w)
     assert {r["code"] for r in rows} == {0, 1}  # detections and upper limits both there
     again = run(pitt, store_dir, workflow(["T2PointPhotometry"]))
-    assert again["t2"] == {"computed": 0, "reused": distinct + first["t2"]["reused"]}
+    assert again["t2"] == {"computed": 0, "reused": distinct + first["t2"]["reused"], "failed": 0, "recorded": 0}
     info = explain(OBJECT, store_dir)
     mine = {dp["dp_id"] for s in states if s["object_id"] == OBJECT for dp in s["dps"]}
     assert {t["dp_id"] for t in info["t2_points"]} == mine and all(len(t["point_id"]) == 32 for t in info["t2_points"])

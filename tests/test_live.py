@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,6 +44,8 @@ from ampel_dask.io.kafka_auth import CredentialsError, KafkaCredentials, Redacto
 from ampel_dask.io.sources import Packet
 from tests.server_fixtures import kafka, new_topic  # noqa: F401  (fixtures)
 from tests.test_units_t3 import hook  # noqa: F401  (the counting HTTP receiver)
+
+from .failing_units import FAIL_ENV, GATE_ENV, units_env
 
 from .test_graph import t2_rows
 from .test_tiers import DECENT
@@ -400,8 +403,8 @@ def test_a_replayed_batch_posts_nothing_new_and_the_stream_posts_only_changed_st
 class Watched:
     """A live subprocess whose stderr lines are collected as they come."""
 
-    def __init__(self, cmd: list[str]):
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    def __init__(self, cmd: list[str], env: dict | None = None):
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
         self.lines: list[str] = []
         self._t = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")), daemon=True)
         self._t.start()
@@ -473,21 +476,137 @@ def test_until_idle_does_not_mistake_a_missing_broker_or_topic_for_a_drained_top
     assert ("brokers do not answer" if case == "unreachable broker" else "no such topic") in proc.stderr.splitlines()[-1]
 
 
-def test_second_sigterm_abandons_the_batch_uncommitted(kafka, feed, workflow_file, tmp_path):  # noqa: F811
+def test_second_sigterm_abandons_the_batch_uncommitted(kafka, feed, tmp_path):  # noqa: F811
+    """The abandon path alone: batch 1 is held inside its T2 stage (a test unit waits at a gate) when the
+    two signals come, so it can neither finish nor be committed; it is read again at the next start."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    env = units_env(tmp_path / "site", **{GATE_ENV: str(gate)})
+    workflow = tmp_path / "gate.yml"
+    workflow.write_text(yaml.safe_dump({**WORKFLOW, "channels": [{"name": "ALL", "access": ["ZTF_PUB", "ZTF_PRIV", "LSST"],
+                                        "filters": [{"unit": "ExpressionFilter", "config": {"expr": "ndet >= 1"}}], "t2": ["T2Gate"]}]}))  # fmt: skip
     group = f"abandon-{uuid.uuid4().hex[:6]}"
-    live = Watched(live_cmd(kafka, feed, workflow_file, group, tmp_path))
-    live.wait_for("batch 1: ")
+    cmd = live_cmd(kafka, feed, workflow, group, tmp_path)
+    live = Watched(cmd, env=env)
+    deadline = time.monotonic() + 90
+    while not (gate / "entered").exists():  # batch 1's run is in progress and cannot end
+        assert live.proc.poll() is None and time.monotonic() < deadline, "".join(live.lines)[-3000:]
+        time.sleep(0.05)
     live.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.4)  # batch 2 is polled at once (the topic is full) and is being ingested or run now
+    live.wait_for("SIGTERM: finishing the current batch")
     live.proc.send_signal(signal.SIGTERM)
+    live.wait_for("SIGTERM again: abandoning the current batch")  # raised in the main thread, the batch still held
+    (gate / "open").touch()  # let the held task end, so that the cluster's threads can stop
     code, totals = live.finish()
-    assert code == 0 and totals["stopped"] in ("abandoned", "signal")
+    assert code == 0 and totals["stopped"] == "abandoned" and totals["batches"] == 0 and totals["alerts"] == 0
+    assert any("batch 1 abandoned: nothing of it committed" in ln for ln in live.lines)
+    assert not any("batch 1: " in ln for ln in live.lines)  # no batch line: it never finished
+    assert all(o < 0 for o in committed(kafka, feed.topic, group).values())  # nothing committed
+    assert not list((tmp_path / "store").glob("runs/*.json")) and not list((tmp_path / "store").glob("live/*.json"))
+
+    again = run_cli(cmd + ["--batches", "1"], env=env)  # the gate is open now
+    totals = totals_of(again)
+    (m,) = manifests(tmp_path / "store")
+    ranges = {int(k.rsplit("/", 1)[1]): v for k, v in m["live"]["offsets"].items()}
+    assert totals["batches"] == 1 and all(first == 0 for first, _ in ranges.values())  # read again from the start
+    assert {q: o for q, o in committed(kafka, feed.topic, group).items() if o >= 0} == {q: last + 1 for q, (_, last) in ranges.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# a unit that raises: the batch is not committed (on_error: fail), or committed with its failures recorded
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fragile_topic(kafka, data_dir) -> tuple[str, list[int]]:  # noqa: F811
+    """One partition: 28 real ZTF alerts in time order, and the two alerts of POISON at offsets 20 and 25
+    (never in the first batch of at most MAX_FRAGILE messages)."""
+    others, poison = [], []
+    for f in sorted((data_dir / "ztf" / "pitt_google").rglob("*.avro")):
+        data = f.read_bytes()
+        rec = next(fastavro.reader(io.BytesIO(data)))
+        (poison if rec["objectId"] == POISON else others).append((rec["candidate"]["jd"], rec["objectId"], data))
+    stream = sorted(others)[:28]
+    assert len(poison) == 2
+    stream[20:20] = [poison[0]]
+    stream[25:25] = [poison[1]]
+    topic = kafka.create_topic(f"fragile-{uuid.uuid4().hex[:8]}", 1)
+    where: dict[int, int] = {}
+    p = producer(kafka.bootstrap)
+    for i, (_, key, data) in enumerate(stream):
+        p.produce(topic, key=key, value=data, on_delivery=lambda err, msg, i=i: where.__setitem__(i, msg.offset()))
+        p.poll(0)
+    assert p.flush(30) == 0 and len(where) == 30
+    return topic, [where[i] for i, (_, key, _) in enumerate(stream) if key == POISON]
+
+
+POISON = "ZTF21abvawaj"
+MAX_FRAGILE = 15
+
+
+def fragile_run(kafka, topic: str, base: Path, on_error: str, *extra: str) -> subprocess.CompletedProcess:  # noqa: F811
+    from ampel_dask.io.layout import ztf_stock
+
+    t2 = {"unit": "T2Fragile", "on_error": on_error}
+    spec = {"name": f"fragile-{on_error}", "channels": [{"name": "ALL", "access": ["ZTF_PUB", "ZTF_PRIV"],
+            "filters": [{"unit": "ExpressionFilter", "config": {"expr": "ndet >= 1"}}], "t2": [t2]}]}  # fmt: skip
+    (base / "wf.yml").write_text(yaml.safe_dump(spec))
+    cmd = [sys.executable, "-m", "ampel_dask.cli", "live", str(base / "wf.yml"), "--bootstrap", kafka.bootstrap, "--topic", topic, "--group",
+           f"fragile-{on_error}-{uuid.uuid4().hex[:6]}", "--interval", "1.5", "--max-batch", str(MAX_FRAGILE), "--archive", str(base / "archive"),
+           "--store", str(base / "store"), "--workers", "0", "--join-timeout", "30", *PROPS, "--json", "--until-idle", *extra]  # fmt: skip
+    env = units_env(base / "site", **{FAIL_ENV: str(ztf_stock(POISON))})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
+    proc.group = cmd[cmd.index("--group") + 1]  # type: ignore[attr-defined]
+    return proc
+
+
+def test_a_failing_unit_stops_live_mode_before_the_commit(kafka, fragile_topic, tmp_path):  # noqa: F811
+    from ampel_dask.io.layout import ztf_stock
+
+    topic, poison = fragile_topic
+    proc = fragile_run(kafka, topic, tmp_path, "fail")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    runs = manifests(tmp_path / "store")
+    ok, (bad,) = runs[:-1], runs[-1:]
+    assert [m["status"] for m in ok] == ["ok"] * len(ok) and ok and bad["status"] == "failed"
+    first, last = bad["live"]["offsets"][f"{topic}/0"]
+    assert first <= poison[0] <= last  # the batch holding the first poison alert failed ...
+    assert committed(kafka, topic, proc.group)[0] == first > 0  # ... and the broker has the batches before it only
+    states = [pq.read_table(f, columns=["state_id", "stock"]) for f in (tmp_path / "store" / "states" / "ALL").glob("*.parquet")]
+    (hit,) = [t for t in states if ztf_stock(POISON) in t.column("stock").to_pylist()]
+    n = len(set(hit.column("state_id").to_pylist()))  # the states of the failing stage
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"Error: batch {bad['live']['batch']} failed, nothing of it committed (it is read again at the next start): T2 unit T2Fragile "
+        f"(channel ALL) failed on {n} states: ValueError: fragile: {n} states, one of stocks {ztf_stock(POISON)} among them")  # fmt: skip
     record = json.loads(next((tmp_path / "store" / "live").glob("*.json")).read_text())
-    got = committed(kafka, feed.topic, group)
-    # every committed message belongs to a batch whose results are complete and recorded, none beyond
-    assert sum(o for o in got.values() if o > 0) == totals["alerts"] == record["alerts"] < feed.messages
-    if totals["stopped"] == "abandoned":
-        assert "abandoned: nothing of it committed" in "".join(live.lines)
+    assert record["batches"] == len(ok)  # the failed batch's parts are not marked done: a restart runs them again
+
+
+def test_recorded_failures_are_committed_and_retried_by_the_next_run(kafka, fragile_topic, tmp_path):  # noqa: F811
+    from ampel_dask.io.layout import ztf_stock
+
+    topic, poison = fragile_topic
+    proc = fragile_run(kafka, topic, tmp_path, "record")
+    totals = totals_of(proc)
+    assert committed(kafka, topic, proc.group)[0] == 30 and totals["stopped"] == "idle"
+    states = [pq.read_table(f, columns=["state_id", "stock"]) for f in (tmp_path / "store" / "states" / "ALL").glob("*.parquet")]
+    sids = {(s, i) for t in states for s, i in zip(t.column("stock").to_pylist(), t.column("state_id").to_pylist())}
+    bad = {i for s, i in sids if s == ztf_stock(POISON)}
+    assert len(bad) == len(poison) == 2  # one state per poison alert
+    assert totals["t2"]["failed"] == totals["t2"]["recorded"] == 2 and totals["t2"]["computed"] == len({i for _, i in sids}) - 2
+    assert "failed 2 (recorded 2)" in next(ln for ln in proc.stderr.splitlines() if ln.startswith("live: "))
+    failed = [int(m.group(1)) for ln in proc.stderr.splitlines() if "; committed" in ln and (m := re.search(r"failed (\d+) \(recorded, retried", ln))]
+    assert sum(failed) == 2  # said in the line of each batch that had them, and those batches were committed
+
+    env = units_env(tmp_path / "site")  # the unit fixed: an archive run over what the stream archived
+    again = subprocess.run([sys.executable, "-m", "ampel_dask.cli", "run", str(tmp_path / "wf.yml"), "--archive", str(tmp_path / "archive"),
+                            "--store", str(tmp_path / "store"), "--workers", "0", "--json"], capture_output=True, text=True, env=env, cwd=ROOT)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    out = json.loads(again.stdout.strip().splitlines()[-1])
+    assert out["t2_units"]["T2Fragile"] == {"computed": 2, "reused": len({i for _, i in sids}) - 2, "failed": 0, "recorded": 0}
+    info = json.loads(subprocess.run([sys.executable, "-m", "ampel_dask.cli", "explain", POISON, "--store", str(tmp_path / "store"), "--json"],
+                                     capture_output=True, text=True, env=env, cwd=ROOT).stdout.strip().splitlines()[-1])  # fmt: skip
+    assert sorted(t["code"] for t in info["t2"]) == [0, 0] and info["stock"] == ztf_stock(POISON)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ def test_demo_report_in_chromium(demo, expected, tmp_path):
             assert page.locator("h1").inner_text().startswith(oid)
             text = page.locator("body").inner_text()
             row = expected[expected["object_id"] == oid].iloc[0]
-            assert str(row["state_id"]) in text and str(alert) in text
+            assert bytes(row["state_id"]).hex() in text and str(alert) in text  # the 128-bit state id in hex
     assert not problems, problems
 
 

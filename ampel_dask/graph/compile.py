@@ -38,6 +38,7 @@ class CompiledRun:
     # plans), run only once the T0 counts are known to be within the limit (graph/guard.py)
     held: dict = field(default_factory=dict)
     held_sinks: list[str] = field(default_factory=list)
+    held_selections: dict[str, str] = field(default_factory=dict)  # channel -> its selection task in ``held``
 
     @property
     def tasks(self) -> int:
@@ -125,8 +126,9 @@ class _Builder:
         self.dsk.setdefault(read, (batches.read_partition, self.root, unit.paths, self.columns))
         out = {}
         for c in chans:
-            k = task_key(T0, key_of(c.t0_key, unit.key))
-            self.dsk.setdefault(k, (tasks.run_t0, read, self.pk[c.name]))
+            name = key_of(c.t0_key, unit.key)
+            k = task_key(T0, name)
+            self.dsk.setdefault(k, (tasks.run_t0, read, self.pk[c.name], name))
             out[c.name] = k
         return out
 
@@ -235,6 +237,7 @@ class _Builder:
                     continue
                 if held:
                     dsk.setdefault(self.pk[c.name], c)
+                    run.held_selections[c.name] = sel_key
                 dsk.setdefault(sel_key, (tasks.selection_task, self.spec, self.pk[c.name], t3_sel, *t2_deps))
                 dsk[task_key(T3, name)] = (tasks.run_t3, self.spec, self.pk[c.name], i, name, self.run_id, sel_key, self.root)
                 sinks.append(task_key(T3, name))

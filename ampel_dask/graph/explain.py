@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 
 from ..io.archive import Archive
 from ..io.layout import ztf_name, ztf_stock
-from ..io.stores import POINT_PROVENANCE, PROVENANCE, open_store, store_spec
+from ..io.stores import FAILURE, POINT_PROVENANCE, PROVENANCE, open_store, store_spec
 from ..keys import id_hex
+from .failures import run_reason
 
 
 def resolve_stock(obj: str) -> tuple[int, str]:
@@ -57,9 +58,13 @@ def explain(obj: str, store_dir: str | Path, archive_dir: str | Path | None = No
             out["object"] = ztf_name(stock)
     journal = _filter_stock(store.read_journal(stock=stock), stock)
     runs_by_alert: dict[tuple, set] = {}
+    failed_on: list[dict] = []  # (unit, state, run) where a T2 unit failed, from the journal (no state: per datapoint)
     if journal is not None:
         for r in journal.to_pylist():
             runs_by_alert.setdefault((r["channel"], r["alert_id"]), set()).add(r["run_id"])
+            if r["tier"] == 2 and r["action"] in ("failed", "failed:point"):
+                sid = id_hex(r["state_id"]) if r["action"] == "failed" else None
+                failed_on.append({"unit": r["unit"], "state_id": sid, "run_id": r["run_id"]})
     for channel in store.channels():
         states = _filter_stock(store.read_states(channel, columns=["state_id", "stock", "alert_id", "mjd", "dps"], stock=stock), stock)
         if states is None:
@@ -67,22 +72,49 @@ def explain(obj: str, store_dir: str | Path, archive_dir: str | Path | None = No
         for r in states.to_pylist():
             out["states"].append({"channel": channel, "state_id": id_hex(r["state_id"]), "alert_id": r["alert_id"], "mjd": r["mjd"],
                                   "datapoints": len(r["dps"]), "runs": sorted(runs_by_alert.get((channel, r["alert_id"]), []))})  # fmt: skip
+    done: dict[str, set] = {}
     for unit, key in store.t2_units():
         res = _filter_stock(store.read_t2(unit, key, stock=stock), stock)
         if res is None:
             continue
         for r in res.to_pylist():
             body = {k: v for k, v in r.items() if k not in PROVENANCE}
+            done.setdefault(key, set()).add(r["state_id"])
             out["t2"].append({"unit": unit, "unit_version": r["unit_version"], "config_hash": r["config_hash"], "state_id": id_hex(r["state_id"]),
                               "code": r["code"], "run_id": r["run_id"], "body": body})  # fmt: skip
+    for unit, key in store.t2_failure_units():  # recorded failures (on_error: record) not since computed
+        fails = _filter_stock(store.read_t2_failures(unit, key, stock=stock), stock)
+        for r in fails.to_pylist() if fails is not None else []:
+            if r["state_id"] not in done.get(key, ()):
+                out["t2"].append({"unit": unit, "unit_version": r["unit_version"], "config_hash": r["config_hash"], "state_id": id_hex(r["state_id"]),
+                                  "code": r["code"], "run_id": r["run_id"], "body": {}, FAILURE: r[FAILURE], "recorded": True})  # fmt: skip
     for unit, key in store.t2_point_units():
         res = _filter_stock(store.read_t2_points(unit, key, stock=stock), stock)
         if res is None:
             continue
         for r in res.sort_by("dp_id").to_pylist():
             body = {k: v for k, v in r.items() if k not in POINT_PROVENANCE}
+            done.setdefault(key, set()).add(r["point_id"])
             out["t2_points"].append({"unit": unit, "unit_version": r["unit_version"], "config_hash": r["config_hash"], "dp_id": r["dp_id"],
                                      "point_id": id_hex(r["point_id"]), "code": r["code"], "run_id": r["run_id"], "body": body})  # fmt: skip
+    for unit, key in store.t2_point_failure_units():  # a T2PointUnit's recorded failures, as above
+        fails = _filter_stock(store.read_t2_point_failures(unit, key, stock=stock), stock)
+        for r in fails.sort_by("dp_id").to_pylist() if fails is not None else []:
+            if r["point_id"] not in done.get(key, ()):
+                out["t2_points"].append({"unit": unit, "unit_version": r["unit_version"], "config_hash": r["config_hash"], "dp_id": r["dp_id"],
+                                         "point_id": id_hex(r["point_id"]), "code": r["code"], "run_id": r["run_id"], "body": {},
+                                         FAILURE: r[FAILURE], "recorded": True})  # fmt: skip
+    # failures of runs that did not record them (on_error: fail), on states still without a T2 row
+    reasons = {m["run_id"]: m for m in manifests if m.get("status") == "failed"}
+    have = {(t["unit"], t["state_id"]) for t in out["t2"]}
+    for f in failed_on:
+        m = reasons.get(f["run_id"])
+        if f["state_id"] is not None and (f["unit"], f["state_id"]) not in have and m is not None:
+            err = next((x["error"] for x in m.get("failures", []) if x["unit"] == f["unit"]), "")
+            out["t2"].append({"unit": f["unit"], "state_id": f["state_id"], "run_id": f["run_id"], "code": None, "body": {},
+                              FAILURE: err, "recorded": False})  # fmt: skip
+            have.add((f["unit"], f["state_id"]))
+    out["failed_runs"] = [{"run_id": r, "reason": run_reason(reasons[r]["failures"])} for r in sorted({f["run_id"] for f in failed_on} & set(reasons))]
     t3 = _filter_stock(store.read_t3_objects(stock=stock), stock)
     if t3 is not None:
         for r in t3.to_pylist():
@@ -109,14 +141,25 @@ def render(info: dict) -> str:
         s0 = ss[0]
         lines.append(f"    state {sid[:16]}  alert {s0['alert_id']}  {s0['datapoints']} datapoints  channels: {chans}  runs: {', '.join(runs) or '-'}")
         for t in info["t2"]:
-            if t["state_id"] == sid:
+            if t["state_id"] == sid and t.get("recorded"):
+                lines.append(f"      T2 {t['unit']} v{t['unit_version']} (config {t['config_hash'][:16]}) FAILED (code {t['code']}, recorded; "
+                             f"the next run retries it)  run {t['run_id']}: {t[FAILURE]}")  # fmt: skip
+            elif t["state_id"] == sid and FAILURE in t:
+                lines.append(f"      T2 {t['unit']} FAILED in run {t['run_id']} (not recorded: that run failed; the next run retries it): {t[FAILURE]}")
+            elif t["state_id"] == sid:
                 body = ", ".join(f"{k}={_fmt(v)}" for k, v in list(t["body"].items())[:6])
                 lines.append(f"      T2 {t['unit']} v{t['unit_version']} (config {t['config_hash'][:16]}) code {t['code']}  run {t['run_id']}: {body}")
     points = info.get("t2_points", [])
     lines.append(f"  T2 per datapoint: {len(points)}")
     for t in points:
-        body = ", ".join(f"{k}={_fmt(v)}" for k, v in list(t["body"].items())[:6])
-        lines.append(f"    datapoint {t['dp_id']}  T2 {t['unit']} v{t['unit_version']} (config {t['config_hash'][:16]}) code {t['code']}  run {t['run_id']}: {body}")
+        head = f"    datapoint {t['dp_id']}  T2 {t['unit']} v{t['unit_version']} (config {t['config_hash'][:16]})"
+        if t.get("recorded"):
+            lines.append(f"{head} FAILED (code {t['code']}, recorded; the next run retries it)  run {t['run_id']}: {t[FAILURE]}")
+        else:
+            body = ", ".join(f"{k}={_fmt(v)}" for k, v in list(t["body"].items())[:6])
+            lines.append(f"{head} code {t['code']}  run {t['run_id']}: {body}")
+    for r in info.get("failed_runs", []):
+        lines.append(f"  run {r['run_id']} failed: {r['reason']}")
     lines.append(f"  T3: {len(info['t3'])}")
     for t in info["t3"]:
         lines.append(f"    {t['channel']} / {t['unit']}  state {t['state_id'][:16]}  run {t['run_id']}  -> {', '.join(p for p in t['outputs'] if p) or '-'}")

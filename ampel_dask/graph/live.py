@@ -34,11 +34,16 @@ from .live_record import StreamRecord
 from ..keys import key_of
 from ..io.locks import Busy
 from ..io.stores import open_store
+from .failures import RunFailed
 from .plan import plan_workflow
 from .runner import RunOptions, new_run_id, run_workflow
 from .workflow import Workflow, WorkflowError
 
 log = logging.getLogger("ampel_dask.live")
+
+
+class BatchFailed(Exception):
+    """A unit failed on a batch without recording it: the batch is not committed and live mode stops."""
 
 
 @dataclass
@@ -52,7 +57,7 @@ class Totals:
     duplicates: int = 0
     quarantined: int = 0
     channels: dict[str, dict[str, int]] = field(default_factory=dict)
-    t2: dict[str, int] = field(default_factory=lambda: {"computed": 0, "reused": 0})
+    t2: dict[str, int] = field(default_factory=lambda: {"computed": 0, "reused": 0, "failed": 0, "recorded": 0})
     t3_outputs: int = 0
     commit_failures: int = 0
     latency_last: float | None = None
@@ -197,7 +202,10 @@ def _process_held(ctx: _Context, consumer: LiveConsumer, batch: Batch, n: int, r
         ropts = RunOptions(archive=str(ctx.archive), store=opts.store, client=ctx.client, partitions=parts, progress=False,
                            run_id=run_id, manifest_extra=extra, t3_states=stream_states(ctx.record, ctx.store) if opts.t3_scope == "stream" else None)  # fmt: skip
         with crash_during_run(n, Path(ctx.store.root)):
-            summary = run_workflow(ctx.wf, ropts)
+            try:
+                summary = run_workflow(ctx.wf, ropts)
+            except RunFailed as exc:  # unrecorded failures: nothing of the batch is committed
+                raise BatchFailed(f"batch {n} failed, nothing of it committed (it is read again at the next start): {exc}") from None
         ctx.record.add(summary["state_names"], parts, report.read)
     t_run = time.time()
     ctx.store.sync()  # the partition and every result file on disk before the offsets move
@@ -246,7 +254,7 @@ def _account(ctx: _Context, batch: Batch, info: dict, committed: bool) -> None:
         agg["passed"] += c["passed"]
         agg["rejected"] += c["rejected"]
         m.add("passed_total", c["passed"], channel=ch)
-    for k in ("computed", "reused"):
+    for k in ("computed", "reused", "failed", "recorded"):
         t.t2[k] += info["t2"].get(k, 0)
         m.add(f"t2_{k}_total", info["t2"].get(k, 0))
     t.t3_outputs += info["t3_outputs"]
@@ -275,9 +283,16 @@ def _line(info: dict, ts: tuple[float, float] | None, t_done: float) -> str:
     commit = "committed" if info["committed"] else "COMMIT FAILED (batch will be replayed)"
     return (f"batch {info['batch']}: {info['alerts']} alerts (ingested {info['ingested']}, duplicates {info['duplicates']}, "
             f"quarantined {info['quarantined']}) from {len(info['offsets'])} partition(s); passed {passed}; "
-            f"T2 computed {info['t2'].get('computed', 0)}, reused {info['t2'].get('reused', 0)}; T3 outputs {info['t3_outputs']}; "
+            f"T2 computed {info['t2'].get('computed', 0)}, reused {info['t2'].get('reused', 0)}"
+            f"{_failed(info['t2'])}; T3 outputs {info['t3_outputs']}; "
             f"{info['seconds']:.2f} s (ingest {info['ingest_seconds']:.2f}, run {info['run_seconds']:.2f}, sync+commit "
             f"{info['commit_seconds']:.2f}), {lat}; {commit}")  # fmt: skip
+
+
+def _failed(t2: dict) -> str:
+    """", failed N (recorded, retried by the next run)" when some states failed (only recorded ones
+    reach a committed batch)."""
+    return f", failed {t2['failed']} (recorded, retried by the next run)" if t2.get("failed") else ""
 
 
 def _summary(t: Totals, store: Any, archive: Path, group: str, opts: LiveOptions) -> dict:
@@ -302,4 +317,4 @@ def _summary(t: Totals, store: Any, archive: Path, group: str, opts: LiveOptions
     }
 
 
-__all__ = ["LiveOptions", "run_live", "stream_states", "StopFlag", "Abandon", "StreamRecord", "CRASH_ENV", "CRASH_POINTS"]
+__all__ = ["LiveOptions", "run_live", "stream_states", "StopFlag", "Abandon", "BatchFailed", "StreamRecord", "CRASH_ENV", "CRASH_POINTS"]

@@ -42,6 +42,7 @@ class StopFlag:
             log.info("%s: finishing the current batch, then stopping (again to abandon it)", signal.Signals(signum).name)
         elif not self._abandoned:
             self._abandoned = True
+            log.warning("%s again: abandoning the current batch (nothing of it is committed)", signal.Signals(signum).name)
             raise Abandon()
 
     @contextmanager

@@ -27,6 +27,7 @@ class ChannelPlan:
     t1: T1Unit
     t2: list[T2StateUnit | T2PointUnit]  # dependencies first
     t3: list[T3Unit]
+    on_error: dict[str, str] = field(default_factory=dict)  # T2 unit key -> "fail" | "record"
     t0_key: str = ""
     t1_key: str = ""
     columns: set[str] | None = field(default=None)
@@ -95,9 +96,14 @@ def plan_channel(spec: ChannelSpec, i: int, wf: Workflow | None = None) -> Chann
     loc = ("channels", i)
     filters = [_make(r, (*loc, "filters", j), T0Filter, wf) for j, r in enumerate(spec.filters)]
     t1 = _make(spec.t1, (*loc, "t1"), T1Unit, wf)
-    t2 = _with_dependencies([_make(r, (*loc, "t2", j), (T2StateUnit, T2PointUnit), wf) for j, r in enumerate(spec.t2)])
+    listed = [_make(r, (*loc, "t2", j), (T2StateUnit, T2PointUnit), wf) for j, r in enumerate(spec.t2)]
+    t2 = _with_dependencies(listed)
     t3 = [_make(r, (*loc, "t3", j), T3Unit, wf) for j, r in enumerate(spec.t3)]
-    plan = ChannelPlan(spec.name, list(spec.access), filters, t1, t2, t3)  # type: ignore[arg-type]
+    own: dict[str, str] = {}
+    for u, r in zip(listed, spec.t2):  # the same unit listed twice: "fail" wins
+        own[u.identity.key] = "fail" if "fail" in (own.get(u.identity.key), r.on_error) else "record"  # type: ignore[attr-defined]
+    on_error = _on_error(t2, own)
+    plan = ChannelPlan(spec.name, list(spec.access), filters, t1, t2, t3, on_error)  # type: ignore[arg-type]
     plan.t0_key = key_of("t0", RIGHTS_RULE, sorted(spec.access), [f.identity.key for f in filters])
     plan.t1_key = key_of("t1", plan.t0_key, t1.identity.key)
     cols: set[str] | None = set(CORE_COLUMNS)
@@ -108,6 +114,18 @@ def plan_channel(spec: ChannelSpec, i: int, wf: Workflow | None = None) -> Chann
         cols |= set(f.columns)
     plan.columns = cols
     return plan
+
+
+def _on_error(units: list[T2StateUnit | T2PointUnit], listed: dict[str, str]) -> dict[str, str]:
+    """Each T2 unit's failure policy: its own where the channel lists it; a dependency the channel does
+    not list takes the policy of the units that read it ("fail" if any of them fails)."""
+    out = dict(listed)
+    for u in reversed(units):  # dependents before their dependencies
+        for d in u.dependencies() if isinstance(u, T2StateUnit) else []:
+            k = d.identity.key
+            if k not in listed:
+                out[k] = "fail" if "fail" in (out.get(k), out[u.identity.key]) else "record"
+    return out
 
 
 def t2_units(plans: list[ChannelPlan]) -> list[T2StateUnit | T2PointUnit]:

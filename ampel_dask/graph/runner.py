@@ -22,6 +22,7 @@ from ..io.locks import scratch_dir, sweep
 from ..io.stores import StoreFormatError, open_store
 from ..keys import T2, T3, stage_of, task_key
 from .compile import CompiledRun, compile_run
+from .failures import NOUN, Blocked, RunFailed, UnitFailed, merge, run_reason, t3_blocked
 from .guard import PassRatioExceeded, limits, over_limit
 from .plan import check_columns, plan_workflow, unit_versions
 from .progress import Progress, as_finished, on_terminal
@@ -119,6 +120,7 @@ def _run_workflow(wf: Workflow, opts: RunOptions) -> dict:
     run = compile_run(plans, archive, parts, store, run_id, wf.history_buckets, wf.batch_rows, opts.t3_states, frozenset(limits(wf)))
     t_exec = time.perf_counter()
     results: dict[str, Any] = {}
+    raised: dict[str, UnitFailed] = {}  # sink -> the T0, T1, T3 unit failure it raised (T2's come in the stages' counts)
     dashboard = None
     workers: list[dict] = []
     stopped = None  # why guarded channels' T3 did not run (graph/guard.py)
@@ -128,15 +130,21 @@ def _run_workflow(wf: Workflow, opts: RunOptions) -> dict:
             if dashboard and on_terminal(opts.progress):
                 echo(f"Dask dashboard: {dashboard}")
             if run.graph:
-                results = _execute(client, run, opts.progress, wf.cluster.stall_timeout)
+                results, raised = _execute(client, run, opts.progress, wf.cluster.stall_timeout)
             if run.held and not (stopped := over_limit(store, run, wf)):  # T0 counts known: within the limits
-                results.update(_execute(client, CompiledRun(graph=run.held, sinks=run.held_sinks), opts.progress, wf.cluster.stall_timeout))
+                held = _gate_held(run, results, raised)
+                done, more = _execute(client, CompiledRun(graph=held, sinks=run.held_sinks), opts.progress, wf.cluster.stall_timeout)
+                results.update(done)
+                raised.update(more)
             client.run(checkpoint)  # every worker makes what it wrote durable (files, markers, folders) before the manifest
             workers = _workers(client)
+    failures = _failures(run, results, raised, plans)
+    why = run_reason(failures)  # None: nothing failed, or every failure was recorded
     # states a work unit wrote anew (a night added, history extended) replace the old ones in the store;
     # not in a run over chosen parts (a live batch): its work units are not the whole selection, and
-    # every older batch's states would be read to find none to remove
-    superseded = {} if opts.partitions is not None else {c: n for c, names in run.t1_names.items() if (n := store.prune_states(c, names))}
+    # every older batch's states would be read to find none to remove; not after a failed run either
+    keep = opts.partitions is not None or why is not None
+    superseded = {} if keep else {c: n for c, names in run.t1_names.items() if (n := store.prune_states(c, names))}
     t_done = time.perf_counter()
     for d in run.shuffle_dirs:
         shutil.rmtree(d, ignore_errors=True)
@@ -146,6 +154,8 @@ def _run_workflow(wf: Workflow, opts: RunOptions) -> dict:
             except OSError:
                 break
     summary = _summarise(run, results, store, plans, parts, run_id)
+    summary["status"] = "failed" if why else "stopped" if stopped else "ok"
+    summary["failures"] = failures
     summary["seconds"] = round(time.perf_counter() - t_start, 3)
     if stopped:
         summary["stopped"] = stopped
@@ -174,7 +184,10 @@ def _run_workflow(wf: Workflow, opts: RunOptions) -> dict:
         **(opts.manifest_extra or {}),
     }
     store.write_manifest(run_id, manifest)
-    if stopped:  # after the manifest: the states and T2 results are stored, the manifest says why
+    # after the manifest: `explain` and `status` can say what happened (states and T2 results are stored)
+    if why:
+        raise RunFailed(why + (f"; and {stopped}" if stopped else ""), summary)
+    if stopped:
         raise PassRatioExceeded(stopped, summary)
     return summary
 
@@ -207,11 +220,15 @@ def _client(wf: Workflow, opts: RunOptions, store_root: Path) -> Iterator[Any]:
         yield client
 
 
-def _execute(client, run: CompiledRun, progress: bool | None, stall_timeout: float | None = None) -> dict:
+def _execute(client, run: CompiledRun, progress: bool | None, stall_timeout: float | None = None) -> tuple[dict, dict[str, UnitFailed]]:
+    """The sinks' results, and the unit failures they raised, by sink (the tasks that depend on a failed
+    task raise its failure too: :func:`_failures` counts each once); the work that does not depend on a
+    failure goes on."""
     from concurrent.futures import CancelledError
 
     futures = client.get(run.graph, run.sinks, sync=False)
     results = {}
+    raised: dict[str, UnitFailed] = {}
     with Progress(progress, len(futures), "run") as bar, Watchdog(client, futures, stall_timeout) as dog:
         for fut in as_finished(futures):
             try:
@@ -220,10 +237,44 @@ def _execute(client, run: CompiledRun, progress: bool | None, stall_timeout: flo
                 if dog.reason:
                     raise StalledRun(dog.reason) from None
                 raise
-            if not hasattr(value, "num_rows"):  # T1 sinks return tables: keep only small summaries
+            except UnitFailed as exc:
+                raised[fut.key] = exc
+                value = None
+            if value is not None and not hasattr(value, "num_rows"):  # T1 sinks return tables: keep only small summaries
                 results[fut.key] = value
             bar.update(1)
-    return results
+    return results, raised
+
+
+def _gate_held(run: CompiledRun, results: dict, raised: dict[str, UnitFailed]) -> dict:
+    """The held T3 graph (channels with a max_pass_ratio), where a channel whose states or T2 results a
+    unit failed on without recording it gets no selection (``Blocked``), as in the main graph: its held
+    selection does not wait for those tasks (they ran before), so their outcome is looked up here."""
+    held = dict(run.held)
+    for channel, sel_key in run.held_selections.items():
+        upstream = run.produced_by.get(channel, [])
+        why = t3_blocked(channel, tuple(results.get(k) for k in upstream)) or next((str(raised[k]) for k in upstream if k in raised), None)
+        if why and sel_key in held:
+            held[sel_key] = Blocked(why)
+    return held
+
+
+def _failures(run: CompiledRun, results: dict, raised: dict[str, UnitFailed], plans) -> list[dict]:
+    """Every unit failure of the run, one entry per unit (and policy): T0, T1, T2 (from the stages'
+    counts, in graph order), T3; a T0 failure names every channel that shares the failed filter chain.
+    A failure is counted once, however many sinks raised it (``where``: the task that failed)."""
+    t0_of = {p.name: p.t0_key for p in plans}
+    found = []
+    once = {exc.where: exc for exc in raised.values()}
+    for exc in sorted(once.values(), key=lambda e: (list(NOUN).index(e.tier), e.where)):
+        f = exc.as_dict()
+        if exc.tier == "T0":
+            f["channels"] = [p.name for p in plans if p.t0_key == t0_of.get(exc.channels[0])]
+        found.append(f)
+    stages = [results.get(task_key(T2, name)) or {} for name in run.t2_names]
+    found += [f for res in stages for f in res.get("failures", [])]
+    order = list(NOUN)
+    return sorted(merge(found), key=lambda f: order.index(f["tier"]))
 
 
 def _summarise(run: CompiledRun, results: dict, store, plans, parts, run_id: str) -> dict:
@@ -237,14 +288,14 @@ def _summarise(run: CompiledRun, results: dict, store, plans, parts, run_id: str
             for k, v in info.get("reasons", {}).items():
                 agg["reasons"][k] = agg["reasons"].get(k, 0) + v
         channels[c.name] = agg
-    computed = reused = failed = 0
+    computed = reused = failed = recorded = 0
     by_unit: dict[str, dict] = {}
     for name in run.t2_names:
         res = results.get(task_key(T2, name))
         if res is None:  # skipped: done in an earlier run, everything reused now
             info = store.task_info(name) or {}
             for u, c in info.get("units", {}).items():
-                d = by_unit.setdefault(u, {"computed": 0, "reused": 0})
+                d = by_unit.setdefault(u, {"computed": 0, "reused": 0, "failed": 0, "recorded": 0})
                 n = c.get("states", c.get("points", 0))  # a T2PointUnit counts datapoints
                 d["reused"] += n
                 reused += n
@@ -252,19 +303,26 @@ def _summarise(run: CompiledRun, results: dict, store, plans, parts, run_id: str
         computed += res["computed"]
         reused += res["reused"]
         failed += res["failed"]
+        recorded += res.get("recorded", 0)
         for u, c in res["units"].items():
-            d = by_unit.setdefault(u, {"computed": 0, "reused": 0})
+            d = by_unit.setdefault(u, {"computed": 0, "reused": 0, "failed": 0, "recorded": 0})
             d["computed"] += c["computed"]
             d["reused"] += c["reused"]
+            d["failed"] += c.get("failed", 0)
+            d["recorded"] += c.get("recorded", 0)
     t3 = [r for k, r in results.items() if stage_of(k) == T3]
+    skipped = sorted({r["channel"]: r["skipped"] for r in t3 if r.get("skipped")}.items())
     outputs = sum(len(r.get("outputs", [])) for r in t3)
     t3_paths = [o.get("path") for r in t3 for o in r.get("outputs", []) if o.get("path")]
+    alerts = sum(p.rows for p in parts)
     return {
         "run_id": run_id,
-        "alerts": sum(p.rows for p in parts),
-        "channels": {k: {"passed": v["passed"], "rejected": v["rejected"]} for k, v in channels.items()},
-        "t2": {"computed": computed, "reused": reused, **({"failed": failed} if failed else {})},
-        "t3": {"outputs": outputs},
+        "alerts": alerts,
+        # alerts = passed + rejected + not_processed (only a failed run leaves alerts not processed)
+        "channels": {k: {"passed": v["passed"], "rejected": v["rejected"], **({"not_processed": n} if (n := alerts - v["passed"] - v["rejected"]) else {})}
+                     for k, v in channels.items()},  # fmt: skip
+        "t2": {"computed": computed, "reused": reused, "failed": failed, "recorded": recorded},
+        "t3": {"outputs": outputs, **({"not_run": dict(skipped)} if skipped else {})},
         "tasks": run.tasks,
         "rejections": {k: v["reasons"] for k, v in channels.items()},
         "t2_units": by_unit,
@@ -274,4 +332,4 @@ def _summarise(run: CompiledRun, results: dict, store, plans, parts, run_id: str
     }
 
 
-__all__ = ["run_workflow", "RunOptions", "new_run_id", "os"]
+__all__ = ["run_workflow", "RunOptions", "RunFailed", "new_run_id", "os"]

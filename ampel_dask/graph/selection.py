@@ -2,7 +2,13 @@
 
 The join is by 128-bit state content id (``keys.state_ids``): a T2 row joins a state only if it was
 computed from the same datapoint values; one computed from other values (even with the same datapoint
-ids) has another id and is refused, and so is a key column that is not a content id at all."""
+ids) has another id and is refused, and so is a key column that is not a content id at all.
+
+A state whose T2 unit failed and was recorded (``on_error: record``) is in the selection like any
+other, with the unit's body columns null and ``<Unit>__code`` = -1 (``UNIT_FAILED``: codes a unit sets
+itself are >= 0); a selection that holds such states also has ``<Unit>__failure``, the error (null for
+the others). Without failures the selection is what it always was.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +17,8 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 
-from ..io.arrays import lookup, order_by
-from ..io.stores import PROVENANCE, ResultStore
+from ..io.arrays import contains, lookup, order_by, sorted_unique
+from ..io.stores import FAILURE, PROVENANCE, ResultStore
 from ..keys import id_values
 from ..tiers.base import T2PointUnit
 from ..tiers.labels import with_label
@@ -35,11 +41,24 @@ def selection(store: ResultStore, plan: ChannelPlan, state_keys: list[str]) -> p
         if isinstance(unit, T2PointUnit):  # per datapoint, not per state: read with store.read_t2_points
             continue
         res = store.read_t2(unit.name(), unit.identity.key, sid)
-        if res is None:
-            continue
-        body = [c for c in res.column_names if c not in PROVENANCE or c == "code"]
-        sel = left_join(sel, res.select(["state_id", *body]), prefix=f"{unit.name()}__", label=lambda col, u=unit: u.label(col, u.config))
+        pieces = []
+        if res is not None:
+            body = [c for c in res.column_names if c not in PROVENANCE or c == "code"]
+            pieces.append(res.select(["state_id", *body]))
+        have = sorted_unique(id_values(res.column("state_id"))) if res is not None else sid[:0]
+        open_ = sid[~contains(have, sid)]  # a failure recorded before a later success is no failure
+        fails = store.read_t2_failures(unit.name(), unit.identity.key, open_) if len(open_) else None
+        if fails is not None and fails.num_rows:
+            pieces.append(fails.select(["state_id", "code", FAILURE]))
+        if pieces:
+            right = pa.concat_tables(pieces, promote_options="default") if len(pieces) > 1 else pieces[0]
+            sel = left_join(sel, right, prefix=f"{unit.name()}__", label=lambda col, u=unit: _label(u, col))
     return sel
+
+
+def _label(unit, column: str) -> tuple[str, str]:
+    """A T2 column's (label, unit); the framework's ``failure`` column is labelled here, not by the unit."""
+    return ("Unit failure", "") if column == FAILURE else unit.label(column, unit.config)
 
 
 def left_join(left: pa.Table, right: pa.Table, prefix: str, label: Callable[[str], tuple[str, str]] | None = None) -> pa.Table:

@@ -92,8 +92,10 @@ def status(run_id: str, store: str) -> dict:
             info["slurm_state"] = "UNKNOWN (no scontrol here)"
     if manifest_path.exists():
         m = json.loads(manifest_path.read_text())
-        info.update(state="finished", alerts=m["alerts"], channels=m["channels"], t2=m["t2"], t3=m["t3"], seconds=m["seconds"], tasks=m["tasks"],
-                    workers=m.get("workers"))  # fmt: skip
+        # a unit failed (the manifest says which: ``failures``), or a channel's max_pass_ratio stopped its T3
+        state = {"failed": "failed", "stopped": "stopped"}.get(m.get("status"), "finished")
+        info.update(state=state, alerts=m["alerts"], channels=m["channels"], t2=m["t2"], t3=m["t3"], seconds=m["seconds"], tasks=m["tasks"],
+                    workers=m.get("workers"), failures=m.get("failures", []), **({"stopped": m["stopped"]} if m.get("stopped") else {}))  # fmt: skip
     elif sub.exists():
         st = info.get("slurm_state", "")
         info["state"] = "running" if st.startswith(("RUNNING", "PENDING", "CONFIGURING", "COMPLETING")) else f"not finished ({st})"

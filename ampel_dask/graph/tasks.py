@@ -9,7 +9,6 @@ modules (batches, shuffle, provenance, selection).
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,23 +17,22 @@ from functools import partial
 import numpy as np
 import pyarrow as pa
 
-from ..io.arrays import contains, first_rows, lookup
+from ..io.arrays import contains, first_rows, lookup, sorted_unique
 from ..io.files import sync as sync_files
 from ..io.layout import DATAPOINT
-from ..io.stores import open_store
-from ..keys import id_values
+from ..io.stores import FAILURE, UNIT_FAILED, open_store
+from ..keys import id_hex, id_values, key_of
 from ..tiers.base import T2PointUnit, T2StateUnit, T3Context, Verdict
 from ..tiers.rights import ChannelArchive, channel_view
 from ..tiers.states import HISTORY_SCHEMA, STATE_COLUMNS
 from .batches import with_histories
+from .failures import Blocked, UnitFailed, attempt, t3_blocked, unit_output
 from .plan import ChannelPlan, t2_units
 from .points import run_point_unit
 from .provenance import journal_rows, with_provenance
 from .selection import selection
 from .shuffle import read_bucket, write_buckets
 from .workers import cluster_map
-
-log = logging.getLogger("ampel_dask")
 
 
 @dataclass
@@ -43,17 +41,22 @@ class T0Result:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def run_t0(table: pa.Table, plan: ChannelPlan) -> T0Result:
+def run_t0(table: pa.Table, plan: ChannelPlan, key: str = "") -> T0Result:
     """Data rights first (reason 'access'), then the channel's filters in order; first rejection wins.
 
     The filters see the channel's view of the batch only (tiers/rights.py): the alerts it may see,
-    with history aggregates over the datapoints it may see."""
+    with history aggregates over the datapoints it may see. A filter that raises fails the task with
+    :class:`UnitFailed` (the runner names every channel that shares this filter chain)."""
     view, seen = channel_view(table, plan.access, with_histories)
     inner = Verdict.accept_all(view.num_rows)
     for f in plan.filters:
         if not inner.accepted.any():
             break
-        inner = inner & f.verdict(view)  # whole batch (vectorised); earlier rejections keep their reason
+        try:
+            verdict = f.verdict(view)  # whole batch (vectorised)
+        except Exception as exc:
+            raise UnitFailed.of(exc, "T0", f.name(), [plan.name], view.num_rows, key) from None
+        inner = inner & verdict  # earlier rejections keep their reason
     v = Verdict.accept_all(table.num_rows)
     v.reject(~seen, "access")
     codes = np.zeros(table.num_rows, dtype=inner.codes.dtype)
@@ -61,6 +64,14 @@ def run_t0(table: pa.Table, plan: ChannelPlan) -> T0Result:
     for i, reason in enumerate(inner.reasons):
         v.reject(codes == i + 1, reason)
     return T0Result(v, v.counts())
+
+
+def _states(plan: ChannelPlan, key: str, alerts: pa.Table, history: pa.Table | None = None) -> pa.Table:
+    """The channel's T1 unit on these alerts; if it raises, the task fails naming unit and channel."""
+    try:
+        return plan.t1.states(alerts, plan.access) if history is None else plan.t1.states(alerts, plan.access, history)
+    except Exception as exc:
+        raise UnitFailed.of(exc, "T1", plan.t1.name(), [plan.name], alerts.num_rows, key) from None
 
 
 def run_t1(table: pa.Table, t0: T0Result, plan: ChannelPlan, spec: dict, key: str, run_id: str, carried: dict | None = None) -> pa.Table:
@@ -78,7 +89,7 @@ def run_t1(table: pa.Table, t0: T0Result, plan: ChannelPlan, spec: dict, key: st
         passing = with_histories(table).filter(pa.array(accepted)) if accepted.any() else None
     if passing is None:
         passing = table.slice(0, 0).append_column("dps", pa.array([], pa.list_(DATAPOINT))) if "dps" not in table.column_names else table.slice(0, 0)
-    states = plan.t1.states(passing, plan.access)
+    states = _states(plan, key, passing)
     store.write_states(plan.name, key, states)
     store.write_journal(run_id, key, journal_rows(states.column("stock"), run_id, 0, plan.name, "accepted", alert_id=states.column("alert_id")))
     n = table.num_rows
@@ -118,64 +129,140 @@ def run_t1_history(shuffle_dir: str, bucket: int, plan: ChannelPlan, spec: dict,
         return None
     if history is None:  # passing alerts whose packets hold no datapoint at all
         history = HISTORY_SCHEMA.empty_table()
-    states = plan.t1.states(alerts, plan.access, history)
+    states = _states(plan, key, alerts, history)
     store.write_states(plan.name, key, states)
     store.write_journal(run_id, key, journal_rows(states.column("stock"), run_id, 1, plan.name, "state", alert_id=states.column("alert_id")))
     store.mark_task(key, {"kind": "t1h", "channel": plan.name, "states": states.num_rows})
     return states
 
 
-def run_t2_stage(spec: dict, key: str, run_id: str, inputs: list[tuple[str, list[str], pa.Table]], units: list[T2StateUnit | T2PointUnit]) -> dict:
-    """All T2 units of one work unit (partition or bucket): dedupe states across channels, skip done."""
+def run_t2_stage(spec: dict, key: str, run_id: str, inputs: list[tuple[str, list[str], pa.Table]], units: list[T2StateUnit | T2PointUnit],
+                 policies: dict[str, str] | None = None) -> dict:  # fmt: skip
+    """All T2 units of one work unit (partition or bucket): dedupe states across channels, skip done.
+
+    ``policies``: unit key -> ``on_error`` ("fail" by default). A unit that raises fails the states (or,
+    a T2PointUnit, the datapoints) it was given (see ``graph/failures.py``): the stage counts them and
+    lists them in ``failures``, stores them with their error under "record", and leaves no marker, so
+    that the next run retries them."""
     store = open_store(spec)
-    counts = {"computed": 0, "reused": 0, "failed": 0, "units": {}}
+    policies = policies or {}
+    counts: dict = {"computed": 0, "reused": 0, "failed": 0, "recorded": 0, "units": {}, "failures": []}
     results: dict[str, pa.Table] = {}
+    failed: dict[str, dict[str, np.ndarray | str]] = {}  # unit key -> its failed state ids by policy, first error
     journal = []
     t_start = time.perf_counter()
     for unit in units:
         ukey = unit.identity.key
-        batches = [s for _, keys, s in inputs if ukey in keys and s is not None and s.num_rows]
-        if not batches:
+        chans = [(name, s) for name, keys, s in inputs if ukey in keys and s is not None and s.num_rows]
+        if not chans:
             continue
-        states = pa.concat_tables(batches, promote_options="default")
+        states = pa.concat_tables([s for _, s in chans], promote_options="default")
         if isinstance(unit, T2PointUnit):  # per datapoint, keyed by its content (points.py)
-            c, rows = run_point_unit(store, unit, states, key, run_id)
-            journal += [rows] if rows is not None else []
+            c, rows, fails = run_point_unit(store, unit, chans, key, run_id, policies.get(ukey, "fail"))
+            journal += rows
+            counts["failures"] += fails
             counts["units"][unit.name()] = c
-            for k in ("computed", "reused", "failed"):
+            for k in ("computed", "reused", "failed", "recorded"):
                 counts[k] += c[k]
             continue
         sid = id_values(states.column("state_id"))  # 128-bit content ids: a state whose values differ is another state
         first = first_rows(sid)  # each state once
         todo = ~contains(store.done_state_ids(unit.name(), ukey), sid[first])
-        c = {"states": len(first), "computed": int(todo.sum()), "reused": int((~todo).sum()), "failed": 0}
+        c = {"states": len(first), "computed": 0, "reused": int((~todo).sum()), "failed": 0, "recorded": 0}
         if todo.any():
             pick = first[todo]  # one gather of the new states' datapoints, none when all rows are new
             batch = states if len(pick) == states.num_rows else states.take(pa.array(pick))
-            deps = {}
-            for d in unit.dependencies():  # by name, and by identity key for several units of one kind
-                deps[d.name()] = deps[d.identity.key] = _dep_results(store, d, batch, results)
-            try:
-                out = _as_table(unit.process(batch, deps), batch.num_rows, unit)
-            except Exception as exc:  # a unit failure is reported, not stored: the next run retries it
-                log.exception("T2 unit %s failed on %d states", unit.name(), batch.num_rows)
-                c.update(computed=0, failed=batch.num_rows, error=f"{type(exc).__name__}: {exc}")
-                out = None
+            out, fails = _compute(store, unit, batch, results, failed, policies.get(ukey, "fail"), run_id)
             if out is not None:
-                table = with_provenance(out, batch, unit, run_id)
-                store.write_t2(unit.name(), ukey, key, table)
-                results[ukey] = table
-                journal.append(journal_rows(batch.column("stock"), run_id, 2, unit.name(), "computed", state_id=batch.column("state_id")))
+                # named by the stage; an attempt where some states failed by the states it holds too, so
+                # that the retry of the failed ones (named by the stage) never replaces its results
+                name = key_of(key, sorted(id_hex(id_values(out.column("state_id"))))) if fails else key
+                store.write_t2(unit.name(), ukey, name, out)
+                results[ukey] = out
+                journal.append(journal_rows(out.column("stock"), run_id, 2, unit.name(), "computed", state_id=out.column("state_id")))
+            c["computed"] = 0 if out is None else out.num_rows
+            recorded = [rows for rows, f in fails if f["policy"] == "record"]
+            rec = _failure_rows(batch, np.concatenate(recorded), fails, unit, run_id) if recorded else pa.table({})
+            store.write_t2_failures(unit.name(), ukey, key, rec)  # replaces what this stage recorded before
+            sid = id_values(batch.column("state_id"))
+            for rows, f in fails:
+                ids = sorted_unique(sid[rows])
+                f["channels"] = [name for name, s in chans if contains(ids, id_values(s.column("state_id"))).any()]
+                c["failed"] += len(rows)
+                c["recorded"] += f["recorded"]
+                counts["failures"].append(f)
+                mine = failed.setdefault(ukey, {"error": f["error"], "fail": ids[:0], "record": ids[:0]})
+                mine[f["policy"]] = sorted_unique(np.concatenate([mine[f["policy"]], ids]))  # type: ignore[list-item]
+            if fails:  # every failed state, recorded or not: `explain` shows the run that failed on it
+                rows = pa.array(np.concatenate([r for r, _ in fails]))
+                journal.append(journal_rows(batch.column("stock").take(rows), run_id, 2, unit.name(), "failed", state_id=batch.column("state_id").take(rows)))
         counts["units"][unit.name()] = c
-        for k in ("computed", "reused", "failed"):
+        for k in ("computed", "reused", "failed", "recorded"):
             counts[k] += c[k]
     if journal:
         store.write_journal(run_id, key, pa.concat_tables(journal))
     counts["seconds"] = round(time.perf_counter() - t_start, 4)
     counts["worker"] = {"pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
-    if counts["failed"] == 0:
+    if counts["failed"] == 0:  # a stage with failures stays unmarked: the next run comes back to it
         store.mark_task(key, {"kind": "t2", **counts})
     return counts
+
+
+def _compute(store, unit: T2StateUnit, batch: pa.Table, fresh: dict[str, pa.Table], failed: dict[str, dict], policy: str,
+             run_id: str) -> tuple[pa.Table | None, list]:  # fmt: skip
+    """``unit`` on the states of ``batch``: its results (with provenance) and its failures, each as
+    (row indexes into ``batch``, failure dict). States where a dependency failed in this stage are not
+    given to the unit: they fail for it too, under the dependency's policy."""
+    sid = id_values(batch.column("state_id"))
+    blocked = np.zeros(len(sid), dtype=bool)
+    fails: list[tuple[np.ndarray, dict]] = []
+    for d in unit.dependencies():
+        bad = failed.get(d.identity.key)
+        for pol in ("fail", "record") if bad else ():
+            hit = contains(bad[pol], sid) & ~blocked
+            if hit.any():
+                blocked |= hit
+                error = f"its dependency {d.name()} failed on them: {bad['error']}"
+                fails.append((np.flatnonzero(hit), _failure(unit, int(hit.sum()), pol, error, cause=d.name())))
+    runnable = np.flatnonzero(~blocked)
+    if not len(runnable):
+        return None, fails
+    sub = batch if len(runnable) == len(sid) else batch.take(pa.array(runnable))
+    got = [(d, _dep_results(store, d, sub, fresh)) for d in unit.dependencies()]
+
+    def run(rows: np.ndarray) -> pa.Table:
+        whole = len(rows) == sub.num_rows  # the whole batch (the first try): no copy
+        take = None if whole else pa.array(rows)
+        deps = {}
+        for d, table in got:  # by name, and by identity key for several units of one kind
+            deps[d.name()] = deps[d.identity.key] = table if whole else table.take(take)
+        return _as_table(unit.process(sub if whole else sub.take(take), deps), len(rows), unit)
+
+    ok, bad_pieces = attempt(run, len(runnable), isolate=policy == "record")
+    for rows, error, trace in bad_pieces:
+        fails.append((runnable[rows], _failure(unit, len(rows), policy, error, trace=trace)))
+    if not ok:
+        return None, fails
+    done = np.concatenate([rows for rows, _ in ok])
+    out = pa.concat_tables([t for _, t in ok], promote_options="default") if len(ok) > 1 else ok[0][1]
+    states = batch if len(done) == len(sid) else batch.take(pa.array(runnable[done]))
+    return with_provenance(out, states, unit, run_id), fails
+
+
+def _failure(unit: T2StateUnit, n: int, policy: str, error: str, cause: str | None = None, trace: str | None = None) -> dict:
+    f = {"tier": "T2", "unit": unit.name(), "channels": [], "states": n, "policy": policy, "recorded": n if policy == "record" else 0,
+         "error": error, "cause": cause}  # fmt: skip
+    return f | ({"traceback": trace} if trace else {})
+
+
+def _failure_rows(batch: pa.Table, rows: np.ndarray, fails: list, unit: T2StateUnit, run_id: str) -> pa.Table:
+    """The recorded failures as stored: provenance, ``code`` = UNIT_FAILED and the error text."""
+    errors = np.empty(batch.num_rows, dtype=object)
+    for r, f in fails:
+        errors[r] = f["error"]
+    states = batch.take(pa.array(rows))
+    body = pa.table({"code": pa.array(np.full(len(rows), UNIT_FAILED, dtype=np.int32)), FAILURE: pa.array(errors[rows].tolist(), pa.string())})
+    return with_provenance(body, states, unit, run_id)
 
 
 def _unique_states(states: pa.Table) -> pa.Table:
@@ -207,18 +294,19 @@ def _dep_results(store, dep: T2StateUnit, batch: pa.Table, fresh: dict[str, pa.T
 
 
 def _as_table(out: pa.Table | list[dict], n: int, unit: T2StateUnit) -> pa.Table:
-    table = out if isinstance(out, pa.Table) else pa.Table.from_pylist(out)
-    if table.num_rows != n:
-        raise ValueError(f"{unit.name()} returned {table.num_rows} rows for {n} states")
-    return table
+    return unit_output(out, n, unit.name())
 
 
-def run_t3(spec: dict, plan: ChannelPlan, unit_index: int, key: str, run_id: str, sel: pa.Table | None, archive_root: str | None) -> dict:
-    """One T3 unit over its channel's selection (computed once per channel, see :func:`selection`)."""
+def run_t3(spec: dict, plan: ChannelPlan, unit_index: int, key: str, run_id: str, sel: pa.Table | Blocked | None, archive_root: str | None) -> dict:
+    """One T3 unit over its channel's selection (computed once per channel, see :func:`selection`); not
+    over a selection whose T2 results are incomplete (``Blocked``: a unit failed unrecorded), and a unit
+    that raises fails the task naming itself and the channel."""
     from ..io.archive import Archive
 
     store = open_store(spec)
     unit = plan.t3[unit_index]
+    if isinstance(sel, Blocked):  # no marker: the next run comes back to it
+        return {"kind": "t3", "channel": plan.name, "unit": unit.name(), "objects": 0, "outputs": [], "skipped": sel.reason}
     out_dir = store.t3_dir(plan.name, key)
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs: list[dict] = []
@@ -226,7 +314,10 @@ def run_t3(spec: dict, plan: ChannelPlan, unit_index: int, key: str, run_id: str
         archive = ChannelArchive(Archive(archive_root), plan.access) if archive_root else None  # only what the channel may see
         ctx = T3Context(out_dir=out_dir, run_id=run_id, channel=plan.name, archive=archive, mapper=cluster_map,
                         deliveries=partial(store.deliveries, plan.name))
-        outputs = unit.react(sel, ctx) or []
+        try:
+            outputs = unit.react(sel, ctx) or []
+        except Exception as exc:
+            raise UnitFailed.of(exc, "T3", unit.name(), [plan.name], sel.num_rows, key) from None
         objects = pa.table({"stock": sel.column("stock"), "object_id": sel.column("object_id"), "state_id": sel.column("state_id"),
                             "unit": pa.array([unit.name()] * sel.num_rows), "channel": pa.array([plan.name] * sel.num_rows),
                             "run_id": pa.array([run_id] * sel.num_rows), "t3_key": pa.array([key] * sel.num_rows)})  # fmt: skip
@@ -244,8 +335,12 @@ def t2_stage(spec: dict, key: str, run_id: str, n: int, *deps: object) -> dict:
     """deps: ``n`` channel plans, their ``n`` states tables, then tasks that only have to finish first."""
     plans, states = deps[:n], deps[n : 2 * n]
     inputs = [(p.name, [u.identity.key for u in p.t2], s) for p, s in zip(plans, states)]  # type: ignore[attr-defined]
+    policies: dict[str, str] = {}
+    for p in plans:  # a unit shared by channels records its failures only if each of them says so
+        for k, pol in p.on_error.items():  # type: ignore[attr-defined]
+            policies[k] = "fail" if "fail" in (policies.get(k), pol) else "record"
     try:
-        return run_t2_stage(spec, key, run_id, inputs, t2_units(list(plans)))  # type: ignore[arg-type]
+        return run_t2_stage(spec, key, run_id, inputs, t2_units(list(plans)), policies)  # type: ignore[arg-type]
     finally:  # what the stage wrote is fsync'ed before it reports (its marker did this too, when it wrote one)
         sync_files()
 
@@ -264,5 +359,8 @@ def written(pieces: dict) -> int:
     return pieces["written"]
 
 
-def selection_task(spec: dict, plan: ChannelPlan, state_names: list[str], *_after: object) -> pa.Table | None:
-    return selection(open_store(spec), plan, state_names)
+def selection_task(spec: dict, plan: ChannelPlan, state_names: list[str], *after: object) -> pa.Table | Blocked | None:
+    """``after``: what the tasks writing the channel's states and T2 results returned; T3 gets no
+    selection (``Blocked``) when one of them failed on the channel's states without recording it."""
+    why = t3_blocked(plan.name, after)
+    return Blocked(why) if why else selection(open_store(spec), plan, state_names)

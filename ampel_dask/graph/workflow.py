@@ -42,6 +42,14 @@ class UnitRef(Model):
         return {"unit": v} if isinstance(v, str) else v
 
 
+class T2Ref(UnitRef):
+    """A T2 unit reference; ``on_error`` says what a state the unit raises on does to the run."""
+
+    on_error: Literal["fail", "record"] = Field(
+        "fail", description="fail: the run fails (exit 1); record: the failed states are stored with their error, counted, retried by the next run"
+    )
+
+
 class NightRange(Model):
     start: int = Field(alias="from")
     end: int = Field(alias="to")
@@ -79,7 +87,7 @@ class ChannelSpec(Model):
     access: list[str] = Field(default_factory=lambda: ["ZTF_PUB", "LSST"], description="data rights (AMPEL tags)")
     filters: list[UnitRef] = Field(default_factory=list, description="T0 filters, all must accept")
     t1: UnitRef = Field(default_factory=lambda: UnitRef(unit="T1Policy"), description="T1 state policy")
-    t2: list[UnitRef] = Field(default_factory=list)
+    t2: list[T2Ref] = Field(default_factory=list)
     t3: list[UnitRef] = Field(default_factory=list)
     max_pass_ratio: float | None = Field(
         None, gt=0, le=1, description="largest fraction of the run's alerts the channel may pass; a run that passes more stops before "

@@ -10,7 +10,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from .base import POINT_PROVENANCE, PROVENANCE, Deliveries, ResultStore, StatesGone, StoreFormatError
+from .base import FAILURE, POINT_PROVENANCE, PROVENANCE, UNIT_FAILED, Deliveries, ResultStore, StatesGone, StoreFormatError
 from .mongo import is_mongo_uri, redact, uri_database
 from .parquet import ParquetStore
 
@@ -41,5 +41,6 @@ def _open(spec_json: str) -> ResultStore:
     raise ValueError(f"unknown store kind {spec['kind']!r}")
 
 
-__all__ = ["ResultStore", "StoreFormatError", "Deliveries", "StatesGone", "ParquetStore", "PROVENANCE", "POINT_PROVENANCE", "store_spec", "open_store",
+__all__ = ["ResultStore", "StoreFormatError", "Deliveries", "StatesGone", "ParquetStore", "PROVENANCE", "POINT_PROVENANCE", "UNIT_FAILED", "FAILURE",
+           "store_spec", "open_store",
            "is_mongo_uri", "redact", "uri_database"]  # fmt: skip

@@ -8,8 +8,11 @@ Collections (one database per store)::
     t2        T2 results: unit, unit_key, state_id, stock, alert_id, code, run_id, unit_version,
               config_hash, t2_key, task (the stage that computed it), body {the unit's columns}
               unique (unit_key, state_id)
+    t2_failed recorded T2 failures (on_error: record): as t2, with ``failure`` (the error) and code -1;
+              apart from t2 so that they never count as done; unique (unit_key, task, state_id)
     t2point   T2PointUnit results: unit, unit_key, point_id, dp_id, stock, code, run_id, unit_version,
               config_hash, t2_key, task, body; unique (unit_key, point_id)
+    t2point_failed  recorded T2PointUnit failures: as t2_failed, by point_id; unique (unit_key, task, point_id)
     journal   one doc per (stock, run_id, tier, channel, unit, action, alert_id, state_id), unique on all
     t3        objects of T3 outputs: stock, channel, t3_key, state_id, object_id, unit, run_id
               unique (stock, channel, t3_key, state_id)
@@ -55,8 +58,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ...keys import ID_DTYPE, KEY_FORMAT
-from ..arrays import sorted_unique
+from ...keys import ID_DTYPE, KEY_FORMAT, id_values
+from ..arrays import first_rows, sorted_unique
 from ..files import checkpoint, sync as sync_files
 from ..locks import Busy, identity
 from .base import POINT_PROVENANCE, PROVENANCE, StatesGone, StoreFormatError
@@ -75,8 +78,12 @@ INDEXES: dict[str, list[tuple[list[tuple[str, int]], dict]]] = {
            ([("stock", 1)], {"name": "t1_stock"})],
     "t2": [([("unit_key", 1), ("state_id", 1)], {"unique": True, "name": "t2_identity"}),
            ([("stock", 1)], {"name": "t2_stock"})],
+    "t2_failed": [([("unit_key", 1), ("task", 1), ("state_id", 1)], {"unique": True, "name": "t2_failed_identity"}),
+                  ([("stock", 1)], {"name": "t2_failed_stock"})],
     "t2point": [([("unit_key", 1), ("point_id", 1)], {"unique": True, "name": "t2point_identity"}),
                 ([("stock", 1)], {"name": "t2point_stock"})],
+    "t2point_failed": [([("unit_key", 1), ("task", 1), ("point_id", 1)], {"unique": True, "name": "t2point_failed_identity"}),
+                       ([("stock", 1)], {"name": "t2point_failed_stock"})],
     "journal": [([(f, 1) for f in JOURNAL_IDENTITY], {"unique": True, "name": "journal_identity"})],
     "t3": [([("stock", 1), ("channel", 1), ("t3_key", 1), ("state_id", 1)], {"unique": True, "name": "t3_identity"})],
     "schemas": [([("collection", 1), ("group", 1)], {"name": "schemas_group"})],
@@ -386,6 +393,38 @@ class MongoStore:
             found = (d for part in _chunks(want) for d in self._rdb[collection].find({**query, id_field: {"$in": part}}, projection, batch_size=READ_BATCH))
         table = _table(({**d, **(d.pop("body", None) or {})} for d in found), schema)
         return table.sort_by(id_field)
+
+    # --- recorded T2 failures (as the Parquet store: a stage's own replace what it recorded before) ---
+    def write_t2_failures(self, unit: str, unit_key: str, key: str, table: pa.Table) -> None:
+        self._write_failures("t2_failed", unit, unit_key, key, table)
+
+    def read_t2_failures(self, unit: str, unit_key: str, state_ids: np.ndarray | None = None, stock: int | None = None) -> pa.Table | None:
+        return self._read_failures("t2_failed", "state_id", unit_key, state_ids, stock)
+
+    def t2_failure_units(self) -> list[tuple[str, str]]:
+        return sorted((d["unit"], d["group"]) for d in self._rdb.schemas.find({"collection": "t2_failed"}, {"unit": 1, "group": 1}))
+
+    def write_t2_point_failures(self, unit: str, unit_key: str, key: str, table: pa.Table) -> None:
+        self._write_failures("t2point_failed", unit, unit_key, key, table)
+
+    def read_t2_point_failures(self, unit: str, unit_key: str, point_ids: np.ndarray | None = None, stock: int | None = None) -> pa.Table | None:
+        return self._read_failures("t2point_failed", "point_id", unit_key, point_ids, stock)
+
+    def t2_point_failure_units(self) -> list[tuple[str, str]]:
+        return sorted((d["unit"], d["group"]) for d in self._rdb.schemas.find({"collection": "t2point_failed"}, {"unit": 1, "group": 1}))
+
+    def _write_failures(self, collection: str, unit: str, unit_key: str, key: str, table: pa.Table) -> None:
+        self.db[collection].delete_many({"unit_key": unit_key, "task": key})
+        if not table.num_rows:
+            return
+        _reserved(table, ("_id", "unit_key", "task"), "T2 failures")
+        self._register(collection, unit_key, table.schema, unit=unit)
+        self._insert(collection, ({"unit": unit, "unit_key": unit_key, **row, "task": key} for row in _rows(table)))
+
+    def _read_failures(self, collection: str, id_field: str, unit_key: str, ids: np.ndarray | None, stock: int | None) -> pa.Table | None:
+        """One row per id (several stages may have recorded one state's failure)."""
+        table = self._read_results(collection, id_field, unit_key, ids, stock)
+        return None if table is None else table.take(pa.array(first_rows(id_values(table.column(id_field)))))
 
     # --- journal, T3, manifests ---
     def write_journal(self, run_id: str, key: str, table: pa.Table) -> None:

@@ -11,7 +11,9 @@ Parquet layout (every file written atomically, named by the content-hash key of 
     STORE/states/<channel>/<t1 key>.parquet          T1 states of one work unit (the channel's selection)
     STORE/states/<channel>/_dps-<t1 key>.arrow        their datapoints (Arrow IPC, LZ4), same row order
     STORE/t2/<Unit>/<unit key>/<stage key>.parquet   T2 results: state_id, code, body columns, provenance
+    STORE/t2_failed/<Unit>/<unit key>/<stage key>.parquet   recorded failures (on_error: record), never "done"
     STORE/t2points/<Unit>/<unit key>/<stage key>.parquet   T2PointUnit results: point_id, dp_id, code, body, provenance
+    STORE/t2points_failed/<Unit>/<unit key>/<stage key>.parquet   their recorded failures
     STORE/tasks/<key>.json                           a finished task and its counts (a re-run skips it)
     STORE/journal/<run id>/<key>.parquet             one row per (stock, run, tier, channel, action)
     STORE/t3/<channel>/<t3 key>/...                  T3 outputs, plus objects.parquet (who was in them)
@@ -214,6 +216,29 @@ class ParquetStore:
     def t2_point_units(self) -> list[tuple[str, str]]:
         return _units(self.root / "t2points")
 
+    # --- recorded T2 failures: apart from the results, so ``done_state_ids`` never sees them ---
+    def write_t2_failures(self, unit: str, unit_key: str, key: str, table: pa.Table) -> None:
+        """The stage ``key``'s failures of this unit, replacing the ones it recorded before (none left:
+        the file goes)."""
+        _replace(self.root / "t2_failed" / unit / unit_key / f"{key}.parquet", table)
+
+    def read_t2_failures(self, unit: str, unit_key: str, state_ids: np.ndarray | None = None, stock: int | None = None) -> pa.Table | None:
+        """Recorded failures, one row per state (a state that has a result since is the reader's to drop)."""
+        return _read_results(sorted(str(p) for p in (self.root / "t2_failed" / unit / unit_key).glob("*.parquet")), "state_id", state_ids, stock)
+
+    def t2_failure_units(self) -> list[tuple[str, str]]:
+        return _units(self.root / "t2_failed")
+
+    def write_t2_point_failures(self, unit: str, unit_key: str, key: str, table: pa.Table) -> None:
+        """As :meth:`write_t2_failures`, for a T2PointUnit (by ``point_id``)."""
+        _replace(self.root / "t2points_failed" / unit / unit_key / f"{key}.parquet", table)
+
+    def read_t2_point_failures(self, unit: str, unit_key: str, point_ids: np.ndarray | None = None, stock: int | None = None) -> pa.Table | None:
+        return _read_results(sorted(str(p) for p in (self.root / "t2points_failed" / unit / unit_key).glob("*.parquet")), "point_id", point_ids, stock)
+
+    def t2_point_failure_units(self) -> list[tuple[str, str]]:
+        return _units(self.root / "t2points_failed")
+
     # --- journal, T3, manifests ---
     def write_journal(self, run_id: str, key: str, table: pa.Table) -> None:
         if table.num_rows:
@@ -245,6 +270,14 @@ class ParquetStore:
 
     def manifests(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted((self.root / "runs").glob("*.json"))]
+
+
+def _replace(path: Path, table: pa.Table) -> None:
+    """Write ``table`` to ``path``, or remove ``path`` when the table is empty."""
+    if table.num_rows:
+        atomic_write(path, parquet_bytes(table), durable=False)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _units(folder: Path) -> list[tuple[str, str]]:

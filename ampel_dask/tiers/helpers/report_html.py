@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ...io.layout import DETECTION, FORCED, UPPER_LIMIT
+from ...keys import id_hex
 from ..labels import heading
 
 e = html.escape
@@ -294,7 +295,7 @@ def object_page(title: str, channel: str, run_id: str, en: Entry, columns: list[
         ("Position (ICRS)", f"{fmt(en.ra, 'deg')}, {fmt(en.dec, 'deg')} deg &nbsp; <span class=\"mono\">{e(sexagesimal(en.ra, en.dec))}</span>"),
         ("Latest alert", f"<code>{e(str(en.alert_id))}</code> at MJD {fmt(en.mjd, 'MJD')} ({e(utc(en.mjd))} UTC)"),
         ("Latest magnitude", e(en.latest) or "&ndash;"),
-        ("State", f"<code>{e(str(en.state_id))}</code>"),
+        ("State", f"<code>{e(id_hex(en.state_id) if isinstance(en.state_id, bytes) else str(en.state_id))}</code>"),  # 32 hex digits
         ("Channel / run", f"{e(channel)} / <code>{e(str(run_id))}</code>"),
         ("Object id (stock)", f"<code>{e(str(en.stock))}</code>"),
     ]
