@@ -437,7 +437,7 @@ def test_webhook_retries_after_503(selection, hook, tmp_path, caplog):
 def test_webhook_4xx_is_a_clear_error(selection, hook, tmp_path):
     rec, url = hook
     rec.script = [400]
-    with pytest.raises(WebhookError, match=r"rejected the request: HTTP 400 .*invalid_payload") as err:
+    with pytest.raises(WebhookError, match=r"was refused: HTTP 400 .*invalid_payload") as err:
         T3Webhook(url=url, backoff=0.01).react(selection.slice(0, 2), context(tmp_path))
     assert err.value.status == 400
     assert len(rec.requests) == 1  # no retry of a bad request

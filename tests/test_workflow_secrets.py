@@ -71,7 +71,7 @@ def test_reading_checks_the_name_again(monkeypatch):
     unit = T3Webhook(url="http://127.0.0.1:9/x")
     unit.config = unit.Config.model_construct(**{**unit.config.model_dump(), "headers_from_env": {"X-Leak": "AMPEL_DASK_KAFKA_SASL_PASSWORD"}})
     with pytest.raises(ValueError, match="not readable by a workflow"):
-        unit._secret_headers()
+        unit._endpoint()
 
 
 def _webhook_workflow(config: dict) -> str:

@@ -84,20 +84,22 @@ class Endpoint:
                 text = text.replace(s, "***")
         return text
 
-    def json(self, method: str, path: str, body: Any = None, query: dict | None = None, accept: Sequence[int] = ()) -> tuple[int, Any]:
-        """A JSON request; (status, decoded answer). Statuses in ``accept`` are answers, not errors."""
+    def json(self, method: str, path: str, body: Any = None, query: dict | None = None, accept: Sequence[int] = (),
+             headers: dict[str, str] | None = None) -> tuple[int, Any]:  # fmt: skip
+        """A JSON request; (status, decoded answer). Statuses in ``accept`` are answers, not errors;
+        ``headers``: extra headers of this request only (an idempotency key)."""
         data = None if body is None else json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
-        return self.request(method, path, data, "application/json", query, accept)
+        return self.request(method, path, data, "application/json", query, accept, headers)
 
     def form(self, path: str, fields: dict[str, str], accept: Sequence[int] = ()) -> tuple[int, Any]:
         """A POST of ``application/x-www-form-urlencoded`` fields; (status, decoded answer)."""
         return self.request("POST", path, urlencode(fields).encode(), "application/x-www-form-urlencoded", None, accept)
 
     def request(self, method: str, path: str, data: bytes | None, content_type: str | None, query: dict | None,
-                accept: Sequence[int]) -> tuple[int, Any]:  # fmt: skip
-        url = self.base.rstrip("/") + path + (f"?{urlencode(query)}" if query else "")
+                accept: Sequence[int], extra: dict[str, str] | None = None) -> tuple[int, Any]:  # fmt: skip
+        url = (self.base.rstrip("/") + path if path else self.base) + (f"?{urlencode(query)}" if query else "")
         where = f"{method} {self.shown.rstrip('/')}{path}"
-        headers = {**self.headers, **({"Content-Type": content_type} if content_type and data is not None else {})}
+        headers = {**self.headers, **(extra or {}), **({"Content-Type": content_type} if content_type and data is not None else {})}
         for attempt in range(self.retries + 1):
             wait = min(self.backoff * 2**attempt, self.max_backoff)
             req = urllib.request.Request(url, data=data, headers=headers, method=method)

@@ -18,14 +18,8 @@ delivered; they are posted by the next run.
 
 from __future__ import annotations
 
-import http.client
-import json
 import logging
 import re
-import time
-import urllib.error
-import urllib.request
-from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -33,33 +27,20 @@ from pydantic import Field, field_validator, model_validator
 
 from ...keys import batch_key, delivery_keys, key_of
 from ..base import T3Context, T3Unit, UnitConfig, shown
-from ..env import WorkflowVariable, read_variable
+from ..env import WorkflowVariable
+from ..helpers.push import Endpoint, PushError, base_url, secret
 from .t3_export import json_safe, match_columns, t2_columns
 
 log = logging.getLogger(__name__)
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Redirects are errors: urllib would turn the POST into a GET and resend our headers elsewhere."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001
-        return None
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect)
 
 BASE_FIELDS = ("object_id", "stock", "ra", "dec", "mjd")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}\Z")  # an HTTP header name (RFC 9110 token)
 USER_AGENT = "ampel-dask-T3Webhook/1"
 
 
-class WebhookError(RuntimeError):
-    """The endpoint refused the request (4xx) or kept failing after all retries."""
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
-        self.sent: list[dict] = []  # records of the batches delivered before the failure
+class WebhookError(PushError):
+    """The endpoint refused the request (4xx) or kept failing after all retries (or a secret it needs is
+    not set); ``sent`` holds the records of the batches delivered before the failure."""
 
 
 class T3WebhookConfig(UnitConfig):
@@ -146,106 +127,36 @@ class T3Webhook(T3Unit):
                 keys = [k for k, new in zip(keys, keep) if new]
         if not keys:
             return []
-        url, shown = self._url()
-        base_headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, **self._secret_headers()}
+        endpoint = self._endpoint()
         records: list[dict] = []
         bodies = self.payloads(selection, context, keys)
         for i, body in enumerate(bodies):
             obj_keys = [o["idempotency_key"] for o in body["objects"]]
             request = batch_key(obj_keys)
-            data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
             try:
-                status = self._post(url, shown, data, {**base_headers, "Idempotency-Key": request})
-            except WebhookError as exc:
+                status, _ = endpoint.json("POST", "", body, headers={"Idempotency-Key": request})
+            except PushError as exc:
                 left = sum(len(b["objects"]) for b in bodies[i:])
-                exc.sent = records
                 done = f"{len(records)} earlier batches were delivered; " if records else ""
-                exc.args = (f"{exc.args[0]} ({done}{left} objects not delivered: the next run posts them)",)
-                raise
+                err = WebhookError(f"{exc.args[0]} ({done}{left} objects not delivered: the next run posts them)", exc.status)
+                err.sent = records
+                raise err from None
             if journal is not None:  # durable before the next request: a crash from here on re-posts nothing delivered
                 journal.record(request, obj_keys, [o["stock"] for o in body["objects"]], str(context.run_id), status)
-            log.info("%s: posted %d objects to %s (HTTP %d)", self.name(), len(body["objects"]), shown, status)
-            records.append({"kind": "webhook", "url": shown, "objects": len(body["objects"]), "status": status})
+            log.info("%s: posted %d objects to %s (HTTP %d)", self.name(), len(body["objects"]), endpoint.shown, status)
+            records.append({"kind": "webhook", "url": endpoint.shown, "objects": len(body["objects"]), "status": status})
         return records
 
-    # --- secrets: read at reaction time, never logged ---
-
-    def _url(self) -> tuple[str, str]:
-        """(URL to call, URL safe to log)."""
+    def _endpoint(self) -> Endpoint:
+        """The endpoint with its secrets, read now (at reaction time) and redacted from every message."""
         c = self.config
-        if c.url is not None:
-            return c.url, c.url
-        url = read_variable(c.url_env or "")
-        if not url:
-            raise WebhookError(f"{self.name()}: environment variable {c.url_env} (the webhook URL) is not set")
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https"):
-            raise WebhookError(f"{self.name()}: ${c.url_env} is not an http(s) URL")
-        return url, f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}/... (${c.url_env})"
-
-    def _secret_headers(self) -> dict[str, str]:
-        out = {}
-        for header, var in self.config.headers_from_env.items():
-            value = read_variable(var)
-            if value is None:
-                raise WebhookError(f"{self.name()}: environment variable {var} (for header {header}) is not set")
-            if any(c in value for c in "\r\n\0"):  # http.client would refuse it, with the value in its message
-                raise WebhookError(f"{self.name()}: environment variable {var} (for header {header}) holds a line break or NUL")
-            out[header] = value
-        return out
-
-    # --- transport ---
-
-    def _post(self, url: str, shown: str, data: bytes, headers: dict[str, str]) -> int:
-        """One POST with retries; returns the (2xx) status."""
-        c = self.config
-        for attempt in range(c.retries + 1):
-            wait = min(c.backoff * 2**attempt, c.max_backoff)
-            req = urllib.request.Request(url, data=data, headers=headers, method="POST")
-            try:
-                with _OPENER.open(req, timeout=c.timeout) as resp:
-                    resp.read()
-                    return int(resp.status)
-            except urllib.error.HTTPError as exc:
-                detail = _body_excerpt(exc)
-                if 300 <= exc.code < 400:
-                    raise WebhookError(
-                        f"{self.name()}: {shown} answered with a redirect (HTTP {exc.code}); configure the final URL", exc.code
-                    ) from None
-                if exc.code != 429 and exc.code < 500:
-                    raise WebhookError(
-                        f"{self.name()}: {shown} rejected the request: HTTP {exc.code} {exc.reason}{detail}", exc.code
-                    ) from None
-                problem, status = f"HTTP {exc.code} {exc.reason}{detail}", exc.code
-                wait = min(_retry_after(exc, wait), c.max_backoff)
-            except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, refused/reset connections
-                problem, status = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}", None
-            if attempt == c.retries:
-                raise WebhookError(f"{self.name()}: {shown} failed after {c.retries + 1} attempts; last: {problem}", status)
-            log.warning("%s: %s (%s); retry %d/%d in %.2f s", self.name(), shown, problem, attempt + 1, c.retries, wait)
-            time.sleep(wait)
-        raise AssertionError("unreachable")
-
-
-def _body_excerpt(exc: urllib.error.HTTPError, limit: int = 300) -> str:
-    """The server's explanation (e.g. Slack's 'invalid_payload'), shortened."""
-    try:
-        text = exc.read(limit + 1).decode("utf-8", "replace").strip()
-    except Exception:
-        return ""
-    finally:
-        exc.close()
-    if not text:
-        return ""
-    return f": {text[:limit]}{'...' if len(text) > limit else ''}"
-
-
-def _retry_after(exc: urllib.error.HTTPError, default: float) -> float:
-    value: Any = exc.headers.get("Retry-After") if exc.headers else None
-    try:
-        return max(float(value), 0.0) if value is not None else default
-    except ValueError:
-        return default
+        try:
+            url, shown_url, hidden = base_url(self.name(), c.url, c.url_env)
+            headers = {h: secret(self.name(), var, f"for header {h}") for h, var in c.headers_from_env.items()}
+        except PushError as exc:
+            raise WebhookError(str(exc)) from None
+        return Endpoint(self.name(), url, shown_url, {"User-Agent": USER_AGENT, **headers}, hidden + tuple(headers.values()),
+                        c.timeout, c.retries, c.backoff, c.max_backoff)  # fmt: skip
 
 
 __all__ = ["T3Webhook", "T3WebhookConfig", "WebhookError"]
