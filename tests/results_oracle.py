@@ -39,25 +39,33 @@ def _plain(v):
     return v
 
 
-def run_rows(data_dir: Path, work: Path) -> dict:
-    """Ingest ``data_dir/ztf``, run the workflow (no T3, workers 0) and return its rows:
+def ingest_ztf(data_dir: Path, archive: Path) -> Path:
+    """Every real ZTF alert of ``data_dir/ztf`` in one archive."""
+    from ampel_dask.graph.ingest import IngestOptions, ingest
+
+    ingest([str(data_dir / "ztf")], archive, IngestOptions(workers=0, progress=False))
+    return archive
+
+
+def run_rows(data_dir: Path, work: Path, archive: Path | None = None, partitions: list[str] | None = None) -> dict:
+    """Ingest ``data_dir/ztf`` (unless ``archive`` is given), run the workflow (no T3, workers 0; only
+    ``partitions`` if given) and return its rows:
     ``{"states": {channel: {alert_id: state_id}}, "t2": {unit: {state_id: {column: value}}}}``."""
     import os
 
-    from ampel_dask.graph.ingest import IngestOptions, ingest
     from ampel_dask.graph.runner import RunOptions, run_workflow
     from ampel_dask.graph.workflow import load_workflow
     from ampel_dask.io.stores import ParquetStore
     from ampel_dask.keys import id_hex, id_values
 
-    archive, store = work / "archive", work / "store"
-    ingest([str(data_dir / "ztf")], archive, IngestOptions(workers=0, progress=False))
+    store = work / "store"
+    archive = archive or ingest_ztf(data_dir, work / "archive")
     wf = load_workflow(WORKFLOW)
     wf = wf.model_copy(update={"channels": [c.model_copy(update={"t3": []}) for c in wf.channels]})
     cwd = os.getcwd()
     os.chdir(ROOT)  # the classifier's model path is relative to the repository
     try:
-        run_workflow(wf, RunOptions(archive=str(archive), store=str(store), progress=False, workers=0))
+        run_workflow(wf, RunOptions(archive=str(archive), store=str(store), progress=False, workers=0, partitions=partitions))
     finally:
         os.chdir(cwd)
     st = ParquetStore(store)
