@@ -88,9 +88,9 @@ def test_every_other_night_decodes_each_history_once_and_agrees_with_the_whole_r
     decoded: list[str] = []
     real = archive_io.read_dps
 
-    def counted(path):
+    def counted(path, *args, **kwargs):
         decoded.append(str(path))
-        return real(path)
+        return real(path, *args, **kwargs)
 
     for module in (archive_io, batches, shuffle):  # every caller of the archive's history decoder
         monkeypatch.setattr(module, "read_dps", counted)
@@ -106,3 +106,34 @@ def test_every_other_night_decodes_each_history_once_and_agrees_with_the_whole_r
     for unit, got in sub["t2"].items():
         assert got.keys() <= rows["t2"][unit].keys(), unit
         assert all(same(got[s], rows["t2"][unit][s]) for s in got), unit
+
+
+def test_history_files_hold_band_codes_and_files_with_strings_still_read(archive, tmp_path):
+    """New archives store ``band`` as codes (smaller); a history file of an older archive (strings) reads
+    the same, as plain strings or as the loop's codes."""
+    import pyarrow as pa
+
+    from ampel_dask.io.archive import dps_bytes, dps_path, read_dps
+    from ampel_dask.io.layout import BAND_CODES, DATAPOINT, plain_bands
+
+    new_bytes = old_bytes = 0
+    for part in Archive(archive).partitions():
+        path = archive / part.path
+        with pa.OSFile(str(dps_path(path))) as src:
+            stored = pa.ipc.open_file(src).schema.field("dps").type.value_type.field("band").type
+        assert stored == BAND_CODES
+        plain, coded = read_dps(path), read_dps(path, coded=True)
+        assert plain.type == pa.list_(DATAPOINT)
+        assert coded.type.value_type.field("band").type == BAND_CODES
+        assert plain.combine_chunks().equals(plain_bands(coded).combine_chunks())
+        # the same part as an archive written before the codes holds it: strings in its history file
+        old = tmp_path / path.name
+        old.write_bytes(path.read_bytes())
+        dps_path(old).write_bytes(dps_bytes(plain))
+        assert read_dps(old).combine_chunks().equals(plain.combine_chunks())
+        assert read_dps(old, coded=True).type == coded.type
+        assert plain_bands(read_dps(old, coded=True)).combine_chunks().equals(plain.combine_chunks())
+        new_bytes += dps_path(path).stat().st_size
+        old_bytes += dps_path(old).stat().st_size
+    assert new_bytes < old_bytes
+
