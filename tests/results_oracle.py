@@ -1,7 +1,7 @@
 """What ``tests/test_results_identical.py`` compares: a run's states and T2 rows on the real ZTF alerts.
 
-``python -m tests.results_oracle OUT.json`` records them (the fixture ``tests/data/results_oracle.json``
-was recorded ONCE with the code of main at 2cec20f, before the loop work of issue #20 target 2: decode
+``PYTHONPATH=<worktree of main> .venv/bin/python tests/results_oracle.py OUT.json`` records them (the
+fixture ``tests/data/results_oracle.json`` was recorded ONCE so, with the code of main at 2cec20f, before the loop work of issue #20 target 2: decode
 histories once, dictionary-encoded strings; it is a regression oracle for that work). The test calls
 :func:`run_rows` on the current code and compares.
 
@@ -91,7 +91,7 @@ def main() -> None:
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     header = (f"Recorded ONCE with the code of main at {commit}, BEFORE the loop work of issue #20 target 2 (histories decoded "
-              "once, dictionary-encoded strings): a regression oracle for it. Made by `python -m tests.results_oracle OUT`; "
+              "once, dictionary-encoded strings): a regression oracle for it. Made by `python tests/results_oracle.py OUT`; "
               "see tests/results_oracle.py.")  # fmt: skip
     Path(sys.argv[1]).write_text(json.dumps({"header": header, "commit": commit, **rows}, indent=0, sort_keys=True) + "\n")
     print({k: len(v) for k, v in rows["states"].items()}, {k: len(v) for k, v in rows["t2"].items()}, np.__version__)
