@@ -145,6 +145,11 @@ def _text_words(col: pa.Array) -> Callable[[int, int], tuple[np.ndarray, np.ndar
     a block's rows); each distinct string is hashed once, and one-byte strings (bands) not at all:
     their byte is looked up in a table."""
     n = len(col)
+    if pa.types.is_dictionary(col.type):  # the words of its values, looked up by index: the same as plain strings
+        values = _text_words(col.dictionary)(0, len(col.dictionary))
+        lo, hi = (np.append(v, np.uint64(0)) for v in values)  # a null index: the last, zero word
+        idx = pc.fill_null(col.indices, len(col.dictionary)).to_numpy(zero_copy_only=False)
+        return lambda s, e: (lo[idx[s:e]], hi[idx[s:e]])
     if pa.types.is_string(col.type) and n and not col.null_count and col.buffers()[2] is not None:
         offsets = np.frombuffer(col.buffers()[1], dtype=np.int32, count=col.offset + n + 1)[col.offset :]
         if offsets[-1] - offsets[0] == n and bool(np.all(np.diff(offsets) == 1)):
@@ -174,6 +179,10 @@ class _Field:
 def _prepare(name: str, col: pa.Array) -> _Field:
     t, n, off = col.type, len(col), col.offset
     null = ~_bits(col.buffers()[0], off, n) if col.null_count else None
+    if pa.types.is_dictionary(t):
+        if not (pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)):
+            raise TypeError(f"datapoint field {name!r} has type {t}, which content ids do not cover")
+        return _Field(text=_text_words(col), null=null)
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         return _Field(text=_text_words(col), null=null)
     if pa.types.is_boolean(t):
@@ -197,6 +206,12 @@ def _bits_of(f: _Field, s: int, e: int) -> np.ndarray:
     return v.view(np.uint32) if f.size == 4 else v.astype(np.int32).view(np.uint32)
 
 
+def _value_type(t: pa.DataType) -> pa.DataType:
+    """A field's type as content ids see it: a dictionary-encoded string is a string (an encoding is
+    not content; ids must not move when the loop keeps ``band`` dictionary-encoded)."""
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
 def datapoint_lanes(datapoints: pa.Table | pa.StructArray) -> tuple[np.ndarray, np.ndarray]:
     """Two independent 64-bit hashes (uint64 lanes) of each datapoint's content: every field, by name
     and type (the field list seeds the lanes), nulls told apart from zeros and NaN. No Python per row.
@@ -216,7 +231,7 @@ def datapoint_lanes(datapoints: pa.Table | pa.StructArray) -> tuple[np.ndarray, 
     if len(names) > 64:
         raise ValueError(f"a datapoint has {len(names)} fields; content ids take at most 64")
     m = len(columns[0]) if columns else 0
-    layout = ";".join(f"{name}:{col.type}" for name, col in zip(names, columns)).encode()
+    layout = ";".join(f"{name}:{_value_type(col.type)}" for name, col in zip(names, columns)).encode()
     seeds = [seed ^ np.uint64(xxhash.xxh3_64_intdigest(layout, seed=i)) for i, seed in enumerate(LANE_SEEDS)]
     fields = [_prepare(name, col) for name, col in zip(names, columns)]
     flags = [(np.uint64(1 << i), f.null) for i, f in enumerate(fields) if f.null is not None]

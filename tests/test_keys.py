@@ -165,6 +165,36 @@ def test_one_byte_bands_hash_as_any_other_string(batch, other):
     assert vectorised_states(pa.concat_tables([table, extra]))[: table.num_rows] == vectorised_states(table)
 
 
+def with_dictionary_band(table: pa.Table, index_type: pa.DataType, extra: list[str]) -> pa.Table:
+    """``table`` with each datapoint's ``band`` dictionary-encoded: indices of ``index_type`` into a
+    dictionary that holds ``extra`` values no datapoint uses, first (so indices differ from a plain
+    encoding's), then the bands in use."""
+    arr = table.column("dps").combine_chunks()
+    flat = arr.values
+    band = flat.field("band").to_pylist()
+    words = [*extra, *sorted({b for b in band if b is not None} - set(extra))]
+    idx = pa.array([None if b is None else words.index(b) for b in band], index_type)
+    enc = pa.DictionaryArray.from_arrays(idx, pa.array(words, pa.string()))
+    fields = [enc if f.name == "band" else flat.field(f.name) for f in DATAPOINT]
+    types = [pa.field("band", enc.type) if f.name == "band" else f for f in DATAPOINT]
+    dps = pa.ListArray.from_arrays(arr.offsets, pa.StructArray.from_arrays(fields, fields=types))
+    return pa.table({"stock": table.column("stock"), "dps": dps})
+
+
+@settings(max_examples=100, deadline=None)
+@given(batch=state_batches(), index_type=st.sampled_from([pa.int8(), pa.int32()]), extra=st.lists(st.sampled_from(["i", "ztfr", "z"]), unique=True))
+def test_dictionary_encoded_bands_hash_as_plain_strings(batch, index_type, extra):
+    """An encoding is not content: states whose ``band`` is dictionary-encoded (the loop keeps it so)
+    get the ids of the same states with plain strings, and their datapoints the same point ids."""
+    table = pa.Table.from_pylist([{"stock": s, "dps": dps} for s, dps in batch], schema=STATES)
+    enc = with_dictionary_band(table, index_type, extra)
+    assert pa.types.is_dictionary(enc.column("dps").type.value_type.field("band").type)
+    plain, dict_ = (t.column("dps").combine_chunks().values for t in (table, enc))
+    assert dict_.field("band").to_pylist() == plain.field("band").to_pylist()
+    assert vectorised_states(enc) == vectorised_states(table)
+    assert np.array_equal(keys.point_ids(keys.datapoint_lanes(dict_)), keys.point_ids(keys.datapoint_lanes(plain)))
+
+
 def test_a_changed_value_in_any_field_changes_the_state_id():
     """Each field of a real-looking datapoint, changed alone (to null, or to another value), gives
     another id; reordering the datapoints does not."""

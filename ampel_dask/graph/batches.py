@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..io.archive import read_dps, read_part
-from ..io.layout import DATAPOINT
+from ..io.layout import DATAPOINT, coded_bands
 
 
 def read_partition(archive_root: str, rel_paths: str | list[str], columns: list[str] | None) -> pa.Table:
@@ -29,16 +29,18 @@ def read_partition(archive_root: str, rel_paths: str | list[str], columns: list[
 
 @lru_cache(maxsize=2)  # a 25k-alert part decodes to ~45 MB
 def _histories(path: str) -> pa.ChunkedArray:
-    """The nested history of a partition: read once per process however many channels need it."""
-    return read_dps(path)
+    """The nested history of a partition: read once per process however many channels need it (bands
+    as codes: the loop's datapoints, see ``io.layout.BAND_CODES``)."""
+    return read_dps(path, coded=True)
 
 
 def with_histories(table: pa.Table) -> pa.Table:
-    """Add ``dps`` to a batch read without it (rows in file order, as read_partition returns them)."""
+    """Add ``dps`` to a batch read without it (rows in file order, as read_partition returns them), its
+    bands as codes."""
     if "dps" in table.column_names:
         return table
     paths = (table.schema.metadata or {}).get(b"ampel_dask.paths")
     if paths is None:
         raise ValueError("batch has neither dps nor the paths of its partitions")
     chunks = [c for p in paths.decode().split("\n") for c in _histories(p).chunks]
-    return table.append_column("dps", pa.chunked_array(chunks, type=pa.list_(DATAPOINT)) if chunks else pa.array([], pa.list_(DATAPOINT)))
+    return table.append_column("dps", pa.chunked_array(chunks) if chunks else coded_bands(pa.array([], pa.list_(DATAPOINT))))

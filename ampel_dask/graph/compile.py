@@ -197,7 +197,7 @@ class _Builder:
         stocks_key = task_key(STOCKS, key_of(c.t0_key, sel_id))
         dsk[stocks_key] = (shuffle.stocks_of, pass_keys)
         hist_keys = []
-        for q in work_units(sources, self.batch_rows):
+        for q in self.history_units(sources):
             hk = key_of(c.t0_key, sel_id, q.key, nb)
             read = next((k for k in (task_key(ROWS, q.key), task_key(READ, q.key)) if k in dsk), None)
             # a unit the run read: its histories are decoded once, here, for its packet channels' T1 too
@@ -216,6 +216,15 @@ class _Builder:
             else:
                 run.sinks.append(task_key(T1H, n))
             run.produced_by.setdefault(c.name, []).append(task_key(T2, s) if s else task_key(T1H, n))
+
+    def history_units(self, sources: list[Partition]) -> list[WorkUnit]:
+        """The work units the history join reads: the run's own units (their histories are then decoded
+        once, in the hist task, for the packet channels' T1 too), and the archive's other parts grouped
+        as usual. Grouping the archive's parts by itself instead would put a part the run reads (a new
+        night, a live micro-batch) into another unit than the run's, decoded once for T1 and again here.
+        The grouping does not change what the join gives (``first_copies`` is a total order)."""
+        mine = {p.path for u in self.units for p in u.parts}
+        return [*self.units, *work_units([p for p in sources if p.path not in mine], self.batch_rows)]
 
     def t3(self, t3_states: dict[str, list[str]], hold: frozenset[str] = frozenset()) -> None:
         """T3 per channel and unit, after the tasks that write the channel's states and T2 results (not

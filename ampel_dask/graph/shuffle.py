@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from ..io.archive import read_dps
 from ..io.arrays import take_rows
+from ..io.layout import BAND_CODES, band_as
 from ..io.files import atomic_target
 from ..keys import bucket_of
 from ..tiers.states import alert_access, thinned_history
@@ -101,7 +102,8 @@ def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.nd
         for t0 in packet_t0 or []:
             carry |= t0.verdict.accepted
         if keep.any() or carry.any():
-            full = with_histories(table.select(["alert_id", "stock", "mjd"]))  # the thinning's columns only
+            # the thinning's columns only (and the histories, when a filter had them read already)
+            full = with_histories(table.select([c for c in ("alert_id", "stock", "mjd", "dps") if c in table.column_names]))
             if keep.any():
                 pieces.append((full, keep))
             if carry.any():
@@ -113,10 +115,11 @@ def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.nd
             head = pf.read(columns=[c for c in ("alert_id", "stock", "mjd", "survey", "programid") if c in pf.schema_arrow.names], use_threads=False)
             keep = wanted(head)
             if keep.any():
-                pieces.append((head.append_column("dps", read_dps(path)), keep))
+                pieces.append((head.append_column("dps", read_dps(path, coded=True)), keep))
     if pieces:
         alerts = pa.concat_tables([a for a, _ in pieces])
         flat = thinned_history(alerts, np.concatenate([k for _, k in pieces]), group=lambda stock: bucket_of(stock, nbuckets))
+        flat = flat.set_column(flat.schema.get_field_index("band"), "band", band_as(flat.column("band"), BAND_CODES))  # one type in every shuffle file
         write_buckets(flat, shuffle_dir, "history", name, nbuckets)
         out["written"] = flat.num_rows
     return out

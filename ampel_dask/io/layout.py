@@ -46,6 +46,56 @@ DATAPOINT = pa.struct(
     ]
 )
 DATAPOINT_FIELDS = [f.name for f in DATAPOINT]
+# ``band`` as the run's loop holds it (decoded histories, the history join's shuffle files) and as the
+# archive's history files store it: a handful of names per batch, so 2-byte codes instead of a 4-byte
+# offset and a byte per datapoint (fixed width: gathers are faster too). Datapoints leave the loop (states,
+# the archive's readers) with plain strings, :data:`DATAPOINT`.
+BAND_CODES = pa.dictionary(pa.int16(), pa.string())
+
+
+def _with_band(dps: pa.Array | pa.ChunkedArray, band_type: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    """Datapoints (a list of structs, or the structs) with ``band`` cast to ``band_type``; no copy of
+    the other fields, and nothing done when it has that type already."""
+    if isinstance(dps, pa.ChunkedArray):
+        chunks = [_with_band(c, band_type) for c in dps.chunks]
+        return pa.chunked_array(chunks, type=chunks[0].type) if chunks else pa.chunked_array([], _retyped(dps.type, band_type))
+    typ = dps.type
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ):
+        if typ.value_type.field("band").type == band_type:
+            return dps
+        values = _with_band(dps.values, band_type)
+        cls = pa.ListArray if pa.types.is_list(typ) else pa.LargeListArray
+        return cls.from_arrays(dps.offsets, values, mask=dps.is_null() if dps.null_count else None)
+    if typ.field("band").type == band_type:
+        return dps
+    names = [f.name for f in typ]
+    arrays = [band_as(dps.field(n), band_type) if n == "band" else dps.field(n) for n in names]
+    return pa.StructArray.from_arrays(arrays, fields=list(_retyped(typ, band_type)), mask=dps.is_null() if dps.null_count else None)
+
+
+def band_as(band: pa.Array | pa.ChunkedArray, band_type: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    """A ``band`` column as plain strings or as codes (``band_type``), whichever it was."""
+    if band.type == band_type:
+        return band
+    if pa.types.is_dictionary(band_type) and not pa.types.is_dictionary(band.type):
+        band = band.dictionary_encode()
+    return band.cast(band_type)
+
+
+def _retyped(typ: pa.DataType, band_type: pa.DataType) -> pa.DataType:
+    if pa.types.is_list(typ):
+        return pa.list_(_retyped(typ.value_type, band_type))
+    return pa.struct([pa.field("band", band_type) if f.name == "band" else f for f in typ])
+
+
+def coded_bands(dps: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Datapoints with ``band`` as :data:`BAND_CODES` (how the loop and the history files hold it)."""
+    return _with_band(dps, BAND_CODES)
+
+
+def plain_bands(dps: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Datapoints with ``band`` as plain strings (:data:`DATAPOINT`): what leaves the loop."""
+    return _with_band(dps, pa.string())
 OTHER_PROGRAMID = 15  # the bit of history_programids for a datapoint without a programid in 0..14
 
 

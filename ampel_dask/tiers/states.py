@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from ..io.arrays import order_by, take_rows
-from ..io.layout import DATAPOINT, DETECTION, FLAG_BAD_PHOT, FORCED, UPPER_LIMIT
+from ..io.layout import DATAPOINT, DETECTION, FLAG_BAD_PHOT, FORCED, UPPER_LIMIT, band_as
 from ..keys import datapoint_lanes, id_column, state_ids
 from .base import T1Unit, UnitConfig
 
@@ -131,7 +131,9 @@ def build_states(alerts: pa.Table, policy: T1PolicyConfig, access: list[str], hi
         cand = visible = None
     else:
         if "dps" in alerts.column_names:
-            history = pa.concat_tables([history, flat_history(alerts)], promote_options="default")
+            packets = flat_history(alerts)
+            packets = packets.set_column(packets.schema.get_field_index("band"), "band", band_as(packets.column("band"), history.schema.field("band").type))
+            history = pa.concat_tables([history, packets], promote_options="default")
         source, rows, cand, visible = _object_history(alerts, history)
 
     def at(values: np.ndarray) -> np.ndarray:  # a datapoint column, one value per candidate
@@ -162,7 +164,9 @@ def build_states(alerts: pa.Table, policy: T1PolicyConfig, access: list[str], hi
     idx = np.flatnonzero(keep)
     kept_rows = rows[idx]
     taken = source.take(pa.array(idx if cand is None else cand[idx]))  # the one gather of datapoints
-    kept = pa.StructArray.from_arrays([taken.column(f.name).combine_chunks() for f in DATAPOINT], fields=list(DATAPOINT))
+    # a state's datapoints leave the loop with plain band names (the loop holds them as codes)
+    kept = pa.StructArray.from_arrays([band_as(taken.column(f.name), f.type).combine_chunks() if f.name == "band" else taken.column(f.name).combine_chunks()
+                                       for f in DATAPOINT], fields=list(DATAPOINT))  # fmt: skip
     offsets = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(np.bincount(kept_rows, minlength=n), out=offsets[1:])
     dps = pa.ListArray.from_arrays(pa.array(offsets), kept)
