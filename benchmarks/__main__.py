@@ -344,9 +344,12 @@ def update_readme(text: str) -> None:
 
 
 def compare_quick(res: dict) -> None:
-    """Like with like: this quick run against the recorded quick run (same sizes), each figure taken
-    as a multiple of the fastavro ceiling measured in its own run, so a slower or faster host (the
-    ceiling moves with it) does not read as a regression."""
+    """Like with like: this quick run against the recorded quick run (same sizes). Ingest figures are
+    multiples of the fastavro ceiling measured in their own run; pipeline figures are multiples of the
+    plain loop of the same unit work on the same cores measured in their own run (numpy/Arrow work like
+    the pipeline's, so a faster or slower host moves both alike; the fastavro ceiling does not: it was 2.1x
+    apart between two hosts whose pipelines ran equally fast), or of the fastavro ceiling when the
+    recorded run has no plain loop. Seconds are printed beside them."""
     rec_path = RESULTS / "recorded-quick.json"
     if not rec_path.exists():
         log(f"no recorded quick figures yet ({rec_path}; make them with --quick --record): nothing to compare")
@@ -354,16 +357,24 @@ def compare_quick(res: dict) -> None:
     rec = json.loads(rec_path.read_text())
     pairs = []
     for a, b in zip(res.get("ingest", {}).get("runs", []), rec.get("ingest", {}).get("runs", [])):
-        pairs.append((f"ingest {a['label']}, x fastavro ceiling", a["ratio_to_ceiling"], b["ratio_to_ceiling"]))
+        pairs.append((f"ingest {a['label']}, x fastavro ceiling", a["ratio_to_ceiling"], b["ratio_to_ceiling"], a["seconds"], b["seconds"]))
     ceil_now, ceil_then = res["ingest"]["ceiling_alerts_per_s"], rec["ingest"]["ceiling_alerts_per_s"]
+    loops_now, loops_then = res["pipeline"].get("plain_loop", {}), rec["pipeline"].get("plain_loop", {})
     for a, b in zip(res.get("pipeline", {}).get("runs", []), rec.get("pipeline", {}).get("runs", [])):
-        # the one-core ceiling for every row (the table's column uses the same-cores one): one yardstick per run
-        pairs.append((f"pipeline {a['cluster']} first run, x one-core fastavro ceiling", a["first"]["alerts_per_s"] / ceil_now, b["first"]["alerts_per_s"] / ceil_then))
+        w = str(a.get("workers"))
+        if w in loops_now and w in loops_then:
+            name, now, then = "x plain loop, same cores", loops_now[w]["alerts_per_s"], loops_then[w]["alerts_per_s"]
+        else:  # the one-core ceiling for every row: one yardstick per run
+            name, now, then = "x one-core fastavro ceiling", ceil_now, ceil_then
+        pairs.append((f"pipeline {a['cluster']} first run, {name}", a["first"]["alerts_per_s"] / now, b["first"]["alerts_per_s"] / then,
+                      a["first"]["seconds"], b["first"]["seconds"]))  # fmt: skip
     print(f"compared with the quick run of {rec['date']} ({rec_path.name})")
-    for name, now, then in pairs:
+    if rec.get("machine") != res.get("machine"):
+        print(f"  (another host: recorded on {rec.get('machine')}, now {res.get('machine')}: seconds are not comparable, ratios are)")
+    for name, now, then, s_now, s_then in pairs:
         ratio = now / then if then else float("nan")
         flag = "  WARNING: below 0.8x of the recorded figure" if ratio < 0.8 else ""
-        print(f"{name}: now {now:,.2f}, recorded {then:,.2f} -> {ratio:.2f}x{flag}")
+        print(f"{name}: now {now:,.2f}, recorded {then:,.2f} -> {ratio:.2f}x (seconds: now {s_now:.2f}, recorded {s_then:.2f}){flag}")
 
 
 def main() -> None:
