@@ -14,6 +14,8 @@ from ..io.archive import Archive
 from ..io.decode import ChunkResult, decode_chunk
 from ..io.ingest import Decoder, IngestOptions, IngestReport, in_process, packet_chunks, run_ingest, source_chunks
 from ..io.sources import Chunk, Packet
+from ..io.compact import CompactOptions
+from .compact import compact
 from .progress import Progress, as_finished
 from .workers import local_cluster
 
@@ -37,7 +39,20 @@ def _ingest(work: Iterator[Chunk], archive, opts: IngestOptions, client, report:
     if workers is None and client is None and total_bytes < opts.in_process_mb * 2**20:
         workers = 0  # a small input: decoding it here is done before a cluster would have started
     with Progress(opts.progress, total_bytes, "ingest", unit="B", unit_scale=True) as bar:
-        return run_ingest(work, archive, opts, report, _decoder(workers, client), lambda res, read: bar.update(res.nbytes, alerts=read))
+        report = run_ingest(work, archive, opts, report, _decoder(workers, client), lambda res, read: bar.update(res.nbytes, alerts=read))
+    if opts.compact_rows and report.new_partitions:
+        # the nights this ingest wrote to, whose parts (new and archived) are below the target: merged, so
+        # that the archive's shape does not depend on the input's order (a nightly tarball's nights
+        # usually have one part below the target, and nothing is done)
+        nights = sorted({p.night for p in report.new_partitions})
+        done = compact(archive, CompactOptions(target_rows=opts.compact_rows), nights, client=client)
+        report.compaction = done.summary()
+        # parts merged away are named by what they became (still every part holding an alert of the input)
+        gone = done.replaced_paths
+        if gone:
+            report.new_partitions = [p for p in report.new_partitions if p.path not in gone] + done.new_parts
+            report.duplicate_partitions = [p for p in report.duplicate_partitions if p.path not in gone]
+    return report
 
 
 def _decoder(workers: int | None, client) -> Decoder:

@@ -1,0 +1,256 @@
+"""Compaction: a night's small parts rewritten as parts of ``target_rows``, so that the archive's shape
+does not depend on the order its alerts came in.
+
+A stream that cycles through nights (per-alert files of many nights, a broker's dump, live
+micro-batches) leaves one tiny part per night and chunk; runs on such an archive pay per part. The rule:
+a night holding more than one part below ``target_rows`` rows has those parts merged: their rows (flat
+columns, histories, cutouts) put in canonical order (:func:`~.archive.sort_rows`) and cut into parts of
+exactly ``target_rows`` rows, the last one holding the rest. Parts already full are never rewritten. So
+a night ends with ``ceil(n / target_rows)`` parts of ``target_rows`` rows (the last smaller) whatever the
+input order, and a night ingested in one go (or first compacted after all its alerts came) gets the same
+parts, byte for byte, from any order.
+
+Three steps, so that the heavy one runs anywhere (a Dask worker) and only the last takes the lock:
+:func:`plan` (nights to merge, from the index), :func:`merge` (read the parts, write new ones under a
+scratch folder, durable) and :func:`commit` (under :meth:`Archive.publishing`: check that the parts are
+still indexed, rename the new ones into place, ONE atomic index write replacing the old entries with the
+new, then retire the old files). A crash before the index write leaves the old parts indexed and the
+renamed new files unindexed (swept as orphans by the next publish, the ``_publishing`` marker says so);
+after it, the new parts. Never both, never neither.
+
+Readers: a run reads the index when it plans and opens part files later, so replaced files are not
+deleted at once. They are listed in ``_retired.json`` with the time they were replaced and deleted by a
+later compaction once ``grace_seconds`` (default one hour) have passed, and only if the index does not
+name them again. Until then a reader of the *folders* (not of the index) sees their rows twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, Field
+
+from .archive import RETIRED, Archive, Partition, Staged, discard, stage
+from .files import atomic_write
+from .locks import scratch_dir, sweep
+
+TARGET_ROWS = 25_000
+
+
+class CompactOptions(BaseModel):
+    """What compaction aims for."""
+
+    target_rows: int = Field(TARGET_ROWS, gt=0, description="rows per part written (a night with fewer becomes one part)")
+    grace_seconds: float = Field(3600.0, ge=0, description="replaced files are kept this long for runs still reading them")
+
+
+@dataclass(frozen=True)
+class NightWork:
+    """One night's parts to merge (all below the target)."""
+
+    survey: str
+    night: int
+    parts: tuple[Partition, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+
+@dataclass
+class CompactReport:
+    nights: int = 0
+    parts_before: int = 0  # in the whole archive (or the nights asked for)
+    parts_after: int = 0
+    replaced: int = 0  # parts merged away
+    written: int = 0  # parts written
+    skipped: int = 0  # nights changed by someone else meanwhile (left for the next compaction)
+    deleted: list[str] = field(default_factory=list)  # retired files deleted after their grace period
+    replaced_paths: set[str] = field(default_factory=set)  # index paths merged away
+    new_parts: list[Partition] = field(default_factory=list)  # what they became
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        return {k: getattr(self, k) for k in ("nights", "parts_before", "parts_after", "replaced", "written", "skipped", "seconds")}
+
+
+def plan(arch: Archive, target_rows: int = TARGET_ROWS, nights: Iterable[int] | None = None, surveys: list[str] | None = None) -> list[NightWork]:
+    """Nights with more than one part below ``target_rows`` (from the index alone: no file is read)."""
+    wanted = set(nights) if nights is not None else None
+    small: dict[tuple[str, int], list[Partition]] = defaultdict(list)
+    for p in arch.partitions(surveys):
+        if p.rows < target_rows and (wanted is None or p.night in wanted):
+            small[(p.survey, p.night)].append(p)
+    return [NightWork(s, n, tuple(sorted(ps, key=lambda p: p.path))) for (s, n), ps in sorted(small.items()) if len(ps) > 1]
+
+
+def merge(root: str | Path, work: NightWork, target_rows: int, tmp_dir: str | Path) -> list[Staged]:
+    """Read a night's parts and stage their rows as canonical parts of ``target_rows`` (durable; no lock
+    taken: :func:`commit` checks that the parts were not replaced meanwhile).
+
+    Memory: one source part, and one output part's pieces, at a time. The canonical position of every
+    row is found from the sort keys alone; each source part is then read once and split into the output
+    parts' pieces, kept in memory while the night is small (one output part) and spilled to uncompressed
+    Arrow files under ``tmp_dir`` otherwise."""
+    arch, tmp = Archive(root), Path(tmp_dir) / uuid.uuid4().hex
+    spill_dir = tmp / "spill"
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    if work.rows <= target_rows:  # one output part (the usual case): no sort-key pass, nothing spilled
+        tables = [arch.read(p) for p in work.parts]
+        cuts = [c for c in (arch.read_cutouts(p) for p in work.parts) if c is not None]
+        table = pa.concat_tables(tables, promote_options="permissive")
+        staged = [stage(table, pa.concat_tables(cuts, promote_options="permissive") if cuts else None, tmp)]
+        shutil.rmtree(spill_dir, ignore_errors=True)
+        return staged
+    keys = []
+    for j, part in enumerate(work.parts):
+        k = arch.read(part, ["stock", "mjd", "alert_id"])
+        keys.append(k.append_column("src", pa.array(np.full(k.num_rows, j, dtype=np.int32))).append_column("row", pa.array(np.arange(k.num_rows, dtype=np.int64))))
+    order = pa.concat_tables(keys).sort_by([("stock", "ascending"), ("mjd", "ascending"), ("alert_id", "ascending")])
+    n = order.num_rows
+    slot = np.empty(n, dtype=np.int64)  # output part of each row, per source part
+    out_of = np.arange(n) // target_rows
+    src, row = order.column("src").to_numpy(), order.column("row").to_numpy()
+    offsets = np.concatenate([[0], np.cumsum([p.rows for p in work.parts])])
+    slot[offsets[src] + row] = out_of
+    nout = max(1, math.ceil(n / target_rows))
+    spill = nout > 1
+    pieces: dict[int, list] = defaultdict(list)
+    for j, part in enumerate(work.parts):
+        table = arch.read(part)
+        cut = arch.read_cutouts(part)
+        mine = slot[offsets[j] : offsets[j + 1]]
+        for k in np.unique(mine):
+            mask = pa.array(mine == k)
+            t = table.filter(mask)
+            c = None
+            if cut is not None:
+                c = cut.filter(pc.is_in(cut.column("alert_id"), t.column("alert_id")))
+            if spill:
+                pieces[int(k)].append((_spill(spill_dir / f"{k}-{j}.arrow", t), None if c is None else _spill(spill_dir / f"{k}-{j}.cut.arrow", c)))
+            else:
+                pieces[int(k)].append((t, c))
+    staged = []
+    for k in range(nout):
+        ts = [_unspill(t) for t, _ in pieces[k]]
+        cs = [_unspill(c) for _, c in pieces[k] if c is not None]
+        table = pa.concat_tables(ts, promote_options="permissive")
+        cutouts = pa.concat_tables(cs, promote_options="permissive") if cs else None
+        staged.append(stage(table, cutouts, tmp))  # durable: fsync'ed here, by the process that wrote them
+        pieces.pop(k)
+    shutil.rmtree(spill_dir, ignore_errors=True)
+    return staged
+
+
+def _spill(path: Path, table: pa.Table) -> Path:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    return path
+
+
+def _unspill(x: pa.Table | Path) -> pa.Table:
+    if isinstance(x, pa.Table):
+        return x
+    with pa.memory_map(str(x)) as src:
+        return pa.ipc.open_file(src).read_all()
+
+
+def commit(arch: Archive, work: NightWork, staged: list[Staged]) -> list[Partition] | None:
+    """Swap a night's merged parts in (see the module doc); None if its parts changed meanwhile."""
+    with arch.publishing():
+        indexed = {p.path for p in arch.partitions([work.survey], [work.night])}
+        if not all(p.path in indexed for p in work.parts):
+            for s in staged:
+                discard(s)
+            return None
+        new = [arch.publish(s) for s in staged]
+        new_paths = {f for p in new for f in _files(p)}
+        old = sorted({f for p in work.parts for f in _files(p)} - new_paths)
+        _retire(arch, old)  # before the swap: a journal entry for a file still indexed is never acted on
+        arch.replace_partitions([p.path for p in work.parts], new)
+    return new
+
+
+def _files(p: Partition) -> list[str]:
+    return [f for f in (p.path, p.dps, p.cutouts) if f]
+
+
+def _retire(arch: Archive, files: list[str]) -> None:
+    journal = arch.retired()
+    now = time.time()
+    for f in files:
+        journal.setdefault(f, now)
+    atomic_write(arch.root / RETIRED, json.dumps(journal, sort_keys=True).encode())
+
+
+def delete_retired(arch: Archive, grace_seconds: float) -> list[str]:
+    """Delete the replaced files older than ``grace_seconds`` that the index does not name."""
+    with arch.locked():
+        journal = arch.retired()
+        if not journal:
+            return []
+        known = {f for p in arch.partitions() for f in _files(p)}
+        now, deleted = time.time(), []
+        for f, since in sorted(journal.items()):
+            if f in known:
+                journal.pop(f)  # written again by a later merge (same bytes, same name): live again
+            elif now - since >= grace_seconds:
+                (arch.root / f).unlink(missing_ok=True)
+                journal.pop(f)
+                deleted.append(f)
+        atomic_write(arch.root / RETIRED, json.dumps(journal, sort_keys=True).encode())
+    return deleted
+
+
+#: merges the given nights somewhere (here, or on a cluster) and yields (work, staged) as they finish
+Merger = Callable[[list[NightWork], str, int, str], Iterable[tuple[NightWork, list[Staged]]]]
+
+
+def merge_here(works: list[NightWork], root: str, target_rows: int, tmp: str) -> Iterable[tuple[NightWork, list[Staged]]]:
+    for w in works:
+        yield w, merge(root, w, target_rows, tmp)
+
+
+def compact(archive: str | Path | Archive, options: CompactOptions | None = None, nights: Iterable[int] | None = None,
+            surveys: list[str] | None = None, merger: Merger = merge_here) -> CompactReport:  # fmt: skip
+    """Compact the nights that need it (all, or those given); first delete retired files past their grace."""
+    t0 = time.perf_counter()
+    opts = options or CompactOptions()
+    arch = archive if isinstance(archive, Archive) else Archive(archive)
+    nights = None if nights is None else sorted(set(nights))
+    report = CompactReport(parts_before=len(arch.partitions(surveys, nights)) if nights != [] else 0)
+    if not arch.exists() or nights == []:
+        return report
+    report.deleted = delete_retired(arch, opts.grace_seconds)
+    works = plan(arch, opts.target_rows, nights, surveys)
+    if works:
+        sweep(arch.tmp_dir)
+        run_tmp = arch.tmp_dir / uuid.uuid4().hex
+        with scratch_dir(run_tmp, {"what": "compact"}):
+            for work, staged in merger(works, str(arch.root), opts.target_rows, str(run_tmp)):
+                new = commit(arch, work, staged)
+                if new is None:
+                    report.skipped += 1
+                    continue
+                report.nights += 1
+                report.replaced += len(work.parts)
+                report.written += len(new)
+                report.replaced_paths |= {p.path for p in work.parts} - {p.path for p in new}
+                report.new_parts += new
+    report.parts_after = len(arch.partitions(surveys, nights))
+    report.seconds = round(time.perf_counter() - t0, 3)
+    return report
+
+
+__all__ = ["CompactOptions", "CompactReport", "NightWork", "compact", "commit", "delete_retired", "merge", "plan", "TARGET_ROWS"]
