@@ -3,9 +3,10 @@ does not depend on the order its alerts came in.
 
 A stream that cycles through nights (per-alert files of many nights, a broker's dump, live
 micro-batches) leaves one tiny part per night and chunk; runs on such an archive pay per part. The rule:
-a night holding more than one part below ``target_rows`` rows has those parts merged: their rows (flat
-columns, histories, cutouts) put in canonical order (:func:`~.archive.sort_rows`) and cut into parts of
-exactly ``target_rows`` rows, the last one holding the rest. Parts already full are never rewritten. So
+a night holding more than one part that is not full (``rows != target_rows``), or one above it, has
+those parts merged: their rows (flat columns, histories, cutouts) put in canonical order
+(:func:`~.archive.sort_rows`) and cut into parts of exactly ``target_rows`` rows, the last one holding
+the rest. Full parts are never rewritten. So
 a night ends with ``ceil(n / target_rows)`` parts of ``target_rows`` rows (the last smaller) whatever the
 input order, and a night ingested in one go (or first compacted after all its alerts came) gets the same
 parts, byte for byte, from any order.
@@ -57,7 +58,7 @@ class CompactOptions(BaseModel):
 
 @dataclass(frozen=True)
 class NightWork:
-    """One night's parts to merge (all below the target)."""
+    """One night's parts to merge (none of them full)."""
 
     survey: str
     night: int
@@ -86,13 +87,15 @@ class CompactReport:
 
 
 def plan(arch: Archive, target_rows: int = TARGET_ROWS, nights: Iterable[int] | None = None, surveys: list[str] | None = None) -> list[NightWork]:
-    """Nights with more than one part below ``target_rows`` (from the index alone: no file is read)."""
+    """Nights not in shape, from the index alone (no file is read): more than one part that is not
+    full (``rows != target_rows``), or one part above the target (an ingest chunk larger than it)."""
     wanted = set(nights) if nights is not None else None
-    small: dict[tuple[str, int], list[Partition]] = defaultdict(list)
+    loose: dict[tuple[str, int], list[Partition]] = defaultdict(list)
     for p in arch.partitions(surveys):
-        if p.rows < target_rows and (wanted is None or p.night in wanted):
-            small[(p.survey, p.night)].append(p)
-    return [NightWork(s, n, tuple(sorted(ps, key=lambda p: p.path))) for (s, n), ps in sorted(small.items()) if len(ps) > 1]
+        if p.rows != target_rows and (wanted is None or p.night in wanted):
+            loose[(p.survey, p.night)].append(p)
+    return [NightWork(s, n, tuple(sorted(ps, key=lambda p: p.path))) for (s, n), ps in sorted(loose.items())
+            if len(ps) > 1 or ps[0].rows > target_rows]  # fmt: skip
 
 
 def merge(root: str | Path, work: NightWork, target_rows: int, tmp_dir: str | Path) -> list[Staged]:
