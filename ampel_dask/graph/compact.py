@@ -28,7 +28,7 @@ def cluster_merger(client) -> Merger:
 
 
 def compact(archive: str | Path | Archive, options: CompactOptions | None = None, nights: Iterable[int] | None = None,
-            surveys: list[str] | None = None, client=None, night_range: tuple[int, int] | None = None) -> CompactReport:  # fmt: skip
+            surveys: list[str] | None = None, client=None, night_range: tuple[int, int] | None = None, fresh: Iterable[str] = ()) -> CompactReport:  # fmt: skip
     """Compact an archive's nights that hold more than one part below the target (see io/compact.py);
     ``night_range``: only nights from..to (inclusive)."""
     if night_range is not None:
@@ -36,7 +36,7 @@ def compact(archive: str | Path | Archive, options: CompactOptions | None = None
         lo, hi = night_range
         nights = sorted({p.night for p in arch.partitions(surveys) if lo <= p.night <= hi} & (set(nights) if nights is not None else {p.night for p in arch.partitions(surveys)}))
     merger = merge_here if client is None else cluster_merger(client)
-    return compact_here(archive, options, nights, surveys, merger)
+    return compact_here(archive, options, nights, surveys, merger, fresh)
 
 
 __all__ = ["compact", "CompactOptions", "CompactReport"]

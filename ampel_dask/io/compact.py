@@ -15,7 +15,7 @@ Three steps, so that the heavy one runs anywhere (a Dask worker) and only the la
 :func:`plan` (nights to merge, from the index), :func:`merge` (read the parts, write new ones under a
 scratch folder, durable) and :func:`commit` (under :meth:`Archive.publishing`: check that the parts are
 still indexed, rename the new ones into place, ONE atomic index write replacing the old entries with the
-new, then retire the old files). A crash before the index write leaves the old parts indexed and the
+new, for up to ``COMMIT_NIGHTS`` merged nights at a time, then retire the old files). A crash before the index write leaves the old parts indexed and the
 renamed new files unindexed (swept as orphans by the next publish, the ``_publishing`` marker says so);
 after it, the new parts. Never both, never neither.
 
@@ -47,6 +47,7 @@ from .files import atomic_write
 from .locks import scratch_dir, sweep
 
 TARGET_ROWS = 25_000
+COMMIT_NIGHTS = 64  # merged nights swapped in per index write (one lock, one index fsync for all of them)
 
 
 class CompactOptions(BaseModel):
@@ -86,13 +87,17 @@ class CompactReport:
         return {k: getattr(self, k) for k in ("nights", "parts_before", "parts_after", "replaced", "written", "skipped", "seconds")}
 
 
-def plan(arch: Archive, target_rows: int = TARGET_ROWS, nights: Iterable[int] | None = None, surveys: list[str] | None = None) -> list[NightWork]:
+def plan(arch: Archive, target_rows: int = TARGET_ROWS, nights: Iterable[int] | None = None, surveys: list[str] | None = None,
+         fresh: Iterable[str] = ()) -> list[NightWork]:  # fmt: skip
     """Nights not in shape, from the index alone (no file is read): more than one part that is not
-    full (``rows != target_rows``), or one part above the target (an ingest chunk larger than it)."""
+    full (``rows != target_rows``), or one part above the target (an ingest chunk larger than it).
+    ``fresh``: paths of parts an ingest just wrote, never taken as full (a chunk may hold exactly
+    ``target_rows`` of a night without being a canonical cut of it)."""
     wanted = set(nights) if nights is not None else None
+    fresh = set(fresh)
     loose: dict[tuple[str, int], list[Partition]] = defaultdict(list)
     for p in arch.partitions(surveys):
-        if p.rows != target_rows and (wanted is None or p.night in wanted):
+        if (p.rows != target_rows or p.path in fresh) and (wanted is None or p.night in wanted):
             loose[(p.survey, p.night)].append(p)
     return [NightWork(s, n, tuple(sorted(ps, key=lambda p: p.path))) for (s, n), ps in sorted(loose.items())
             if len(ps) > 1 or ps[0].rows > target_rows]  # fmt: skip
@@ -171,18 +176,31 @@ def _unspill(x: pa.Table | Path) -> pa.Table:
 
 def commit(arch: Archive, work: NightWork, staged: list[Staged]) -> list[Partition] | None:
     """Swap a night's merged parts in (see the module doc); None if its parts changed meanwhile."""
+    return commit_many(arch, [(work, staged)])[0]
+
+
+def commit_many(arch: Archive, merged: list[tuple[NightWork, list[Staged]]]) -> list[list[Partition] | None]:
+    """Swap several nights' merged parts in with one index write (one lock, one fsync of the index);
+    a night whose parts changed meanwhile is discarded (None)."""
+    out: list[list[Partition] | None] = []
     with arch.publishing():
-        indexed = {p.path for p in arch.partitions([work.survey], [work.night])}
-        if not all(p.path in indexed for p in work.parts):
-            for s in staged:
-                discard(s)
-            return None
-        new = [arch.publish(s) for s in staged]
-        new_paths = {f for p in new for f in _files(p)}
-        old = sorted({f for p in work.parts for f in _files(p)} - new_paths)
-        _retire(arch, old)  # before the swap: a journal entry for a file still indexed is never acted on
-        arch.replace_partitions([p.path for p in work.parts], new)
-    return new
+        indexed = {p.path for p in arch.partitions()}
+        gone, new_all, old = [], [], set()
+        for work, staged in merged:
+            if not all(p.path in indexed for p in work.parts):
+                for s in staged:
+                    discard(s)
+                out.append(None)
+                continue
+            new = [arch.publish(s) for s in staged]
+            out.append(new)
+            gone += [p.path for p in work.parts]
+            new_all += new
+            old |= {f for p in work.parts for f in _files(p)}
+        if new_all:
+            _retire(arch, sorted(old - {f for p in new_all for f in _files(p)}))  # before the swap: an entry for a file still indexed is never acted on
+            arch.replace_partitions(gone, new_all)
+    return out
 
 
 def _files(p: Partition) -> list[str]:
@@ -226,7 +244,7 @@ def merge_here(works: list[NightWork], root: str, target_rows: int, tmp: str) ->
 
 
 def compact(archive: str | Path | Archive, options: CompactOptions | None = None, nights: Iterable[int] | None = None,
-            surveys: list[str] | None = None, merger: Merger = merge_here) -> CompactReport:  # fmt: skip
+            surveys: list[str] | None = None, merger: Merger = merge_here, fresh: Iterable[str] = ()) -> CompactReport:  # fmt: skip
     """Compact the nights that need it (all, or those given); first delete retired files past their grace."""
     t0 = time.perf_counter()
     opts = options or CompactOptions()
@@ -236,24 +254,28 @@ def compact(archive: str | Path | Archive, options: CompactOptions | None = None
     if not arch.exists() or nights == []:
         return report
     report.deleted = delete_retired(arch, opts.grace_seconds)
-    works = plan(arch, opts.target_rows, nights, surveys)
+    works = plan(arch, opts.target_rows, nights, surveys, fresh)
     if works:
         sweep(arch.tmp_dir)
         run_tmp = arch.tmp_dir / uuid.uuid4().hex
         with scratch_dir(run_tmp, {"what": "compact"}):
-            for work, staged in merger(works, str(arch.root), opts.target_rows, str(run_tmp)):
-                new = commit(arch, work, staged)
-                if new is None:
-                    report.skipped += 1
-                    continue
-                report.nights += 1
-                report.replaced += len(work.parts)
-                report.written += len(new)
-                report.replaced_paths |= {p.path for p in work.parts} - {p.path for p in new}
-                report.new_parts += new
+            pending: list[tuple[NightWork, list[Staged]]] = []
+            for i, done in enumerate(merger(works, str(arch.root), opts.target_rows, str(run_tmp))):
+                pending.append(done)
+                if len(pending) >= COMMIT_NIGHTS or i == len(works) - 1:
+                    for (work, _), new in zip(pending, commit_many(arch, pending)):
+                        if new is None:
+                            report.skipped += 1
+                            continue
+                        report.nights += 1
+                        report.replaced += len(work.parts)
+                        report.written += len(new)
+                        report.replaced_paths |= {p.path for p in work.parts} - {p.path for p in new}
+                        report.new_parts += new
+                    pending = []
     report.parts_after = len(arch.partitions(surveys, nights))
     report.seconds = round(time.perf_counter() - t0, 3)
     return report
 
 
-__all__ = ["CompactOptions", "CompactReport", "NightWork", "compact", "commit", "delete_retired", "merge", "plan", "TARGET_ROWS"]
+__all__ = ["CompactOptions", "CompactReport", "NightWork", "compact", "commit", "commit_many", "delete_retired", "merge", "plan", "TARGET_ROWS"]
