@@ -106,6 +106,9 @@ def ingest(sources, archive, as_json, **options) -> None:
         f"quarantined {report.quarantined}; {report.partitions} new partition(s) in {report.seconds:.1f} s"
     )
     click.echo(line, err=as_json)
+    if report.compaction.get("nights"):
+        c = report.compaction
+        click.echo(f"compacted {c['nights']} night(s): {c['replaced']} part(s) merged into {c['written']} ({c['parts_after']} part(s) in those nights)", err=as_json)
     if report.quarantined:
         reasons = ", ".join(f"{k} ({v})" for k, v in sorted(report.quarantine_reasons.items()))
         click.echo(f"quarantined packets are in {archive}/quarantine: {reasons}", err=True)
