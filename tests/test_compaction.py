@@ -19,6 +19,7 @@ from pathlib import Path
 
 import fastavro
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -174,10 +175,14 @@ def test_replaced_files_wait_for_their_grace_period(tiny):
     on_disk = lambda: {f.relative_to(tiny).as_posix() for f in tiny.glob("survey=*/night=*/*")}  # noqa: E731
     indexed = {f for p in Archive(tiny).partitions() for f in (p.path, p.dps, p.cutouts) if f}
     retired = set(json.loads((tiny / "_retired.json").read_text()))
-    assert retired and not retired & indexed and on_disk() == indexed | retired  # kept for runs still reading them
+    kept = lambda: {f.relative_to(tiny / "_retired").as_posix() for f in tiny.glob("_retired/survey=*/night=*/*")}  # noqa: E731
+    assert retired and not retired & indexed and on_disk() == indexed  # the folders: no row twice
+    assert kept() == retired  # moved aside, kept for their grace period
+    ds = pads.dataset(tiny / "survey=ztf", format="parquet", partitioning="hive")  # a reader of the folders
+    assert sorted(ds.to_table(columns=["alert_id"]).column("alert_id").to_pylist()) == sorted(raw_rows(tiny)["flat"].column("alert_id").to_pylist())
     assert compact(tiny, CompactOptions(target_rows=60, grace_seconds=3600)).deleted == []
     assert sorted(compact(tiny, CompactOptions(target_rows=60, grace_seconds=0)).deleted) == sorted(retired)
-    assert on_disk() == indexed
+    assert on_disk() == indexed and kept() == set()
 
 
 @pytest.mark.parametrize("where", ["replace_partitions", "retire"])

@@ -44,16 +44,17 @@ __all__ = ["compact", "CompactOptions", "CompactReport"]
 
 class Background:
     """Live mode's compaction: every ``every`` committed batches, the nights they wrote to are compacted
-    in a thread of this process, so the next batches do not wait for it (only for the index swap, which
-    takes the archive's lock as a batch's publish does). Started only after a batch's offsets are
+    in a thread of this process, so the next batches do not wait for it (only for the index swap, done
+    with the store's lock held, between batches). Started only after a batch's offsets are
     committed: compaction moves rows between parts but never adds or drops one, so a replayed batch
     finds its alerts archived as duplicates either way (and runs on the merged parts that hold them).
     """
 
-    def __init__(self, archive: str | Path, every: int, options: CompactOptions | None = None):
+    def __init__(self, archive: str | Path, every: int, options: CompactOptions | None = None, store=None):
         import threading
 
         self.archive, self.every, self.options = Path(archive), every, options or CompactOptions()
+        self.store = store  # its lock is held around each index swap: never while a batch runs
         self.nights: set[int] = set()
         self.batches = 0
         self.thread: threading.Thread | None = None
@@ -75,7 +76,8 @@ class Background:
 
     def _run(self, nights: list[int]) -> None:
         try:
-            self.reports.append(compact_here(self.archive, self.options, nights))
+            guard = None if self.store is None else (lambda: self.store.locked("live-compaction", None))
+            self.reports.append(compact_here(self.archive, self.options, nights, guard=guard))
         except Exception as exc:  # the archive stays consistent (old parts); the next round tries again
             self.errors.append(f"{type(exc).__name__}: {exc}")
             self.nights |= set(nights)

@@ -101,7 +101,7 @@ def run_live(
     metrics.flush()
     record = StreamRecord(Path(store.root), group, opts.topics, wf)
     ctx = _Context(wf, opts, archive, store, group, record, schema_dirs, registry, metrics, totals, on_batch,
-                   compactor=Background(archive, opts.compact_every, CompactOptions(target_rows=opts.compact_rows)))
+                   compactor=Background(archive, opts.compact_every, CompactOptions(target_rows=opts.compact_rows), store))
     log.info("live %s: topics %s, group %s, %s, brokers %s; batches every %g s or %d messages; archive %s, store %s%s",
              wf.name, ",".join(opts.topics), group, creds.describe(), redactor(opts.bootstrap), opts.interval, opts.max_batch,
              archive, store.root, f"; metrics on http://{opts.metrics_host}:{metrics.port}/metrics" if metrics.port is not None else "")  # fmt: skip

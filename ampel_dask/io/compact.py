@@ -19,21 +19,26 @@ new, for up to ``COMMIT_NIGHTS`` merged nights at a time, then retire the old fi
 renamed new files unindexed (swept as orphans by the next publish, the ``_publishing`` marker says so);
 after it, the new parts. Never both, never neither.
 
-Readers: a run reads the index when it plans and opens part files later, so replaced files are not
-deleted at once. They are listed in ``_retired.json`` with the time they were replaced and deleted by a
-later compaction once ``grace_seconds`` (default one hour) have passed, and only if the index does not
-name them again. Until then a reader of the *folders* (not of the index) sees their rows twice.
+Readers: after the swap, the replaced files are moved to ``ARCHIVE/_retired/`` (same relative paths;
+listed in ``_retired.json`` with the time) and deleted by a later compaction once ``grace_seconds``
+(default one hour) have passed. So a reader of the folders (``pyarrow.dataset``, DuckDB) never sees a
+row twice, and a process that had a replaced file open goes on reading it; a run that read the index
+before the swap and opens a replaced part after it fails with FileNotFoundError naming the file (a
+re-run reads the new index) rather than reading anything twice. Live mode swaps with the store's lock
+held, so never under one of its own runs (graph/compact.Background).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +52,7 @@ from .files import atomic_write
 from .locks import scratch_dir, sweep
 
 TARGET_ROWS = 25_000
+RETIRED_DIR = "_retired"  # replaced files wait here (same relative paths) for their grace period
 COMMIT_NIGHTS = 64  # merged nights swapped in per index write (one lock, one index fsync for all of them)
 
 
@@ -198,8 +204,13 @@ def commit_many(arch: Archive, merged: list[tuple[NightWork, list[Staged]]]) -> 
             new_all += new
             old |= {f for p in work.parts for f in _files(p)}
         if new_all:
-            _retire(arch, sorted(old - {f for p in new_all for f in _files(p)}))  # before the swap: an entry for a file still indexed is never acted on
+            retired = sorted(old - {f for p in new_all for f in _files(p)})
+            _retire(arch, retired)  # before the swap: an entry for a file still indexed is never acted on
             arch.replace_partitions(gone, new_all)
+            for f in retired:  # out of the folders: dataset readers of survey=*/night=* never see a row twice
+                dest = arch.root / RETIRED_DIR / f
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(arch.root / f, dest)
     return out
 
 
@@ -226,8 +237,10 @@ def delete_retired(arch: Archive, grace_seconds: float) -> list[str]:
         for f, since in sorted(journal.items()):
             if f in known:
                 journal.pop(f)  # written again by a later merge (same bytes, same name): live again
+                (arch.root / RETIRED_DIR / f).unlink(missing_ok=True)
             elif now - since >= grace_seconds:
-                (arch.root / f).unlink(missing_ok=True)
+                (arch.root / RETIRED_DIR / f).unlink(missing_ok=True)
+                (arch.root / f).unlink(missing_ok=True)  # a crash between the swap and the move left it here
                 journal.pop(f)
                 deleted.append(f)
         atomic_write(arch.root / RETIRED, json.dumps(journal, sort_keys=True).encode())
@@ -244,8 +257,11 @@ def merge_here(works: list[NightWork], root: str, target_rows: int, tmp: str) ->
 
 
 def compact(archive: str | Path | Archive, options: CompactOptions | None = None, nights: Iterable[int] | None = None,
-            surveys: list[str] | None = None, merger: Merger = merge_here, fresh: Iterable[str] = ()) -> CompactReport:  # fmt: skip
-    """Compact the nights that need it (all, or those given); first delete retired files past their grace."""
+            surveys: list[str] | None = None, merger: Merger = merge_here, fresh: Iterable[str] = (),
+            guard: Callable[[], AbstractContextManager] | None = None) -> CompactReport:  # fmt: skip
+    """Compact the nights that need it (all, or those given); first delete retired files past their grace.
+    ``guard``: held around each index swap (live mode: the store's lock, so that no run of its own reads
+    parts while they move)."""
     t0 = time.perf_counter()
     opts = options or CompactOptions()
     arch = archive if isinstance(archive, Archive) else Archive(archive)
@@ -263,7 +279,9 @@ def compact(archive: str | Path | Archive, options: CompactOptions | None = None
             for i, done in enumerate(merger(works, str(arch.root), opts.target_rows, str(run_tmp))):
                 pending.append(done)
                 if len(pending) >= COMMIT_NIGHTS or i == len(works) - 1:
-                    for (work, _), new in zip(pending, commit_many(arch, pending)):
+                    with guard() if guard is not None else nullcontext():
+                        swapped = commit_many(arch, pending)
+                    for (work, _), new in zip(pending, swapped):
                         if new is None:
                             report.skipped += 1
                             continue
