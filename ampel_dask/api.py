@@ -66,6 +66,14 @@ def ingest(sources: str | Path | list[str | Path], archive: str | Path, workers:
     return _ingest(srcs, archive, IngestOptions(workers=workers, progress=progress, **options))
 
 
+def compact(archive: str | Path, target_rows: int = 25_000, nights: tuple[int, int] | None = None, grace_seconds: float = 3600.0) -> dict:
+    """Merge each night's parts that are not full into parts of ``target_rows`` (what ``ingest`` does for
+    the nights it wrote; ``nights``: only from..to, YYYYMMDD); returns parts before/after and what was done."""
+    from .graph.compact import CompactOptions, compact as _compact
+
+    return _compact(archive, CompactOptions(target_rows=target_rows, grace_seconds=grace_seconds), night_range=nights).summary()
+
+
 @dataclass
 class Run:
     """What a finished run made: its counts (``summary``), its manifest and its store."""
@@ -399,4 +407,4 @@ class Store:
         return explain(str(obj), self.backend.spec.get("uri") or self.backend.spec["path"])
 
 
-__all__ = ["ingest", "run", "backtest", "open_archive", "open_store", "Run", "ArchiveView", "Store", "IngestReport"]
+__all__ = ["ingest", "compact", "run", "backtest", "open_archive", "open_store", "Run", "ArchiveView", "Store", "IngestReport"]

@@ -66,6 +66,7 @@ def _ingest_options(fn: Callable) -> Callable:
         _from(M, "max_packet_mb", type=click.FloatRange(min=0, min_open=True)),
         _from(M, "max_block_mb", type=click.FloatRange(min=0, min_open=True)),
         _from(M, "quarantine_keep_mb", type=click.FloatRange(min=0)),
+        _from(M, "compact_rows", type=click.IntRange(min=0)),
     ]
     for d in reversed(decorators):
         fn = d(fn)
@@ -105,12 +106,33 @@ def ingest(sources, archive, as_json, **options) -> None:
         f"quarantined {report.quarantined}; {report.partitions} new partition(s) in {report.seconds:.1f} s"
     )
     click.echo(line, err=as_json)
+    if report.compaction.get("nights"):
+        c = report.compaction
+        click.echo(f"compacted {c['nights']} night(s): {c['replaced']} part(s) merged into {c['written']} ({c['parts_after']} part(s) in those nights)", err=as_json)
     if report.quarantined:
         reasons = ", ".join(f"{k} ({v})" for k, v in sorted(report.quarantine_reasons.items()))
         click.echo(f"quarantined packets are in {archive}/quarantine: {reasons}", err=True)
     if as_json:
         _emit_json(report.summary() | {"skipped": len(report.skipped_files) + len(report.skipped_reasons)})
     sys.exit(EXIT_QUARANTINED if report.quarantined else 0)
+
+
+@main.command("compact")
+@click.argument("archive", type=click.Path(exists=True, file_okay=False))
+@click.option("--target-rows", type=click.IntRange(min=1), default=25_000, show_default=True, help="rows per part written (a smaller night becomes one part)")
+@click.option("--nights", default=None, help="only nights A..B (YYYYMMDD:YYYYMMDD, inclusive; or one night)")
+@click.option("--grace", "grace_seconds", type=click.FloatRange(min=0), default=3600.0, show_default=True, help="seconds replaced files are kept for runs still reading them")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON summary as the last stdout line")
+def compact_cmd(archive, target_rows, nights, grace_seconds, as_json) -> None:
+    """Merge each night's parts below --target-rows into parts of that size (what ingest does for the
+    nights it wrote); replaced files are deleted by a later compaction after --grace seconds."""
+    from .graph.compact import CompactOptions, compact
+
+    report = compact(archive, CompactOptions(target_rows=target_rows, grace_seconds=grace_seconds), night_range=_night_range(nights))
+    click.echo(f"parts: {report.parts_before} before, {report.parts_after} after ({report.nights} night(s) compacted: "
+               f"{report.replaced} parts merged into {report.written}; {len(report.deleted)} retired file(s) deleted) in {report.seconds:.1f} s", err=as_json)  # fmt: skip
+    if as_json:
+        _emit_json(report.summary() | {"deleted": len(report.deleted)})
 
 
 def _load_mapping(path: str) -> dict:
@@ -511,6 +533,8 @@ def _live_options(fn: Callable) -> Callable:
         _from(M, "metrics_host"),
         _from(M, "join_timeout", type=click.FloatRange(min=0)),
         _from(M, "store_wait", type=click.FloatRange(min=0)),
+        _from(M, "compact_every", type=click.IntRange(min=0)),
+        _from(M, "compact_rows", type=click.IntRange(min=1)),
     ]
     for d in reversed(decorators):
         fn = d(fn)

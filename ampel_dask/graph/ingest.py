@@ -14,6 +14,8 @@ from ..io.archive import Archive
 from ..io.decode import ChunkResult, decode_chunk
 from ..io.ingest import Decoder, IngestOptions, IngestReport, in_process, packet_chunks, run_ingest, source_chunks
 from ..io.sources import Chunk, Packet
+from ..io.compact import CompactOptions
+from .compact import compact
 from .progress import Progress, as_finished
 from .workers import local_cluster
 
@@ -36,8 +38,27 @@ def _ingest(work: Iterator[Chunk], archive, opts: IngestOptions, client, report:
     workers = opts.workers
     if workers is None and client is None and total_bytes < opts.in_process_mb * 2**20:
         workers = 0  # a small input: decoding it here is done before a cluster would have started
+    if client is None and workers != 0:  # one cluster for the decoding and the compaction after it
+        from distributed import Client
+
+        with local_cluster(workers, dashboard_address=None) as cluster, Client(cluster) as own:
+            return _ingest(work, archive, opts, own, report, total_bytes)
     with Progress(opts.progress, total_bytes, "ingest", unit="B", unit_scale=True) as bar:
-        return run_ingest(work, archive, opts, report, _decoder(workers, client), lambda res, read: bar.update(res.nbytes, alerts=read))
+        report = run_ingest(work, archive, opts, report, _decoder(workers, client), lambda res, read: bar.update(res.nbytes, alerts=read))
+    if opts.compact_rows and report.new_partitions:
+        # the nights this ingest wrote to whose parts (new and archived) are not in shape are merged, so
+        # that the archive's shape does not depend on the input's order (io/compact.py); a night that
+        # came in one chunk has one part, and nothing is done for it
+        nights = sorted({p.night for p in report.new_partitions})
+        fresh = [p.path for p in report.new_partitions]
+        done = compact(archive, CompactOptions(target_rows=opts.compact_rows), nights, client=client, fresh=fresh)
+        report.compaction = done.summary()
+        # parts merged away are named by what they became (still every part holding an alert of the input)
+        gone = done.replaced_paths
+        if gone:
+            report.new_partitions = [p for p in report.new_partitions if p.path not in gone] + done.new_parts
+            report.duplicate_partitions = [p for p in report.duplicate_partitions if p.path not in gone]
+    return report
 
 
 def _decoder(workers: int | None, client) -> Decoder:

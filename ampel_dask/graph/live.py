@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..io.compact import CompactOptions
+from .compact import Background
 from .ingest import IngestOptions, ingest_packets
 from ..io.kafka import Batch, LiveConsumer, consumer_config, wire_schema_ids
 from ..io.kafka_auth import KafkaCredentials, Redactor
@@ -98,7 +100,8 @@ def run_live(
     metrics = LiveMetrics(opts.metrics_file, opts.metrics_port, opts.metrics_host)
     metrics.flush()
     record = StreamRecord(Path(store.root), group, opts.topics, wf)
-    ctx = _Context(wf, opts, archive, store, group, record, schema_dirs, registry, metrics, totals, on_batch)
+    ctx = _Context(wf, opts, archive, store, group, record, schema_dirs, registry, metrics, totals, on_batch,
+                   compactor=Background(archive, opts.compact_every, CompactOptions(target_rows=opts.compact_rows), store))
     log.info("live %s: topics %s, group %s, %s, brokers %s; batches every %g s or %d messages; archive %s, store %s%s",
              wf.name, ",".join(opts.topics), group, creds.describe(), redactor(opts.bootstrap), opts.interval, opts.max_batch,
              archive, store.root, f"; metrics on http://{opts.metrics_host}:{metrics.port}/metrics" if metrics.port is not None else "")  # fmt: skip
@@ -113,7 +116,11 @@ def run_live(
     finally:
         consumer.close()
         metrics.close()
+        ctx.compactor.close()
     out = _summary(totals, store, archive, group, opts)
+    out["compactions"] = [r.summary() for r in ctx.compactor.reports]
+    if ctx.compactor.errors:
+        out["compaction_errors"] = ctx.compactor.errors
     out.update(stopped=stopped, seconds=round(time.time() - t_start, 3))
     if metrics.port is not None:
         out["metrics_port"] = metrics.port
@@ -133,6 +140,7 @@ class _Context:
     metrics: LiveMetrics
     totals: Totals
     on_batch: Callable[[dict], None] | None
+    compactor: Background
     client: Any = None
 
 
@@ -187,7 +195,8 @@ def _process_held(ctx: _Context, consumer: LiveConsumer, batch: Batch, n: int, r
     packets = batch.packets()
     if ctx.registry is not None:
         ctx.registry.ensure(wire_schema_ids(packets))
-    iopts = IngestOptions(schema_dirs=ctx.schema_dirs, progress=False, chunk_packets=opts.chunk_packets)
+    # compacted in the background after the commit (graph/compact.Background), not within the batch
+    iopts = IngestOptions(schema_dirs=ctx.schema_dirs, progress=False, chunk_packets=opts.chunk_packets, compact_rows=0)
     report = ingest_packets(packets, ctx.archive, iopts, client=ctx.client)
     t_ingest = time.time()
     crash("after_ingest", n)
@@ -212,6 +221,8 @@ def _process_held(ctx: _Context, consumer: LiveConsumer, batch: Batch, n: int, r
     crash("before_commit", n)
     committed = consumer.commit(batch)
     crash("after_commit", n)
+    if committed:
+        ctx.compactor.after_batch(p.night for p in report.new_partitions)
     t_done = time.time()
     ts = batch.timestamps()
     latency = round(t_done - ts[0], 3) if ts else None

@@ -36,4 +36,6 @@ class LiveOptions(BaseModel):
     metrics_host: str = Field("127.0.0.1", description="address for --metrics-port")
     join_timeout: float = Field(60.0, ge=0, description="seconds to wait for the group's first partitions")
     chunk_packets: int = Field(2000, ge=1, description="messages per decode task")
+    compact_every: int = Field(10, ge=0, description="every N committed batches, compact the nights they wrote to in the background (0: never)")
+    compact_rows: int = Field(25_000, gt=0, description="rows per part that compaction writes")
     store_wait: float | None = Field(None, ge=0, description="seconds a batch waits for the store while another run holds it (default: as long as it takes)")

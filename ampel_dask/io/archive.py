@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fcntl
 import io
+import json
 import logging
 import os
 import uuid
@@ -43,6 +44,7 @@ from .files import atomic_write, checkpoint, later, make_dirs
 from .layout import coded_bands, plain_bands
 
 INDEX = "_index.parquet"
+RETIRED = "_retired.json"  # files replaced by compaction, kept a while for runs still reading them (io/compact.py)
 INDEX_SCHEMA = pa.schema(
     [
         ("survey", pa.string()),
@@ -249,9 +251,15 @@ class Archive:
             yield
             marker.unlink()
 
+    def retired(self) -> dict[str, float]:
+        """Files compaction replaced (relative path -> when), not deleted yet."""
+        path = self.root / RETIRED
+        return json.loads(path.read_text()) if path.exists() else {}
+
     def sweep_orphans(self) -> list[str]:
-        """Remove part files the index does not name (call with the lock held)."""
-        known = set()
+        """Remove part files the index does not name (call with the lock held); files compaction retired
+        wait for their grace period."""
+        known = set(self.retired())
         for p in self.partitions():
             known |= {p.path, p.dps or "", p.cutouts or ""}
         removed = []
@@ -274,6 +282,19 @@ class Archive:
             if not new:
                 return
             table = pa.concat_tables([current, pa.Table.from_pylist(new, schema=INDEX_SCHEMA)])
+            table = table.sort_by([("survey", "ascending"), ("night", "ascending"), ("path", "ascending")])
+            atomic_write(self.index_path, parquet_bytes(table))
+
+    def replace_partitions(self, old: list[str], new: list[Partition]) -> None:
+        """Drop the index entries of ``old`` paths and add ``new`` ones in one atomic index write."""
+        checkpoint()  # the new parts' names (renames by this process) durable before the index names them
+        with self.locked():
+            current = self.index()
+            gone = set(old) - {p.path for p in new}
+            keep = current.filter(pa.array([p not in gone for p in current.column("path").to_pylist()], pa.bool_()))
+            known = set(keep.column("path").to_pylist())
+            rows = [p.__dict__ for p in new if p.path not in known]
+            table = pa.concat_tables([keep, pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)])
             table = table.sort_by([("survey", "ascending"), ("night", "ascending"), ("path", "ascending")])
             atomic_write(self.index_path, parquet_bytes(table))
 

@@ -48,6 +48,7 @@ class IngestOptions(BaseModel):
     max_packet_mb: float = Field(256.0, gt=0, description="MiB of a packet inflated (gunzipped, its Avro blocks together)")
     max_block_mb: float = Field(64.0, gt=0, description="MiB of one Avro block inflated")
     quarantine_keep_mb: float = Field(16.0, ge=0, description="MiB of a bad input's original bytes kept in quarantine")
+    compact_rows: int = Field(25_000, ge=0, description="after publishing, merge the written nights' parts below this many rows into parts of this size (0: do not; io/compact.py)")
 
     def limits(self) -> Limits:
         mib = lambda mb: max(1, int(mb * MiB))  # noqa: E731
@@ -71,6 +72,7 @@ class IngestReport:
     # holds an alert of the input (live mode runs a replayed batch on them)
     duplicate_partitions: list[Partition] = field(default_factory=list)
     swept: list[str] = field(default_factory=list)  # staging folders of killed ingests removed first
+    compaction: dict = field(default_factory=dict)  # what compaction after publishing did (CompactReport.summary)
 
     def summary(self) -> dict:
         return {k: getattr(self, k) for k in ("read", "ingested", "duplicates", "quarantined", "partitions", "seconds")}

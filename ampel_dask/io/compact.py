@@ -1,0 +1,299 @@
+"""Compaction: a night's small parts rewritten as parts of ``target_rows``, so that the archive's shape
+does not depend on the order its alerts came in.
+
+A stream that cycles through nights (per-alert files of many nights, a broker's dump, live
+micro-batches) leaves one tiny part per night and chunk; runs on such an archive pay per part. The rule:
+a night holding more than one part that is not full (``rows != target_rows``), or one above it, has
+those parts merged: their rows (flat columns, histories, cutouts) put in canonical order
+(:func:`~.archive.sort_rows`) and cut into parts of exactly ``target_rows`` rows, the last one holding
+the rest. Full parts are never rewritten. So
+a night ends with ``ceil(n / target_rows)`` parts of ``target_rows`` rows (the last smaller) whatever the
+input order, and a night ingested in one go (or first compacted after all its alerts came) gets the same
+parts, byte for byte, from any order.
+
+Three steps, so that the heavy one runs anywhere (a Dask worker) and only the last takes the lock:
+:func:`plan` (nights to merge, from the index), :func:`merge` (read the parts, write new ones under a
+scratch folder, durable) and :func:`commit` (under :meth:`Archive.publishing`: check that the parts are
+still indexed, rename the new ones into place, ONE atomic index write replacing the old entries with the
+new, for up to ``COMMIT_NIGHTS`` merged nights at a time, then retire the old files). A crash before the index write leaves the old parts indexed and the
+renamed new files unindexed (swept as orphans by the next publish, the ``_publishing`` marker says so);
+after it, the new parts. Never both, never neither.
+
+Readers: after the swap, the replaced files are moved to ``ARCHIVE/_retired/`` (same relative paths;
+listed in ``_retired.json`` with the time) and deleted by a later compaction once ``grace_seconds``
+(default one hour) have passed. So a reader of the folders (``pyarrow.dataset``, DuckDB) never sees a
+row twice, and a process that had a replaced file open goes on reading it; a run that read the index
+before the swap and opens a replaced part after it fails with FileNotFoundError naming the file (a
+re-run reads the new index) rather than reading anything twice. Live mode swaps with the store's lock
+held, so never under one of its own runs (graph/compact.Background).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, Field
+
+from .archive import RETIRED, Archive, Partition, Staged, discard, stage
+from .files import atomic_write
+from .locks import scratch_dir, sweep
+
+TARGET_ROWS = 25_000
+RETIRED_DIR = "_retired"  # replaced files wait here (same relative paths) for their grace period
+COMMIT_NIGHTS = 64  # merged nights swapped in per index write (one lock, one index fsync for all of them)
+
+
+class CompactOptions(BaseModel):
+    """What compaction aims for."""
+
+    target_rows: int = Field(TARGET_ROWS, gt=0, description="rows per part written (a night with fewer becomes one part)")
+    grace_seconds: float = Field(3600.0, ge=0, description="replaced files are kept this long for runs still reading them")
+
+
+@dataclass(frozen=True)
+class NightWork:
+    """One night's parts to merge (none of them full)."""
+
+    survey: str
+    night: int
+    parts: tuple[Partition, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+
+@dataclass
+class CompactReport:
+    nights: int = 0
+    parts_before: int = 0  # in the whole archive (or the nights asked for)
+    parts_after: int = 0
+    replaced: int = 0  # parts merged away
+    written: int = 0  # parts written
+    skipped: int = 0  # nights changed by someone else meanwhile (left for the next compaction)
+    deleted: list[str] = field(default_factory=list)  # retired files deleted after their grace period
+    replaced_paths: set[str] = field(default_factory=set)  # index paths merged away
+    new_parts: list[Partition] = field(default_factory=list)  # what they became
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        return {k: getattr(self, k) for k in ("nights", "parts_before", "parts_after", "replaced", "written", "skipped", "seconds")}
+
+
+def plan(arch: Archive, target_rows: int = TARGET_ROWS, nights: Iterable[int] | None = None, surveys: list[str] | None = None,
+         fresh: Iterable[str] = ()) -> list[NightWork]:  # fmt: skip
+    """Nights not in shape, from the index alone (no file is read): more than one part that is not
+    full (``rows != target_rows``), or one part above the target (an ingest chunk larger than it).
+    ``fresh``: paths of parts an ingest just wrote, never taken as full (a chunk may hold exactly
+    ``target_rows`` of a night without being a canonical cut of it)."""
+    wanted = set(nights) if nights is not None else None
+    fresh = set(fresh)
+    loose: dict[tuple[str, int], list[Partition]] = defaultdict(list)
+    for p in arch.partitions(surveys):
+        if (p.rows != target_rows or p.path in fresh) and (wanted is None or p.night in wanted):
+            loose[(p.survey, p.night)].append(p)
+    return [NightWork(s, n, tuple(sorted(ps, key=lambda p: p.path))) for (s, n), ps in sorted(loose.items())
+            if len(ps) > 1 or ps[0].rows > target_rows]  # fmt: skip
+
+
+def merge(root: str | Path, work: NightWork, target_rows: int, tmp_dir: str | Path) -> list[Staged]:
+    """Read a night's parts and stage their rows as canonical parts of ``target_rows`` (durable; no lock
+    taken: :func:`commit` checks that the parts were not replaced meanwhile).
+
+    Memory: one source part, and one output part's pieces, at a time. The canonical position of every
+    row is found from the sort keys alone; each source part is then read once and split into the output
+    parts' pieces, kept in memory while the night is small (one output part) and spilled to uncompressed
+    Arrow files under ``tmp_dir`` otherwise."""
+    arch, tmp = Archive(root), Path(tmp_dir) / uuid.uuid4().hex
+    spill_dir = tmp / "spill"
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    if work.rows <= target_rows:  # one output part (the usual case): no sort-key pass, nothing spilled
+        tables = [arch.read(p) for p in work.parts]
+        cuts = [c for c in (arch.read_cutouts(p) for p in work.parts) if c is not None]
+        table = pa.concat_tables(tables, promote_options="permissive")
+        staged = [stage(table, pa.concat_tables(cuts, promote_options="permissive") if cuts else None, tmp)]
+        shutil.rmtree(spill_dir, ignore_errors=True)
+        return staged
+    keys = []
+    for j, part in enumerate(work.parts):
+        k = arch.read(part, ["stock", "mjd", "alert_id"])
+        keys.append(k.append_column("src", pa.array(np.full(k.num_rows, j, dtype=np.int32))).append_column("row", pa.array(np.arange(k.num_rows, dtype=np.int64))))
+    order = pa.concat_tables(keys).sort_by([("stock", "ascending"), ("mjd", "ascending"), ("alert_id", "ascending")])
+    n = order.num_rows
+    slot = np.empty(n, dtype=np.int64)  # output part of each row, per source part
+    out_of = np.arange(n) // target_rows
+    src, row = order.column("src").to_numpy(), order.column("row").to_numpy()
+    offsets = np.concatenate([[0], np.cumsum([p.rows for p in work.parts])])
+    slot[offsets[src] + row] = out_of
+    nout = max(1, math.ceil(n / target_rows))
+    spill = nout > 1
+    pieces: dict[int, list] = defaultdict(list)
+    for j, part in enumerate(work.parts):
+        table = arch.read(part)
+        cut = arch.read_cutouts(part)
+        mine = slot[offsets[j] : offsets[j + 1]]
+        for k in np.unique(mine):
+            mask = pa.array(mine == k)
+            t = table.filter(mask)
+            c = None
+            if cut is not None:
+                c = cut.filter(pc.is_in(cut.column("alert_id"), t.column("alert_id")))
+            if spill:
+                pieces[int(k)].append((_spill(spill_dir / f"{k}-{j}.arrow", t), None if c is None else _spill(spill_dir / f"{k}-{j}.cut.arrow", c)))
+            else:
+                pieces[int(k)].append((t, c))
+    staged = []
+    for k in range(nout):
+        ts = [_unspill(t) for t, _ in pieces[k]]
+        cs = [_unspill(c) for _, c in pieces[k] if c is not None]
+        table = pa.concat_tables(ts, promote_options="permissive")
+        cutouts = pa.concat_tables(cs, promote_options="permissive") if cs else None
+        staged.append(stage(table, cutouts, tmp))  # durable: fsync'ed here, by the process that wrote them
+        pieces.pop(k)
+    shutil.rmtree(spill_dir, ignore_errors=True)
+    return staged
+
+
+def _spill(path: Path, table: pa.Table) -> Path:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    return path
+
+
+def _unspill(x: pa.Table | Path) -> pa.Table:
+    if isinstance(x, pa.Table):
+        return x
+    with pa.memory_map(str(x)) as src:
+        return pa.ipc.open_file(src).read_all()
+
+
+def commit(arch: Archive, work: NightWork, staged: list[Staged]) -> list[Partition] | None:
+    """Swap a night's merged parts in (see the module doc); None if its parts changed meanwhile."""
+    return commit_many(arch, [(work, staged)])[0]
+
+
+def commit_many(arch: Archive, merged: list[tuple[NightWork, list[Staged]]]) -> list[list[Partition] | None]:
+    """Swap several nights' merged parts in with one index write (one lock, one fsync of the index);
+    a night whose parts changed meanwhile is discarded (None)."""
+    out: list[list[Partition] | None] = []
+    with arch.publishing():
+        indexed = {p.path for p in arch.partitions()}
+        gone, new_all, old = [], [], set()
+        for work, staged in merged:
+            if not all(p.path in indexed for p in work.parts):
+                for s in staged:
+                    discard(s)
+                out.append(None)
+                continue
+            new = [arch.publish(s) for s in staged]
+            out.append(new)
+            gone += [p.path for p in work.parts]
+            new_all += new
+            old |= {f for p in work.parts for f in _files(p)}
+        if new_all:
+            retired = sorted(old - {f for p in new_all for f in _files(p)})
+            _retire(arch, retired)  # before the swap: an entry for a file still indexed is never acted on
+            arch.replace_partitions(gone, new_all)
+            for f in retired:  # out of the folders: dataset readers of survey=*/night=* never see a row twice
+                dest = arch.root / RETIRED_DIR / f
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(arch.root / f, dest)
+    return out
+
+
+def _files(p: Partition) -> list[str]:
+    return [f for f in (p.path, p.dps, p.cutouts) if f]
+
+
+def _retire(arch: Archive, files: list[str]) -> None:
+    journal = arch.retired()
+    now = time.time()
+    for f in files:
+        journal.setdefault(f, now)
+    atomic_write(arch.root / RETIRED, json.dumps(journal, sort_keys=True).encode())
+
+
+def delete_retired(arch: Archive, grace_seconds: float) -> list[str]:
+    """Delete the replaced files older than ``grace_seconds`` that the index does not name."""
+    with arch.locked():
+        journal = arch.retired()
+        if not journal:
+            return []
+        known = {f for p in arch.partitions() for f in _files(p)}
+        now, deleted = time.time(), []
+        for f, since in sorted(journal.items()):
+            if f in known:
+                journal.pop(f)  # written again by a later merge (same bytes, same name): live again
+                (arch.root / RETIRED_DIR / f).unlink(missing_ok=True)
+            elif now - since >= grace_seconds:
+                (arch.root / RETIRED_DIR / f).unlink(missing_ok=True)
+                (arch.root / f).unlink(missing_ok=True)  # a crash between the swap and the move left it here
+                journal.pop(f)
+                deleted.append(f)
+        atomic_write(arch.root / RETIRED, json.dumps(journal, sort_keys=True).encode())
+    return deleted
+
+
+#: merges the given nights somewhere (here, or on a cluster) and yields (work, staged) as they finish
+Merger = Callable[[list[NightWork], str, int, str], Iterable[tuple[NightWork, list[Staged]]]]
+
+
+def merge_here(works: list[NightWork], root: str, target_rows: int, tmp: str) -> Iterable[tuple[NightWork, list[Staged]]]:
+    for w in works:
+        yield w, merge(root, w, target_rows, tmp)
+
+
+def compact(archive: str | Path | Archive, options: CompactOptions | None = None, nights: Iterable[int] | None = None,
+            surveys: list[str] | None = None, merger: Merger = merge_here, fresh: Iterable[str] = (),
+            guard: Callable[[], AbstractContextManager] | None = None) -> CompactReport:  # fmt: skip
+    """Compact the nights that need it (all, or those given); first delete retired files past their grace.
+    ``guard``: held around each index swap (live mode: the store's lock, so that no run of its own reads
+    parts while they move)."""
+    t0 = time.perf_counter()
+    opts = options or CompactOptions()
+    arch = archive if isinstance(archive, Archive) else Archive(archive)
+    nights = None if nights is None else sorted(set(nights))
+    report = CompactReport(parts_before=len(arch.partitions(surveys, nights)) if nights != [] else 0)
+    if not arch.exists() or nights == []:
+        return report
+    report.deleted = delete_retired(arch, opts.grace_seconds)
+    works = plan(arch, opts.target_rows, nights, surveys, fresh)
+    if works:
+        sweep(arch.tmp_dir)
+        run_tmp = arch.tmp_dir / uuid.uuid4().hex
+        with scratch_dir(run_tmp, {"what": "compact"}):
+            pending: list[tuple[NightWork, list[Staged]]] = []
+            for i, done in enumerate(merger(works, str(arch.root), opts.target_rows, str(run_tmp))):
+                pending.append(done)
+                if len(pending) >= COMMIT_NIGHTS or i == len(works) - 1:
+                    with guard() if guard is not None else nullcontext():
+                        swapped = commit_many(arch, pending)
+                    for (work, _), new in zip(pending, swapped):
+                        if new is None:
+                            report.skipped += 1
+                            continue
+                        report.nights += 1
+                        report.replaced += len(work.parts)
+                        report.written += len(new)
+                        report.replaced_paths |= {p.path for p in work.parts} - {p.path for p in new}
+                        report.new_parts += new
+                    pending = []
+    report.parts_after = len(arch.partitions(surveys, nights))
+    report.seconds = round(time.perf_counter() - t0, 3)
+    return report
+
+
+__all__ = ["CompactOptions", "CompactReport", "NightWork", "compact", "commit", "commit_many", "delete_retired", "merge", "plan", "TARGET_ROWS"]
