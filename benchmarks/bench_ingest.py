@@ -64,10 +64,25 @@ def ceiling_parallel(files: list[Path], processes: int) -> float:
     return sum(n for n, _ in res) / max(sec for _, sec in res)
 
 
-def run_ingest(stream: Path, workers: int, label: str) -> dict:
+def tarball_ceiling(tarball: Path) -> float:
+    """Alerts/s of one core reading a nightly tarball as plainly as it can: tarfile's gzip stream, then
+    fastavro.reader over each member (what target 5 of issue #20 measures ingest against)."""
+    import io
+    import tarfile
+
+    t, n = time.perf_counter(), 0
+    with tarfile.open(tarball, "r|gz") as tf:
+        for m in tf:
+            if m.isfile():
+                n += sum(1 for _ in fastavro.reader(io.BytesIO(tf.extractfile(m).read())))
+    return n / (time.perf_counter() - t)
+
+
+def run_ingest(stream: Path, workers: int, label: str, compact_rows: int | None = None) -> dict:
     archive = WORK / f"archive-{label}"
     shutil.rmtree(archive, ignore_errors=True)
-    report = ingest([str(stream)], archive, IngestOptions(workers=workers, progress=False))
+    extra = {} if compact_rows is None else {"compact_rows": compact_rows}
+    report = ingest([str(stream)], archive, IngestOptions(workers=workers, progress=False, **extra))
     assert report.quarantined == 0 and report.duplicates == 0, report.summary()
     shutil.rmtree(archive, ignore_errors=True)
     return {"label": label, "workers": workers, "alerts": report.ingested, "seconds": report.seconds, "alerts_per_s": report.ingested / report.seconds}
@@ -79,7 +94,10 @@ def main() -> None:
     ap.add_argument("--ceiling-sample", type=int, default=20_000, help="files timed for the ceiling")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--tarball", type=Path, help="measure ingest of this nightly tarball against its one-core tarfile+fastavro ceiling instead")
     args = ap.parse_args()
+    if args.tarball:
+        return tarball_main(args)
 
     stream = build_stream(WORK / f"stream-{args.alerts}", args.alerts)
     files = sorted(stream.rglob("*.avro"))
@@ -115,6 +133,20 @@ def main() -> None:
         print(f"{r['label']:<18}{r['alerts_per_s']:>12,.0f}{r['ratio_to_ceiling']:>11.2f}{r['ratio_per_core']:>12.2f}{r['ratio_to_parallel_ceiling']:>22.2f}")
     if args.json:
         print(json.dumps(result))
+
+
+def tarball_main(args: argparse.Namespace) -> None:
+    args.tarball.read_bytes()  # page cache
+    ceil = tarball_ceiling(args.tarball)
+    rows = [run_ingest(args.tarball, args.workers, f"tarball-{args.workers}-workers"),
+            run_ingest(args.tarball, args.workers, f"tarball-{args.workers}-workers-no-compaction", compact_rows=0)]  # fmt: skip
+    ceil = (ceil + tarball_ceiling(args.tarball)) / 2  # again after, to see drift
+    print(f"tarball: {args.tarball}; tarfile + fastavro.reader ceiling (1 core): {ceil:,.0f} alerts/s")
+    for r in rows:
+        r["ratio_to_ceiling"] = round(r["alerts_per_s"] / ceil, 2)
+        print(f"{r['label']:<42}{r['alerts_per_s']:>10,.0f} alerts/s{r['ratio_to_ceiling']:>8.2f}x ceiling")
+    if args.json:
+        print(json.dumps({"tarball": str(args.tarball), "ceiling_alerts_per_s": round(ceil, 1), "runs": rows}))
 
 
 if __name__ == "__main__":
