@@ -17,6 +17,11 @@ def num(table: pa.Table, name: str) -> np.ndarray:
     return pc.cast(col, pa.float64(), safe=False).to_numpy(zero_copy_only=False)
 
 
+def floats(arr) -> np.ndarray:
+    """Float64 numpy copy of an Arrow array or chunked array (nulls -> NaN)."""
+    return np.asarray(pc.fill_null(pc.cast(arr, pa.float64()), np.nan).to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
 def present(table: pa.Table, name: str) -> np.ndarray:
     """True where the column exists and holds a value."""
     if name not in table.column_names:

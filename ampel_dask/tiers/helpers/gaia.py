@@ -9,15 +9,45 @@ comparison with NaN is False).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
+from ..base import UnitConfig, pinned_hash
 from ..catalog import Catalog, open_catalog
 
 GAIA_COLUMNS = ["Mag_G", "PMRA", "ErrPMRA", "PMDec", "ErrPMDec", "Plx", "ErrPlx", "ExcessNoiseSig"]
+
+
+class GaiaVetoConfig(UnitConfig):
+    """The Gaia veto's fields, as AMPEL's DecentFilter names them; a filter's config derives from this.
+    AMPEL queries a catalog service; here the veto needs a local catalog, else it is off."""
+
+    gaia_rs: float = Field(0.0, ge=0, description="Gaia search radius [arcsec]; 0 = no Gaia veto")
+    gaia_pm_signif: float = 3.0
+    gaia_plx_signif: float = 3.0
+    gaia_veto_gmag_min: float = 9.0
+    gaia_veto_gmag_max: float = 20.0
+    gaia_excessnoise_sig_max: float = 999.0
+    gaia_catalog: str | None = Field(None, description="HEALPix-indexed Gaia Parquet catalog for the Gaia veto")
+    gaia_catalog_hash: str | None = Field(None, description="content hash of gaia_catalog; None: taken from the file (a mismatch is an error)")
+
+
+def gaia_veto(unit: str, config: GaiaVetoConfig) -> tuple[GaiaVeto | None, GaiaVetoConfig]:
+    """The veto a filter's config asks for (None: off, with a warning when a radius is set without a
+    catalog) and the config with the catalog's content hash pinned (a rebuilt catalog: new T0 keys)."""
+    if config.gaia_rs <= 0:
+        return None, config
+    if not config.gaia_catalog:
+        warnings.warn(f"{unit}: gaia_rs > 0 but no gaia_catalog is configured; the Gaia veto is off", stacklevel=3)
+        return None, config
+    veto = GaiaVeto(config)
+    digest = pinned_hash(unit, config.gaia_catalog, veto.catalog.content_hash, config.gaia_catalog_hash)
+    return veto, config.model_copy(update={"gaia_catalog_hash": digest})
 
 
 class GaiaVetoSettings(Protocol):

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
 from ..base import T0Filter, UnitConfig, Verdict, pinned_hash
+from ..columns import floats
 from ..catalog import open_catalog
 
 
@@ -57,17 +56,14 @@ class CatalogVetoFilter(T0Filter):
         self.config = self.config.model_copy(update={"catalogs": pinned})
 
     def apply(self, alerts: pa.Table) -> Verdict:
-        ra = _f64(alerts.column("ra"))
-        dec = _f64(alerts.column("dec"))
+        ra = floats(alerts.column("ra"))
+        dec = floats(alerts.column("dec"))
         v = Verdict.accept_all(alerts.num_rows)
         for spec, cat in zip(self.config.catalogs, self.catalogs):
             index, _ = cat.cone_match(ra, dec, spec.radius_arcsec)
             v.reject(index >= 0, f"in {spec.name}")
         return v
 
-
-def _f64(arr) -> np.ndarray:
-    return np.asarray(pc.fill_null(pc.cast(arr, pa.float64()), np.nan).to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
 __all__ = ["CatalogVetoFilter", "CatalogVetoFilterConfig", "VetoCatalog"]

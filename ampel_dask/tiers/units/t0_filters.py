@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from ..base import T0Filter, UnitConfig, Verdict, pinned_hash
+from ..base import T0Filter, UnitConfig, Verdict
+from ..helpers.gaia import GaiaVetoConfig, gaia_veto
 from ..columns import SUMMARY, detections, num, present
 from ..expression import Expression, ExpressionError
 from ..sky import galactic_latitude
 
 
-class DecentFilterConfig(UnitConfig):
+class DecentFilterConfig(GaiaVetoConfig):
     """AMPEL's DecentFilter fields, unchanged (ampel.ztf.t0.DecentFilter), so AMPEL configs work as is."""
 
     # history
@@ -39,15 +39,6 @@ class DecentFilterConfig(UnitConfig):
     ps1_sgveto_th: float = Field(..., description="sgscore1 above which that source is a star")
     ps1_confusion_rad: float = Field(..., description="reject if all three PS1 sources lie within this radius [arcsec]")
     ps1_confusion_sg_tol: float = Field(..., description="... and all their sgscores are within this of 0.5")
-    # Gaia (AMPEL queries a catalog service; here the veto needs a local catalog, else it is off)
-    gaia_rs: float = Field(0.0, description="Gaia search radius [arcsec]; 0 = no Gaia veto")
-    gaia_pm_signif: float = 3.0
-    gaia_plx_signif: float = 3.0
-    gaia_veto_gmag_min: float = 9.0
-    gaia_veto_gmag_max: float = 20.0
-    gaia_excessnoise_sig_max: float = 999.0
-    gaia_catalog: str | None = Field(None, description="HEALPix-indexed Gaia Parquet catalog for the Gaia veto")
-    gaia_catalog_hash: str | None = Field(None, description="content hash of gaia_catalog; None: taken from the file (a mismatch is an error)")
 
 
 # AMPEL rejects an alert whose latest detection lacks any of these (in this order)
@@ -67,17 +58,7 @@ class DecentFilter(T0Filter):
 
     def __init__(self, config=None, **kw):
         super().__init__(config, **kw)
-        c = self.config
-        self._gaia = None
-        if c.gaia_rs > 0:
-            if c.gaia_catalog:
-                from ..helpers.gaia import GaiaVeto
-
-                self._gaia = GaiaVeto(c)
-                digest = pinned_hash(self.name(), c.gaia_catalog, self._gaia.catalog.content_hash, c.gaia_catalog_hash)
-                self.config = c.model_copy(update={"gaia_catalog_hash": digest})  # a rebuilt catalog: new T0 keys
-            else:
-                warnings.warn("DecentFilter: gaia_rs > 0 but no gaia_catalog is configured; the Gaia veto is off", stacklevel=2)
+        self._gaia, self.config = gaia_veto(self.name(), self.config)
 
     def apply(self, alerts: pa.Table) -> Verdict:
         c = self.config

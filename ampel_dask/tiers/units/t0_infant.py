@@ -21,7 +21,6 @@ limit`` (optional: the last non-detection before the first detection is too old 
 
 from __future__ import annotations
 
-import warnings
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -30,12 +29,13 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from ...io.layout import DETECTION, MJD_JD_OFFSET, UPPER_LIMIT
-from ..base import T0Filter, UnitConfig, Verdict, pinned_hash
+from ..base import T0Filter, Verdict
+from ..helpers.gaia import GaiaVetoConfig, gaia_veto
 from ..columns import num, present
 from ..states import TIME_EPS
 
 
-class InfantSNFilterConfig(UnitConfig):
+class InfantSNFilterConfig(GaiaVetoConfig):
     max_age: float = Field(3.0, gt=0, description="days from the first detection to the alert")
     age_from: Literal["history", "jdstarthist", "both"] = Field(
         "both", description="first detection from the alert's history (the channel's view), ZTF's jdstarthist (where the alert has it, "
@@ -52,15 +52,6 @@ class InfantSNFilterConfig(UnitConfig):
     max_sso_mag: float | None = Field(None, description="... only if that object is at least this bright (ssmagnr); None = any brightness")
     ps1_star_radius: float = Field(1.0, ge=0, description="a PS1 source this close (distpsnr1, arcsec) ...")
     ps1_star_threshold: float = Field(0.8, description="... with sgscore1 above this is a star")
-    # Gaia: AMPEL's DecentFilter veto against a local catalog (same fields as DecentFilter)
-    gaia_rs: float = Field(0.0, ge=0, description="Gaia search radius [arcsec]; 0 = no Gaia veto")
-    gaia_pm_signif: float = 3.0
-    gaia_plx_signif: float = 3.0
-    gaia_veto_gmag_min: float = 9.0
-    gaia_veto_gmag_max: float = 20.0
-    gaia_excessnoise_sig_max: float = 999.0
-    gaia_catalog: str | None = Field(None, description="HEALPix-indexed Gaia Parquet catalog for the Gaia veto")
-    gaia_catalog_hash: str | None = Field(None, description="content hash of gaia_catalog; None: taken from the file")
 
 
 class InfantSNFilter(T0Filter):
@@ -73,17 +64,7 @@ class InfantSNFilter(T0Filter):
 
     def __init__(self, config=None, **kw):
         super().__init__(config, **kw)
-        c = self.config
-        self._gaia = None
-        if c.gaia_rs > 0:
-            if not c.gaia_catalog:
-                warnings.warn("InfantSNFilter: gaia_rs > 0 but no gaia_catalog is configured; the Gaia veto is off", stacklevel=2)
-            else:
-                from ..helpers.gaia import GaiaVeto
-
-                self._gaia = GaiaVeto(c)
-                digest = pinned_hash(self.name(), c.gaia_catalog, self._gaia.catalog.content_hash, c.gaia_catalog_hash)
-                self.config = c.model_copy(update={"gaia_catalog_hash": digest})
+        self._gaia, self.config = gaia_veto(self.name(), self.config)
 
     def apply(self, alerts: pa.Table) -> Verdict:
         c = self.config

@@ -36,7 +36,7 @@ from pydantic import Field
 
 from ...io.layout import DETECTION, FLAG_NEGATIVE
 from ..base import T0Filter, UnitConfig, Verdict
-from ..columns import num
+from ..columns import floats, num
 from ..sky import galactic_latitude
 
 # AMPEL's per-detection "default filter", applied to the trigger: (column, test)
@@ -145,9 +145,9 @@ class _PositiveDetections:
         offsets = np.asarray(dps.offsets)
         values = dps.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
         rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(offsets))
-        keep = _f64(values.field("kind")) == DETECTION
+        keep = floats(values.field("kind")) == DETECTION
         if positive_only:
-            keep &= (np.nan_to_num(_f64(values.field("flags"))).astype(np.int64) & FLAG_NEGATIVE) == 0
+            keep &= (np.nan_to_num(floats(values.field("flags"))).astype(np.int64) & FLAG_NEGATIVE) == 0
         idx = np.flatnonzero(keep)
         self.n, self.rows = n, rows[idx]
         self._values, self._idx = values, idx
@@ -171,7 +171,7 @@ class _PositiveDetections:
         x = self._values.field(name).take(pa.array(self._idx))
         if pa.types.is_string(x.type) or pa.types.is_large_string(x.type):
             return np.asarray(pc.fill_null(x, "").to_numpy(zero_copy_only=False), dtype=object)
-        return _f64(x)
+        return floats(x)
 
     def _reduce(self, values: np.ndarray, ufunc) -> np.ndarray:
         return _grouped(values, self.rows, self.n, ufunc)
@@ -209,9 +209,6 @@ def _grouped(values: np.ndarray, rows: np.ndarray, n: int, ufunc) -> np.ndarray:
     return out
 
 
-
-def _f64(arr: pa.Array) -> np.ndarray:
-    return np.asarray(pc.fill_null(pc.cast(arr, pa.float64()), np.nan).to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
 __all__ = ["NuclearFilter", "NuclearFilterConfig"]

@@ -12,14 +12,13 @@ a group, this unit picks one match, so ``z_source`` names where the number came 
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
 from ..base import T2StateUnit, UnitConfig
+from ..columns import floats
 from .t2_catalog import T2CatalogMatch
 
 OK, NO_REDSHIFT = 0, 1
@@ -85,6 +84,16 @@ class T2RedshiftDigest(T2StateUnit):
     def dependencies(self) -> list[T2StateUnit]:
         return list(self.matches)
 
+    def rows_for(self, states: pa.Table, inputs: dict[str, pa.Table] | None, unit: str) -> pa.Table:
+        """This digest's rows for ``states`` as a dependent unit gets them: from the framework's inputs
+        (by identity key, or name), else computed here (the dependent unit used on its own)."""
+        got = (inputs or {}).get(self.identity.key, (inputs or {}).get(self.name()))
+        if got is None:
+            got = self.process(states)
+        if got.num_rows != states.num_rows:
+            raise ValueError(f"{unit}: {got.num_rows} digest rows for {states.num_rows} states")
+        return got
+
     def process(self, states: pa.Table, inputs: dict[str, pa.Table] | None = None) -> pa.Table:
         c = self.config
         n, k = states.num_rows, len(c.sources)
@@ -98,10 +107,10 @@ class T2RedshiftDigest(T2StateUnit):
             if r.num_rows != n:
                 raise ValueError(f"T2RedshiftDigest: {r.num_rows} rows of source {s.name} for {n} states")
             p = m.config.prefix
-            z[:, j] = _f64(r.column(f"{p}{s.z}"))
+            z[:, j] = floats(r.column(f"{p}{s.z}"))
             if s.z_err:
-                zerr[:, j] = _f64(r.column(f"{p}{s.z_err}"))
-            dist[:, j] = _f64(r.column(f"{p}dist_arcsec"))
+                zerr[:, j] = floats(r.column(f"{p}{s.z_err}"))
+            dist[:, j] = floats(r.column(f"{p}dist_arcsec"))
         group = np.array([s.group for s in c.sources])
         limit = np.array([s.max_dist_arcsec if s.max_dist_arcsec is not None else s.radius_arcsec for s in c.sources])
         with np.errstate(invalid="ignore"):
@@ -137,9 +146,6 @@ class T2RedshiftDigest(T2StateUnit):
         out[usable] = dist[usable] * kpc_per_arcsec
         return out
 
-
-def _f64(arr: Any) -> np.ndarray:
-    return np.asarray(pc.fill_null(pc.cast(arr, pa.float64()), np.nan).to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
 __all__ = ["T2RedshiftDigest", "T2RedshiftDigestConfig", "RedshiftSource", "GROUP_PRECISION"]

@@ -14,10 +14,10 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from ..base import T2StateUnit
+from ..columns import floats
 from ..helpers.skymap import SkyMapUnit, SkyMapUnitConfig, distance_cdf, distance_pdf
 from .t2_neutrino import state_times
 from .t2_redshift import T2RedshiftDigest, T2RedshiftDigestConfig
@@ -68,7 +68,7 @@ class T2GWCounterpart(SkyMapUnit, T2StateUnit):
     def process(self, states: pa.Table, inputs: dict[str, pa.Table] | None = None) -> pa.Table:
         c, m = self.config, self.skymap
         n = states.num_rows
-        ra, dec = _f64(states.column("ra")), _f64(states.column("dec"))
+        ra, dec = floats(states.column("ra")), floats(states.column("dec"))
         px = m.lookup(ra, dec)
         seen = px >= 0
         k = np.maximum(px, 0)
@@ -102,16 +102,12 @@ class T2GWCounterpart(SkyMapUnit, T2StateUnit):
         if c.redshift == "column":
             if c.z_column not in states.column_names:
                 raise ValueError(f"T2GWCounterpart: redshift: column needs a states column {c.z_column!r}")
-            z = _f64(states.column(c.z_column))
-            z_err = _f64(states.column(c.z_err_column)) if c.z_err_column and c.z_err_column in states.column_names else np.zeros(n)
+            z = floats(states.column(c.z_column))
+            z_err = floats(states.column(c.z_err_column)) if c.z_err_column and c.z_err_column in states.column_names else np.zeros(n)
         else:
             assert self.digest is not None
-            got = (inputs or {}).get(self.digest.identity.key, (inputs or {}).get(self.digest.name()))
-            if got is None:  # standalone use: digest here
-                got = self.digest.process(states)
-            if got.num_rows != n:
-                raise ValueError(f"T2GWCounterpart: {got.num_rows} digest rows for {n} states")
-            z, z_err = _f64(got.column("z")), _f64(got.column("z_err"))
+            got = self.digest.rows_for(states, inputs, "T2GWCounterpart")
+            z, z_err = floats(got.column("z")), floats(got.column("z_err"))
         z = np.where(z > 0, z, np.nan)
         return z, np.where(np.isfinite(z_err) & (z_err > 0), z_err, 0.0)
 
@@ -129,9 +125,6 @@ class T2GWCounterpart(SkyMapUnit, T2StateUnit):
             out.append(d)
         return out[0], out[1], out[2]
 
-
-def _f64(arr: Any) -> np.ndarray:
-    return np.asarray(pc.fill_null(pc.cast(arr, pa.float64()), np.nan).to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
 __all__ = ["T2GWCounterpart", "T2GWCounterpartConfig"]

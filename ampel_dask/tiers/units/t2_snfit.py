@@ -25,6 +25,7 @@ from pydantic import Field, model_validator
 from ...io.arrays import codes_of
 from ...io.layout import DETECTION, FORCED, NJY_ZP
 from ..base import T2StateUnit, UnitConfig, pinned_hash
+from ..columns import floats
 from ..helpers.snmodels import DEFAULT_BANDPASSES, files_hash, is_file_spec, load_bandpass, load_source, model_files
 from ..states import KINDS
 from .t2_redshift import T2RedshiftDigest, T2RedshiftDigestConfig
@@ -222,7 +223,7 @@ class T2SNCosmoFit(T2StateUnit):
         key = pc.binary_join_element_wise(pc.fill_null(survey, ""), pc.fill_null(flat.field("band"), ""), ":")
         bp = codes_of(key, self.band_keys)
         kind = np.asarray(flat.field("kind").to_numpy(zero_copy_only=False))
-        mjd, flux, err = (_f64(flat.field(f)) for f in ("mjd", "flux", "flux_err"))
+        mjd, flux, err = (floats(flat.field(f)) for f in ("mjd", "flux", "flux_err"))
         keep = (bp >= 0) & np.isin(kind, [KINDS[k] for k in c.kinds]) & np.isfinite(mjd) & np.isfinite(flux) & np.isfinite(err) & (err > 0)
         idx = np.flatnonzero(keep)
         group = row[idx] * len(self.band_keys) + bp[idx]
@@ -249,15 +250,11 @@ class T2SNCosmoFit(T2StateUnit):
         if c.redshift == "column":
             if c.z_column not in states.column_names:
                 raise ValueError(f"T2SNCosmoFit: redshift: column needs a states column {c.z_column!r}")
-            z = _f64(states.column(c.z_column))
+            z = floats(states.column(c.z_column))
         else:
             assert self.digest is not None
-            got = (inputs or {}).get(self.digest.identity.key, (inputs or {}).get(self.digest.name()))
-            if got is None:  # standalone use: digest here
-                got = self.digest.process(states)
-            if got.num_rows != n:
-                raise ValueError(f"T2SNCosmoFit: {got.num_rows} digest rows for {n} states")
-            z = _f64(got.column("z"))
+            got = self.digest.rows_for(states, inputs, "T2SNCosmoFit")
+            z = floats(got.column("z"))
         z = np.where(z > 0, z, np.nan)
         return z, np.isnan(z) & c.fit_missing_z
 
@@ -271,9 +268,6 @@ class _Points:
     def where(self, mask: np.ndarray) -> _Points:
         return _Points(*(a[mask] for a in (self.row, self.bp, self.mjd, self.flux, self.err, self.bp_min, self.bp_max)))
 
-
-def _f64(arr) -> np.ndarray:
-    return np.asarray(pc.fill_null(pc.cast(arr, pa.float64()), np.nan).to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
 def _distinct_per_row(row: np.ndarray, value: np.ndarray, n: int) -> np.ndarray:
