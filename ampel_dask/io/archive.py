@@ -166,9 +166,13 @@ class Partition:
     dps: str | None = None  # the history file (None: an older part, history inside the Parquet file)
 
 
+#: canonical row order of a part: by object, then time, then alert id
+ROW_ORDER = [("stock", "ascending"), ("mjd", "ascending"), ("alert_id", "ascending")]
+
+
 def sort_rows(table: pa.Table) -> pa.Table:
-    """Canonical row order of a part: by object, then time, then alert id."""
-    return table.sort_by([("stock", "ascending"), ("mjd", "ascending"), ("alert_id", "ascending")])
+    """A table in canonical row order (:data:`ROW_ORDER`)."""
+    return table.sort_by(ROW_ORDER)
 
 
 class Archive:

@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, Field
 
-from .archive import RETIRED, Archive, Partition, Staged, discard, stage
+from .archive import RETIRED, ROW_ORDER, Archive, Partition, Staged, discard, stage
 from .files import atomic_write
 from .locks import scratch_dir, sweep
 
@@ -129,9 +129,9 @@ def merge(root: str | Path, work: NightWork, target_rows: int, tmp_dir: str | Pa
         return staged
     keys = []
     for j, part in enumerate(work.parts):
-        k = arch.read(part, ["stock", "mjd", "alert_id"])
+        k = arch.read(part, [name for name, _ in ROW_ORDER])
         keys.append(k.append_column("src", pa.array(np.full(k.num_rows, j, dtype=np.int32))).append_column("row", pa.array(np.arange(k.num_rows, dtype=np.int64))))
-    order = pa.concat_tables(keys).sort_by([("stock", "ascending"), ("mjd", "ascending"), ("alert_id", "ascending")])
+    order = pa.concat_tables(keys).sort_by(ROW_ORDER)
     n = order.num_rows
     slot = np.empty(n, dtype=np.int64)  # output part of each row, per source part
     out_of = np.arange(n) // target_rows
