@@ -18,7 +18,8 @@ a run decodes histories for the batches that need them at IPC speed. Parts writt
 (history inside the Parquet file) are read the same way.
 
 Parquet files are LZ4 (LZ4_RAW): against zstd level 1, reading the columns a filter needs takes
-0.29 instead of 0.54 us per alert and writing 2.1 instead of 3.3 us, for files ~25% larger. The
+0.29 instead of 0.54 us per alert and writing 2.1 instead of 3.3 us, for files ~25% larger (cutouts, gzipped
+FITS already, are not compressed again: :data:`CUTOUT_OPTS`). The
 histories stay zstd in the archive (LZ4 would double them) and are LZ4 in a run's store.
 """
 
@@ -71,6 +72,19 @@ def parquet_bytes(table: pa.Table) -> bytes:
     """
     buf = io.BytesIO()
     pq.write_table(table, buf, use_dictionary=text_columns(table.schema), **PARQUET_OPTS)
+    return buf.getvalue()
+
+
+#: cutouts are gzipped FITS already: LZ4 over them saved ~1% of their bytes (3,935 ZTF alerts, 158 MB)
+#: and dictionary encoding of unique blobs is tried and abandoned; without both they are written 1.3x and
+#: read 1.5x faster, 0.9% larger. Statistics on ``alert_id`` only (what ``read_cutouts`` filters on).
+CUTOUT_OPTS = dict(compression="none", use_dictionary=False, write_statistics=["alert_id"])
+
+
+def cutout_bytes(cutouts: pa.Table) -> bytes:
+    """Deterministic Parquet bytes of a part's cutouts (see :data:`CUTOUT_OPTS`)."""
+    buf = io.BytesIO()
+    pq.write_table(cutouts, buf, **CUTOUT_OPTS)
     return buf.getvalue()
 
 
@@ -395,7 +409,7 @@ def stage(table: pa.Table, cutouts: pa.Table | None, tmp_dir: Path, durable: boo
     aligned = align_cutouts(table, cutouts) if cutouts is not None else None
     if aligned is not None and aligned.num_rows:
         cut_path = tmp_dir / f"cutouts-{digest}.{token}.parquet"
-        atomic_write(cut_path, parquet_bytes(aligned), durable)
+        atomic_write(cut_path, cutout_bytes(aligned), durable)
     mjd = table.column("mjd").to_numpy(zero_copy_only=False)
     return Staged(
         survey=table.column("survey")[0].as_py(),
