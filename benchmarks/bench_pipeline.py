@@ -61,7 +61,7 @@ class PeakMemory:
 # what a long-lived worker (SLURM job, live mode) has imported after its first batch: ampel-dask's units,
 # sklearn (the classifier; 1.5 s), matplotlib (the report), light-curve
 WARM_MODULES = ("ampel_dask.tiers.units.t0_filters", "ampel_dask.tiers.units.t2_classifier", "sklearn.pipeline",
-                "sklearn.ensemble", "matplotlib.figure", "matplotlib.backends.backend_agg", "light_curve")
+                "sklearn.ensemble", "matplotlib.figure", "matplotlib.backends.backend_agg", "light_curve", "astropy.coordinates")
 
 
 def warm_imports() -> None:
@@ -76,14 +76,22 @@ def run_once(wf, archive: Path, store: Path, workers: int) -> dict:
 
     from ampel_dask.graph.workers import local_cluster
 
+    warm_imports()  # the driver plans the workflow (imports its units' modules): once in its life, too
     with local_cluster(workers, dashboard_address=None) as cluster, Client(cluster) as client:
         client.run(warm_imports)  # a worker imports its libraries once in its life: not the pipeline's cost
         out = {}
-        for label in ("first", "rerun"):
+        # "warm": another first run, on a fresh store, by processes that ran the workflow before (heaps
+        # grown, lazy imports and first calls done): what the plain loop is measured as (bench_floor.py
+        # warms its processes with one loop), and what a long-lived cluster (live mode, notebooks) does
+        for label, where in (("first", store), ("rerun", store), ("warm", store.with_name(store.name + "-warm"))):
+            if label == "warm":
+                shutil.rmtree(where, ignore_errors=True)
             with PeakMemory(cluster) as mem:
                 t = time.perf_counter()
-                s = run_workflow(wf, RunOptions(archive=str(archive), store=str(store), client=client, progress=False))
+                s = run_workflow(wf, RunOptions(archive=str(archive), store=str(where), client=client, progress=False))
                 dt = time.perf_counter() - t
+            if label == "warm":
+                shutil.rmtree(where, ignore_errors=True)
             out[label] = {
                 "seconds": round(dt, 2),
                 "alerts": s["alerts"],
@@ -121,6 +129,8 @@ def main() -> None:
     print(f"{wf.name} on {first['alerts']:,} replicated real ZTF alerts, {args.workers} workers")
     print(f"  first run: {first['seconds']:.1f} s, {first['alerts_per_s']:,} alerts/s = {first['alerts_per_s'] / LSST_RATE:,.0f}x the LSST average rate, "
           f"{first['tasks']} tasks, T2 computed {first['t2']['computed']}, peak worker RSS {first['peak_worker_rss_mb']} MB")
+    warm = res["warm"]
+    print(f"  first run by warm processes: {warm['seconds']:.1f} s, {warm['alerts_per_s']:,} alerts/s")
     print(f"  re-run:    {rerun['seconds']:.2f} s, {rerun['alerts_per_s']:,} alerts/s ({first['seconds'] / rerun['seconds']:.0f}x faster), "
           f"{rerun['tasks']} tasks, T2 computed {rerun['t2']['computed']}")
     if args.json:
