@@ -25,7 +25,7 @@ from ampel_dask.io.layout import DETECTION
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
-ID_STEP = 10**16  # replica k: alert and detection ids + k * ID_STEP (other datapoints: - k * ID_STEP)
+ID_STEP = 10**16  # replica k: alert and detection ids + k * ID_STEP (other datapoints: - k * ID_STEP), see shifted()
 STOCK_STEP = 100 * 26**7  # replica k: stock + k * STOCK_STEP (the packed ZTF name space is below this)
 
 
@@ -36,6 +36,19 @@ def base_table(work: Path, data_dir: Path = DATA) -> pa.Table:
     arch = Archive(base)
     parts = [arch.read(p) for p in arch.partitions(["ztf"])]
     return pa.concat_tables(parts, promote_options="default")
+
+
+def shifted(ids: np.ndarray, shift: int) -> np.ndarray:
+    """``ids`` moved by ``shift`` away from zero within their sign's half of int64, modulo 2**63: a
+    bijection that keeps positive ids (alerts, detections) positive and negative ones (other
+    datapoints) negative for any number of replicas (a 10 M-alert archive needs ~4,000 replicas of the
+    2,562 real alerts; plain int64 arithmetic overflowed past ~900)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    s = np.uint64(shift % 2**63)
+    low = np.uint64(2**63 - 1)
+    pos = ((ids.astype(np.uint64) + s) & low).astype(np.int64)  # ids >= 0
+    neg = ~((((~ids).astype(np.uint64)) + s) & low).astype(np.int64)  # ids < 0: ~id = -id - 1 >= 0
+    return np.where(ids >= 0, pos, neg)
 
 
 NIGHT0 = 61000  # MJD of the first night of the benchmark archive (2025-11-22)
@@ -57,7 +70,7 @@ def replica(base: pa.Table, k: int, rng: np.random.Generator, nights: int = 10) 
     flat = dps.values
     dp_id = flat.field("dp_id").to_numpy(zero_copy_only=False)
     kind = flat.field("kind").to_numpy(zero_copy_only=False)
-    new_id = np.where(dp_id >= 0, dp_id + shift, dp_id - shift)
+    new_id = shifted(dp_id, shift)
     mag = flat.field("mag").to_numpy(zero_copy_only=False)
     jitter = rng.normal(0.0, 0.03, len(mag)) if k else np.zeros(len(mag))
     det = kind == DETECTION
@@ -74,7 +87,7 @@ def replica(base: pa.Table, k: int, rng: np.random.Generator, nights: int = 10) 
     new_dps = pa.ListArray.from_arrays(dps.offsets, new_flat)
     trig_jitter = rng.normal(0.0, 0.03, n) if k else np.zeros(n)
     cols = {name: base.column(name) for name in base.column_names}
-    cols["alert_id"] = pc.add(base.column("alert_id"), shift)
+    cols["alert_id"] = pa.array(shifted(base.column("alert_id").to_numpy(), shift))
     cols["candid"] = cols["alert_id"]
     cols["stock"] = pc.add(base.column("stock"), k * STOCK_STEP)
     cols["object_id"] = pc.binary_join_element_wise(base.column("object_id").fill_null("noname"), pa.scalar(f"r{k}"), "-")
@@ -93,7 +106,7 @@ def replica(base: pa.Table, k: int, rng: np.random.Generator, nights: int = 10) 
 def build(target: Path, alerts: int, part_rows: int = 25_000, nights: int = 10, work: Path | None = None) -> Path:
     """Write an archive of ``alerts`` replicated real ZTF alerts into ``target`` (cached when complete)."""
     marker = target / "_bench.json"
-    wanted = {"alerts": alerts, "part_rows": part_rows, "nights": nights, "layout": 4}  # 2: histories in _dps-*.arrow; 3: Parquet LZ4; 4: history_programids
+    wanted = {"alerts": alerts, "part_rows": part_rows, "nights": nights, "layout": 5}  # 2: histories in _dps-*.arrow; 3: Parquet LZ4; 4: history_programids; 5: shifted() ids
     if marker.exists() and json.loads(marker.read_text()).get("params") == wanted:
         return target
     shutil.rmtree(target, ignore_errors=True)
