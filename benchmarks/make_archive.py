@@ -55,17 +55,17 @@ NIGHT0 = 61000  # MJD of the first night of the benchmark archive (2025-11-22)
 TIME_COLUMNS = ("jd", "jdstarthist", "jdendhist")
 
 
-def replica(base: pa.Table, k: int, rng: np.random.Generator, nights: int = 10) -> pa.Table:
+def replica(base: pa.Table, k: int, rng: np.random.Generator, nights: int = 10, night0: int = NIGHT0) -> pa.Table:
     n = base.num_rows
     shift = k * ID_STEP
-    # whole-day shift per object: its first alert lands on night NIGHT0 + k % nights
+    # whole-day shift per object: its first alert lands on night night0 + k % nights
     stock = base.column("stock").to_numpy()
     mjd0 = base.column("mjd").to_numpy()
     order = np.argsort(stock, kind="stable")
     first = np.minimum.reduceat(mjd0[order], np.flatnonzero(np.r_[True, stock[order][1:] != stock[order][:-1]]))
     uniq = stock[order][np.r_[True, stock[order][1:] != stock[order][:-1]]]
     obj_first = first[np.searchsorted(uniq, stock)]
-    days = (NIGHT0 + k % nights) - np.floor(obj_first)
+    days = (night0 + k % nights) - np.floor(obj_first)
     dps = base.column("dps").combine_chunks()
     flat = dps.values
     dp_id = flat.field("dp_id").to_numpy(zero_copy_only=False)
@@ -103,10 +103,15 @@ def replica(base: pa.Table, k: int, rng: np.random.Generator, nights: int = 10) 
     return pa.table(cols)
 
 
-def build(target: Path, alerts: int, part_rows: int = 25_000, nights: int = 10, work: Path | None = None) -> Path:
-    """Write an archive of ``alerts`` replicated real ZTF alerts into ``target`` (cached when complete)."""
+def build(target: Path, alerts: int, part_rows: int = 25_000, nights: int = 10, work: Path | None = None, first_replica: int = 0,
+          night0: int = NIGHT0) -> Path:  # fmt: skip
+    """Write an archive of ``alerts`` replicated real ZTF alerts into ``target`` (cached when complete).
+    ``first_replica``, ``night0``: other objects on other nights (bench_history.py adds such an archive's
+    parts to another one: replicas are told apart by their number)."""
     marker = target / "_bench.json"
     wanted = {"alerts": alerts, "part_rows": part_rows, "nights": nights, "layout": 5}  # 2: histories in _dps-*.arrow; 3: Parquet LZ4; 4: history_programids; 5: shifted() ids
+    if first_replica or night0 != NIGHT0:
+        wanted |= {"first_replica": first_replica, "night0": night0}
     if marker.exists() and json.loads(marker.read_text()).get("params") == wanted:
         return target
     shutil.rmtree(target, ignore_errors=True)
@@ -125,9 +130,9 @@ def build(target: Path, alerts: int, part_rows: int = 25_000, nights: int = 10, 
         sizes.pop(night)
         new.append(arch.write_part(rows, None))
 
-    k = 0
+    k = first_replica
     while written < alerts:
-        rep = replica(base, k, rng, nights).slice(0, alerts - written)
+        rep = replica(base, k, rng, nights, night0).slice(0, alerts - written)
         written += rep.num_rows
         k += 1
         night_col = rep.column("night").to_numpy()
@@ -140,7 +145,7 @@ def build(target: Path, alerts: int, part_rows: int = 25_000, nights: int = 10, 
     for night in list(buffers):
         flush(night)
     arch.add_partitions(new)
-    marker.write_text(json.dumps({"params": wanted, "base_alerts": base.num_rows, "partitions": len(new), "replicas": k}))
+    marker.write_text(json.dumps({"params": wanted, "base_alerts": base.num_rows, "partitions": len(new), "replicas": k - first_replica}))
     return target
 
 
