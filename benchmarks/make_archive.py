@@ -42,6 +42,11 @@ SOURCES = {
 }
 BASE_DIRS = {"ztf": "base-archive-4", "lsst": "base-archive-lsst-1"}  # ztf 4: with the history_programids mask (data rights)
 JITTER_MAG = 0.03
+# rows held back per night until a part is full, at most (then the largest nights are written early, as
+# smaller parts): the real LSST sample spreads over ~320 nights (ELAsTiCC's light curves), so at 10 M
+# alerts most nights would fill their part only near the end, holding ~8 M rows (~12 GB) in memory.
+# None for ZTF: its archives stay what they were.
+BUFFER_ROWS = {"ztf": None, "lsst": 2_000_000}
 
 
 def base_table(work: Path, data_dir: Path = DATA, survey: str = "ztf") -> pa.Table:
@@ -172,12 +177,14 @@ def replica(base: pa.Table, k: int, rng: np.random.Generator, nights: int = 10, 
 
 
 def build(target: Path, alerts: int, part_rows: int = 25_000, nights: int = 10, work: Path | None = None, survey: str = "ztf",
-          data_dir: Path = DATA) -> Path:
-    """Write an archive of ``alerts`` replicated real alerts of ``survey`` into ``target`` (cached when complete)."""
+          data_dir: Path = DATA, buffer_rows: int | None = None) -> Path:
+    """Write an archive of ``alerts`` replicated real alerts of ``survey`` into ``target`` (cached when
+    complete); at most ``buffer_rows`` rows (default :data:`BUFFER_ROWS`) wait in memory for their part."""
     marker = target / "_bench.json"
     wanted = {"alerts": alerts, "part_rows": part_rows, "nights": nights, "layout": 4}  # 2: histories in _dps-*.arrow; 3: Parquet LZ4; 4: history_programids
-    if survey != "ztf":
-        wanted = {"survey": survey, **wanted, "layout": 1}  # lsst 1: dense ids, jitter per datapoint id
+    buffer_rows = buffer_rows or BUFFER_ROWS[survey]
+    if survey != "ztf":  # lsst 1: dense ids, jitter per datapoint id
+        wanted = {"survey": survey, **wanted, "layout": 1, "buffer_rows": buffer_rows}
     if marker.exists() and json.loads(marker.read_text()).get("params") == wanted:
         return target
     shutil.rmtree(target, ignore_errors=True)
@@ -211,6 +218,11 @@ def build(target: Path, alerts: int, part_rows: int = 25_000, nights: int = 10, 
             sizes[int(night)] = sizes.get(int(night), 0) + rows.num_rows
             if sizes[int(night)] >= part_rows:
                 flush(int(night))
+        if buffer_rows and sum(sizes.values()) > buffer_rows:
+            for night in sorted(sizes, key=sizes.__getitem__, reverse=True):  # the largest first, down to half
+                flush(night)
+                if sum(sizes.values()) <= buffer_rows // 2:
+                    break
     for night in list(buffers):
         flush(night)
     arch.add_partitions(new)
