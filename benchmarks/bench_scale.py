@@ -1,13 +1,16 @@
-"""A night at LSST design scale: 1 M, 3 M and 10 M replicated real ZTF alerts through the same jobs.
+"""A night at LSST design scale: 1 M, 3 M and 10 M replicated real alerts (ZTF or Rubin/LSST) through the same jobs.
 
-    .venv/bin/python benchmarks/bench_scale.py --sizes 1000000 3000000 10000000 [--workers 2] [--nights 1] [--json]
+    .venv/bin/python benchmarks/bench_scale.py --sizes 1000000 3000000 10000000 [--survey ztf|lsst] [--workers 2] [--nights 1] [--json]
 
-For each size, an archive of replicated real ZTF alerts (benchmarks/make_archive.py: new alert, object
-and datapoint ids per replica, jittered photometry; ``--nights 1``: every replica's objects start on the
+For each size, an archive of replicated real alerts (benchmarks/make_archive.py: new alert, object and
+datapoint ids per replica, jittered photometry; ``--nights 1``: every replica's objects start on the
 same night, so the run's alerts are one night and the objects' later alerts) and, on a fresh LocalCluster
 (libraries imported in driver and workers, as bench_pipeline.py does), one first run on an empty store
-of each job: the DecentFilter channel alone (ztf_archive.yml without its history channel) and the whole
-workflows/ztf_archive.yml. Reports seconds, microseconds per alert (linear time: the same at every
+of each job: the workflow's packet channels alone (ztf_archive.yml: the DecentFilter channel) and the
+whole workflow. ``--survey ztf`` (default): real ZTF alerts through workflows/ztf_archive.yml;
+``--survey lsst``: the real Rubin alerts (Fink v7.4, v9.0, LSSTCam v10) and ELAsTiCC 0.9 through
+workflows/lsst_elasticc.yml, whose one channel reads the archived history: no packet-only job, only the
+whole workflow. Reports seconds, microseconds per alert (linear time: the same at every
 size), the peak RSS of each worker (sampled every 50 ms), and archive and store bytes per million alerts.
 Issue #20 target 4 asks: per-alert time at 10 M within 10% of 1 M, worker RSS flat and < 1.5 GB, the
 DECENT-type job < 60 s and the whole workflow < 3 min for 10 M alerts on 2 cores.
@@ -32,16 +35,18 @@ from benchmarks.bench_pipeline import PeakMemory, warm_imports  # noqa: E402
 from benchmarks.make_archive import build  # noqa: E402
 
 WORK = REPO / ".bench"
+WORKFLOWS = {"ztf": REPO / "workflows" / "ztf_archive.yml", "lsst": REPO / "workflows" / "lsst_elasticc.yml"}
 
 
 def tree_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-def packet_only(wf: Workflow) -> Workflow:
-    """The workflow without its history channels (ztf_archive.yml: the DECENT channel alone)."""
+def packet_only(wf: Workflow) -> Workflow | None:
+    """The workflow without its history channels (ztf_archive.yml: the DECENT channel alone); None when
+    every channel reads the archived history (lsst_elasticc.yml)."""
     keep = [c for c in wf.channels if (c.t1.config or {}).get("history", "packet") != "archive"]
-    return wf.model_copy(update={"name": f"{wf.name}-packet-channels", "channels": keep})
+    return wf.model_copy(update={"name": f"{wf.name}-packet-channels", "channels": keep}) if keep else None
 
 
 def run_jobs(jobs: list[Workflow], archive: Path, workers: int) -> list[dict]:
@@ -73,21 +78,27 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 3_000_000, 10_000_000])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--nights", type=int, default=1)
-    ap.add_argument("--workflow", default=str(REPO / "workflows" / "ztf_archive.yml"))
+    ap.add_argument("--survey", choices=sorted(WORKFLOWS), default="ztf", help="whose real alerts are replicated")
+    ap.add_argument("--workflow", help="default: workflows/ztf_archive.yml (ztf), workflows/lsst_elasticc.yml (lsst)")
     ap.add_argument("--keep", action="store_true", help="keep the archives under .bench/ (4.6 GB for 10 M alerts)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     os.chdir(REPO)  # the workflow's model path is relative to the repository
-    wf = load_workflow(args.workflow)
-    jobs = [packet_only(wf), wf]
+    wf = load_workflow(args.workflow or WORKFLOWS[args.survey])
+    packets = packet_only(wf)
+    if packets is None:
+        print(f"{wf.name}: every channel reads the archived history, so no packet-only job: the whole workflow only", flush=True)
+    jobs = [packets, wf] if packets is not None else [wf]
     results = []
     for n in args.sizes:
-        target = WORK / f"scale-archive-{n}-{args.nights}n"
+        name = f"scale-archive-{n}-{args.nights}n" if args.survey == "ztf" else f"scale-archive-{args.survey}-{n}-{args.nights}n"
+        target = WORK / name
         t = time.perf_counter()
-        build(target, n, nights=args.nights)
+        build(target, n, nights=args.nights, survey=args.survey)
         built = time.perf_counter() - t
         arch_mb = tree_bytes(target) / 2**20
-        print(f"{n:,} alerts: archive {arch_mb / (n / 1e6):,.0f} MB per million alerts (made or found in {built:.0f} s)", flush=True)
+        parts = json.loads((target / "_bench.json").read_text())["partitions"]
+        print(f"{n:,} {args.survey} alerts: archive {arch_mb / (n / 1e6):,.0f} MB per million alerts, {parts} parts (made or found in {built:.0f} s)", flush=True)
         for r in run_jobs(jobs, target, args.workers):
             r["archive_mb_per_million"] = round(arch_mb / (n / 1e6), 1)
             results.append(r)
@@ -100,7 +111,7 @@ def main() -> None:
     for r in results:
         print(f"  {r['workflow']} {r['alerts']:,}: {r['us_per_alert'] / base[r['workflow']]['us_per_alert']:.2f}x")
     if args.json:
-        print(json.dumps({"workers": args.workers, "nights": args.nights, "runs": results}))
+        print(json.dumps({"survey": args.survey, "workers": args.workers, "nights": args.nights, "runs": results}))
 
 
 if __name__ == "__main__":
