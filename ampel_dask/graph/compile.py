@@ -155,9 +155,9 @@ class _Builder:
                 continue
             t0 = self.read_t0(unit, packet)
             rows = task_key(READ, h)
-            if self.hist:  # T1 waits for the history channels' hist task: keep only the columns it needs meanwhile
+            if self.hist:  # T1 waits for the history channels' hist task: keep only the rows it needs meanwhile
                 rows = task_key(ROWS, h)
-                dsk[rows] = (tasks.state_rows, task_key(READ, h))
+                dsk[rows] = (tasks.waiting_rows, task_key(READ, h), *t0.values())
             for c in packet:
                 t1 = task_key(T1, names[c.name])
                 dsk[t1] = (tasks.run_t1, rows, t0[c.name], self.pk[c.name], self.spec, names[c.name], self.run_id)
@@ -192,17 +192,20 @@ class _Builder:
         pass_keys = []
         for unit, ck in zip(self.units, counts):
             t0 = self.read_t0(unit, [c])[c.name]
-            dsk[task_key(PASS, ck)] = (tasks.pass_to_shuffle, task_key(READ, unit.key), t0, self.pk[c.name], spec, ck, shuffle_dir, nb)
+            # after the unit's Waiting rows (when packet channels run beside): the scheduler then takes them
+            # (and the packet channels' T0) on the way to the hist tasks, and the batch read for them is
+            # let go; left for later, every unit's batch waited in memory for them
+            waiting = [k for k in (task_key(ROWS, unit.key),) if k in dsk]
+            dsk[task_key(PASS, ck)] = (tasks.pass_to_shuffle, task_key(READ, unit.key), t0, self.pk[c.name], spec, ck, shuffle_dir, nb, *waiting)
             pass_keys.append(task_key(PASS, ck))
         stocks_key = task_key(STOCKS, key_of(c.t0_key, sel_id))
         dsk[stocks_key] = (shuffle.stocks_of, pass_keys)
         hist_keys = []
         for q in self.history_units(sources):
             hk = key_of(c.t0_key, sel_id, q.key, nb)
-            read = next((k for k in (task_key(ROWS, q.key), task_key(READ, q.key)) if k in dsk), None)
             # a unit the run read: its histories are decoded once, here, for its packet channels' T1 too
-            t1s = self.t1_of_unit.pop(q.key, []) if read else []
-            dsk[task_key(HIST, hk)] = (shuffle.history_pieces, self.root, q.paths, stocks_key, shuffle_dir, hk, nb, read, [t0 for _, t0 in t1s], c.access)
+            t1s = self.t1_of_unit.pop(q.key, [])
+            dsk[task_key(HIST, hk)] = (shuffle.history_pieces, self.root, q.paths, stocks_key, shuffle_dir, hk, nb, [t0 for _, t0 in t1s], c.access)
             # the t1h tasks wait for every hist task; they get its row count, not the histories it carries to T1
             dsk[task_key(HIST_WRITTEN, hk)] = (tasks.written, task_key(HIST, hk))
             hist_keys.append(task_key(HIST_WRITTEN, hk))

@@ -19,7 +19,6 @@ from ..io.layout import BAND_CODES, band_as
 from ..io.files import atomic_target
 from ..keys import bucket_of
 from ..tiers.states import alert_access, thinned_history
-from .batches import with_histories
 
 if TYPE_CHECKING:
     from .tasks import T0Result
@@ -74,18 +73,20 @@ def stocks_of(summaries: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarra
 
 
 def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.ndarray, np.ndarray], shuffle_dir: str, name: str, nbuckets: int,
-                   table: pa.Table | None = None, packet_t0: list[T0Result] | None = None, access: list[str] | None = None) -> dict:
+                   packet_t0: list[T0Result] | None = None, access: list[str] | None = None) -> dict:
     """The passing objects' packets in these archive parts, up to each object's latest passing alert
     (later packets add nothing to its states), as flat datapoints thinned to one copy per object and
     datapoint, written by object bucket (the shuffle). ``access``: the channel's tags; only packets
     whose alert it may see are read (a copy of a datapoint from a packet it may not see is not its).
 
-    ``table``: these parts' rows as read for T0, when the run read them; their histories are then
-    decoded here once for the packet channels' T1 as well: the rows any of ``packet_t0`` accepted are
-    returned with their histories (``rows``, ``dps``). Without it, parts without such alerts cost only
-    a read of three small columns."""
+    ``packet_t0``: the T0 results of the packet channels of a work unit the run reads (rows in the order
+    of its parts): the histories of the rows one of them accepted are decoded here too, once, and
+    returned for their T1 (``rows``, ``dps``). A part with neither costs a read of five small columns."""
     stocks, until = passing
     out: dict = {"written": 0}
+    carry = np.zeros(0, dtype=bool)
+    for t0 in packet_t0 or []:
+        carry = t0.verdict.accepted.copy() if not len(carry) else carry | t0.verdict.accepted
 
     def wanted(head: pa.Table) -> np.ndarray:
         if not len(stocks):
@@ -96,26 +97,26 @@ def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.nd
         return keep if access is None else keep & alert_access(head, access)
 
     pieces = []  # (alerts with their histories, which rows to keep)
-    if table is not None:
-        keep = wanted(table)
-        carry = np.zeros(table.num_rows, dtype=bool)
-        for t0 in packet_t0 or []:
-            carry |= t0.verdict.accepted
-        if keep.any() or carry.any():
-            # the thinning's columns only (and the histories, when a filter had them read already)
-            full = with_histories(table.select([c for c in ("alert_id", "stock", "mjd", "dps") if c in table.column_names]))
+    carried = []  # histories of the rows packet channels accepted, in row order
+    offset = 0
+    for rel in rel_paths:
+        path = f"{archive_root}/{rel}"
+        pf = pq.ParquetFile(path)
+        n = pf.metadata.num_rows
+        mine = carry[offset : offset + n] if len(carry) else np.zeros(n, dtype=bool)
+        offset += n
+        if not len(stocks) and not mine.any():
+            continue
+        head = pf.read(columns=[c for c in ("alert_id", "stock", "mjd", "survey", "programid") if c in pf.schema_arrow.names], use_threads=False)
+        keep = wanted(head)
+        if keep.any() or mine.any():
+            dps = read_dps(path, coded=True)
             if keep.any():
-                pieces.append((full, keep))
-            if carry.any():
-                out.update(rows=np.flatnonzero(carry), dps=take_rows(full.column("dps"), np.flatnonzero(carry)))
-    elif len(stocks):
-        for rel in rel_paths:
-            path = f"{archive_root}/{rel}"
-            pf = pq.ParquetFile(path)
-            head = pf.read(columns=[c for c in ("alert_id", "stock", "mjd", "survey", "programid") if c in pf.schema_arrow.names], use_threads=False)
-            keep = wanted(head)
-            if keep.any():
-                pieces.append((head.append_column("dps", read_dps(path, coded=True)), keep))
+                pieces.append((head.append_column("dps", dps), keep))
+            if mine.any():
+                carried.append(take_rows(dps, np.flatnonzero(mine)))
+    if carried:
+        out.update(rows=np.flatnonzero(carry), dps=pa.chunked_array(carried))
     if pieces:
         alerts = pa.concat_tables([a for a, _ in pieces])
         flat = thinned_history(alerts, np.concatenate([k for _, k in pieces]), group=lambda stock: bucket_of(stock, nbuckets))

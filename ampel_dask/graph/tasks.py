@@ -74,33 +74,56 @@ def _states(plan: ChannelPlan, key: str, alerts: pa.Table, history: pa.Table | N
         raise UnitFailed.of(exc, "T1", plan.t1.name(), [plan.name], alerts.num_rows, key) from None
 
 
-def run_t1(table: pa.Table, t0: T0Result, plan: ChannelPlan, spec: dict, key: str, run_id: str, carried: dict | None = None) -> pa.Table:
+@dataclass
+class Waiting:
+    """What a work unit keeps for its packet channels' T1 while the history channels' ``hist`` tasks
+    run (they wait for every unit's T0): the state columns of the alerts one of them accepted, not of
+    every alert. Holding every alert's made the workers' memory grow with the run's size (2.5 GB per
+    worker for ztf_archive.yml on 10 M alerts)."""
+
+    rows: np.ndarray  # the kept alerts' rows in the work unit's batch (sorted)
+    table: pa.Table  # their state columns
+
+
+def waiting_rows(table: pa.Table, *t0s: T0Result) -> Waiting:
+    """The :class:`Waiting` rows of a work unit, from its batch and its packet channels' T0."""
+    keep = np.zeros(table.num_rows, dtype=bool)
+    for t0 in t0s:
+        keep |= t0.verdict.accepted
+    rows = np.flatnonzero(keep)
+    return Waiting(rows, state_rows(table).take(pa.array(rows)))
+
+
+def run_t1(table: pa.Table | Waiting, t0: T0Result, plan: ChannelPlan, spec: dict, key: str, run_id: str, carried: dict | None = None) -> pa.Table:
     """States of the accepted alerts; stored as the channel's selection for this work unit.
 
+    ``table``: the unit's batch, or its :class:`Waiting` rows when history channels run beside.
     ``carried``: what this unit's ``hist`` task returned, when a history channel decoded the unit's
     histories already: the rows any packet channel accepted, with their histories (one decode)."""
     store = open_store(spec)
     accepted = t0.verdict.accepted
-    if accepted.any() and carried and "dps" in carried:
-        rows = np.flatnonzero(accepted)
-        dps = carried["dps"].take(pa.array(np.searchsorted(carried["rows"], rows)))
-        passing = table.filter(pa.array(accepted)).append_column("dps", dps)
+    rows = np.flatnonzero(accepted)
+    if isinstance(table, Waiting):  # kept rows only: this channel's are among them
+        alerts = table.table.take(pa.array(np.searchsorted(table.rows, rows)))
     else:
-        passing = with_histories(table).filter(pa.array(accepted)) if accepted.any() else None
-    if passing is None:
-        passing = table.slice(0, 0).append_column("dps", pa.array([], pa.list_(DATAPOINT))) if "dps" not in table.column_names else table.slice(0, 0)
+        alerts = table.filter(pa.array(accepted)) if len(rows) else table.slice(0, 0)
+    if len(rows) and carried and "dps" in carried:
+        passing = alerts.append_column("dps", carried["dps"].take(pa.array(np.searchsorted(carried["rows"], rows))))
+    elif len(rows):
+        passing = with_histories(table).filter(pa.array(accepted))
+    else:
+        passing = alerts if "dps" in alerts.column_names else alerts.append_column("dps", pa.array([], pa.list_(DATAPOINT)))
     states = _states(plan, key, passing)
     store.write_states(plan.name, key, states)
     store.write_journal(run_id, key, journal_rows(states.column("stock"), run_id, 0, plan.name, "accepted", alert_id=states.column("alert_id")))
-    n = table.num_rows
+    n = len(accepted)
     counts = {"alerts": n, "passed": int(t0.verdict.accepted.sum()), "rejected": n - int(t0.verdict.accepted.sum()), "reasons": {k: v for k, v in t0.counts.items() if k != "accepted"}}
     store.mark_task(key, {"kind": "t1", "channel": plan.name, "states": states.num_rows, **counts})
     return states
 
 
 def state_rows(table: pa.Table) -> pa.Table:
-    """The columns a state takes from its alert (and ``dps`` if the batch has it): what a work unit
-    keeps in memory after T0, while it waits for the history channels' ``hist`` task."""
+    """The columns a state takes from its alert (and ``dps`` if the batch has it)."""
     return table.select([c for c in [*STATE_COLUMNS, "programid"] if c != "state_id" and c in table.column_names])  # programid: data rights
 
 
@@ -345,9 +368,10 @@ def t2_stage(spec: dict, key: str, run_id: str, n: int, *deps: object) -> dict:
         sync_files()
 
 
-def pass_to_shuffle(table: pa.Table, t0: T0Result, plan: ChannelPlan, spec: dict, key: str, shuffle_dir: str, nbuckets: int) -> tuple[np.ndarray, np.ndarray]:
+def pass_to_shuffle(table: pa.Table, t0: T0Result, plan: ChannelPlan, spec: dict, key: str, shuffle_dir: str, nbuckets: int,
+                    *_after: object) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Alerts of one work unit that pass a history channel's T0, written by object bucket; counts go to
-    a marker; returns the passing alerts' (stock, mjd) (small)."""
+    a marker; returns the passing alerts' (stock, mjd) (small). ``_after``: tasks that run first."""
     passing = passing_alerts(table, t0)
     write_buckets(passing, shuffle_dir, "alerts", key, nbuckets)
     open_store(spec).mark_task(key, {"kind": "t0", "channel": plan.name, **t0_counts(t0, table.num_rows)})
