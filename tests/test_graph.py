@@ -237,6 +237,23 @@ def test_history_channel_joins_archived_datapoints(first_run):
     assert span(latest["dps"]) > 30 and (not pk or len(latest["dps"]) > len(pk[0]["dps"]))
 
 
+def test_history_bucket_count_changes_no_state_or_result(first_run, archive, tmp_path):
+    """A large selection gets more object buckets (a bucket's states are held by one task): the bucket
+    count must change nothing a run gives. Oracle: the module's run with the default 16 buckets."""
+    store16, _ = first_run
+    rows = pq.read_table(archive / "_index.parquet", columns=["rows"]).column("rows").to_numpy().sum()  # the selection: every alert
+    for w, buckets in ((wf(history_buckets=1), 1), (wf(history_buckets=1, history_bucket_rows=200), -(-int(rows) // 200))):
+        store = tmp_path / f"b{buckets}"
+        run(archive, store, w, workers=0)
+        markers = [json.loads(p.read_text()) for p in (store / "tasks").glob("*.json")]
+        assert sum(m.get("kind") == "t1h" for m in markers) == buckets > 0
+        for ch in ("FULLHIST", "DECENT"):
+            got, want = ParquetStore(store).read_states(ch), ParquetStore(store16).read_states(ch)
+            key = lambda t: sorted(zip(t.column("alert_id").to_pylist(), t.column("state_id").to_pylist()))  # noqa: E731
+            assert key(got) == key(want), (ch, buckets)
+        assert t2_rows(store) == t2_rows(store16)
+
+
 def test_adding_a_night_computes_only_new_states(tmp_path, data_dir):
     archive, store = tmp_path / "a", tmp_path / "s"
     ingest([str(data_dir / TARBALLS[0])], archive, IngestOptions(workers=0, progress=False))

@@ -153,10 +153,16 @@ class Workflow(Model):
     channels: list[ChannelSpec] = Field(min_length=1)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
-    history_buckets: int = Field(16, ge=1, description="object buckets of the history join (channels with T1 history: archive)")
+    history_buckets: int = Field(16, ge=1, description="object buckets of the history join (channels with T1 history: archive), at least")
+    history_bucket_rows: int = Field(62_500, ge=1, description="selected alerts per history bucket, at most: a larger selection gets more buckets")
     batch_rows: int = Field(10_000, ge=1, description="small archive parts are read together up to this many alerts per task")
     _source: str | None = PrivateAttr(None)  # the file it was loaded from, and the line of each field
     _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)
+
+    def buckets_for(self, rows: int) -> int:
+        """Object buckets of the history join for a selection of ``rows`` alerts: a bucket's states are
+        built, held and handed to its T2 stage by one task, so its size is bounded, not its number."""
+        return max(self.history_buckets, -(-rows // self.history_bucket_rows))
 
     def where(self, loc: tuple) -> str:
         """``FILE:LINE: `` of the field at ``loc`` (keys and indexes), or of its nearest enclosing field
