@@ -254,6 +254,25 @@ def test_history_bucket_count_changes_no_state_or_result(first_run, archive, tmp
         assert t2_rows(store) == t2_rows(store16)
 
 
+def test_selection_holds_each_objects_latest_state_for_packet_and_history_channels(first_run):
+    """T3's population, read set by set for a history channel (its states are large): each object's
+    latest state (latest time, then alert id), against a plain-Python pass over every stored state."""
+    from ampel_dask.graph.selection import latest_states
+
+    store, _ = first_run
+    s = ParquetStore(store)
+    for ch, by_set in (("FULLHIST", True), ("FULLHIST", False), ("DECENT", False), ("DECENT", True)):
+        keys = sorted(p.stem for p in (store / "states" / ch).glob("*.parquet"))
+        want: dict[int, tuple] = {}
+        for r in s.read_states(ch).select(["stock", "mjd", "alert_id", "state_id"]).to_pylist():
+            if r["stock"] not in want or (r["mjd"], r["alert_id"]) > want[r["stock"]][:2]:
+                want[r["stock"]] = (r["mjd"], r["alert_id"], r["state_id"])
+        got = latest_states(s, ch, keys, by_set=by_set)
+        assert got.column("stock").to_pylist() == sorted(want), (ch, by_set)
+        assert got.column("state_id").to_pylist() == [want[k][2] for k in sorted(want)], (ch, by_set)
+        assert len(keys) > 1 and got.column("dps").null_count == 0
+
+
 def test_adding_a_night_computes_only_new_states(tmp_path, data_dir):
     archive, store = tmp_path / "a", tmp_path / "s"
     ingest([str(data_dir / TARBALLS[0])], archive, IngestOptions(workers=0, progress=False))

@@ -27,15 +27,9 @@ from .plan import ChannelPlan
 
 def selection(store: ResultStore, plan: ChannelPlan, state_keys: list[str]) -> pa.Table | None:
     """The channel's population: each object's latest state, with the latest T2 results as columns."""
-    states = store.read_states(plan.name, state_keys)
-    if states is None or states.num_rows == 0:
+    sel = latest_states(store, plan.name, state_keys, by_set=plan.history)
+    if sel is None:
         return None
-    stock = states.column("stock").to_numpy()
-    mjd = states.column("mjd").to_numpy()
-    alert = states.column("alert_id").to_numpy()
-    order = order_by((stock, "ascending"), (mjd, "descending"), (alert, "descending"))
-    first = order[np.r_[True, stock[order][1:] != stock[order][:-1]]]  # one row per object, by stock: the
-    sel = states.take(pa.array(first))  # selection's order, so its light curves are gathered once
     sid = id_values(sel.column("state_id"))
     for unit in plan.t2:
         if isinstance(unit, T2PointUnit):  # per datapoint, not per state: read with store.read_t2_points
@@ -54,6 +48,45 @@ def selection(store: ResultStore, plan: ChannelPlan, state_keys: list[str]) -> p
             right = pa.concat_tables(pieces, promote_options="default") if len(pieces) > 1 else pieces[0]
             sel = left_join(sel, right, prefix=f"{unit.name()}__", label=lambda col, u=unit: _label(u, col))
     return sel
+
+
+def _latest(stock: np.ndarray, mjd: np.ndarray, alert: np.ndarray) -> np.ndarray:
+    """Row of each object's latest state (latest time, then alert id; the first such row on ties), in
+    the order of ``stock``: the selection's order, so that its light curves are gathered once."""
+    order = order_by((stock, "ascending"), (mjd, "descending"), (alert, "descending")).astype(np.int64)
+    return order[np.r_[True, stock[order][1:] != stock[order][:-1]]]
+
+
+def latest_states(store: ResultStore, channel: str, keys: list[str], by_set: bool = False) -> pa.Table | None:
+    """Each object's latest state among the state sets ``keys``.
+
+    ``by_set``: found from three small columns of every set first, then each set read whole once for
+    its chosen rows only. For a history channel, whose states hold each object's light curve up to every
+    one of its alerts: reading them all at once to keep one per object took 7 s and ~2.4 GB of one
+    worker on 1 M replicated LSST alerts (7.9 GB on 3 M)."""
+    if not by_set:
+        states = store.read_states(channel, keys)
+        if states is None or states.num_rows == 0:
+            return None
+        first = _latest(*(states.column(c).to_numpy() for c in ("stock", "mjd", "alert_id")))
+        return states.take(pa.array(first))
+    light = [(k, t) for k in keys if (t := store.read_states(channel, [k], columns=["stock", "mjd", "alert_id"])) is not None and t.num_rows]
+    if not light:
+        return None
+    cols = {c: np.concatenate([t.column(c).to_numpy() for _, t in light]) for c in ("stock", "mjd", "alert_id")}
+    first = _latest(cols["stock"], cols["mjd"], cols["alert_id"])
+    which = np.repeat(np.arange(len(light)), [t.num_rows for _, t in light])[first]  # the set of each chosen row
+    offsets = np.cumsum([0, *(t.num_rows for _, t in light)])
+    pieces, placed = [], []
+    for i in np.unique(which):
+        mine = np.flatnonzero(which == i)
+        whole = store.read_states(channel, [light[i][0]])
+        pieces.append(whole.take(pa.array(first[mine] - offsets[i])))
+        placed.append(mine)
+    sel = pa.concat_tables(pieces, promote_options="default")
+    at = np.empty(len(first), dtype=np.int64)
+    at[np.concatenate(placed)] = np.arange(len(first))
+    return sel.take(pa.array(at))  # back in the order of stock
 
 
 def _label(unit, column: str) -> tuple[str, str]:
