@@ -21,6 +21,9 @@ from . import batches, shuffle, tasks
 from .plan import ChannelPlan, t2_units
 
 
+HISTORY_UNIT_ROWS = 250_000  # alerts per hist task over the archive's parts outside the run
+
+
 @dataclass
 class CompiledRun:
     graph: dict = field(default_factory=dict)
@@ -223,11 +226,13 @@ class _Builder:
     def history_units(self, sources: list[Partition]) -> list[WorkUnit]:
         """The work units the history join reads: the run's own units (their histories are then decoded
         once, in the hist task, for the packet channels' T1 too), and the archive's other parts grouped
-        as usual. Grouping the archive's parts by itself instead would put a part the run reads (a new
-        night, a live micro-batch) into another unit than the run's, decoded once for T1 and again here.
-        The grouping does not change what the join gives (``first_copies`` is a total order)."""
+        in units of up to :data:`HISTORY_UNIT_ROWS` (most of them hold no passing object and cost a read
+        of five small columns: a task each was mostly its own overhead, ~5 ms, one per 25,000-alert part of
+        an archive of years). Grouping the archive's parts by itself instead would put a part the run reads
+        (a new night, a live micro-batch) into another unit than the run's, decoded once for T1 and again
+        here. The grouping does not change what the join gives (``first_copies`` is a total order)."""
         mine = {p.path for u in self.units for p in u.parts}
-        return [*self.units, *work_units([p for p in sources if p.path not in mine], self.batch_rows)]
+        return [*self.units, *work_units([p for p in sources if p.path not in mine], max(self.batch_rows, HISTORY_UNIT_ROWS))]
 
     def t3(self, t3_states: dict[str, list[str]], hold: frozenset[str] = frozenset()) -> None:
         """T3 per channel and unit, after the tasks that write the channel's states and T2 results (not

@@ -105,7 +105,7 @@ def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.nd
         n = pf.metadata.num_rows
         mine = carry[offset : offset + n] if len(carry) else np.zeros(n, dtype=bool)
         offset += n
-        if not len(stocks) and not mine.any():
+        if not mine.any() and not _may_hold(pf, stocks):
             continue
         head = pf.read(columns=[c for c in ("alert_id", "stock", "mjd", "survey", "programid") if c in pf.schema_arrow.names], use_threads=False)
         keep = wanted(head)
@@ -124,3 +124,22 @@ def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.nd
         write_buckets(flat, shuffle_dir, "history", name, nbuckets)
         out["written"] = flat.num_rows
     return out
+
+
+def _may_hold(pf: pq.ParquetFile, stocks: np.ndarray) -> bool:
+    """Can this part hold one of ``stocks`` (sorted)? From its footer's ``stock`` statistics (min, max
+    per row group, no column read); True when it has none."""
+    if not len(stocks):
+        return False
+    md = pf.metadata
+    at = next((j for j in range(md.num_columns) if md.row_group(0).column(j).path_in_schema == "stock"), None) if md.num_row_groups else None
+    if at is None:
+        return md.num_row_groups > 0
+    for i in range(md.num_row_groups):
+        st = md.row_group(i).column(at).statistics
+        if st is None or not st.has_min_max:
+            return True
+        k = np.searchsorted(stocks, st.min)
+        if k < len(stocks) and stocks[k] <= st.max:
+            return True
+    return False
