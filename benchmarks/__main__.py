@@ -123,11 +123,11 @@ def bench_packet_channels(wf, archive: Path) -> dict:
     from ampel_dask.graph.workflow import load_workflow
     from benchmarks.bench_floor import plain_loops
     from benchmarks.bench_pipeline import run_once
+    from benchmarks.bench_scale import packet_only
 
-    keep = [c for c in wf.channels if (c.t1.config or {}).get("history", "packet") != "archive"]
+    keep = packet_only(wf).channels
     path = WORK / f"{wf.name}-packet-channels.yml"
-    data = wf.model_copy(update={"name": f"{wf.name}-packet-channels", "channels": keep}).model_dump(mode="json", by_alias=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    path.write_text(yaml.safe_dump(packet_only(wf).model_dump(mode="json", by_alias=True), sort_keys=False))
     packet = load_workflow(path)
     store = WORK / "pipeline-store"
     shutil.rmtree(store, ignore_errors=True)

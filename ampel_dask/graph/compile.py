@@ -198,8 +198,8 @@ class _Builder:
             # after the unit's Waiting rows (when packet channels run beside): the scheduler then takes them
             # (and the packet channels' T0) on the way to the hist tasks, and the batch read for them is
             # let go; left for later, every unit's batch waited in memory for them
-            waiting = [k for k in (task_key(ROWS, unit.key),) if k in dsk]
-            dsk[task_key(PASS, ck)] = (tasks.pass_to_shuffle, task_key(READ, unit.key), t0, self.pk[c.name], spec, ck, shuffle_dir, nb, *waiting)
+            after = [task_key(ROWS, unit.key)] if task_key(ROWS, unit.key) in dsk else []
+            dsk[task_key(PASS, ck)] = (tasks.pass_to_shuffle, task_key(READ, unit.key), t0, self.pk[c.name], spec, ck, shuffle_dir, nb, *after)
             pass_keys.append(task_key(PASS, ck))
         stocks_key = task_key(STOCKS, key_of(c.t0_key, sel_id))
         dsk[stocks_key] = (shuffle.stocks_of, pass_keys)

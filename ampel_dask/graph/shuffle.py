@@ -72,6 +72,11 @@ def stocks_of(summaries: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarra
     return stock[starts], np.maximum.reduceat(mjd, starts)
 
 
+def accepted_by_any(t0s: list[T0Result]) -> np.ndarray | None:
+    """Rows of a work unit that one of these T0 results accepted (None without any)."""
+    return np.logical_or.reduce([t0.verdict.accepted for t0 in t0s]) if t0s else None
+
+
 def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.ndarray, np.ndarray], shuffle_dir: str, name: str, nbuckets: int,
                    packet_t0: list[T0Result] | None = None, access: list[str] | None = None) -> dict:
     """The passing objects' packets in these archive parts, up to each object's latest passing alert
@@ -84,9 +89,7 @@ def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.nd
     returned for their T1 (``rows``, ``dps``). A part with neither costs a read of five small columns."""
     stocks, until = passing
     out: dict = {"written": 0}
-    carry = np.zeros(0, dtype=bool)
-    for t0 in packet_t0 or []:
-        carry = t0.verdict.accepted.copy() if not len(carry) else carry | t0.verdict.accepted
+    carry = accepted_by_any(packet_t0 or [])
 
     def wanted(head: pa.Table) -> np.ndarray:
         if not len(stocks):
@@ -103,7 +106,7 @@ def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.nd
         path = f"{archive_root}/{rel}"
         pf = pq.ParquetFile(path)
         n = pf.metadata.num_rows
-        mine = carry[offset : offset + n] if len(carry) else np.zeros(n, dtype=bool)
+        mine = carry[offset : offset + n] if carry is not None else np.zeros(n, dtype=bool)
         offset += n
         if not mine.any() and not _may_hold(pf, stocks):
             continue
@@ -132,9 +135,10 @@ def _may_hold(pf: pq.ParquetFile, stocks: np.ndarray) -> bool:
     if not len(stocks):
         return False
     md = pf.metadata
-    at = next((j for j in range(md.num_columns) if md.row_group(0).column(j).path_in_schema == "stock"), None) if md.num_row_groups else None
-    if at is None:
+    leaves = [md.schema.column(j).path for j in range(md.num_columns)]
+    if "stock" not in leaves:
         return md.num_row_groups > 0
+    at = leaves.index("stock")
     for i in range(md.num_row_groups):
         st = md.row_group(i).column(at).statistics
         if st is None or not st.has_min_max:

@@ -31,7 +31,7 @@ from .plan import ChannelPlan, t2_units
 from .points import run_point_unit
 from .provenance import journal_rows, with_provenance
 from .selection import selection
-from .shuffle import read_bucket, write_buckets
+from .shuffle import accepted_by_any, read_bucket, write_buckets
 from .workers import cluster_map
 
 
@@ -87,10 +87,7 @@ class Waiting:
 
 def waiting_rows(table: pa.Table, *t0s: T0Result) -> Waiting:
     """The :class:`Waiting` rows of a work unit, from its batch and its packet channels' T0."""
-    keep = np.zeros(table.num_rows, dtype=bool)
-    for t0 in t0s:
-        keep |= t0.verdict.accepted
-    rows = np.flatnonzero(keep)
+    rows = np.flatnonzero(accepted_by_any(list(t0s)))
     return Waiting(rows, state_rows(table).take(pa.array(rows)))
 
 

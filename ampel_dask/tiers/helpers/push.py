@@ -126,6 +126,12 @@ class Endpoint:
         raise AssertionError("unreachable")
 
 
+def one_url(url: str | None, url_env: str | None) -> None:
+    """A push unit's destination is given once: a URL, or the variable holding a secret one."""
+    if (url is None) == (url_env is None):
+        raise ValueError("give exactly one of url and url_env")
+
+
 def base_url(unit: str, url: str | None, url_env: str | None) -> tuple[str, str, tuple[str, ...]]:
     """(URL to call, URL safe to log, secrets it holds) from a plain ``url`` or a secret ``url_env``."""
     if url is not None:

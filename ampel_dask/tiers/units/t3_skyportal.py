@@ -35,7 +35,7 @@ from ...io.layout import DETECTION, FORCED, NJY_ZP, UPPER_LIMIT
 from ...keys import key_of
 from ..base import T3Context, T3Unit, UnitConfig
 from ..env import WorkflowVariable, read_variable
-from ..helpers.push import Endpoint, PushError, base_url, journal, object_keys, secret, undelivered
+from ..helpers.push import Endpoint, PushError, base_url, journal, object_keys, one_url, secret, undelivered
 from .t3_export import json_safe, match_columns, t2_columns
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,7 @@ class T3SkyPortalConfig(UnitConfig):
 
     @model_validator(mode="after")
     def _one_url(self) -> T3SkyPortalConfig:
-        if (self.url is None) == (self.url_env is None):
-            raise ValueError("give exactly one of url and url_env")
+        one_url(self.url, self.url_env)
         return self
 
 

@@ -28,7 +28,7 @@ from pydantic import Field, field_validator, model_validator
 from ...keys import batch_key, delivery_keys, key_of
 from ..base import T3Context, T3Unit, UnitConfig, shown
 from ..env import WorkflowVariable
-from ..helpers.push import Endpoint, PushError, base_url, secret
+from ..helpers.push import Endpoint, PushError, base_url, one_url, secret
 from .t3_export import json_safe, match_columns, t2_columns
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,7 @@ class T3WebhookConfig(UnitConfig):
 
     @model_validator(mode="after")
     def _one_url(self) -> T3WebhookConfig:
-        if (self.url is None) == (self.url_env is None):
-            raise ValueError("give exactly one of url and url_env")
+        one_url(self.url, self.url_env)
         return self
 
 
