@@ -271,6 +271,40 @@ def test_selection_holds_each_objects_latest_state_for_packet_and_history_channe
         assert got.column("stock").to_pylist() == sorted(want), (ch, by_set)
         assert got.column("state_id").to_pylist() == [want[k][2] for k in sorted(want)], (ch, by_set)
         assert len(keys) > 1 and got.column("dps").null_count == 0
+        every = s.read_states(ch)  # each chosen state's datapoints are the stored state's own
+        dps_of = dict(zip(every.column("state_id").to_pylist(), every.column("dps").to_pylist()))
+        assert got.column("dps").to_pylist() == [dps_of[want[k][2]] for k in sorted(want)], (ch, by_set)
+        light = latest_states(s, ch, keys, by_set=by_set, dps=False)  # without datapoints: all else the same
+        assert light.equals(got.drop_columns(["dps"])), (ch, by_set)
+
+
+def test_t3_selection_holds_datapoints_only_when_a_t3_unit_reads_them(first_run):
+    """A channel's selection carries ``dps`` (for a history channel each object's whole light curve)
+    only if one of its T3 units reads them; which units do is hand-checked from their configs."""
+    from ampel_dask.graph.plan import ChannelPlan
+    from ampel_dask.graph.selection import selection
+    from ampel_dask.tiers.units.t3_export import T3Export
+    from ampel_dask.tiers.units.t3_report import T3HtmlReport
+    from ampel_dask.tiers.units.t3_webhook import T3Webhook
+
+    reads = {
+        T3Export({}): False, T3Export({"dps": "json"}): True, T3Export({"dps": "json", "include": ["stock"]}): False,
+        T3Export({"dps": "json", "include": ["d*"]}): True, T3Export({"dps": "json", "exclude": ["dps"]}): False,
+        T3Export({"include": ["dps"]}): False, T3Webhook({"url": "http://x"}): False,
+        T3Webhook({"url": "http://x", "columns": ["*"]}): True, T3HtmlReport({"sort_by": "mjd"}): True,
+    }  # fmt: skip
+    assert {repr(u.config): u.reads_dps for u in reads} == {repr(u.config): want for u, want in reads.items()}
+    store, _ = first_run
+    s = ParquetStore(store)
+    base = plan_workflow(wf())
+    for plan in base:
+        keys = sorted(p.stem for p in (store / "states" / plan.name).glob("*.parquet"))
+        sels = {}
+        for t3 in ([T3Export({})], [T3Export({}), T3HtmlReport({"sort_by": "mjd"})]):
+            p = ChannelPlan(plan.name, plan.access, plan.filters, plan.t1, plan.t2, t3)
+            sels[len(t3)] = selection(s, p, keys)
+        assert "dps" not in sels[1].column_names and "dps" in sels[2].column_names, plan.name
+        assert sels[1].equals(sels[2].drop_columns(["dps"])), plan.name
 
 
 def test_adding_a_night_computes_only_new_states(tmp_path, data_dir):

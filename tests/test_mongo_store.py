@@ -83,6 +83,9 @@ def test_same_channels_and_states_as_parquet(runs):
         a, b = mg.read_states(c), pq_.read_states(c)
         assert a.schema.equals(b.schema), c  # int8 kind, float32 rb, nested list<struct> dps
         assert _sorted(a).equals(_sorted(b)), c
+        light = mg.read_states(c, dps=False)  # without datapoints: the same rows, every other column
+        assert light.column_names == [n for n in b.column_names if n != "dps"], c
+        assert _sorted(light).equals(_sorted(b.drop_columns(["dps"]))), c
     assert mg.db.t1.count_documents({}) == sum(pq_.read_states(c).num_rows for c in pq_.channels())
     # objects: their channels and the run that touched them
     s = mg.read_states("DECENT").column("stock")[0].as_py()

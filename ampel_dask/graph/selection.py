@@ -26,8 +26,9 @@ from .plan import ChannelPlan
 
 
 def selection(store: ResultStore, plan: ChannelPlan, state_keys: list[str]) -> pa.Table | None:
-    """The channel's population: each object's latest state, with the latest T2 results as columns."""
-    sel = latest_states(store, plan.name, state_keys, by_set=plan.history)
+    """The channel's population: each object's latest state, with the latest T2 results as columns;
+    without the states' datapoints when none of the channel's T3 units reads them."""
+    sel = latest_states(store, plan.name, state_keys, by_set=plan.history, dps=any(u.reads_dps for u in plan.t3))
     if sel is None:
         return None
     sid = id_values(sel.column("state_id"))
@@ -57,15 +58,15 @@ def _latest(stock: np.ndarray, mjd: np.ndarray, alert: np.ndarray) -> np.ndarray
     return order[np.r_[True, stock[order][1:] != stock[order][:-1]]]
 
 
-def latest_states(store: ResultStore, channel: str, keys: list[str], by_set: bool = False) -> pa.Table | None:
-    """Each object's latest state among the state sets ``keys``.
+def latest_states(store: ResultStore, channel: str, keys: list[str], by_set: bool = False, dps: bool = True) -> pa.Table | None:
+    """Each object's latest state among the state sets ``keys`` (``dps``: with its datapoints).
 
     ``by_set``: found from three small columns of every set first, then each set read whole once for
     its chosen rows only. For a history channel, whose states hold each object's light curve up to every
     one of its alerts: reading them all at once to keep one per object took 7 s and ~2.4 GB of one
     worker on 1 M replicated LSST alerts (7.9 GB on 3 M)."""
     if not by_set:
-        states = store.read_states(channel, keys)
+        states = store.read_states(channel, keys, dps=dps)
         if states is None or states.num_rows == 0:
             return None
         first = _latest(*(states.column(c).to_numpy() for c in ("stock", "mjd", "alert_id")))
@@ -80,7 +81,7 @@ def latest_states(store: ResultStore, channel: str, keys: list[str], by_set: boo
     pieces, placed = [], []
     for i in np.unique(which):
         mine = np.flatnonzero(which == i)
-        whole = store.read_states(channel, [light[i][0]])
+        whole = store.read_states(channel, [light[i][0]], dps=dps)
         pieces.append(whole.take(pa.array(first[mine] - offsets[i])))
         placed.append(mine)
     sel = pa.concat_tables(pieces, promote_options="default")

@@ -335,6 +335,13 @@ class T3Unit(Unit):
 
     tier = "T3"
 
+    @property
+    def reads_dps(self) -> bool:
+        """Does :meth:`react` read the selection's ``dps`` (each object's datapoints)? A unit that says
+        no gets a selection without them, unless another T3 unit of its channel reads them: for a
+        history channel they are each object's whole light curve, most of the selection's memory."""
+        return True
+
     def react(self, selection: pa.Table, context: T3Context) -> list[dict]:
         raise NotImplementedError
 

@@ -267,12 +267,13 @@ class MongoStore:
         self._register("t1", channel, table.schema)
         self._insert("t1", ({"channel": channel, "key": key, **row} for row in _rows(table)))
 
-    def read_states(self, channel: str, keys: list[str] | None = None, columns: list[str] | None = None, stock: int | None = None) -> pa.Table | None:
+    def read_states(self, channel: str, keys: list[str] | None = None, columns: list[str] | None = None, stock: int | None = None,
+                    dps: bool = True) -> pa.Table | None:
         schema = self._schema("t1", channel)
         if schema is None:
             return None
-        if columns is not None:
-            schema = pa.schema([schema.field(c) for c in columns if c in schema.names])
+        if columns is not None or not dps:
+            schema = pa.schema([schema.field(c) for c in (columns if columns is not None else schema.names) if c in schema.names and (dps or c != "dps")])
         query: dict = {"channel": channel}
         if stock is not None:
             query["stock"] = int(stock)

@@ -108,6 +108,12 @@ class T3Export(T3Unit):
     Config = T3ExportConfig
     version = "1"
 
+    @property
+    def reads_dps(self) -> bool:
+        c = self.config
+        wanted = c.include is None or bool(match_columns(["dps"], c.include))
+        return c.dps == "json" and wanted and not match_columns(["dps"], c.exclude)
+
     def table(self, selection: pa.Table) -> pa.Table:
         """The table as it is exported: columns chosen, ``dps`` dropped or turned into JSON."""
         c = self.config

@@ -88,6 +88,11 @@ class T3Webhook(T3Unit):
     version = "1"
 
     @property
+    def reads_dps(self) -> bool:
+        """Only when ``columns`` asks for them: by default an object is posted with its T2 results."""
+        return self.config.columns is not None and bool(match_columns(["dps"], self.config.columns))
+
+    @property
     def delivery_key(self) -> str:
         """The unit part of the idempotency keys: what decides where and what is delivered (destination
         and columns), not how (timeouts, retries, batch size): changing those re-posts nothing."""
