@@ -406,27 +406,35 @@ def test_dependencies_the_channel_does_not_list_take_the_policy_of_their_readers
 @given(n=st.integers(1, 3000), data=st.data())
 def test_bisection_isolates_the_failing_states(n, data):
     """``attempt`` against its definition: rows that worked never include a failing one, every row is
-    in exactly one piece, the calls stay within budget, and up to 8 failing rows stand alone."""
+    in exactly one piece, the calls stay within budget, and up to 8 failing rows stand alone. With
+    ``piece`` (rows per call), the first calls are the batch in order, ceil(n / piece) runs of rows."""
     bad = set(data.draw(st.lists(st.integers(0, n - 1), max_size=min(n, 12), unique=True)))
+    piece = data.draw(st.none() | st.integers(1, 4000))
+    first = -(-n // piece) if piece else 1
     calls = []
 
     def fn(rows: np.ndarray) -> pa.Table:
-        calls.append(len(rows))
+        calls.append(rows.tolist())
         if bad & set(rows.tolist()):
             raise ValueError(f"bad among {len(rows)}")
         return pa.table({"row": rows})
 
-    ok, failed = attempt(fn, n, isolate=True)
+    ok, failed = attempt(fn, n, isolate=True, piece=piece)
     good = np.concatenate([r for r, _ in ok]) if ok else np.empty(0, int)
     worse = np.concatenate([r for r, *_ in failed]) if failed else np.empty(0, int)
     assert sorted([*good.tolist(), *worse.tolist()]) == list(range(n))  # each row once
     assert not bad & set(good.tolist()) and all(t.column("row").to_pylist() == r.tolist() for r, t in ok)
-    assert len(calls) <= 1 + BISECT_CALLS * int(np.ceil(np.log2(max(n, 2))))
+    assert len(calls) <= first + BISECT_CALLS * int(np.ceil(np.log2(max(n, 2))))
+    assert all(len(c) <= (piece or n) for c in calls)
     if len(bad) <= 8:
         assert sorted(worse.tolist()) == sorted(bad) and all(len(r) == 1 for r, *_ in failed)
         assert all(e == "ValueError: bad among 1" for _, e, _ in failed)
-    ok, failed = attempt(fn, n, isolate=False)  # on_error: fail: one call, the whole batch
-    assert len(failed) == (1 if bad else 0) and len(ok) == (0 if bad else 1)
+    calls.clear()
+    ok, failed = attempt(fn, n, isolate=False, piece=piece)  # on_error: fail: no bisection
+    assert len(calls) == first and sum(calls, []) == list(range(n))  # runs of rows, in order
+    assert sorted(len(c) for c in calls)[-1] <= (piece or n)
+    assert [r.tolist() for r, *_ in failed] == [c for c in calls if bad & set(c)]
+    assert [r.tolist() for r, _ in ok] == [c for c in calls if not bad & set(c)]
 
 
 # --------------------------------------------------------------------------------------------------

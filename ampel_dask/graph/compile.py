@@ -215,11 +215,14 @@ class _Builder:
             for k, _ in t1s:
                 dsk[k] = (*dsk[k], task_key(HIST, hk))
         for b, (n, s) in enumerate(zip(names, stages)):
-            dsk[task_key(T1H, n)] = (tasks.run_t1_history, shuffle_dir, b, self.pk[c.name], spec, n, self.run_id, hist_keys)
-            if s:
-                dsk[task_key(T2, s)] = (tasks.t2_stage, spec, s, self.run_id, 1, self.pk[c.name], task_key(T1H, n), *packet_stages)
+            t1h = (tasks.run_t1_history, shuffle_dir, b, self.pk[c.name], spec, n, self.run_id, hist_keys)
+            if s:  # one task with its T2 stage: the bucket's states (each object's whole light curve) never
+                # wait in a worker's memory for a stage the scheduler may place on the other worker
+                # (3 M LSST alerts: two or three buckets' states held per worker, ~0.4 GB)
+                dsk[task_key(T2, s)] = (tasks.t2_stage, spec, s, self.run_id, 1, self.pk[c.name], t1h, *packet_stages)
                 run.sinks.append(task_key(T2, s))
             else:
+                dsk[task_key(T1H, n)] = t1h
                 run.sinks.append(task_key(T1H, n))
             run.produced_by.setdefault(c.name, []).append(task_key(T2, s) if s else task_key(T1H, n))
 

@@ -150,9 +150,11 @@ class Blocked:
     reason: str
 
 
-def attempt(fn: Callable[[np.ndarray], pa.Table], n: int, isolate: bool) -> tuple[list[tuple[np.ndarray, pa.Table]], list[tuple[np.ndarray, str, str | None]]]:
+def attempt(fn: Callable[[np.ndarray], pa.Table], n: int, isolate: bool, piece: int | None = None,
+            ) -> tuple[list[tuple[np.ndarray, pa.Table]], list[tuple[np.ndarray, str, str | None]]]:  # fmt: skip
     """``fn`` on rows ``0..n-1``: (rows, result) pieces that worked and (rows, error, traceback under
-    ``AMPEL_DASK_DEBUG``) pieces that raised.
+    ``AMPEL_DASK_DEBUG``) pieces that raised. ``piece``: at most so many rows per call, in order (a
+    unit's working memory grows with its batch; None = all at once).
 
     With ``isolate`` a failing piece is split in halves, depth first, until its failing states stand
     alone: one bad state among 10,000 costs ~28 more calls on ever smaller pieces (~2x the rows of one
@@ -161,9 +163,9 @@ def attempt(fn: Callable[[np.ndarray], pa.Table], n: int, isolate: bool) -> tupl
     piece's error (they are retried by the next run like any other failure)."""
     ok: list[tuple[np.ndarray, pa.Table]] = []
     failed: list[tuple[np.ndarray, str, str | None]] = []
-    budget = 1 + BISECT_CALLS * int(np.ceil(np.log2(max(n, 2))))
-    calls = 1
-    stack = [np.arange(n)]
+    stack = np.array_split(np.arange(n), max(1, -(-n // piece)) if piece else 1)[::-1]  # popped first to last
+    budget = len(stack) + BISECT_CALLS * int(np.ceil(np.log2(max(n, 2))))
+    calls = len(stack)
     while stack:
         rows = stack.pop()
         try:
