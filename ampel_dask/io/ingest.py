@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from .archive import Archive, Partition, discard
+from .arrays import contains
 from .decode import ChunkResult, decode_chunk
 from .limits import MiB, Limits
 from .locks import scratch_dir, sweep
@@ -147,13 +148,26 @@ def _finalize(arch: Archive, results: list[ChunkResult], report: IngestReport) -
             discard(staged)
 
 
+@dataclass
+class _Known:
+    """Alert ids already taken, by range: an archived part's (read when a staged part's range overlaps
+    it) or a staged part's kept ones (``path`` ""): a staged part is checked against those whose range
+    overlaps its own, a sorted-array search each, not alert by alert."""
+
+    survey: str
+    lo: int
+    hi: int
+    path: str
+    ids: np.ndarray | None = None  # sorted; None until read (an archived part)
+
+
 def _publish(arch: Archive, results: list[ChunkResult], report: IngestReport) -> None:
-    # alert ids per survey -> the archived part holding them (where ranges overlap), or "" when first
-    # met in this run (then the part is among the new ones)
-    seen: dict[str, dict[int, str]] = {}
-    loaded: set[str] = set()
+    """Each staged part without the alerts archived before, met earlier in this ingest, or repeated
+    within it (the first copy stays), published; the archived parts that held such alerts are listed
+    (``duplicate_partitions``: a live run takes their states again)."""
     archived = arch.partitions()
     by_path = {p.path: p for p in archived}
+    known = [_Known(p.survey, p.min_alert_id, p.max_alert_id, p.path) for p in archived]
     dup_paths: set[str] = set()
     new: list[Partition] = []
     try:
@@ -163,24 +177,24 @@ def _publish(arch: Archive, results: list[ChunkResult], report: IngestReport) ->
             for reason, n in res.reasons.items():
                 report.quarantine_reasons[reason] = report.quarantine_reasons.get(reason, 0) + n
             for staged in res.staged:
-                known = seen.setdefault(staged.survey, {})
-                lo, hi = int(staged.alert_ids.min()), int(staged.alert_ids.max())
-                overlapping = [p for p in archived if p.survey == staged.survey and p.max_alert_id >= lo and p.min_alert_id <= hi]
-                for part in overlapping:
-                    if part.path not in loaded:
-                        loaded.add(part.path)
-                        for a in arch.read(part, ["alert_id"]).column("alert_id").to_pylist():
-                            known.setdefault(a, part.path)
-                keep = np.empty(len(staged.alert_ids), dtype=bool)
-                for i, a in enumerate(staged.alert_ids.tolist()):
-                    where = known.get(a)
-                    keep[i] = where is None
-                    if where is None:
-                        known[a] = ""
-                    elif where:
-                        dup_paths.add(where)
+                ids = np.asarray(staged.alert_ids, dtype=np.int64)
+                lo, hi = int(ids.min()), int(ids.max())
+                keep = np.zeros(len(ids), dtype=bool)
+                keep[np.unique(ids, return_index=True)[1]] = True  # the first copy of an alert repeated here
+                for k in known:
+                    if k.survey == staged.survey and k.hi >= lo and k.lo <= hi:
+                        if k.ids is None:
+                            k.ids = np.sort(arch.read(by_path[k.path], ["alert_id"]).column("alert_id").to_numpy())
+                        hit = contains(k.ids, ids)
+                        if hit.any():
+                            keep &= ~hit
+                            if k.path:
+                                dup_paths.add(k.path)
                 report.duplicates += int((~keep).sum())
                 report.ingested += int(keep.sum())
+                if keep.any():
+                    kept = np.sort(ids[keep])
+                    known.append(_Known(staged.survey, int(kept[0]), int(kept[-1]), "", kept))
                 part = arch.publish(staged, keep)
                 if part is not None:
                     new.append(part)
