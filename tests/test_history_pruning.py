@@ -1,4 +1,5 @@
-"""The history join skips an archive part from its footer only when the part cannot hold a passing object."""
+"""The history join skips an archive part (from its footer, then from its stock column) only when the
+part holds no passing object."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pyarrow.parquet as pq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ampel_dask.graph.shuffle import _may_hold
+from ampel_dask.graph.shuffle import _holds, _may_hold
 
 STOCKS = st.lists(st.integers(-(2**62), 2**62), min_size=1, max_size=40)
 
@@ -25,6 +26,8 @@ def test_a_part_holding_a_passing_object_is_never_skipped(part, passing, group_r
     holds = bool(set(part) & set(passing))
     may = _may_hold(pf, np.array(sorted(set(passing)), dtype=np.int64))
     assert may or not holds  # skipping is only ever right
+    if passing:  # the stock column's check is exact
+        assert _holds(pf, np.array(sorted(set(passing)), dtype=np.int64)) == holds
     if not stats:
         assert may == bool(passing)  # without statistics a part is read whenever something passed
     elif not passing:

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..io.archive import read_dps
-from ..io.arrays import take_rows
+from ..io.arrays import contains, take_rows
 from ..io.layout import BAND_CODES, band_as
 from ..io.files import atomic_target
 from ..keys import bucket_of
@@ -108,7 +108,7 @@ def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.nd
         n = pf.metadata.num_rows
         mine = carry[offset : offset + n] if carry is not None else np.zeros(n, dtype=bool)
         offset += n
-        if not mine.any() and not _may_hold(pf, stocks):
+        if not mine.any() and not (_may_hold(pf, stocks) and _holds(pf, stocks)):
             continue
         head = pf.read(columns=[c for c in ("alert_id", "stock", "mjd", "survey", "programid") if c in pf.schema_arrow.names], use_threads=False)
         keep = wanted(head)
@@ -127,6 +127,13 @@ def history_pieces(archive_root: str, rel_paths: list[str], passing: tuple[np.nd
         write_buckets(flat, shuffle_dir, "history", name, nbuckets)
         out["written"] = flat.num_rows
     return out
+
+
+def _holds(pf: pq.ParquetFile, stocks: np.ndarray) -> bool:
+    """Does this part hold one of ``stocks`` (sorted)? Its ``stock`` column read alone, before the
+    other head columns: the archive's other nights mostly hold other objects within the same stock
+    range, which the footer cannot tell apart."""
+    return bool(contains(stocks, pf.read(columns=["stock"], use_threads=False).column("stock").to_numpy()).any())
 
 
 def _may_hold(pf: pq.ParquetFile, stocks: np.ndarray) -> bool:
