@@ -33,7 +33,7 @@ from ampel_dask.graph.selection import left_join
 from ampel_dask.graph.tasks import _dep_results
 from ampel_dask.graph.workflow import Workflow
 from ampel_dask.io.archive import Archive
-from ampel_dask.io.arrays import contains, first_rows, lookup, sorted_unique
+from ampel_dask.io.arrays import contains, first_rows, lookup, merged, sorted_unique
 from ampel_dask.io.layout import DATAPOINT
 from ampel_dask.io.stores import ParquetStore
 from ampel_dask.io.stores.mongo import MongoStore
@@ -236,6 +236,13 @@ def test_id_helpers_equal_plain_python(pairs, queries):
     assert list(contains(uniq, q)) == [p in set(pairs) for p in queries]
     distinct = list(dict.fromkeys(pairs))
     assert list(lookup(ids_of(distinct), q)) == [distinct.index(p) if p in distinct else -1 for p in queries]
+    assert pairs_of(merged(uniq, q)) == sorted(set(pairs) | set(queries))  # a sorted cache grown by inserts
+
+
+@settings(max_examples=200, deadline=None)
+@given(old=st.lists(st.integers(-50, 50), max_size=40), new=st.lists(st.integers(-50, 50), max_size=20))
+def test_merged_integers_equal_plain_python(old, new):
+    assert merged(np.array(sorted(set(old)), dtype=np.int64), np.array(new, dtype=np.int64)).tolist() == sorted(set(old) | set(new))
 
 
 # ---------------------------------------------------------------------------------------------------

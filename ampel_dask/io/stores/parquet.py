@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from ..archive import dps_bytes, dps_path, parquet_bytes, read_part
 from ...keys import ID_DTYPE, KEY_FORMAT, id_values
-from ..arrays import contains, first_rows, sorted_unique
+from ..arrays import contains, first_rows, merged, sorted_unique
 from ..files import atomic_write, checkpoint, commit, fsync_dir, settle
 from ..locks import file_lock
 from .base import StatesGone, StoreFormatError
@@ -348,7 +348,7 @@ class _DoneIds:
         new = [f for f in present if f not in files]
         if new:
             parts = [id_values(_read(Path(present[f]), [column]).column(column)) for f in new]
-            ids = sorted_unique(np.concatenate([ids, *parts]))
+            ids = merged(ids, np.concatenate(parts))
             self._seen[folder] = (files | set(new), ids)
         return ids
 
