@@ -273,12 +273,10 @@ def _compute(store, unit: T2StateUnit, batch: pa.Table, fresh: dict[str, pa.Tabl
     got = [(d, _dep_results(store, d, sub, fresh)) for d in unit.dependencies()]
 
     def run(rows: np.ndarray) -> pa.Table:
-        whole = len(rows) == sub.num_rows  # the whole batch (the first try): no copy
-        take = None if whole else pa.array(rows)
         deps = {}
         for d, table in got:  # by name, and by identity key for several units of one kind
-            deps[d.name()] = deps[d.identity.key] = table if whole else table.take(take)
-        return _as_table(unit.process(sub if whole else sub.take(take), deps), len(rows), unit)
+            deps[d.name()] = deps[d.identity.key] = _rows(table, rows)
+        return _as_table(unit.process(_rows(sub, rows), deps), len(rows), unit)
 
     ok, bad_pieces = attempt(run, len(runnable), isolate=policy == "record", piece=SLICE_ROWS)
     for rows, error, trace in bad_pieces:
@@ -289,6 +287,16 @@ def _compute(store, unit: T2StateUnit, batch: pa.Table, fresh: dict[str, pa.Tabl
     out = pa.concat_tables([t for _, t in ok], promote_options="default") if len(ok) > 1 else ok[0][1]
     states = batch if len(done) == len(sid) else batch.take(pa.array(runnable[done]))
     return with_provenance(out, states, unit, run_id), fails
+
+
+def _rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """``table``'s rows ``rows`` (ascending): no copy for the whole table or one run of rows (the pieces
+    and halves :func:`attempt` calls a unit on), a gather otherwise."""
+    if len(rows) == table.num_rows:
+        return table
+    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+        return table.slice(int(rows[0]), len(rows))
+    return table.take(pa.array(rows))
 
 
 def _failure(unit: T2StateUnit, n: int, policy: str, error: str, cause: str | None = None, trace: str | None = None) -> dict:
