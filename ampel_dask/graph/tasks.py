@@ -83,6 +83,12 @@ def object_slices(stock: np.ndarray, rows: int) -> list[tuple[int, int]]:
     return [(int(s[a]), int(s[b - 1])) for a, b in zip(starts, ends)]
 
 
+def _objects(table: pa.Table, lo: int, hi: int) -> pa.Table:
+    """The rows of the objects whose stock is in ``[lo, hi]``."""
+    stock = table.column("stock")
+    return table.filter(pc.and_(pc.greater_equal(stock, lo), pc.less_equal(stock, hi)))
+
+
 def _states(plan: ChannelPlan, key: str, alerts: pa.Table, history: pa.Table | None = None) -> pa.Table:
     """The channel's T1 unit on these alerts; if it raises, the task fails naming unit and channel."""
     try:
@@ -170,8 +176,7 @@ def run_t1_history(shuffle_dir: str, bucket: int, plan: ChannelPlan, spec: dict,
     if len(ranges) < 2:
         states = _states(plan, key, alerts, history)
     else:  # an object's states need only its own alerts and history
-        of = lambda t, lo, hi: t.filter(pc.and_(pc.greater_equal(t.column("stock"), lo), pc.less_equal(t.column("stock"), hi)))  # noqa: E731
-        states = pa.concat_tables([_states(plan, key, of(alerts, lo, hi), of(history, lo, hi)) for lo, hi in ranges])
+        states = pa.concat_tables([_states(plan, key, _objects(alerts, lo, hi), _objects(history, lo, hi)) for lo, hi in ranges])
     store.write_states(plan.name, key, states)
     store.write_journal(run_id, key, journal_rows(states.column("stock"), run_id, 1, plan.name, "state", alert_id=states.column("alert_id")))
     store.mark_task(key, {"kind": "t1h", "channel": plan.name, "states": states.num_rows})
