@@ -66,6 +66,17 @@ def t2_rows(store: Path) -> set[tuple]:
     return out
 
 
+def nan_free(value):
+    """``value`` with every NaN float (also inside lists and structs) as None: comparable with ``==``."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, list):
+        return [nan_free(v) for v in value]
+    if isinstance(value, dict):
+        return {k: nan_free(v) for k, v in value.items()}
+    return value
+
+
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory, data_dir) -> Path:
     root = tmp_path_factory.mktemp("graph_archive")
@@ -324,6 +335,66 @@ def test_t3_selection_holds_datapoints_only_when_a_t3_unit_reads_them(first_run)
         assert sels[1].equals(sels[2].drop_columns(["dps"])), plan.name
 
 
+def test_a_selection_in_batches_is_the_whole_selection(first_run, tmp_path):
+    """A selection of more than ``rows`` objects comes as batches of whole objects on scratch files
+    (T2 results read once, file by file, each row sent to its batch): joined, they must be the
+    selection read as one table, schema and labels included, also where a batch holds no result of a
+    unit (result files removed from a copy of the store: those columns are nulls there). Oracle: the
+    whole selection (checked against plain Python in the tests above)."""
+    from ampel_dask.graph.selection import Batches, selection, selection_in_batches
+    from ampel_dask.tiers.units.t3_report import T3HtmlReport
+
+    store, _ = first_run
+    partial = tmp_path / "partial"
+    shutil.copytree(store, partial)
+    files = sorted((partial / "t2").rglob("*.parquet"))
+    for f in files[: len(files) // 2]:  # half of the results gone: their states' T2 columns are null
+        f.unlink()
+    for root in (store, partial):
+        s = ParquetStore(root)
+        for plan in plan_workflow(wf()):
+            if plan.name == "BRIGHT":
+                plan.t3.append(T3HtmlReport({"sort_by": "mjd"}))  # a T3 unit that reads dps
+            keys = sorted(p.stem for p in (root / "states" / plan.name).glob("*.parquet"))
+            whole = selection(s, plan, keys)
+            rows = 3
+            got = selection_in_batches(s, plan, keys, tmp_path / "scratch" / root.name / plan.name, rows=rows)
+            assert isinstance(got, Batches) and whole.num_rows > 2 * rows, plan.name
+            batches = list(got)
+            assert [b.num_rows for b in batches] == [min(rows, whole.num_rows - i) for i in range(0, whole.num_rows, rows)]
+            assert all(b.schema.equals(whole.schema, check_metadata=True) for b in batches), plan.name
+            joined = pa.concat_tables(batches)
+            for name in whole.column_names:  # (Arrow's equals treats NaN != NaN)
+                assert nan_free(joined.column(name).to_pylist()) == nan_free(whole.column(name).to_pylist()), (root.name, plan.name, name)
+                assert joined.column(name).is_null().equals(whole.column(name).is_null()), (root.name, plan.name, name)  # null is not NaN
+            assert got.keys.equals(whole.select(["stock", "object_id", "state_id"])) and got.num_rows == whole.num_rows
+            assert ("dps" in whole.column_names) == (plan.name == "BRIGHT")
+            if root == partial:  # some batches were written without the unit's columns, and given them as nulls
+                assert 0 < whole.column("T2LightCurveSummary__code").null_count < whole.num_rows
+                assert any("T2LightCurveSummary__code" not in pa.ipc.open_file(f).schema.names for f in got.files), plan.name
+    small = selection_in_batches(s, plan, keys, tmp_path / "small", rows=whole.num_rows)  # fits: one table, no scratch
+    assert isinstance(small, pa.Table) and not (tmp_path / "small").exists()
+
+
+def test_t3_over_a_selection_in_batches_exports_what_one_table_does(first_run, archive, tmp_path, monkeypatch):
+    """A run whose selections come in batches of 3 objects (``selection.SELECTION_ROWS``): T3Export
+    writes them batch by batch, and its file and the T3 objects must be the module's run's, whose
+    selection was one table (metamorphic)."""
+    import ampel_dask.graph.selection as selection
+
+    store16, summary16 = first_run
+    monkeypatch.setattr(selection, "SELECTION_ROWS", 3)  # in-process run (workers=0)
+    summary = run(archive, tmp_path / "b", wf(), workers=0)
+    (got,), (want,) = summary["t3_outputs"], summary16["t3_outputs"]
+    got, want = pq.read_table(got), pq.read_table(want)
+    assert got.num_rows > 2 * 3 and pq.ParquetFile(summary["t3_outputs"][0]).metadata.num_row_groups > 2  # written in batches
+    assert got.schema.equals(want.schema, check_metadata=True)
+    assert nan_free(got.to_pylist()) == nan_free(want.to_pylist())
+    objects = lambda root: sorted(ParquetStore(root).read_t3_objects().drop_columns(["run_id"]).to_pylist(), key=str)  # noqa: E731
+    assert objects(tmp_path / "b") == objects(store16)
+    assert not (tmp_path / "b" / "_shuffle").exists()  # the batches' scratch files went with the run
+
+
 def test_adding_a_night_computes_only_new_states(tmp_path, data_dir):
     archive, store = tmp_path / "a", tmp_path / "s"
     ingest([str(data_dir / TARBALLS[0])], archive, IngestOptions(workers=0, progress=False))
@@ -533,7 +604,7 @@ def test_t3_waits_for_its_own_channel_only(archive, tmp_path):
         run = compile_run(plan_workflow(w), arch, arch.partitions(), open_store({"kind": "parquet", "path": str(tmp_path / "s")}), "r", 4, 100)
         (key,) = [k for k, v in run.graph.items() if k.startswith("t3-") and isinstance(v, tuple) and run.graph[v[2]].name == channel]
         sel = run.graph[key][6]  # the channel's selection, shared by its T3 units
-        return set(run.graph[sel][4:]), run
+        return set(run.graph[sel][5:]), run  # after the scratch folder of a large selection
 
     only = wf(channels=[{**WORKFLOW["channels"][1], "name": "NO_T2", "t2": [], "t3": [export]}])
     deps, run = t3_deps(only, "NO_T2")

@@ -114,6 +114,30 @@ def test_t2_results_identical_to_parquet(runs):
     assert sorted(mg.read_t2(unit, key, some).column("state_id").to_pylist()) == sorted(bytes(i) for i in some)
 
 
+def test_a_selection_in_batches_from_mongo_is_the_parquet_stores(runs, tmp_path):
+    """A selection too large for one table (here: more than 4 objects), read in batches from the Mongo
+    store (its T2 results come as one piece, cut by the server), equals the Parquet store's selection
+    read whole. Oracle: the Parquet store (tests/test_graph.py checks it against plain Python)."""
+    from ampel_dask.graph.plan import plan_workflow
+    from ampel_dask.graph.selection import Batches, selection, selection_in_batches
+
+    pq_, mg = runs["pq"], runs["store"]
+    batched = 0
+    for plan in plan_workflow(runs["wf"]):
+        keys = sorted(p.stem for p in (runs["tmp"] / "pq" / "states" / plan.name).glob("*.parquet"))
+        got = selection_in_batches(mg, plan, keys, tmp_path / plan.name, rows=4)
+        want = selection(pq_, plan, keys)
+        assert isinstance(got, Batches) == (want.num_rows > 4), plan.name
+        batched += isinstance(got, Batches)
+        assert t2_rows_of(got.whole() if isinstance(got, Batches) else got) == t2_rows_of(want), plan.name
+    assert batched >= 2
+
+
+def t2_rows_of(sel: pa.Table) -> list:
+    """A selection's rows, NaN as None (Arrow's equals treats NaN != NaN)."""
+    return [{k: None if isinstance(v, float) and np.isnan(v) else v for k, v in r.items()} for r in sel.drop_columns(["dps"] if "dps" in sel.column_names else []).to_pylist()]
+
+
 def test_rerun_against_mongo_computes_nothing(runs):
     mg = runs["store"]
     before = {c: mg.db[c].count_documents({}) for c in ("t1", "t2", "journal", "t3", "tasks", "stock")}

@@ -12,12 +12,16 @@ the others). Without failures the selection is what it always was.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from ..io.arrays import contains, lookup, order_by, sorted_unique
+from ..io.arrays import contains, first_rows, id_order, lookup, lookup_sorted, order_by, sorted_unique
+from ..io.files import atomic_target
 from ..io.stores import FAILURE, PROVENANCE, ResultStore
 from ..keys import id_values
 from ..tiers.base import T2PointUnit
@@ -25,30 +29,168 @@ from ..tiers.labels import with_label
 from .plan import ChannelPlan
 
 
+#: objects per batch of a selection too large to be one table: 1.5 M LSST objects with ~110 T2 columns
+#: are 1.3 GB, and joining them took twice that on one worker
+SELECTION_ROWS = 131_072
+
+
 def selection(store: ResultStore, plan: ChannelPlan, state_keys: list[str]) -> pa.Table | None:
     """The channel's population: each object's latest state, with the latest T2 results as columns;
     without the states' datapoints when none of the channel's T3 units reads them."""
-    sel = latest_states(store, plan.name, state_keys, by_set=plan.history, dps=any(u.reads_dps for u in plan.t3))
-    if sel is None:
-        return None
+    sel = _states(store, plan, state_keys)
+    return None if sel is None else selection_of(store, plan, sel)
+
+
+def _states(store: ResultStore, plan: ChannelPlan, state_keys: list[str]) -> pa.Table | None:
+    return latest_states(store, plan.name, state_keys, by_set=plan.history, dps=any(u.reads_dps for u in plan.t3))
+
+
+def _state_units(plan: ChannelPlan) -> list:
+    """The channel's T2 units with a result per state (a T2PointUnit's are per datapoint: read with
+    ``store.read_t2_points``)."""
+    return [u for u in plan.t2 if not isinstance(u, T2PointUnit)]
+
+
+def _failures(store: ResultStore, unit, sid: np.ndarray, have: np.ndarray) -> pa.Table | None:
+    """Recorded failures of the states ``sid`` without a result (``have``: sorted ids with one): a failure
+    recorded before a later success is no failure."""
+    open_ = sid[~contains(have, sid)]
+    return store.read_t2_failures(unit.name(), unit.identity.key, open_) if len(open_) else None
+
+
+def _join_unit(sel: pa.Table, unit, res: pa.Table | None, fails: pa.Table | None) -> pa.Table:
+    """``sel`` with the unit's results (body and ``code``) and recorded failures as ``<Unit>__`` columns."""
+    pieces = []
+    if res is not None:
+        body = [c for c in res.column_names if c not in PROVENANCE or c == "code"]
+        pieces.append(res.select(["state_id", *body]))
+    if fails is not None and fails.num_rows:
+        pieces.append(fails.select(["state_id", "code", FAILURE]))
+    if not pieces:
+        return sel
+    right = pa.concat_tables(pieces, promote_options="default") if len(pieces) > 1 else pieces[0]
+    return left_join(sel, right, prefix=f"{unit.name()}__", label=lambda col, u=unit: _label(u, col))
+
+
+@dataclass
+class Batches:
+    """A selection too large to be one table: files of whole objects in the selection's (stock) order,
+    on the store's scratch space, read one at a time. ``schema``: what every batch is given (a batch
+    without one unit's results has its columns as nulls); ``keys``: each row's stock, object and state."""
+
+    files: list[str]
+    schema: pa.Schema
+    keys: pa.Table
+
+    @property
+    def num_rows(self) -> int:
+        return self.keys.num_rows
+
+    def __iter__(self) -> Iterator[pa.Table]:
+        for f in self.files:
+            with pa.memory_map(f) as src:
+                yield _conform(pa.ipc.open_file(src).read_all(), self.schema)
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        return self.keys.column(name)
+
+    def whole(self) -> pa.Table:
+        return pa.concat_tables(list(self))
+
+
+def selection_in_batches(store: ResultStore, plan: ChannelPlan, state_keys: list[str], scratch: str | Path, rows: int | None = None) -> pa.Table | Batches | None:
+    """:func:`selection`, or, for more than ``rows`` objects (default :data:`SELECTION_ROWS`), the same
+    rows as :class:`Batches` of at most ``rows`` objects written under ``scratch``. The T2 results are
+    read once, file by file, each cut to the selection and its rows sent to their batch's scratch files;
+    each batch is then joined alone: the selection is never one table in memory."""
+    rows = rows or SELECTION_ROWS
+    sel = _states(store, plan, state_keys)
+    if sel is None or sel.num_rows <= rows:
+        return None if sel is None else selection_of(store, plan, sel)
+    scratch = Path(scratch)
+    shutil.rmtree(scratch, ignore_errors=True)  # what an attempt lost with its worker left
+    scratch.mkdir(parents=True)
     sid = id_values(sel.column("state_id"))
-    for unit in plan.t2:
-        if isinstance(unit, T2PointUnit):  # per datapoint, not per state: read with store.read_t2_points
-            continue
+    order = id_order(sid)
+    sorted_sid = sid[order]
+    nbatch = -(-sel.num_rows // rows)
+    units = _state_units(plan)
+    fails: list[pa.Table | None] = []
+    for u, unit in enumerate(units):
+        have = []
+        for k, piece in enumerate(store.t2_pieces(unit.name(), unit.identity.key, sid)):
+            ids = id_values(piece.column("state_id"))
+            have.append(ids)
+            batch = order[lookup_sorted(sorted_sid, ids)] // rows  # every id is one of sid: pieces are cut to it
+            for j in np.unique(batch):
+                _write(scratch / f"t2-{u}-{j}-{k}.arrow", piece.filter(batch == j))
+        fails.append(_failures(store, unit, sid, sorted_unique(np.concatenate(have)) if have else sid[:0]))
+    files, schemas = [], []
+    for j in range(nbatch):
+        part = sel.slice(j * rows, rows)
+        psid = sorted_unique(id_values(part.column("state_id")))
+        for u, unit in enumerate(units):
+            mine = sorted(scratch.glob(f"t2-{u}-{j}-*.arrow"))
+            res = None
+            if mine:
+                res = pa.concat_tables([_read(f) for f in mine], promote_options="default")
+                res = res.take(pa.array(first_rows(id_values(res.column("state_id")))))
+                for f in mine:
+                    f.unlink()
+            f_ = fails[u]
+            part = _join_unit(part, unit, res, None if f_ is None else f_.filter(contains(psid, id_values(f_.column("state_id")))))
+        files.append(str(_write(scratch / f"selection-{j}.arrow", part)))
+        schemas.append(part.schema)
+    keys = sel.select([c for c in ("stock", "object_id", "state_id") if c in sel.column_names])
+    return Batches(files, _unified(schemas, [f"{u.name()}__" for u in units]), keys)
+
+
+def selection_of(store: ResultStore, plan: ChannelPlan, sel: pa.Table) -> pa.Table:
+    """The latest states ``sel`` joined with the channel's T2 results (the body of :func:`selection`)."""
+    sid = id_values(sel.column("state_id"))
+    for unit in _state_units(plan):
         res = store.read_t2(unit.name(), unit.identity.key, sid)
-        pieces = []
-        if res is not None:
-            body = [c for c in res.column_names if c not in PROVENANCE or c == "code"]
-            pieces.append(res.select(["state_id", *body]))
         have = sorted_unique(id_values(res.column("state_id"))) if res is not None else sid[:0]
-        open_ = sid[~contains(have, sid)]  # a failure recorded before a later success is no failure
-        fails = store.read_t2_failures(unit.name(), unit.identity.key, open_) if len(open_) else None
-        if fails is not None and fails.num_rows:
-            pieces.append(fails.select(["state_id", "code", FAILURE]))
-        if pieces:
-            right = pa.concat_tables(pieces, promote_options="default") if len(pieces) > 1 else pieces[0]
-            sel = left_join(sel, right, prefix=f"{unit.name()}__", label=lambda col, u=unit: _label(u, col))
+        sel = _join_unit(sel, unit, res, _failures(store, unit, sid, have))
     return sel
+
+
+def _write(path: Path, table: pa.Table) -> Path:
+    """A scratch file (Arrow IPC, LZ4): read back once, by this process or another worker."""
+    with atomic_target(path, scratch=True) as tmp, pa.OSFile(str(tmp), "wb") as sink:
+        with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="lz4")) as w:
+            w.write_table(table)
+    return path
+
+
+def _read(path: Path) -> pa.Table:
+    with pa.memory_map(str(path)) as src:
+        return pa.ipc.open_file(src).read_all()
+
+
+def _unified(schemas: list[pa.Schema], prefixes: list[str]) -> pa.Schema:
+    """One schema for every batch, its columns in the order one table would have them: the states'
+    columns, then each unit's in unit order (a batch may lack a unit's columns, or hold them as nulls)."""
+    merged = pa.unify_schemas(schemas, promote_options="permissive")
+    rank = {name: i for i, name in enumerate(merged.names)}
+
+    def place(name: str) -> tuple[int, int]:
+        unit = next((k for k, p in enumerate(prefixes) if name.startswith(p)), -1)
+        return (unit + 1, rank[name])
+
+    return pa.schema([merged.field(n) for n in sorted(merged.names, key=place)])
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with ``schema``'s columns, in its order: a column it lacks is nulls, one of another type cast."""
+    cols = []
+    for f in schema:
+        if f.name in table.column_names:
+            col = table.column(f.name)
+            cols.append(col if col.type == f.type else col.cast(f.type))
+        else:
+            cols.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def _latest(stock: np.ndarray, mjd: np.ndarray, alert: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ from .failures import Blocked, UnitFailed, attempt, t3_blocked, unit_output
 from .plan import ChannelPlan, t2_units
 from .points import run_point_unit
 from .provenance import journal_rows, with_provenance
-from .selection import selection
+from .selection import Batches, selection_in_batches
 from .shuffle import accepted_by_any, read_bucket, write_buckets
 from .workers import cluster_map
 
@@ -352,8 +352,9 @@ def _as_table(out: pa.Table | list[dict], n: int, unit: T2StateUnit) -> pa.Table
     return unit_output(out, n, unit.name())
 
 
-def run_t3(spec: dict, plan: ChannelPlan, unit_index: int, key: str, run_id: str, sel: pa.Table | Blocked | None, archive_root: str | None) -> dict:
-    """One T3 unit over its channel's selection (computed once per channel, see :func:`selection`); not
+def run_t3(spec: dict, plan: ChannelPlan, unit_index: int, key: str, run_id: str, sel: pa.Table | Batches | Blocked | None, archive_root: str | None) -> dict:
+    """One T3 unit over its channel's selection (computed once per channel, see :func:`selection`; a
+    large one in batches, given to ``react_batches``); not
     over a selection whose T2 results are incomplete (``Blocked``: a unit failed unrecorded), and a unit
     that raises fails the task naming itself and the channel."""
     from ..io.archive import Archive
@@ -370,7 +371,7 @@ def run_t3(spec: dict, plan: ChannelPlan, unit_index: int, key: str, run_id: str
         ctx = T3Context(out_dir=out_dir, run_id=run_id, channel=plan.name, archive=archive, mapper=cluster_map,
                         deliveries=partial(store.deliveries, plan.name))
         try:
-            outputs = unit.react(sel, ctx) or []
+            outputs = (unit.react_batches(iter(sel), ctx) if isinstance(sel, Batches) else unit.react(sel, ctx)) or []
         except Exception as exc:
             raise UnitFailed.of(exc, "T3", unit.name(), [plan.name], sel.num_rows, key) from None
         objects = pa.table({"stock": sel.column("stock"), "object_id": sel.column("object_id"), "state_id": sel.column("state_id"),
@@ -415,8 +416,9 @@ def written(pieces: dict) -> int:
     return pieces["written"]
 
 
-def selection_task(spec: dict, plan: ChannelPlan, state_names: list[str], *after: object) -> pa.Table | Blocked | None:
+def selection_task(spec: dict, plan: ChannelPlan, state_names: list[str], scratch: str, *after: object) -> pa.Table | Batches | Blocked | None:
     """``after``: what the tasks writing the channel's states and T2 results returned; T3 gets no
-    selection (``Blocked``) when one of them failed on the channel's states without recording it."""
+    selection (``Blocked``) when one of them failed on the channel's states without recording it.
+    A large selection comes as :class:`Batches` in ``scratch`` (removed with the run's shuffles)."""
     why = t3_blocked(plan.name, after)
-    return Blocked(why) if why else selection(open_store(spec), plan, state_names)
+    return Blocked(why) if why else selection_in_batches(open_store(spec), plan, state_names, scratch)

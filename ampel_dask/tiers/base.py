@@ -9,7 +9,7 @@ key on every machine and in every run, and another computation never has it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -344,6 +344,12 @@ class T3Unit(Unit):
 
     def react(self, selection: pa.Table, context: T3Context) -> list[dict]:
         raise NotImplementedError
+
+    def react_batches(self, batches: Iterator[pa.Table], context: T3Context) -> list[dict]:
+        """:meth:`react` over a selection too large to be one table (``graph.selection.SELECTION_ROWS``
+        objects), given in batches of whole objects with one schema. By default they are joined into
+        one table; a unit that can work batch by batch (an export) overrides this to keep memory flat."""
+        return self.react(pa.concat_tables(list(batches)), context)
 
 
 TIER_BASES: dict[str, type[Unit]] = {"T0": T0Filter, "T1": T1Unit, "T2": T2StateUnit, "T3": T3Unit}

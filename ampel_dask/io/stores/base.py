@@ -6,7 +6,7 @@ Tasks get a store *spec* (a small dict, picklable, the same on every worker) and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
@@ -79,6 +79,7 @@ class ResultStore(Protocol):
     def write_t2(self, unit: str, unit_key: str, key: str, table: pa.Table) -> None: ...
     def done_state_ids(self, unit: str, unit_key: str) -> np.ndarray: ...
     def read_t2(self, unit: str, unit_key: str, state_ids: np.ndarray | None = None, stock: int | None = None) -> pa.Table | None: ...
+    def t2_pieces(self, unit: str, unit_key: str, state_ids: np.ndarray) -> Iterator[pa.Table]: ...
     def t2_units(self) -> list[tuple[str, str]]: ...
 
     # T2 results per datapoint (T2PointUnit), by 128-bit datapoint content id

@@ -344,6 +344,12 @@ class MongoStore:
     def read_t2(self, unit: str, unit_key: str, state_ids: np.ndarray | None = None, stock: int | None = None) -> pa.Table | None:
         return self._read_results("t2", "state_id", unit_key, state_ids, stock)
 
+    def t2_pieces(self, unit: str, unit_key: str, state_ids: np.ndarray) -> Iterator[pa.Table]:
+        """:meth:`read_t2` as one piece: the server cuts the results to ``state_ids`` in its query."""
+        t = self.read_t2(unit, unit_key, state_ids)
+        if t is not None:
+            yield t
+
     def t2_units(self) -> list[tuple[str, str]]:
         return sorted((d["unit"], d["group"]) for d in self._rdb.schemas.find({"collection": "t2"}, {"unit": 1, "group": 1}))
 

@@ -196,6 +196,11 @@ class ParquetStore:
     def read_t2(self, unit: str, unit_key: str, state_ids: np.ndarray | None = None, stock: int | None = None) -> pa.Table | None:
         return _read_results(self.t2_files(unit, unit_key), "state_id", state_ids, stock)
 
+    def t2_pieces(self, unit: str, unit_key: str, state_ids: np.ndarray) -> Iterator[pa.Table]:
+        """:meth:`read_t2` in pieces, one per result file (an id computed twice may be in two pieces): for a
+        T3 selection too large to read whole."""
+        return _result_pieces(self.t2_files(unit, unit_key), "state_id", state_ids, None)
+
     def t2_units(self) -> list[tuple[str, str]]:
         return _units(self.root / "t2")
 
@@ -290,15 +295,19 @@ def _read_results(files: list[str], id_column_name: str, ids: np.ndarray | None,
     (an id computed twice by racing tasks gives identical rows). Each file is cut to ``ids`` as it is
     read: a history channel's T3 wants one state per object of results for each of its alerts (1 M
     alerts: 0.1 of a 0.7 GB read)."""
-    want = None if ids is None else sorted_unique(np.asarray(ids, dtype=ID_DTYPE))
-    tables = []
-    for f in files:
-        t = _read(f, None, stock)
-        tables.append(t if want is None else t.filter(contains(want, id_values(t.column(id_column_name)))))
+    tables = list(_result_pieces(files, id_column_name, ids, stock))
     if not tables:
         return None
     t = pa.concat_tables(tables, promote_options="default")
     return t.take(pa.array(first_rows(id_values(t.column(id_column_name)))))
+
+
+def _result_pieces(files: list[str], id_column_name: str, ids: np.ndarray | None, stock: int | None) -> Iterator[pa.Table]:
+    """Each result file, cut to the rows of ``ids`` (content ids) if given, as it is read."""
+    want = None if ids is None else sorted_unique(np.asarray(ids, dtype=ID_DTYPE))
+    for f in files:
+        t = _read(f, None, stock)
+        yield t if want is None else t.filter(contains(want, id_values(t.column(id_column_name))))
 
 
 def _read(path: Path, columns: list[str] | None = None, stock: int | None = None) -> pa.Table:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
@@ -145,31 +146,41 @@ class T3Export(T3Unit):
         return pa.table(arrays, schema=pa.schema(fields))
 
     def react(self, selection: pa.Table, context: T3Context) -> list[dict]:
-        table = self.table(selection)
+        return self.react_batches(iter([selection]), context)
+
+    def react_batches(self, batches: Iterator[pa.Table], context: T3Context) -> list[dict]:
+        """Each batch written as it comes (one row group each): the files grow, memory does not."""
         stem = self.config.filename or f"{safe_name(context.channel)}_export"
         out_dir = Path(context.out_dir)
-        records = []
-        for fmt in self.config.formats:
-            path = out_dir / f"{stem}.{fmt}"
-            with atomic_target(path) as tmp:
-                if fmt == "parquet":
-                    pq.write_table(table, tmp, compression="zstd")
-                else:
-                    write_csv(table, tmp)
-            records.append({"kind": "file", "format": fmt, "path": str(path), "rows": table.num_rows})
-        return records
+        paths = {fmt: out_dir / f"{stem}.{fmt}" for fmt in self.config.formats}
+        rows = 0
+        with ExitStack() as stack:
+            tmps = {fmt: stack.enter_context(atomic_target(p)) for fmt, p in paths.items()}
+            writers: dict = {}
+            for batch in batches:
+                table = self.table(batch)
+                rows += table.num_rows
+                for fmt, tmp in tmps.items():
+                    if fmt == "parquet":
+                        w = writers.get(fmt) or writers.setdefault(fmt, stack.enter_context(pq.ParquetWriter(tmp, table.schema, compression="zstd")))
+                        w.write_table(table)
+                    else:
+                        flat = csv_table(table)
+                        w = writers.get(fmt) or writers.setdefault(fmt, stack.enter_context(pacsv.CSVWriter(tmp, flat.schema)))
+                        w.write_table(flat)
+        return [{"kind": "file", "format": fmt, "path": str(p), "rows": rows} for fmt, p in paths.items()]
 
 
-def write_csv(table: pa.Table, path: Path) -> None:
-    """CSV with a header; nested columns (lists, structs) become JSON text, since CSV has no nesting,
-    and binary columns (``state_id``: 128-bit content ids) hex text."""
+def csv_table(table: pa.Table) -> pa.Table:
+    """The table as CSV holds it: nested columns (lists, structs) as JSON text, since CSV has no nesting,
+    and binary columns (``state_id``: 128-bit content ids) as hex text."""
     flat = table
     for i, field in enumerate(table.schema):
         if pa.types.is_nested(field.type):
             flat = flat.set_column(i, field.name, to_json_column(table.column(i)))
         elif pa.types.is_binary(field.type) or pa.types.is_fixed_size_binary(field.type) or pa.types.is_large_binary(field.type):
             flat = flat.set_column(i, field.name, pa.array([None if v is None else v.hex() for v in table.column(i).to_pylist()], pa.string()))
-    pacsv.write_csv(flat, path)
+    return flat
 
 
 __all__ = ["T3Export", "T3ExportConfig", "t2_columns", "match_columns", "json_safe", "atomic_target", "safe_name"]
