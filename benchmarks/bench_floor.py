@@ -171,7 +171,14 @@ def _selection(states: pa.Table, plan: ChannelPlan, results: dict[str, pa.Table]
 
 def _loop_in_process(wf_path: str, archive: str, ready, go, queue) -> None:
     """Plan, warm up with one loop (imports, first calls, the page cache: what a long-lived worker has
-    behind it, as the pipeline benchmark warms its workers), then wait for the start and measure one."""
+    behind it, as the pipeline benchmark warms its workers), then wait for the start and measure one.
+
+    ``distributed`` is imported first, as in a worker: without it, Arrow's default (mimalloc) pool made
+    the warm loop's T0 reads ~3x and its filters ~2.5x slower (3 M alerts: 2.5 s against 0.8 s), a
+    floor 1.65x too low whenever the calling script had not imported it itself; with the system pool
+    there is no difference (cause not found; benchmarks/README.md)."""
+    import distributed  # noqa: F401
+
     wf = load_workflow(wf_path)
     plans = plan_workflow(wf)
     plain_loop(wf, plans, archive)
