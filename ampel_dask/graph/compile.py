@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from ..io.archive import Archive, Partition
 from ..io.stores import ResultStore
-from ..keys import HIST, HIST_WRITTEN, PASS, PLAN, READ, ROWS, SELECTION, STOCKS, T0, T1, T1H, T2, T3, key_of, stage_of, task_key
+from ..keys import BUCKET_STAGES, HIST, HIST_WRITTEN, PASS, PLAN, READ, ROWS, SELECTION, STOCKS, T0, T1, T1H, T2, T3, key_of, stage_of, task_key
 from ..tiers.states import HISTORY_RULE
 from . import batches, shuffle, tasks
 from .plan import ChannelPlan, t2_units
@@ -167,7 +167,7 @@ class _Builder:
                 self.t1_of_unit.setdefault(h, []).append((t1, t0[c.name]))
             if stage:
                 t2 = task_key(T2, stage)
-                dsk[t2] = (tasks.t2_stage, self.spec, stage, self.run_id, len(inputs), *[self.pk[c.name] for c in packet], *[task_key(T1, n) for n in inputs])
+                dsk[t2] = (tasks.t2_stage, self.spec, stage, self.run_id, frozenset(), len(inputs), *[self.pk[c.name] for c in packet], *[task_key(T1, n) for n in inputs])
                 run.sinks.append(t2)
             else:
                 run.sinks += [task_key(T1, names[c.name]) for c in packet]
@@ -214,12 +214,17 @@ class _Builder:
             hist_keys.append(task_key(HIST_WRITTEN, hk))
             for k, _ in t1s:
                 dsk[k] = (*dsk[k], task_key(HIST, hk))
+        # each bucket's stage skips the other buckets' results in its done check (their objects are others)
+        bucket_stages = frozenset(s for s in stages if s)
+        siblings = task_key(BUCKET_STAGES, key_of(sorted(bucket_stages)))
+        if bucket_stages:
+            dsk[siblings] = bucket_stages
         for b, (n, s) in enumerate(zip(names, stages)):
             t1h = (tasks.run_t1_history, shuffle_dir, b, self.pk[c.name], spec, n, self.run_id, hist_keys)
             if s:  # one task with its T2 stage: the bucket's states (each object's whole light curve) never
                 # wait in a worker's memory for a stage the scheduler may place on the other worker
                 # (3 M LSST alerts: two or three buckets' states held per worker, ~0.4 GB)
-                dsk[task_key(T2, s)] = (tasks.t2_stage, spec, s, self.run_id, 1, self.pk[c.name], t1h, *packet_stages)
+                dsk[task_key(T2, s)] = (tasks.t2_stage, spec, s, self.run_id, siblings, 1, self.pk[c.name], t1h, *packet_stages)
                 run.sinks.append(task_key(T2, s))
             else:
                 dsk[task_key(T1H, n)] = t1h

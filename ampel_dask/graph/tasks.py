@@ -184,13 +184,14 @@ def run_t1_history(shuffle_dir: str, bucket: int, plan: ChannelPlan, spec: dict,
 
 
 def run_t2_stage(spec: dict, key: str, run_id: str, inputs: list[tuple[str, list[str], pa.Table]], units: list[T2StateUnit | T2PointUnit],
-                 policies: dict[str, str] | None = None) -> dict:  # fmt: skip
+                 policies: dict[str, str] | None = None, skip: frozenset[str] = frozenset()) -> dict:  # fmt: skip
     """All T2 units of one work unit (partition or bucket): dedupe states across channels, skip done.
 
     ``policies``: unit key -> ``on_error`` ("fail" by default). A unit that raises fails the states (or,
     a T2PointUnit, the datapoints) it was given (see ``graph/failures.py``): the stage counts them and
     lists them in ``failures``, stores them with their error under "record", and leaves no marker, so
-    that the next run retries them."""
+    that the next run retries them. ``skip``: stages whose results cannot hold these states (this run's
+    other object buckets: objects are in one bucket each), not read for the done check."""
     store = open_store(spec)
     policies = policies or {}
     counts: dict = {"computed": 0, "reused": 0, "failed": 0, "recorded": 0, "units": {}, "failures": []}
@@ -214,7 +215,7 @@ def run_t2_stage(spec: dict, key: str, run_id: str, inputs: list[tuple[str, list
             continue
         sid = id_values(states.column("state_id"))  # 128-bit content ids: a state whose values differ is another state
         first = first_rows(sid)  # each state once
-        todo = ~contains(store.done_state_ids(unit.name(), ukey), sid[first])
+        todo = ~contains(store.done_state_ids(unit.name(), ukey, skip), sid[first])
         c = {"states": len(first), "computed": 0, "reused": int((~todo).sum()), "failed": 0, "recorded": 0}
         if todo.any():
             pick = first[todo]  # one gather of the new states' datapoints, none when all rows are new
@@ -387,8 +388,9 @@ def run_t3(spec: dict, plan: ChannelPlan, unit_index: int, key: str, run_id: str
 # --- adapters: how the graph calls the task bodies (arguments as the compiler lays them out) ---
 
 
-def t2_stage(spec: dict, key: str, run_id: str, n: int, *deps: object) -> dict:
-    """deps: ``n`` channel plans, their ``n`` states tables, then tasks that only have to finish first."""
+def t2_stage(spec: dict, key: str, run_id: str, buckets: frozenset[str], n: int, *deps: object) -> dict:
+    """deps: ``n`` channel plans, their ``n`` states tables, then tasks that only have to finish first.
+    ``buckets``: a history channel's stages, one per object bucket, of which this is one (else empty)."""
     plans, states = deps[:n], deps[n : 2 * n]
     inputs = [(p.name, [u.identity.key for u in p.t2], s) for p, s in zip(plans, states)]  # type: ignore[attr-defined]
     policies: dict[str, str] = {}
@@ -396,7 +398,7 @@ def t2_stage(spec: dict, key: str, run_id: str, n: int, *deps: object) -> dict:
         for k, pol in p.on_error.items():  # type: ignore[attr-defined]
             policies[k] = "fail" if "fail" in (policies.get(k), pol) else "record"
     try:
-        return run_t2_stage(spec, key, run_id, inputs, t2_units(list(plans)), policies)  # type: ignore[arg-type]
+        return run_t2_stage(spec, key, run_id, inputs, t2_units(list(plans)), policies, buckets - {key})  # type: ignore[arg-type]
     finally:  # what the stage wrote is fsync'ed before it reports (its marker did this too, when it wrote one)
         sync_files()
 

@@ -336,9 +336,10 @@ class MongoStore:
     def write_t2(self, unit: str, unit_key: str, key: str, table: pa.Table) -> None:
         self._write_results("t2", PROVENANCE, unit, unit_key, key, table)
 
-    def done_state_ids(self, unit: str, unit_key: str) -> np.ndarray:
+    def done_state_ids(self, unit: str, unit_key: str, skip: frozenset[str] = frozenset()) -> np.ndarray:
         """Sorted state ids with a result for this unit key: a query covered by the (unit_key, state_id)
-        index, returning nothing but the ids."""
+        index, returning nothing but the ids (``skip``, the Parquet store's files to leave unread, has
+        no counterpart: no cache here)."""
         return self._done("t2", "state_id", unit_key)
 
     def read_t2(self, unit: str, unit_key: str, state_ids: np.ndarray | None = None, stock: int | None = None) -> pa.Table | None:

@@ -185,13 +185,16 @@ class ParquetStore:
     def t2_files(self, unit: str, unit_key: str) -> list[str]:
         return sorted(str(p) for p in self._t2_dir(unit, unit_key).glob("*.parquet"))
 
-    def done_state_ids(self, unit: str, unit_key: str) -> np.ndarray:
+    def done_state_ids(self, unit: str, unit_key: str, skip: frozenset[str] = frozenset()) -> np.ndarray:
         """Sorted state ids with a result for this unit key (what a task must not compute again).
 
         Read at task time, so results written earlier in the same run count too; each worker process
-        reads every result file once and merges it into a cached sorted array.
+        reads every result file once and merges it into a cached sorted array. ``skip``: the keys of
+        result files that cannot hold the caller's states (this run's other object buckets), left
+        unread while skipped: the cache would otherwise grow with the run (10 M LSST alerts: ~240 MiB
+        per worker), not with what a task asks.
         """
-        return _DONE.ids(self._t2_dir(unit, unit_key), "state_id")
+        return _DONE.ids(self._t2_dir(unit, unit_key), "state_id", skip)
 
     def read_t2(self, unit: str, unit_key: str, state_ids: np.ndarray | None = None, stock: int | None = None) -> pa.Table | None:
         return _read_results(self.t2_files(unit, unit_key), "state_id", state_ids, stock)
@@ -344,7 +347,8 @@ class _DoneIds:
     def __init__(self) -> None:
         self._seen: dict[Path, tuple[set[tuple[str, int]], np.ndarray]] = {}
 
-    def ids(self, folder: Path, column: str) -> np.ndarray:
+    def ids(self, folder: Path, column: str, skip: frozenset[str] = frozenset()) -> np.ndarray:
+        """The ids of every result file in ``folder`` but those whose key (file stem) is in ``skip``."""
         files, ids = self._seen.get(folder, (set(), np.empty(0, dtype=ID_DTYPE)))
         try:
             with os.scandir(folder) as it:
@@ -354,7 +358,7 @@ class _DoneIds:
         if not files <= present.keys():
             files, ids = set(), np.empty(0, dtype=ID_DTYPE)
             self._seen.pop(folder, None)
-        new = [f for f in present if f not in files]
+        new = [f for f in present if f not in files and f[0][: -len(".parquet")] not in skip]
         if new:
             parts = [id_values(_read(Path(present[f]), [column]).column(column)) for f in new]
             ids = merged(ids, np.concatenate(parts))
