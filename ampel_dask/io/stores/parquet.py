@@ -358,7 +358,7 @@ class _DoneIds:
         if not files <= present.keys():
             files, ids = set(), np.empty(0, dtype=ID_DTYPE)
             self._seen.pop(folder, None)
-        new = [f for f in present if f not in files and f[0][: -len(".parquet")] not in skip]
+        new = [f for f in present if f not in files and f[0].removesuffix(".parquet") not in skip]
         if new:
             parts = [id_values(_read(Path(present[f]), [column]).column(column)) for f in new]
             ids = merged(ids, np.concatenate(parts))
