@@ -30,7 +30,11 @@ from .limits import Limits, TooLarge, file_kind, larger, open_regular, read_regu
 PACKET_SUFFIXES = (".avro", ".avro.gz", ".avro.gzip")
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
 DEFAULT_LIMITS = Limits()
-_TAR_READ = 1 << 20  # bytes per read of a tarball stream (tarfile's 10 KB made skipping a 3 GiB member 300k reads)
+_INFLATE_READ = 1 << 20  # inflated bytes per read of a gzip tarball's stream
+#: bytes per read of tarfile's stream buffer: it joins and slices its whole buffer on every read, so 1 MB
+#: copied ~1 MB per header and per member (10,000 ZTF members: 2.7 s against 1.6 s at 64 KB, of which
+#: inflating is 1.2 s); tarfile's 10 KB made skipping a 3 GiB member 300k reads (49k here)
+_TAR_READ = 1 << 16
 
 
 class SourceError(ValueError):
@@ -351,4 +355,4 @@ def _open_tar(fh, gz: GzipStream | None) -> tarfile.TarFile:
     which ends where damage begins instead of raising from a read-ahead."""
     if gz is None:
         return tarfile.open(fileobj=fh, mode="r|*", bufsize=_TAR_READ)
-    return tarfile.open(fileobj=io.BufferedReader(gz, _TAR_READ), mode="r|", bufsize=_TAR_READ)
+    return tarfile.open(fileobj=io.BufferedReader(gz, _INFLATE_READ), mode="r|", bufsize=_TAR_READ)
