@@ -587,3 +587,44 @@ def test_the_gzip_stream_delivers_every_byte_before_the_damage(parts, damage, cu
     got = b"".join(iter(lambda: stream.read(50_000), b""))
     assert got == expected
     assert (stream.raw.problem is None) == clean, stream.raw.problem
+
+
+MEMBER_SIZES = st.sampled_from([1, 511, 512, 513, (1 << 16) - 1, 1 << 16, (1 << 16) + 1, 700_000, (1 << 20) + 3])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sizes=st.lists(st.one_of(MEMBER_SIZES, st.integers(0, 5000)), min_size=1, max_size=8), gz=st.booleans(), seed=st.integers(0, 2**16))
+def test_a_tarball_stream_gives_every_member_as_written(tmp_path_factory, sizes, gz, seed):
+    """Members of sizes around tar's 512-byte blocks and the stream's 64 KB reads, gzipped or not: the
+    stream gives each member's bytes as tarfile wrote them, in order, and an empty one as a problem."""
+    from ampel_dask.io.sources import Packet, _members
+
+    rng = random.Random(seed)
+    written = [(f"m{i}.avro", rng.randbytes(n)) for i, n in enumerate(sizes)]
+    path = tmp_path_factory.mktemp("tar") / ("night.tar.gz" if gz else "night.tar")
+    with tarfile.open(path, "w:gz" if gz else "w") as tar:
+        for name, data in written:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    got = [(x.member, x.data) if isinstance(x, Packet) else (x[1], x[2]) for x in _members(path)]
+    assert got == [(name, data if data else "empty tar member (0 bytes)") for name, data in written]
+
+
+@settings(max_examples=40, deadline=None)
+@given(packets=st.lists(st.tuples(st.text(max_size=8), st.one_of(st.none(), st.text(max_size=8)), st.one_of(st.none(), st.binary(max_size=300))), max_size=6),
+       problems=st.lists(st.tuples(st.text(max_size=5), st.none(), st.text(max_size=5), st.binary(max_size=20)), max_size=2), protocol=st.integers(2, 5))  # fmt: skip
+def test_a_chunk_pickled_for_a_worker_is_the_same_chunk(packets, problems, protocol):
+    """A chunk shipped to a worker (pickle, with Dask's out-of-band buffers at protocol 5, or without)
+    arrives equal to itself; at protocol 5 each member's bytes travel as a buffer of their own."""
+    import pickle
+
+    from ampel_dask.io.sources import Chunk, Packet
+
+    chunk = Chunk(3, [Packet(s, m, d) for s, m, d in packets], sum(len(d or b"") for *_, d in packets), problems)
+    assert pickle.loads(pickle.dumps(chunk, protocol=protocol)) == chunk
+    if protocol == 5:
+        buffers: list = []
+        data = pickle.dumps(chunk, protocol=5, buffer_callback=buffers.append)
+        assert pickle.loads(data, buffers=buffers) == chunk
+        assert len(buffers) == sum(d is not None for *_, d in packets)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import io
 import os
+import pickle
 import stat
 import tarfile
 import zlib
@@ -72,6 +73,15 @@ class Chunk:
     nbytes: int = 0
     problems: list[tuple[str, str | None, str, bytes]] = field(default_factory=list)  # (source, member, reason, raw)
     slices: list[parquet_alerts.Slice] = field(default_factory=list)  # row groups of Parquet dumps
+
+    def __reduce_ex__(self, protocol):
+        """Tarball members pickled out of band (protocol 5, as Dask ships a chunk to a worker): in band,
+        pickling copied every member's bytes into a growing stream, 0.6 s of the driver per 10,000 ZTF
+        alerts (436 MB), against ~0.03 s as one buffer per member."""
+        if protocol < 5 or not any(p.data is not None for p in self.packets):
+            return super().__reduce_ex__(protocol)
+        heads = [(p.source, p.member, None if p.data is None else pickle.PickleBuffer(p.data)) for p in self.packets]
+        return _unpickle_chunk, (self.index, heads, self.nbytes, self.problems, self.slices)
 
 
 @dataclass
@@ -293,6 +303,11 @@ def chunks(inputs: Inputs, max_bytes: int, max_packets: int, limits: Limits = DE
             yield cur
             index += 1
             cur = Chunk(index)
+
+
+def _unpickle_chunk(index: int, heads: list, nbytes: int, problems: list, slices: list) -> Chunk:
+    packets = [Packet(source, member, None if data is None else bytes(data)) for source, member, data in heads]
+    return Chunk(index, packets, nbytes, problems, slices)
 
 
 def _members(path: Path, limits: Limits = DEFAULT_LIMITS) -> Iterator[Packet | tuple[str, str | None, str, bytes]]:
