@@ -23,7 +23,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ampel_dask.cli import main
@@ -81,7 +81,9 @@ def hashes(root: Path) -> set[tuple]:
 
 
 def raw_rows(root: Path) -> dict[str, pa.Table]:
-    """Every indexed part's rows, histories and cutouts, read with pyarrow alone, sorted by alert id."""
+    """Every indexed part's rows, histories and cutouts, read with pyarrow alone, sorted by alert id; a
+    part's cutouts are the rows of its alerts in its own file and in the files it references (so a
+    cutout that two parts both claimed would be counted twice)."""
     index = pq.read_table(root / "_index.parquet").to_pylist()
     flat, hist, cut = [], [], []
     for e in index:
@@ -90,8 +92,9 @@ def raw_rows(root: Path) -> dict[str, pa.Table]:
         with pa.memory_map(str(root / e["dps"])) as src:
             d = pa.ipc.open_file(src).read_all()
         hist.append(pa.table({"alert_id": t.column("alert_id"), "dps": d.column("dps")}))
-        if e["cutouts"]:
-            cut.append(pq.read_table(root / e["cutouts"]))
+        for f in filter(None, [e["cutouts"], *(e.get("cutout_refs") or [])]):
+            c = pq.read_table(root / f)
+            cut.append(c.filter(pa.compute.is_in(c.column("alert_id"), t.column("alert_id"))))
     out = {"flat": pa.concat_tables(flat), "dps": pa.concat_tables(hist), "cutouts": pa.concat_tables(cut)}
     return {k: v.combine_chunks().sort_by("alert_id").replace_schema_metadata(None) for k, v in out.items()}
 
@@ -155,10 +158,15 @@ def tiny(tiny_once, tmp_path) -> Path:
     return tmp_path / "tiny"
 
 
+def indexed_files(root: Path) -> set[str]:
+    return {f for p in Archive(root).partitions() for f in (p.path, p.dps, p.cutouts, *p.cutout_refs) if f}
+
+
 def test_compaction_keeps_every_row_history_and_cutout(tiny, nights):
     before = raw_rows(tiny)
     parts_before = len(Archive(tiny).partitions())
     rep = compact(tiny, CompactOptions(target_rows=60))
+    assert not any(p.cutout_refs for p in Archive(tiny).partitions())  # tiny parts' cutouts: rewritten
     assert rep.parts_before == parts_before and rep.parts_after == len(Archive(tiny).partitions()) < parts_before
     assert shape(tiny) == {k: expected_shape(n, 60) for k, n in nights.items()}
     assert_same_rows(before, raw_rows(tiny))
@@ -170,10 +178,50 @@ def test_compaction_keeps_every_row_history_and_cutout(tiny, nights):
     assert again.nights == 0 and again.written == 0  # in shape: nothing to do
 
 
+def cutout_bytes_of(root: Path) -> dict[str, int]:
+    return {f.relative_to(root).as_posix(): f.stat().st_size for f in root.glob("survey=*/night=*/_cutouts-*")}
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(first=st.sampled_from([40, 60, 250]), second=st.sampled_from([25, 97, 100000]), threshold=st.sampled_from([0, 60_000, 400_000]))
+@example(first=60, second=25, threshold=0)  # every file referenced, then parts holding references cut smaller
+def test_referenced_cutouts_are_every_cutout_once_and_files_live_while_referenced(tiny_once, tmp_path_factory, first, second, threshold):
+    """Cutouts files of at least ``reference_bytes`` are referenced by the merged parts, not rewritten:
+    compacted twice (the second time merging parts that hold references, into more or fewer parts),
+    every cutout is still there once (pyarrow alone, against the tiny archive), no referenced file is
+    retired or deleted, files at or above the threshold are never rewritten, and ``read_cutouts`` gives
+    a part its own alerts' cutouts only, even when asked for alerts of other parts."""
+    root = tmp_path_factory.mktemp("refs") / "a"
+    shutil.copytree(tiny_once, root)
+    before, original = raw_rows(root), cutout_bytes_of(root)
+    for target in (first, second):
+        sizes = cutout_bytes_of(root)
+        big = {f for f, n in sizes.items() if n >= threshold}  # the files there before this compaction
+        compact(root, CompactOptions(target_rows=target, reference_bytes=threshold, grace_seconds=0))
+        compact(root, CompactOptions(target_rows=target, reference_bytes=threshold, grace_seconds=0))  # deletes the retired files
+        assert_same_rows(before, raw_rows(root))
+        parts = Archive(root).partitions()
+        refs = {f for p in parts for f in p.cutout_refs}
+        assert refs <= big and refs <= set(cutout_bytes_of(root))  # only big files, and all still in place
+        assert {f.relative_to(root).as_posix() for f in root.glob("survey=*/night=*/*")} == indexed_files(root)
+        for f, n in cutout_bytes_of(root).items():
+            assert f not in sizes or sizes[f] == n  # a file kept is never rewritten
+    if threshold == 0:
+        assert refs and set(original) <= {f for p in parts for f in p.cutout_files}  # every original file referenced
+    arch = Archive(root)
+    every = before["cutouts"].column("alert_id").to_pylist()
+    for p in parts:
+        mine = set(pq.read_table(root / p.path, columns=["alert_id"]).column("alert_id").to_pylist())
+        got = arch.read_cutouts(p)
+        assert got is None or sorted(got.column("alert_id").to_pylist()) == sorted(mine & set(every))
+        asked = arch.read_cutouts(p, every)  # every alert of the archive asked for: its own come back
+        assert asked is None or sorted(asked.column("alert_id").to_pylist()) == sorted(mine & set(every))
+
+
 def test_replaced_files_wait_for_their_grace_period(tiny):
     compact(tiny, CompactOptions(target_rows=60, grace_seconds=3600))
     on_disk = lambda: {f.relative_to(tiny).as_posix() for f in tiny.glob("survey=*/night=*/*")}  # noqa: E731
-    indexed = {f for p in Archive(tiny).partitions() for f in (p.path, p.dps, p.cutouts) if f}
+    indexed = indexed_files(tiny)
     retired = set(json.loads((tiny / "_retired.json").read_text()))
     kept = lambda: {f.relative_to(tiny / "_retired").as_posix() for f in tiny.glob("_retired/survey=*/night=*/*")}  # noqa: E731
     assert retired and not retired & indexed and on_disk() == indexed  # the folders: no row twice
@@ -208,7 +256,7 @@ def test_a_crash_before_the_index_swap_leaves_the_old_parts_and_a_later_compact_
     assert shape(tiny) == {k: expected_shape(n, 60) for k, n in nights.items()}
     assert_same_rows(before, raw_rows(tiny))
     compact(tiny, CompactOptions(target_rows=60, grace_seconds=0))  # deletes what the swap retired
-    indexed = {f for p in Archive(tiny).partitions() for f in (p.path, p.dps, p.cutouts) if f}
+    indexed = indexed_files(tiny)
     assert {f.relative_to(tiny).as_posix() for f in tiny.glob("survey=*/night=*/*")} == indexed  # no orphan, no leftover
 
 

@@ -17,10 +17,10 @@ from ..io.compact import CompactOptions, CompactReport, Merger, NightWork, compa
 def cluster_merger(client) -> Merger:
     """Merge nights as tasks on ``client`` (the workers must see the archive's filesystem)."""
 
-    def on_cluster(works: list[NightWork], root: str, target_rows: int, tmp: str) -> Iterator[tuple[NightWork, list[Staged]]]:
+    def on_cluster(works: list[NightWork], root: str, opts: CompactOptions, tmp: str) -> Iterator[tuple[NightWork, list[Staged]]]:
         from distributed import as_completed
 
-        futs = {client.submit(merge, root, w, target_rows, tmp, pure=False): w for w in works}
+        futs = {client.submit(merge, root, w, opts.target_rows, tmp, opts.reference_bytes, pure=False): w for w in works}
         for fut in as_completed(list(futs)):
             yield futs[fut], fut.result()
 

@@ -59,6 +59,7 @@ INDEX_SCHEMA = pa.schema(
         ("max_alert_id", pa.int64()),
         ("cutouts", pa.string()),
         ("dps", pa.string()),
+        ("cutout_refs", pa.list_(pa.string())),
     ]
 )
 PARQUET_OPTS = dict(compression="lz4", write_statistics=True)
@@ -176,8 +177,23 @@ class Partition:
     max_mjd: float
     min_alert_id: int
     max_alert_id: int
-    cutouts: str | None
+    cutouts: str | None  # the part's own cutouts file (its alerts only)
     dps: str | None = None  # the history file (None: an older part, history inside the Parquet file)
+    #: cutouts files of the parts a compaction merged into this one, kept in place rather than rewritten
+    #: (:data:`REFERENCE_BYTES`): they also hold alerts of other parts, so they are read filtered by alert id
+    cutout_refs: tuple[str, ...] = ()
+
+    @property
+    def cutout_files(self) -> tuple[str, ...]:
+        """Every file holding this part's cutouts (its own, then those it shares)."""
+        return ((self.cutouts,) if self.cutouts else ()) + self.cutout_refs
+
+
+#: a cutouts file at least this large is referenced by the parts a compaction merges its part into,
+#: not rewritten: cutouts are most of an archive's bytes (ZTF: ~40 KB an alert), and copying them made
+#: compaction cost a nightly tarball's ingest ~20%; smaller files (a mixed-order ingest's tiny parts)
+#: are rewritten, so that a part's cutouts stay in a few files of at least this size
+REFERENCE_BYTES = 8 << 20
 
 
 #: canonical row order of a part: by object, then time, then alert id
@@ -226,11 +242,13 @@ class Archive:
         table = pq.read_table(self.index_path)
         if "dps" not in table.column_names:  # an index written before history files existed
             table = table.append_column("dps", pa.nulls(table.num_rows, pa.string()))
+        if "cutout_refs" not in table.column_names:  # an index written before compaction referenced cutouts
+            table = table.append_column("cutout_refs", pa.array([[]] * table.num_rows, pa.list_(pa.string())))
         return table.cast(INDEX_SCHEMA)
 
     def partitions(self, surveys: list[str] | None = None, nights: list[int] | None = None) -> list[Partition]:
         rows = self.index().to_pylist()
-        out = [Partition(**r) for r in rows]
+        out = [Partition(**{**r, "cutout_refs": tuple(r["cutout_refs"] or ())}) for r in rows]
         if surveys:
             out = [p for p in out if p.survey in surveys]
         if nights:
@@ -279,7 +297,7 @@ class Archive:
         wait for their grace period."""
         known = set(self.retired())
         for p in self.partitions():
-            known |= {p.path, p.dps or "", p.cutouts or ""}
+            known |= {p.path, p.dps or "", *p.cutout_files}
         removed = []
         for f in sorted(self.root.glob("survey=*/night=*/*")):
             rel = f.relative_to(self.root).as_posix()
@@ -320,15 +338,23 @@ class Archive:
     def read(self, part: Partition, columns: list[str] | None = None) -> pa.Table:
         return read_part(self.root / part.path, columns)
 
-    def read_cutouts(self, part: Partition, alert_ids: list[int] | None = None) -> pa.Table | None:
-        """A part's cutouts (``alert_ids``: only these alerts' rows, read with a Parquet filter)."""
-        if not part.cutouts:
+    def read_cutouts(self, part: Partition, alert_ids: list[int] | None = None, files: tuple[str, ...] | None = None) -> pa.Table | None:
+        """A part's cutouts (``alert_ids``: only these alerts' rows, read with a Parquet filter; ``files``:
+        only from these of its files). A shared file (:attr:`Partition.cutout_refs`) is read filtered by
+        the part's own alert ids, so no other part's cutouts come with it."""
+        files = part.cutout_files if files is None else files
+        if not files:
             return None
-        if alert_ids is None:
+        if alert_ids is None and files == (part.cutouts,):
             return pq.read_table(self.root / part.cutouts)
+        if any(f in part.cutout_refs for f in files):  # shared files: this part's alerts only
+            own = self.read(part, ["alert_id"]).column("alert_id").to_numpy()
+            alert_ids = own if alert_ids is None else np.intersect1d(own, np.asarray(alert_ids, dtype=np.int64))
         if not len(alert_ids):
-            return pq.read_schema(self.root / part.cutouts).empty_table()
-        return pq.read_table(self.root / part.cutouts, filters=[("alert_id", "in", [int(a) for a in alert_ids])])
+            return pq.read_schema(self.root / files[0]).empty_table()
+        wanted = [("alert_id", "in", [int(a) for a in alert_ids])]
+        tables = [pq.read_table(self.root / f, filters=wanted) for f in files]
+        return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
 
     def write_part(self, table: pa.Table, cutouts: pa.Table | None) -> Partition:
         """Write one part (rows of a single survey and night) and its cutouts; returns its index entry."""
@@ -345,7 +371,9 @@ class Archive:
             if not keep.any():
                 return None
             mask = pa.array(keep)
+            refs = staged.cutout_refs
             staged = stage(table.filter(mask), cut, staged.path.parent)  # stage() picks the kept rows' cutouts
+            staged.cutout_refs = refs
         ndir = self.night_dir(staged.survey, staged.night)
         later(ndir, *make_dirs(ndir))  # the renames below are durable with the folder: made so before the index names them
         part_path = ndir / f"part-{staged.content_hash}.parquet"
@@ -371,6 +399,7 @@ class Archive:
             max_alert_id=int(staged.alert_ids.max()),
             cutouts=cut_rel,
             dps=dps_rel,
+            cutout_refs=tuple(sorted(set(staged.cutout_refs) - {cut_rel})),
         )
 
 
@@ -387,6 +416,7 @@ class Staged:
     alert_ids: np.ndarray  # in row order
     min_mjd: float
     max_mjd: float
+    cutout_refs: tuple[str, ...] = ()  # archive files holding more of its cutouts (a merge's references)
 
 
 def stage(table: pa.Table, cutouts: pa.Table | None, tmp_dir: Path, durable: bool = True) -> Staged:

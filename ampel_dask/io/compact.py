@@ -4,9 +4,11 @@ does not depend on the order its alerts came in.
 A stream that cycles through nights (per-alert files of many nights, a broker's dump, live
 micro-batches) leaves one tiny part per night and chunk; runs on such an archive pay per part. The rule:
 a night holding more than one part that is not full (``rows != target_rows``), or one above it, has
-those parts merged: their rows (flat columns, histories, cutouts) put in canonical order
+those parts merged: their rows (flat columns, histories) put in canonical order
 (:func:`~.archive.sort_rows`) and cut into parts of exactly ``target_rows`` rows, the last one holding
-the rest. Full parts are never rewritten. So
+the rest. Full parts are never rewritten. Cutouts are most of the bytes: a merged part references the
+cutouts files of its sources that hold at least ``reference_bytes`` (a decode chunk's), read filtered
+by its alert ids, and only smaller ones are rewritten into its own file. So
 a night ends with ``ceil(n / target_rows)`` parts of ``target_rows`` rows (the last smaller) whatever the
 input order, and a night ingested in one go (or first compacted after all its alerts came) gets the same
 parts, byte for byte, from any order.
@@ -47,7 +49,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, Field
 
-from .archive import RETIRED, ROW_ORDER, Archive, Partition, Staged, discard, stage
+from .archive import REFERENCE_BYTES, RETIRED, ROW_ORDER, Archive, Partition, Staged, discard, stage
 from .files import atomic_write
 from .locks import scratch_dir, sweep
 
@@ -61,6 +63,7 @@ class CompactOptions(BaseModel):
 
     target_rows: int = Field(TARGET_ROWS, gt=0, description="rows per part written (a night with fewer becomes one part)")
     grace_seconds: float = Field(3600.0, ge=0, description="replaced files are kept this long for runs still reading them")
+    reference_bytes: int = Field(REFERENCE_BYTES, ge=0, description="a cutouts file this large is referenced by the merged parts, not rewritten")
 
 
 @dataclass(frozen=True)
@@ -109,22 +112,29 @@ def plan(arch: Archive, target_rows: int = TARGET_ROWS, nights: Iterable[int] | 
             if len(ps) > 1 or ps[0].rows > target_rows]  # fmt: skip
 
 
-def merge(root: str | Path, work: NightWork, target_rows: int, tmp_dir: str | Path) -> list[Staged]:
+def merge(root: str | Path, work: NightWork, target_rows: int, tmp_dir: str | Path, reference_bytes: int = REFERENCE_BYTES) -> list[Staged]:
     """Read a night's parts and stage their rows as canonical parts of ``target_rows`` (durable; no lock
     taken: :func:`commit` checks that the parts were not replaced meanwhile).
 
     Memory: one source part, and one output part's pieces, at a time. The canonical position of every
     row is found from the sort keys alone; each source part is then read once and split into the output
     parts' pieces, kept in memory while the night is small (one output part) and spilled to uncompressed
-    Arrow files under ``tmp_dir`` otherwise."""
+    Arrow files under ``tmp_dir`` otherwise. Cutouts files of ``reference_bytes`` or more are referenced
+    by the output parts that get their alerts, not read."""
     arch, tmp = Archive(root), Path(tmp_dir) / uuid.uuid4().hex
     spill_dir = tmp / "spill"
     spill_dir.mkdir(parents=True, exist_ok=True)
     if work.rows <= target_rows:  # one output part (the usual case): no sort-key pass, nothing spilled
         tables = [arch.read(p) for p in work.parts]
-        cuts = [c for c in (arch.read_cutouts(p) for p in work.parts) if c is not None]
+        refs, cuts = set(), []
+        for p in work.parts:
+            kept, cut = _cutouts(arch, p, reference_bytes)
+            refs |= kept
+            if cut is not None:
+                cuts.append(cut)
         table = pa.concat_tables(tables, promote_options="permissive")
         staged = [stage(table, pa.concat_tables(cuts, promote_options="permissive") if cuts else None, tmp)]
+        staged[0].cutout_refs = tuple(sorted(refs))
         shutil.rmtree(spill_dir, ignore_errors=True)
         return staged
     keys = []
@@ -141,11 +151,13 @@ def merge(root: str | Path, work: NightWork, target_rows: int, tmp_dir: str | Pa
     nout = max(1, math.ceil(n / target_rows))
     spill = nout > 1
     pieces: dict[int, list] = defaultdict(list)
+    refs: dict[int, set[str]] = defaultdict(set)
     for j, part in enumerate(work.parts):
         table = arch.read(part)
-        cut = arch.read_cutouts(part)
+        kept, cut = _cutouts(arch, part, reference_bytes)
         mine = slot[offsets[j] : offsets[j + 1]]
         for k in np.unique(mine):
+            refs[int(k)] |= kept
             mask = pa.array(mine == k)
             t = table.filter(mask)
             c = None
@@ -162,9 +174,19 @@ def merge(root: str | Path, work: NightWork, target_rows: int, tmp_dir: str | Pa
         table = pa.concat_tables(ts, promote_options="permissive")
         cutouts = pa.concat_tables(cs, promote_options="permissive") if cs else None
         staged.append(stage(table, cutouts, tmp))  # durable: fsync'ed here, by the process that wrote them
+        staged[-1].cutout_refs = tuple(sorted(refs[k]))
         pieces.pop(k)
     shutil.rmtree(spill_dir, ignore_errors=True)
     return staged
+
+
+def _cutouts(arch: Archive, part: Partition, reference_bytes: int) -> tuple[set[str], pa.Table | None]:
+    """A source part's cutouts files to reference (those of ``reference_bytes`` or more), and the rest
+    of its cutouts, read to be rewritten."""
+    files = part.cutout_files
+    kept = {f for f in files if (arch.root / f).stat().st_size >= reference_bytes}
+    rest = tuple(f for f in files if f not in kept)
+    return kept, arch.read_cutouts(part, files=rest) if rest else None
 
 
 def _spill(path: Path, table: pa.Table) -> Path:
@@ -190,7 +212,8 @@ def commit_many(arch: Archive, merged: list[tuple[NightWork, list[Staged]]]) -> 
     a night whose parts changed meanwhile is discarded (None)."""
     out: list[list[Partition] | None] = []
     with arch.publishing():
-        indexed = {p.path for p in arch.partitions()}
+        before = arch.partitions()
+        indexed = {p.path for p in before}
         gone, new_all, old = [], [], set()
         for work, staged in merged:
             if not all(p.path in indexed for p in work.parts):
@@ -204,7 +227,9 @@ def commit_many(arch: Archive, merged: list[tuple[NightWork, list[Staged]]]) -> 
             new_all += new
             old |= {f for p in work.parts for f in _files(p)}
         if new_all:
-            retired = sorted(old - {f for p in new_all for f in _files(p)})
+            replaced = set(gone)
+            live = {f for p in before if p.path not in replaced for f in _files(p)}  # files other parts share
+            retired = sorted(old - live - {f for p in new_all for f in _files(p)})
             _retire(arch, retired)  # before the swap: an entry for a file still indexed is never acted on
             arch.replace_partitions(gone, new_all)
             for f in retired:  # out of the folders: dataset readers of survey=*/night=* never see a row twice
@@ -215,7 +240,7 @@ def commit_many(arch: Archive, merged: list[tuple[NightWork, list[Staged]]]) -> 
 
 
 def _files(p: Partition) -> list[str]:
-    return [f for f in (p.path, p.dps, p.cutouts) if f]
+    return [f for f in (p.path, p.dps, *p.cutout_files) if f]
 
 
 def _retire(arch: Archive, files: list[str]) -> None:
@@ -248,12 +273,12 @@ def delete_retired(arch: Archive, grace_seconds: float) -> list[str]:
 
 
 #: merges the given nights somewhere (here, or on a cluster) and yields (work, staged) as they finish
-Merger = Callable[[list[NightWork], str, int, str], Iterable[tuple[NightWork, list[Staged]]]]
+Merger = Callable[[list[NightWork], str, CompactOptions, str], Iterable[tuple[NightWork, list[Staged]]]]
 
 
-def merge_here(works: list[NightWork], root: str, target_rows: int, tmp: str) -> Iterable[tuple[NightWork, list[Staged]]]:
+def merge_here(works: list[NightWork], root: str, opts: CompactOptions, tmp: str) -> Iterable[tuple[NightWork, list[Staged]]]:
     for w in works:
-        yield w, merge(root, w, target_rows, tmp)
+        yield w, merge(root, w, opts.target_rows, tmp, opts.reference_bytes)
 
 
 def compact(archive: str | Path | Archive, options: CompactOptions | None = None, nights: Iterable[int] | None = None,
@@ -276,7 +301,7 @@ def compact(archive: str | Path | Archive, options: CompactOptions | None = None
         run_tmp = arch.tmp_dir / uuid.uuid4().hex
         with scratch_dir(run_tmp, {"what": "compact"}):
             pending: list[tuple[NightWork, list[Staged]]] = []
-            for i, done in enumerate(merger(works, str(arch.root), opts.target_rows, str(run_tmp))):
+            for i, done in enumerate(merger(works, str(arch.root), opts, str(run_tmp))):
                 pending.append(done)
                 if len(pending) >= COMMIT_NIGHTS or i == len(works) - 1:
                     with guard() if guard is not None else nullcontext():

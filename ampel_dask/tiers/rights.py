@@ -150,7 +150,7 @@ class ChannelArchive:
         return view if columns is None else view.select([c for c in columns if c in view.column_names])
 
     def read_cutouts(self, part: Partition, alert_ids: list[int] | None = None) -> pa.Table | None:
-        if not part.cutouts:
+        if not part.cutout_files:
             return None
         rows = self._archive.read(part, sorted({"alert_id", "survey", "programid"} & self._columns(part)))
         ids = rows.column("alert_id").to_numpy(zero_copy_only=False)[alert_access(rows, self.access)]

@@ -221,7 +221,7 @@ def load_cutouts(archive: Any, alert_ids: list[int]) -> dict[int, dict[str, byte
     if not len(wanted):
         return out
     for part in archive.partitions():
-        if not part.cutouts:
+        if not part.cutout_files:
             continue
         ids = wanted[(wanted >= part.min_alert_id) & (wanted <= part.max_alert_id)]
         if not len(ids):
