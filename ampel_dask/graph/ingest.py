@@ -53,6 +53,7 @@ def _ingest(work: Iterator[Chunk], archive, opts: IngestOptions, client, report:
         fresh = [p.path for p in report.new_partitions]
         done = compact(archive, CompactOptions(target_rows=opts.compact_rows), nights, client=client, fresh=fresh)
         report.compaction = done.summary()
+        report.seconds = round(report.seconds + done.seconds, 3)  # the ingest's time includes the shaping of what it wrote
         # parts merged away are named by what they became (still every part holding an alert of the input)
         gone = done.replaced_paths
         if gone:

@@ -64,7 +64,7 @@ class IngestReport:
     duplicates: int = 0
     quarantined: int = 0
     partitions: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # decoding and publishing, and the compaction after them (not a cluster's start)
     skipped_files: list[str] = field(default_factory=list)
     skipped_reasons: dict[str, str] = field(default_factory=dict)  # files not read, and why (special files, links out)
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
