@@ -244,7 +244,7 @@ class Archive:
             table = table.append_column("dps", pa.nulls(table.num_rows, pa.string()))
         if "cutout_refs" not in table.column_names:  # an index written before compaction referenced cutouts
             table = table.append_column("cutout_refs", pa.array([[]] * table.num_rows, pa.list_(pa.string())))
-        return table.cast(INDEX_SCHEMA)
+        return table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
 
     def partitions(self, surveys: list[str] | None = None, nights: list[int] | None = None) -> list[Partition]:
         rows = self.index().to_pylist()
