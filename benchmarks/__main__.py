@@ -139,6 +139,19 @@ def bench_packet_channels(wf, archive: Path) -> dict:
     return out
 
 
+def slurm_ready() -> None:
+    """Stop before anything is measured when no SLURM controller answers: the SLURM rows come last, and a
+    run of ~20 min used to end there with a worker-start timeout."""
+    import subprocess
+
+    try:
+        ok = subprocess.run(["sinfo", "-h"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SystemExit(f"--slurm: sinfo did not run ({exc}); start SLURM first (../shared/recipes/start_slurm.sh)") from None
+    if ok.returncode != 0:
+        raise SystemExit(f"--slurm: no SLURM controller answers ({ok.stderr.strip()}); start it first (../shared/recipes/start_slurm.sh)")
+
+
 def bench_pipeline_slurm(wf, archive: Path) -> list[dict]:
     from ampel_dask.graph.runner import RunOptions, run_workflow
 
@@ -392,6 +405,8 @@ def main() -> None:
     ap.add_argument("--record", action="store_true", help="store these figures as the reference (with --quick: the reference of later --quick runs)")
     ap.add_argument("--render", metavar="RESULTS_JSON", help="only re-render the README table and plot from a saved run (no measuring)")
     args = ap.parse_args()
+    if args.slurm:
+        slurm_ready()
     if args.render:
         res = json.loads(Path(args.render).read_text())
         if "ampel" in res:  # JSON made its worker-count keys strings
