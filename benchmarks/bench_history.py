@@ -48,7 +48,7 @@ def combined(a: Path, c: Path, target: Path) -> Path:
     for src in (a, c):
         arch = Archive(src)
         for p in arch.partitions():
-            for rel in filter(None, (p.path, p.dps, *p.cutout_files)):
+            for rel in p.files:
                 (target / rel).parent.mkdir(parents=True, exist_ok=True)
                 os.link(src / rel, target / rel)
             parts.append(p)

@@ -188,6 +188,11 @@ class Partition:
         """Every file holding this part's cutouts (its own, then those it shares)."""
         return ((self.cutouts,) if self.cutouts else ()) + self.cutout_refs
 
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every archive file this part needs: rows, histories, cutouts (what sweeps and retirement keep)."""
+        return (self.path, *((self.dps,) if self.dps else ()), *self.cutout_files)
+
 
 #: a cutouts file at least this large is referenced by the parts a compaction merges its part into,
 #: not rewritten: cutouts are most of an archive's bytes (ZTF: ~40 KB an alert), and copying them made
@@ -297,7 +302,7 @@ class Archive:
         wait for their grace period."""
         known = set(self.retired())
         for p in self.partitions():
-            known |= {p.path, p.dps or "", *p.cutout_files}
+            known |= set(p.files)
         removed = []
         for f in sorted(self.root.glob("survey=*/night=*/*")):
             rel = f.relative_to(self.root).as_posix()

@@ -225,11 +225,11 @@ def commit_many(arch: Archive, merged: list[tuple[NightWork, list[Staged]]]) -> 
             out.append(new)
             gone += [p.path for p in work.parts]
             new_all += new
-            old |= {f for p in work.parts for f in _files(p)}
+            old |= {f for p in work.parts for f in p.files}
         if new_all:
             replaced = set(gone)
-            live = {f for p in before if p.path not in replaced for f in _files(p)}  # files other parts share
-            retired = sorted(old - live - {f for p in new_all for f in _files(p)})
+            live = {f for p in before if p.path not in replaced for f in p.files}  # files other parts share
+            retired = sorted(old - live - {f for p in new_all for f in p.files})
             _retire(arch, retired)  # before the swap: an entry for a file still indexed is never acted on
             arch.replace_partitions(gone, new_all)
             for f in retired:  # out of the folders: dataset readers of survey=*/night=* never see a row twice
@@ -237,10 +237,6 @@ def commit_many(arch: Archive, merged: list[tuple[NightWork, list[Staged]]]) -> 
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(arch.root / f, dest)
     return out
-
-
-def _files(p: Partition) -> list[str]:
-    return [f for f in (p.path, p.dps, *p.cutout_files) if f]
 
 
 def _retire(arch: Archive, files: list[str]) -> None:
@@ -257,7 +253,7 @@ def delete_retired(arch: Archive, grace_seconds: float) -> list[str]:
         journal = arch.retired()
         if not journal:
             return []
-        known = {f for p in arch.partitions() for f in _files(p)}
+        known = {f for p in arch.partitions() for f in p.files}
         now, deleted = time.time(), []
         for f, since in sorted(journal.items()):
             if f in known:
