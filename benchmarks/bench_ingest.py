@@ -78,11 +78,13 @@ def tarball_ceiling(tarball: Path) -> float:
     return n / (time.perf_counter() - t)
 
 
-def run_ingest(stream: Path, workers: int, label: str, compact_rows: int | None = None) -> dict:
+def run_ingest(stream: Path, workers: int, label: str, compact_rows: int | None = None, client=None) -> dict:
+    """One ingest (its own cluster of ``workers``, or ``client``'s); seconds from its report: decoding,
+    publishing and compaction, not a cluster's start."""
     archive = WORK / f"archive-{label}"
     shutil.rmtree(archive, ignore_errors=True)
     extra = {} if compact_rows is None else {"compact_rows": compact_rows}
-    report = ingest([str(stream)], archive, IngestOptions(workers=workers, progress=False, **extra))
+    report = ingest([str(stream)], archive, IngestOptions(workers=None if client else workers, progress=False, **extra), client=client)
     assert report.quarantined == 0 and report.duplicates == 0, report.summary()
     shutil.rmtree(archive, ignore_errors=True)
     return {"label": label, "workers": workers, "alerts": report.ingested, "seconds": report.seconds, "alerts_per_s": report.ingested / report.seconds}
@@ -136,23 +138,10 @@ def main() -> None:
         print(json.dumps(result))
 
 
-def timed_ingest(stream: Path, client, label: str, compact_rows: int | None = None) -> dict:
-    """The wall time of a whole ingest (decode, publish, compaction) on a running cluster."""
-    archive = WORK / f"archive-{label}"
-    shutil.rmtree(archive, ignore_errors=True)
-    extra = {} if compact_rows is None else {"compact_rows": compact_rows}
-    t = time.perf_counter()
-    report = ingest([str(stream)], archive, IngestOptions(progress=False, **extra), client=client)
-    seconds = time.perf_counter() - t
-    assert report.quarantined == 0 and report.duplicates == 0, report.summary()
-    shutil.rmtree(archive, ignore_errors=True)
-    return {"label": label, "alerts": report.ingested, "seconds": round(seconds, 3)}
-
-
 def tarball_main(args: argparse.Namespace) -> None:
     """On one LocalCluster, after an untimed ingest that warms its workers: each configuration
-    ``--rounds`` times, alternating, the median reported. Seconds are the wall time of the whole
-    ingest (decode, publish, compaction), not the cluster's start."""
+    ``--rounds`` times, alternating, the median reported. Seconds are the whole ingest's (decode,
+    publish, compaction), not the cluster's start."""
     import statistics
 
     from distributed import Client
@@ -164,15 +153,15 @@ def tarball_main(args: argparse.Namespace) -> None:
     configs = [(f"tarball-{args.workers}-workers", None), (f"tarball-{args.workers}-workers-no-compaction", 0)]
     runs: dict[str, list[dict]] = {label: [] for label, _ in configs}
     with local_cluster(args.workers, dashboard_address=None) as cluster, Client(cluster) as client:
-        timed_ingest(args.tarball, client, "warm-up")
+        run_ingest(args.tarball, args.workers, "warm-up", client=client)
         for _ in range(args.rounds):
             for label, rows_ in configs:
-                runs[label].append(timed_ingest(args.tarball, client, label, rows_))
+                runs[label].append(run_ingest(args.tarball, args.workers, label, rows_, client))
     ceil = (ceil + tarball_ceiling(args.tarball)) / 2  # again after, to see drift
     print(f"tarball: {args.tarball}; tarfile + fastavro.reader ceiling (1 core): {ceil:,.0f} alerts/s")
     rows = []
     for label, _ in configs:
-        r = dict(runs[label][0], workers=args.workers, seconds=statistics.median(x["seconds"] for x in runs[label]), rounds=[x["seconds"] for x in runs[label]])
+        r = dict(runs[label][0], seconds=statistics.median(x["seconds"] for x in runs[label]), rounds=[x["seconds"] for x in runs[label]])
         r["alerts_per_s"] = r["alerts"] / r["seconds"]
         r["ratio_to_ceiling"] = round(r["alerts_per_s"] / ceil, 2)
         rows.append(r)
