@@ -412,28 +412,6 @@ def batch_key(keys: list[str]) -> str:
     return hash_text("\n".join(sorted(keys)))
 
 
-# --- pushes (T3 webhooks): idempotency keys -------------------------------------------------------------
-
-
-def _plain(value: Any) -> Any:
-    """A state id as JSON: bytes (a wide binary id) as hex, numbers and text as they are."""
-    return value.hex() if isinstance(value, (bytes, bytearray)) else value
-
-
-def delivery_keys(channel: str, unit_key: str, stocks: list, state_ids: list) -> list[str]:
-    """The idempotency key of each object a T3 unit pushes: 32 hex digits (xxh3-128) of the canonical
-    JSON of ``[channel, stock, state id, unit key]``. The same object in the same state, pushed by the
-    same unit for the same channel, has the same key in every run and on every machine; a new state gives
-    a new key. One key per selected object (thousands, not millions: a Python loop)."""
-    return [xxhash.xxh3_128_hexdigest(canonical_json([channel, int(s), _plain(st), unit_key]).encode()) for s, st in zip(stocks, state_ids)]
-
-
-def batch_key(keys: list[str]) -> str:
-    """The key of a request carrying several objects (the ``Idempotency-Key`` header): 32 hex digits
-    (xxh3-128) of its objects' keys, sorted (the same objects give the same key in any order)."""
-    return xxhash.xxh3_128_hexdigest("\n".join(sorted(keys)).encode())
-
-
 # Graph task keys are ``<stage>-<content key>``; the stage names are used by the compiler that makes the
 # keys and by the runner that reads results back, never spelled out elsewhere.
 PLAN, READ, ROWS, T0, T1, T1H, T2, PASS, STOCKS, HIST, HIST_WRITTEN, BUCKET_STAGES, SELECTION, T3 = (
