@@ -67,6 +67,7 @@ def _ingest_options(fn: Callable) -> Callable:
         _from(M, "max_block_mb", type=click.FloatRange(min=0, min_open=True)),
         _from(M, "quarantine_keep_mb", type=click.FloatRange(min=0)),
         _from(M, "compact_rows", type=click.IntRange(min=0)),
+        _from(M, "history", "--history/--no-history"),
     ]
     for d in reversed(decorators):
         fn = d(fn)
@@ -109,6 +110,9 @@ def ingest(sources, archive, as_json, **options) -> None:
     if report.compaction.get("nights"):
         c = report.compaction
         click.echo(f"compacted {c['nights']} night(s): {c['replaced']} part(s) merged into {c['written']} ({c['parts_after']} part(s) in those nights)", err=as_json)
+    if report.history.get("parts"):
+        h = report.history
+        click.echo(f"history: {h['parts']} part(s) added in {h['segments']} segment(s), {h['merged']} merge(s), {h['seconds']:.1f} s", err=as_json)
     if report.quarantined:
         reasons = ", ".join(f"{k} ({v})" for k, v in sorted(report.quarantine_reasons.items()))
         click.echo(f"quarantined packets are in {archive}/quarantine: {reasons}", err=True)

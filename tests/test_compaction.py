@@ -247,7 +247,7 @@ def test_a_crash_before_the_index_swap_leaves_the_old_parts_and_a_later_compact_
         raise OSError("injected crash")
 
     if where == "retire":
-        monkeypatch.setattr(compact_mod, "_retire", boom)
+        monkeypatch.setattr(Archive, "retire", boom)
     else:
         monkeypatch.setattr(Archive, "replace_partitions", boom)
     with pytest.raises(OSError, match="injected"):

@@ -18,6 +18,7 @@ from ..io.stores import ResultStore
 from ..keys import BUCKET_STAGES, HIST, HIST_WRITTEN, PASS, PLAN, READ, ROWS, SELECTION, STOCKS, T0, T1, T1H, T2, T3, key_of, stage_of, task_key
 from ..tiers.states import HISTORY_RULE
 from . import batches, shuffle, tasks
+from .history import history_segments
 from .plan import ChannelPlan, t2_units
 
 
@@ -116,6 +117,10 @@ class _Builder:
         self.units = work_units(parts, batch_rows)
         self.batch_rows = batch_rows
         self.t1_of_unit: dict[str, list[tuple[str, str]]] = {}  # work unit -> its packet channels' (T1, T0) tasks
+        # the history channels' archive: every part of the run's surveys, read from the object-bucketed
+        # history ingest keeps when it covers them all (graph/history.py), else shuffled by this run
+        self.sources = archive.partitions(sorted({p.survey for p in parts})) if self.hist else []
+        self.segments = history_segments(archive, self.sources) if self.hist else None
         # each channel plan (units, models, catalogs) is one graph key, shipped once per worker and
         # referenced by the tasks, instead of being pickled into every task
         self.pk = {c.name: task_key(PLAN, key_of(c.name, c.t1_key, [u.identity.key for u in [*c.t2, *c.t3]])) for c in plans}
@@ -158,7 +163,7 @@ class _Builder:
                 continue
             t0 = self.read_t0(unit, packet)
             rows = task_key(READ, h)
-            if self.hist:  # T1 waits for the history channels' hist task: keep only the rows it needs meanwhile
+            if self.hist and self.segments is None:  # T1 waits for the history channels' hist task: keep only the rows it needs meanwhile
                 rows = task_key(ROWS, h)
                 dsk[rows] = (tasks.waiting_rows, task_key(READ, h), *t0.values())
             for c in packet:
@@ -179,7 +184,7 @@ class _Builder:
         archive work unit) -> shuffle by object bucket -> t1h -> T2 stage, per bucket."""
         dsk, run, spec, nb = self.dsk, self.run, self.spec, self.buckets
         sel_id = key_of([p.content_hash for p in self.parts])
-        sources = self.archive.partitions(sorted({p.survey for p in self.parts}))
+        sources = self.sources
         run.history_partitions = sources
         hist_id = key_of([p.content_hash for p in sources])
         names = [key_of("t1h", HISTORY_RULE, c.name, c.t1_key, sel_id, hist_id, b, nb) for b in range(nb)]
@@ -201,6 +206,9 @@ class _Builder:
             after = [task_key(ROWS, unit.key)] if task_key(ROWS, unit.key) in dsk else []
             dsk[task_key(PASS, ck)] = (tasks.pass_to_shuffle, task_key(READ, unit.key), t0, self.pk[c.name], spec, ck, shuffle_dir, nb, *after)
             pass_keys.append(task_key(PASS, ck))
+        if self.segments is not None:  # no hist tasks: each bucket reads its objects' rows of the archive's history
+            self.store_buckets(c, names, stages, shuffle_dir, pass_keys, packet_stages)
+            return
         stocks_key = task_key(STOCKS, key_of(c.t0_key, sel_id))
         dsk[stocks_key] = (shuffle.stocks_of, pass_keys)
         hist_keys = []
@@ -214,13 +222,22 @@ class _Builder:
             hist_keys.append(task_key(HIST_WRITTEN, hk))
             for k, _ in t1s:
                 dsk[k] = (*dsk[k], task_key(HIST, hk))
+        self.bucket_tasks(c, names, stages, [(tasks.run_t1_history, shuffle_dir, b, self.pk[c.name], spec, n, self.run_id, hist_keys) for b, n in enumerate(names)], packet_stages)
+
+    def store_buckets(self, c: ChannelPlan, names: list[str], stages: list[str | None], shuffle_dir: str, pass_keys: list[str], packet_stages: list[str]) -> None:
+        """A history channel's buckets on an archive whose history ingest keeps: each t1h reads its
+        passing alerts from the shuffle and their objects' datapoints from the segments."""
+        t1hs = [(tasks.run_t1_history, shuffle_dir, b, self.pk[c.name], self.spec, n, self.run_id, pass_keys, self.segments) for b, n in enumerate(names)]
+        self.bucket_tasks(c, names, stages, t1hs, packet_stages)
+
+    def bucket_tasks(self, c: ChannelPlan, names: list[str], stages: list[str | None], t1hs: list[tuple], packet_stages: list[str]) -> None:
+        dsk, run, spec = self.dsk, self.run, self.spec
         # each bucket's stage skips the other buckets' results in its done check (their objects are others)
         bucket_stages = frozenset(s for s in stages if s)
         siblings = task_key(BUCKET_STAGES, key_of(sorted(bucket_stages)))
         if bucket_stages:
             dsk[siblings] = bucket_stages
-        for b, (n, s) in enumerate(zip(names, stages)):
-            t1h = (tasks.run_t1_history, shuffle_dir, b, self.pk[c.name], spec, n, self.run_id, hist_keys)
+        for n, s, t1h in zip(names, stages, t1hs):
             if s:  # one task with its T2 stage: the bucket's states (each object's whole light curve) never
                 # wait in a worker's memory for a stage the scheduler may place on the other worker
                 # (3 M LSST alerts: two or three buckets' states held per worker, ~0.4 GB)

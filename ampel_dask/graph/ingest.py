@@ -16,6 +16,7 @@ from ..io.ingest import Decoder, IngestOptions, IngestReport, in_process, packet
 from ..io.sources import Chunk, Packet
 from ..io.compact import CompactOptions
 from .compact import compact
+from .history import update_history
 from .progress import Progress, as_finished
 from .workers import local_cluster
 
@@ -59,6 +60,10 @@ def _ingest(work: Iterator[Chunk], archive, opts: IngestOptions, client, report:
         if gone:
             report.new_partitions = [p for p in report.new_partitions if p.path not in gone] + done.new_parts
             report.duplicate_partitions = [p for p in report.duplicate_partitions if p.path not in gone]
+    if opts.history and report.new_partitions:
+        arch = archive if isinstance(archive, Archive) else Archive(archive)
+        report.history = update_history(arch, client, sorted({p.survey for p in report.new_partitions}))
+        report.seconds = round(report.seconds + report.history["seconds"], 3)
     return report
 
 

@@ -32,6 +32,7 @@ from .plan import ChannelPlan, t2_units
 from .points import run_point_unit
 from .provenance import journal_rows, with_provenance
 from .selection import Batches, selection_in_batches
+from .history import bucket_history
 from .shuffle import accepted_by_any, read_bucket, write_buckets
 from .workers import cluster_map
 
@@ -157,15 +158,21 @@ def t0_counts(t0: T0Result, n: int) -> dict:
     return {"alerts": n, "passed": acc, "rejected": n - acc, "reasons": {k: v for k, v in t0.counts.items() if k != "accepted"}}
 
 
-def run_t1_history(shuffle_dir: str, bucket: int, plan: ChannelPlan, spec: dict, key: str, run_id: str, _after: object = None) -> pa.Table:
+def run_t1_history(shuffle_dir: str, bucket: int, plan: ChannelPlan, spec: dict, key: str, run_id: str, _after: object = None,
+                   segments: dict[str, list[str]] | None = None) -> pa.Table:  # fmt: skip
     """States with each object's archived history, for the objects of one bucket.
 
-    The passing alerts and the archived datapoints of these objects come from the shuffle files the
-    ``pass`` and ``hist`` tasks wrote for this bucket (a disk shuffle: no table travels through the
-    scheduler, each bucket reads only its own share).
+    The passing alerts come from the shuffle files the ``pass`` tasks wrote for this bucket (a disk
+    shuffle: no table travels through the scheduler, each bucket reads only its own share). The
+    archived datapoints of their objects come from the archive's object-bucketed history
+    (``segments``, per survey: only these objects' rows are read, see ``graph/history.py``), or, for an
+    archive without one, from the shuffle files the ``hist`` tasks wrote.
     """
     alerts = read_bucket(shuffle_dir, "alerts", bucket)
-    history = read_bucket(shuffle_dir, "history", bucket)
+    if segments is not None:
+        history = bucket_history(segments, alerts, plan.access) if alerts is not None else None
+    else:
+        history = read_bucket(shuffle_dir, "history", bucket)
     store = open_store(spec)
     if alerts is None:
         store.mark_task(key, {"kind": "t1h", "channel": plan.name, "states": 0})

@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -296,6 +297,17 @@ class Archive:
         """Files compaction replaced (relative path -> when), not deleted yet."""
         path = self.root / RETIRED
         return json.loads(path.read_text()) if path.exists() else {}
+
+    def retire(self, files: list[str]) -> None:
+        """Journal files replaced (by compaction, or history segments merged away) for deletion after a
+        grace period (``io/compact.delete_retired``); call with the lock held."""
+        if not files:
+            return
+        journal = self.retired()
+        now = time.time()
+        for f in files:
+            journal.setdefault(f, now)
+        atomic_write(self.root / RETIRED, json.dumps(journal, sort_keys=True).encode())
 
     def sweep_orphans(self) -> list[str]:
         """Remove part files the index does not name (call with the lock held); files compaction retired

@@ -51,6 +51,7 @@ from pydantic import BaseModel, Field
 
 from .archive import REFERENCE_BYTES, RETIRED, ROW_ORDER, Archive, Partition, Staged, discard, stage
 from .files import atomic_write
+from .history import carry_coverage, live_files
 from .locks import scratch_dir, sweep
 
 TARGET_ROWS = 25_000
@@ -214,7 +215,7 @@ def commit_many(arch: Archive, merged: list[tuple[NightWork, list[Staged]]]) -> 
     with arch.publishing():
         before = arch.partitions()
         indexed = {p.path for p in before}
-        gone, new_all, old = [], [], set()
+        gone, new_all, old, moved = [], [], set(), []
         for work, staged in merged:
             if not all(p.path in indexed for p in work.parts):
                 for s in staged:
@@ -225,26 +226,20 @@ def commit_many(arch: Archive, merged: list[tuple[NightWork, list[Staged]]]) -> 
             out.append(new)
             gone += [p.path for p in work.parts]
             new_all += new
+            moved.append(([(p.survey, p.content_hash) for p in work.parts], [(p.survey, p.content_hash) for p in new]))
             old |= {f for p in work.parts for f in p.files}
         if new_all:
             replaced = set(gone)
             live = {f for p in before if p.path not in replaced for f in p.files}  # files other parts share
             retired = sorted(old - live - {f for p in new_all for f in p.files})
-            _retire(arch, retired)  # before the swap: an entry for a file still indexed is never acted on
+            arch.retire(retired)  # before the swap: an entry for a file still indexed is never acted on
             arch.replace_partitions(gone, new_all)
+            carry_coverage(arch.root, moved)  # same rows: the history store covers the new parts as it did the old
             for f in retired:  # out of the folders: dataset readers of survey=*/night=* never see a row twice
                 dest = arch.root / RETIRED_DIR / f
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(arch.root / f, dest)
     return out
-
-
-def _retire(arch: Archive, files: list[str]) -> None:
-    journal = arch.retired()
-    now = time.time()
-    for f in files:
-        journal.setdefault(f, now)
-    atomic_write(arch.root / RETIRED, json.dumps(journal, sort_keys=True).encode())
 
 
 def delete_retired(arch: Archive, grace_seconds: float) -> list[str]:
@@ -253,7 +248,7 @@ def delete_retired(arch: Archive, grace_seconds: float) -> list[str]:
         journal = arch.retired()
         if not journal:
             return []
-        known = {f for p in arch.partitions() for f in p.files}
+        known = {f for p in arch.partitions() for f in p.files} | live_files(arch.root)  # a name written again is live
         now, deleted = time.time(), []
         for f, since in sorted(journal.items()):
             if f in known:

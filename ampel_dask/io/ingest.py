@@ -50,6 +50,7 @@ class IngestOptions(BaseModel):
     max_block_mb: float = Field(64.0, gt=0, description="MiB of one Avro block inflated")
     quarantine_keep_mb: float = Field(16.0, ge=0, description="MiB of a bad input's original bytes kept in quarantine")
     compact_rows: int = Field(25_000, ge=0, description="after publishing, merge the written nights' parts below this many rows into parts of this size (0: do not; io/compact.py)")
+    history: bool = Field(True, description="after publishing (and compacting), add the new parts' datapoints to the archive's object-bucketed history (io/history.py), which history channels read")
 
     def limits(self) -> Limits:
         mib = lambda mb: max(1, int(mb * MiB))  # noqa: E731
@@ -74,6 +75,7 @@ class IngestReport:
     duplicate_partitions: list[Partition] = field(default_factory=list)
     swept: list[str] = field(default_factory=list)  # staging folders of killed ingests removed first
     compaction: dict = field(default_factory=dict)  # what compaction after publishing did (CompactReport.summary)
+    history: dict = field(default_factory=dict)  # what keeping the object-bucketed history did (graph/history.update_history)
 
     def summary(self) -> dict:
         return {k: getattr(self, k) for k in ("read", "ingested", "duplicates", "quarantined", "partitions", "seconds")}
