@@ -78,12 +78,12 @@ def tarball_ceiling(tarball: Path) -> float:
     return n / (time.perf_counter() - t)
 
 
-def run_ingest(stream: Path, workers: int, label: str, compact_rows: int | None = None, client=None) -> dict:
+def run_ingest(stream: Path, workers: int, label: str, compact_rows: int | None = None, client=None, history: bool = True) -> dict:
     """One ingest (its own cluster of ``workers``, or ``client``'s); seconds from its report: decoding,
-    publishing and compaction, not a cluster's start."""
+    publishing, compaction and keeping the object-bucketed history, not a cluster's start."""
     archive = WORK / f"archive-{label}"
     shutil.rmtree(archive, ignore_errors=True)
-    extra = {} if compact_rows is None else {"compact_rows": compact_rows}
+    extra = ({} if compact_rows is None else {"compact_rows": compact_rows}) | {"history": history}
     report = ingest([str(stream)], archive, IngestOptions(workers=None if client else workers, progress=False, **extra), client=client)
     assert report.quarantined == 0 and report.duplicates == 0, report.summary()
     shutil.rmtree(archive, ignore_errors=True)
@@ -150,17 +150,18 @@ def tarball_main(args: argparse.Namespace) -> None:
 
     args.tarball.read_bytes()  # page cache
     ceil = tarball_ceiling(args.tarball)
-    configs = [(f"tarball-{args.workers}-workers", None), (f"tarball-{args.workers}-workers-no-compaction", 0)]
-    runs: dict[str, list[dict]] = {label: [] for label, _ in configs}
+    w = args.workers
+    configs = [(f"tarball-{w}-workers", None, True), (f"tarball-{w}-workers-no-history", None, False), (f"tarball-{w}-workers-no-compaction-no-history", 0, False)]
+    runs: dict[str, list[dict]] = {label: [] for label, _, _ in configs}
     with local_cluster(args.workers, dashboard_address=None) as cluster, Client(cluster) as client:
         run_ingest(args.tarball, args.workers, "warm-up", client=client)
         for _ in range(args.rounds):
-            for label, rows_ in configs:
-                runs[label].append(run_ingest(args.tarball, args.workers, label, rows_, client))
+            for label, rows_, history in configs:
+                runs[label].append(run_ingest(args.tarball, args.workers, label, rows_, client, history))
     ceil = (ceil + tarball_ceiling(args.tarball)) / 2  # again after, to see drift
     print(f"tarball: {args.tarball}; tarfile + fastavro.reader ceiling (1 core): {ceil:,.0f} alerts/s")
     rows = []
-    for label, _ in configs:
+    for label, _, _ in configs:
         r = dict(runs[label][0], seconds=statistics.median(x["seconds"] for x in runs[label]), rounds=[x["seconds"] for x in runs[label]])
         r["alerts_per_s"] = r["alerts"] / r["seconds"]
         r["ratio_to_ceiling"] = round(r["alerts_per_s"] / ceil, 2)
