@@ -39,7 +39,8 @@ WORKFLOWS = {"ztf": REPO / "workflows" / "ztf_archive.yml", "lsst": REPO / "work
 
 
 def tree_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    """Bytes of the files under ``root``, without a kept history (``survey=*/_history``, reported apart)."""
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.parent.name != "_history")
 
 
 def packet_only(wf: Workflow) -> Workflow | None:
@@ -49,8 +50,13 @@ def packet_only(wf: Workflow) -> Workflow | None:
     return wf.model_copy(update={"name": f"{wf.name}-packet-channels", "channels": keep}) if keep else None
 
 
-def run_jobs(jobs: list[Workflow], archive: Path, workers: int) -> list[dict]:
+def run_jobs(jobs: list[Workflow], archive: Path, workers: int, kept: dict | None = None) -> list[dict]:
+    """Each job on one LocalCluster; ``kept``: first keep the archive's object-bucketed history (what
+    ``ampel-dask ingest`` does; make_archive.py writes Parquet directly), its seconds and MB put there."""
     from distributed import Client
+
+    from ampel_dask.graph.history import update_history
+    from ampel_dask.io.archive import Archive
 
     from ampel_dask.graph.workers import local_cluster
 
@@ -58,6 +64,10 @@ def run_jobs(jobs: list[Workflow], archive: Path, workers: int) -> list[dict]:
     out = []
     with local_cluster(workers, dashboard_address=None) as cluster, Client(cluster) as client:
         client.run(warm_imports)
+        if kept is not None:
+            t = time.perf_counter()
+            kept.update(update_history(Archive(archive), client), wall_seconds=round(time.perf_counter() - t, 2),
+                        mb=round(sum(p.stat().st_size for p in archive.glob("survey=*/_history/seg-*.arrow")) / 2**20))  # fmt: skip
         for wf in jobs:
             store = WORK / "scale-store"
             shutil.rmtree(store, ignore_errors=True)
@@ -81,6 +91,7 @@ def main() -> None:
     ap.add_argument("--survey", choices=sorted(WORKFLOWS), default="ztf", help="whose real alerts are replicated")
     ap.add_argument("--workflow", help="default: workflows/ztf_archive.yml (ztf), workflows/lsst_elasticc.yml (lsst)")
     ap.add_argument("--keep", action="store_true", help="keep the archives under .bench/ (4.6 GB for 10 M alerts)")
+    ap.add_argument("--kept-history", action="store_true", help="keep the archives' object-bucketed history first (as ingest does): history channels read it instead of shuffling")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     os.chdir(REPO)  # the workflow's model path is relative to the repository
@@ -99,8 +110,12 @@ def main() -> None:
         arch_mb = tree_bytes(target) / 2**20
         parts = json.loads((target / "_bench.json").read_text())["partitions"]
         print(f"{n:,} {args.survey} alerts: archive {arch_mb / (n / 1e6):,.0f} MB per million alerts, {parts} parts (made or found in {built:.0f} s)", flush=True)
-        for r in run_jobs(jobs, target, args.workers):
+        kept = {} if args.kept_history else None
+        for r in run_jobs(jobs, target, args.workers, kept):
             r["archive_mb_per_million"] = round(arch_mb / (n / 1e6), 1)
+            if kept is not None:
+                r["kept_history"] = kept
+                print(f"  history kept: {kept}", flush=True)
             results.append(r)
             print(f"  {r['workflow']}: {r['seconds']:.1f} s, {r['alerts_per_s']:,} alerts/s, {r['us_per_alert']:.2f} core-us per alert, "
                   f"peak worker RSS {r['peak_worker_rss_mb']} MB, store {r['store_mb_per_million']} MB per million alerts", flush=True)

@@ -20,7 +20,7 @@ from ampel_dask.graph.ingest import IngestOptions, ingest
 from ampel_dask.graph.workflow import Workflow
 from ampel_dask.io import history as hs
 from ampel_dask.io.archive import Archive
-from ampel_dask.io.compact import CompactOptions, compact
+from ampel_dask.io.compact import CompactOptions, compact, delete_retired
 from ampel_dask.io.stores import ParquetStore
 from ampel_dask.tiers.states import build_states
 
@@ -128,15 +128,19 @@ def results(store: Path) -> dict:
 
 
 def test_a_run_on_the_kept_history_equals_the_run_that_shuffles_after_many_ingests_and_a_compaction(tmp_path, data_dir):
-    """The same real alerts ingested in several batches with the history kept (then compacted: the new
-    parts are covered as the old were), and in one batch without it; both channels' states and the T2
-    results are the same, and only the first archive's run reads the kept history."""
+    """The same real alerts ingested in ten batches with the history kept (segments merged, then the
+    parts compacted: the new parts are covered as the old were), and in one batch without it; both
+    channels' states and the T2 results are the same, and only the first archive's run reads the kept
+    history."""
     files = sorted(f for s in SOURCES for f in ([data_dir / s] if (data_dir / s).is_file() else (data_dir / s).rglob("*.avro")))
     kept, plain = tmp_path / "kept", tmp_path / "plain"
-    batches = [files[: len(files) // 2], files[len(files) // 2 : -3], files[-3:-1], files[-1:]]  # the tarballs in the first
+    batches = [files[: len(files) // 2], files[len(files) // 2 : -8], *([f] for f in files[-8:])]  # the tarballs in the first
+    merges = 0
     for batch in batches:
         rep = ingest([str(f) for f in batch], kept, IngestOptions(workers=0, progress=False, compact_rows=0))
         assert rep.history["parts"] == rep.partitions
+        merges += rep.history["merged"]
+    assert merges >= 1  # single alerts' segments are of one size tier: merged
     ingest([str(f) for f in files], plain, IngestOptions(workers=0, progress=False, history=False))
     arch = Archive(kept)
     assert sum(len(hs.load_manifest(kept, s)["segments"]) for s in ("ztf", "lsst")) >= 3
@@ -145,6 +149,12 @@ def test_a_run_on_the_kept_history_equals_the_run_that_shuffles_after_many_inges
     assert history_segments(arch, arch.partitions()) is not None
     assert history_segments(Archive(plain), Archive(plain).partitions()) is None
     assert update_history(arch)["parts"] == 0  # nothing left to cover
+    # segments merged away wait for their grace period; then exactly the ones the manifests name are left
+    live = hs.live_files(kept)
+    arch.retire(sorted(live)[:1])  # a name retired and then written again by a merge is live: kept
+    delete_retired(arch, 0)
+    on_disk = {f.relative_to(kept).as_posix() for f in kept.glob("survey=*/_history/seg-*")}
+    assert on_disk == live and live
     run(kept, tmp_path / "s_kept", history_workflow())
     run(plain, tmp_path / "s_plain", history_workflow())
     got, want = results(tmp_path / "s_kept"), results(tmp_path / "s_plain")

@@ -78,12 +78,14 @@ def update_history(archive: Archive, client=None, surveys: list[str] | None = No
         jobs = [(root, survey, [p.path for p in g], f"seg-{key_of('build', hs.VERSION, sorted(p.content_hash for p in g))}.arrow") for g in groups]
         built = _run(client, build_segment, jobs)
         with archive.locked():
+            stale = hs.stale_segments(root, survey)  # a history of another layout: replaced by this one
             m = hs.load_manifest(root, survey)
             for (name, rows), g in zip(built, groups):
                 m["segments"][name] = rows
                 m["covered"] = [*m["covered"], *(p.content_hash for p in g)]
             if built:
                 hs.save_manifest(root, survey, m)
+                archive.retire(stale)
         out["segments"] += len(built)
         out["parts"] += len(todo)
         out["merged"] += _merge_tiers(archive, survey, client)
