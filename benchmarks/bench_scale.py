@@ -52,22 +52,26 @@ def packet_only(wf: Workflow) -> Workflow | None:
 
 def run_jobs(jobs: list[Workflow], archive: Path, workers: int, kept: dict | None = None) -> list[dict]:
     """Each job on one LocalCluster; ``kept``: first keep the archive's object-bucketed history (what
-    ``ampel-dask ingest`` does; make_archive.py writes Parquet directly), its seconds and MB put there."""
+    ``ampel-dask ingest`` does; make_archive.py writes Parquet directly) on a cluster of its own, as an
+    ingest would (the workers' heaps after building it are not the run's), its seconds and MB put there."""
     from distributed import Client
 
     from ampel_dask.graph.history import update_history
+    from ampel_dask.io import history as hs
     from ampel_dask.io.archive import Archive
 
     from ampel_dask.graph.workers import local_cluster
 
+    if kept is not None:
+        with local_cluster(workers, dashboard_address=None) as cluster, Client(cluster) as client:
+            t = time.perf_counter()
+            kept.update(update_history(Archive(archive), client), wall_seconds=round(time.perf_counter() - t, 2))
+        live = [Path(p) for s in archive.glob("survey=*") for p in hs.segment_paths(archive, s.name.removeprefix("survey="))]
+        kept.update(segments_live=len(live), mb_live=round(sum(p.stat().st_size for p in live) / 2**20))
     warm_imports()  # the driver plans the workflow: its unit modules are imported once in its life
     out = []
     with local_cluster(workers, dashboard_address=None) as cluster, Client(cluster) as client:
         client.run(warm_imports)
-        if kept is not None:
-            t = time.perf_counter()
-            kept.update(update_history(Archive(archive), client), wall_seconds=round(time.perf_counter() - t, 2),
-                        mb=round(sum(p.stat().st_size for p in archive.glob("survey=*/_history/seg-*.arrow")) / 2**20))  # fmt: skip
         for wf in jobs:
             store = WORK / "scale-store"
             shutil.rmtree(store, ignore_errors=True)
