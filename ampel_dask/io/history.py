@@ -31,7 +31,6 @@ like compacted parts (``_retired.json``), so that a run reading them finishes.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -48,12 +47,11 @@ from .files import atomic_target, atomic_write
 #: 1.32-1.34 GB; benchmarks/README.md). A merge holds one bucket of its inputs in memory too.
 BUCKETS = 128
 FANOUT = 4  # segments of one size tier merged into one
-MERGE_ROWS = 64_000_000  # rows of a merge's output at most (~7 GB; one bucket of it, ~0.5 GB, in memory)
+MERGE_ROWS = 64_000_000  # rows of a merge's output at most (~7 GB; one of its buckets, ~60 MB, in memory at a time)
 DIR = "_history"
 MANIFEST = "_manifest.json"
 #: which datapoints and copies a segment holds; a manifest of another version is rebuilt
 VERSION = 1
-KEYS = ["stock", "packet", "packet_mjd", "packet_pid"]  # then the datapoint's fields
 
 
 def history_dir(root: str | Path, survey: str) -> Path:
@@ -87,10 +85,6 @@ def save_manifest(root: str | Path, survey: str, manifest: dict) -> None:
     """Replace the manifest (call with the archive's lock held)."""
     manifest = {**manifest, "covered": sorted(set(manifest["covered"]))}
     atomic_write(history_dir(root, survey) / MANIFEST, json.dumps(manifest, sort_keys=True).encode())
-
-
-def covers(root: str | Path, survey: str, hashes: Iterable[str]) -> bool:
-    return set(hashes) <= set(load_manifest(root, survey)["covered"])
 
 
 def segment_paths(root: str | Path, survey: str) -> list[str]:
@@ -254,5 +248,5 @@ def _runs_of(batch: pa.RecordBatch, mine: np.ndarray) -> pa.Table | None:
     return pa.Table.from_batches([batch]).take(pa.array(idx))
 
 
-__all__ = ["BUCKETS", "history_dir", "load_manifest", "save_manifest", "covers", "segment_paths", "carry_coverage", "live_files", "stale_segments", "write_segment",
+__all__ = ["BUCKETS", "history_dir", "load_manifest", "save_manifest", "segment_paths", "carry_coverage", "live_files", "stale_segments", "write_segment",
            "merge_segments", "first_per_class", "tiers_to_merge", "lookup"]  # fmt: skip
