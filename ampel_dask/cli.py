@@ -539,6 +539,7 @@ def _live_options(fn: Callable) -> Callable:
         _from(M, "store_wait", type=click.FloatRange(min=0)),
         _from(M, "compact_every", type=click.IntRange(min=0)),
         _from(M, "compact_rows", type=click.IntRange(min=1)),
+        _from(M, "history", "--history/--no-history"),
     ]
     for d in reversed(decorators):
         fn = d(fn)

@@ -270,6 +270,7 @@ def main() -> None:
     ap.add_argument("--bursts", type=int, default=3, help="Rubin bursts of 10,000 (the first is cold)")
     ap.add_argument("--elasticc", type=int, default=1, help="ELAsTiCC bursts of 10,000")
     ap.add_argument("--sustained", type=int, default=50_000, help="alerts produced back to back (0: skip)")
+    ap.add_argument("--no-history", action="store_true", help="do not keep the archive's object-bucketed history (history channels shuffle)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     from ampel_dask.testing.kafka_broker import start_kafka
@@ -284,7 +285,7 @@ def main() -> None:
                  "workers": a.workers, "bursts": [], "elasticc": [], "sustained": None}  # fmt: skip
     live = Live(LiveOptions(bootstrap=server.bootstrap, topics=["rubin", "elasticc", "sustained"], group="bench", interval=300,
                             max_batch=BURST, workers=a.workers, archive=str(WORK / "archive"), store=str(WORK / "store"),
-                            properties=PROPS, chunk_packets=1250, metrics_file=str(WORK / "live.prom")))  # fmt: skip
+                            properties=PROPS, chunk_packets=1250, metrics_file=str(WORK / "live.prom"), history=not a.no_history))  # fmt: skip
     try:
         if not live.assigned.wait(120):
             raise TimeoutError("the live consumer got no partitions")

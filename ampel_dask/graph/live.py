@@ -196,7 +196,7 @@ def _process_held(ctx: _Context, consumer: LiveConsumer, batch: Batch, n: int, r
     if ctx.registry is not None:
         ctx.registry.ensure(wire_schema_ids(packets))
     # compacted in the background after the commit (graph/compact.Background), not within the batch
-    iopts = IngestOptions(schema_dirs=ctx.schema_dirs, progress=False, chunk_packets=opts.chunk_packets, compact_rows=0)
+    iopts = IngestOptions(schema_dirs=ctx.schema_dirs, progress=False, chunk_packets=opts.chunk_packets, compact_rows=0, history=opts.history)
     report = ingest_packets(packets, ctx.archive, iopts, client=ctx.client)
     t_ingest = time.time()
     crash("after_ingest", n)

@@ -38,4 +38,5 @@ class LiveOptions(BaseModel):
     chunk_packets: int = Field(2000, ge=1, description="messages per decode task")
     compact_every: int = Field(10, ge=0, description="every N committed batches, compact the nights they wrote to in the background (0: never)")
     compact_rows: int = Field(25_000, gt=0, description="rows per part that compaction writes")
+    history: bool = Field(True, description="add each batch's parts to the archive's object-bucketed history, which history channels read (io/history.py)")
     store_wait: float | None = Field(None, ge=0, description="seconds a batch waits for the store while another run holds it (default: as long as it takes)")
