@@ -110,6 +110,8 @@ def ingest(sources, archive, as_json, **options) -> None:
     if report.compaction.get("nights"):
         c = report.compaction
         click.echo(f"compacted {c['nights']} night(s): {c['replaced']} part(s) merged into {c['written']} ({c['parts_after']} part(s) in those nights)", err=as_json)
+    if report.history.get("error"):
+        click.echo(f"warning: the archive's history was not updated ({report.history['error']}); history channels shuffle the parts it does not cover until the next ingest adds them", err=True)
     if report.history.get("parts"):
         h = report.history
         click.echo(f"history: {h['parts']} part(s) added in {h['segments']} segment(s), {h['merged']} merge(s), {h['seconds']:.1f} s", err=as_json)

@@ -174,3 +174,35 @@ def test_a_run_on_the_kept_history_equals_the_run_that_shuffles_after_many_inges
     hs.write_segment(rows.slice(0, rows.num_rows // 2), seg.parent, seg.name)
     run(kept, tmp_path / "s_cut", history_workflow())
     assert results(tmp_path / "s_cut") != want
+
+
+def test_an_ingest_whose_history_update_fails_keeps_its_alerts_says_why_and_the_next_one_catches_up(tmp_path, data_dir, monkeypatch, caplog):
+    """A full disk while segments are written: the alerts are archived and indexed anyway, the ingest
+    reports the reason and logs a warning; runs shuffle meanwhile (same states as with the history),
+    and the next ingest covers the parts the failed one left. No partial segment is left behind."""
+    files = sorted((data_dir / "ztf/pitt_google").rglob("*.avro"))
+    arch = Archive(tmp_path / "a")
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hs, "write_segment", full)
+    rep = ingest([str(f) for f in files[:-1]], arch.root, IngestOptions(workers=0, progress=False))
+    monkeypatch.undo()
+    assert rep.ingested == len(files) - 1 and rep.quarantined == 0
+    assert "No space left on device" in rep.history["error"]
+    assert any("history was not updated" in r.message for r in caplog.records)
+    assert sum(p.rows for p in arch.partitions()) == len(files) - 1
+    assert history_segments(arch, arch.partitions()) is None  # runs shuffle
+    assert not list(arch.root.glob("survey=*/_history/*seg-*"))  # nothing half-written
+    run(arch.root, tmp_path / "s_shuffled", history_workflow())
+    rep = ingest([str(files[-1])], arch.root, IngestOptions(workers=0, progress=False))
+    assert rep.history["parts"] == len(arch.partitions())  # the parts the failed ingest left, and its own
+    assert history_segments(arch, arch.partitions()) is not None
+    run(arch.root, tmp_path / "s_kept", history_workflow())
+    plain = tmp_path / "plain"
+    ingest([str(f) for f in files], plain, IngestOptions(workers=0, progress=False, history=False))
+    run(plain, tmp_path / "s_plain", history_workflow())
+    assert results(tmp_path / "s_kept") == results(tmp_path / "s_plain")
+    shuffled = results(tmp_path / "s_shuffled")
+    assert {c: len(shuffled[c]) for c in ACCESS_OF} == {"PUB": len(files) - 1, "ALL": len(files) - 1}
