@@ -9,6 +9,8 @@ library version; a plain-Python per-datapoint photometry for T2PointPhotometry.
 
 from __future__ import annotations
 
+import bisect
+
 import hashlib
 import importlib.metadata
 import math
@@ -33,7 +35,7 @@ from ampel_dask.graph.selection import left_join
 from ampel_dask.graph.tasks import _dep_results
 from ampel_dask.graph.workflow import Workflow
 from ampel_dask.io.archive import Archive
-from ampel_dask.io.arrays import contains, first_rows, lookup, merged, sorted_unique
+from ampel_dask.io.arrays import contains, first_rows, lookup, merged, search, sorted_unique
 from ampel_dask.io.layout import DATAPOINT
 from ampel_dask.io.stores import ParquetStore
 from ampel_dask.io.stores.mongo import MongoStore
@@ -243,6 +245,24 @@ def test_id_helpers_equal_plain_python(pairs, queries):
 @given(old=st.lists(st.integers(-50, 50), max_size=40), new=st.lists(st.integers(-50, 50), max_size=20))
 def test_merged_integers_equal_plain_python(old, new):
     assert merged(np.array(sorted(set(old)), dtype=np.int64), np.array(new, dtype=np.int64)).tolist() == sorted(set(old) | set(new))
+
+
+@settings(max_examples=40, deadline=None)
+@given(pairs=st.lists(st.tuples(st.integers(0, 30), LANE), max_size=300), seed=st.integers(0, 2**32 - 1), n=st.integers(1000, 3000))
+def test_id_helpers_with_many_queries_equal_plain_python(pairs, seed, n):
+    """Past ``SORT_NEEDLES`` queries the binary searches sort them first (``arrays.search``): the
+    answers stay those of plain Python sets, with first lanes shared by many ids."""
+    rng = np.random.default_rng(seed)
+    pool = pairs + [(int(a), int(b)) for a, b in rng.integers(0, 31, size=(50, 2))]
+    queries = [pool[i] for i in rng.integers(0, len(pool), n)]
+    uniq, q = sorted_unique(ids_of(pairs)), ids_of(queries)
+    assert list(contains(uniq, q)) == [p in set(pairs) for p in queries]
+    assert pairs_of(merged(uniq, q)) == sorted(set(pairs) | set(queries))
+    ints = np.array(sorted({a for a, _ in pairs}), dtype=np.int64)
+    qi = np.array([a for a, _ in queries], dtype=np.int64)
+    assert list(contains(ints, qi)) == [a in {x for x, _ in pairs} for a in qi.tolist()]
+    for side in ("left", "right"):
+        assert search(ints, qi, side).tolist() == [bisect.bisect_left(ints.tolist(), a) if side == "left" else bisect.bisect_right(ints.tolist(), a) for a in qi.tolist()]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -122,8 +122,13 @@ def selection_in_batches(store: ResultStore, plan: ChannelPlan, state_keys: list
             ids = id_values(piece.column("state_id"))
             have.append(ids)
             batch = order[lookup_sorted(sorted_sid, ids)] // rows  # every id is one of sid: pieces are cut to it
-            for j in np.unique(batch):
-                _write(scratch / f"t2-{u}-{j}-{k}.arrow", piece.filter(batch == j))
+            # rows grouped by batch with one gather, then sliced (a filter per batch scanned every
+            # column once per batch: 1,281 filters of ~110 columns at 10 M LSST alerts)
+            by = np.argsort(batch, kind="stable")
+            bounds = np.searchsorted(batch[by], np.arange(nbatch + 1))
+            piece = piece.take(pa.array(by))
+            for j in np.flatnonzero(np.diff(bounds)):
+                _write(scratch / f"t2-{u}-{j}-{k}.arrow", piece.slice(bounds[j], bounds[j + 1] - bounds[j]))
         fails.append(_failures(store, unit, sid, sorted_unique(np.concatenate(have)) if have else sid[:0]))
     files, schemas = [], []
     for j in range(nbatch):
