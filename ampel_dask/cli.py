@@ -141,6 +141,34 @@ def compact_cmd(archive, target_rows, nights, grace_seconds, as_json) -> None:
         _emit_json(report.summary() | {"deleted": len(report.deleted)})
 
 
+@main.command("history")
+@click.argument("archive", type=click.Path(exists=True, file_okay=False))
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Dask worker processes building segments (0: in this process)")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON summary as the last stdout line")
+def history_cmd(archive, workers, as_json) -> None:
+    """Add every part the archive's object-bucketed history does not cover yet (what ingest does for
+    the parts it wrote): an archive written before ingest kept it, or with --no-history. History
+    channels read it instead of shuffling every archived datapoint at each run."""
+    from .graph.history import update_history
+    from .io.archive import Archive
+
+    arch = Archive(archive)
+    if not arch.exists():
+        raise click.UsageError(f"{archive} is not an ampel-dask archive")
+    if workers:
+        from distributed import Client
+
+        from .graph.workers import local_cluster
+
+        with local_cluster(workers, dashboard_address=None) as cluster, Client(cluster) as client:
+            done = update_history(arch, client)
+    else:
+        done = update_history(arch)
+    click.echo(f"history: {done['parts']} part(s) added in {done['segments']} segment(s), {done['merged']} merge(s), {done['seconds']:.1f} s", err=as_json)
+    if as_json:
+        _emit_json(done)
+
+
 def _load_mapping(path: str) -> dict:
     """A YAML/JSON file with a unit config; ``{unit: ..., config: {...}}`` (AMPEL style) works too."""
     import yaml

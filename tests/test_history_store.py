@@ -206,3 +206,29 @@ def test_an_ingest_whose_history_update_fails_keeps_its_alerts_says_why_and_the_
     assert results(tmp_path / "s_kept") == results(tmp_path / "s_plain")
     shuffled = results(tmp_path / "s_shuffled")
     assert {c: len(shuffled[c]) for c in ACCESS_OF} == {"PUB": len(files) - 1, "ALL": len(files) - 1}
+
+
+def test_the_history_command_covers_an_archive_ingested_without_it(tmp_path, data_dir):
+    """`ampel-dask history ARCHIVE` on a --no-history archive: afterwards every part is covered, a
+    second call adds nothing, and a run reads the kept history with the results of the shuffle."""
+    import json
+
+    from click.testing import CliRunner
+
+    from ampel_dask.cli import main
+
+    files = sorted((data_dir / "ztf/pitt_google").rglob("*.avro"))
+    root = tmp_path / "a"
+    ingest([str(f) for f in files], root, IngestOptions(workers=0, progress=False, history=False))
+    run(root, tmp_path / "s_shuffled", history_workflow())
+    arch = Archive(root)
+    assert history_segments(arch, arch.partitions()) is None
+    res = CliRunner().invoke(main, ["history", str(root), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["parts"] == len(arch.partitions())
+    assert history_segments(arch, arch.partitions()) is not None
+    again = CliRunner().invoke(main, ["history", str(root), "--json"])
+    assert json.loads(again.output.strip().splitlines()[-1])["parts"] == 0
+    run(root, tmp_path / "s_kept", history_workflow())
+    assert results(tmp_path / "s_kept") == results(tmp_path / "s_shuffled")
+    assert CliRunner().invoke(main, ["history", str(tmp_path)]).exit_code == 2  # not an archive: a usage error
