@@ -232,3 +232,27 @@ def test_the_history_command_covers_an_archive_ingested_without_it(tmp_path, dat
     run(root, tmp_path / "s_kept", history_workflow())
     assert results(tmp_path / "s_kept") == results(tmp_path / "s_shuffled")
     assert CliRunner().invoke(main, ["history", str(tmp_path)]).exit_code == 2  # not an archive: a usage error
+
+
+def test_a_history_of_another_layout_is_built_again_and_only_its_old_segments_go(tmp_path, data_dir):
+    """A manifest of another layout (here: it says 16 buckets) is not read: the history is built again,
+    its old segments are retired, and deleting retired files leaves exactly the new ones, even where an
+    old segment's name is a new one's."""
+    import json
+
+    files = sorted((data_dir / "ztf/pitt_google").rglob("*.avro"))
+    root = tmp_path / "a"
+    ingest([str(f) for f in files], root, IngestOptions(workers=0, progress=False))
+    arch = Archive(root)
+    manifest = hs.history_dir(root, "ztf") / "_manifest.json"
+    m = json.loads(manifest.read_text())
+    old = hs.history_dir(root, "ztf") / "seg-old.arrow"
+    old.write_bytes(next(hs.history_dir(root, "ztf").glob("seg-*.arrow")).read_bytes())
+    manifest.write_text(json.dumps({**m, "buckets": 16, "segments": {**m["segments"], "seg-old.arrow": 1}}))
+    assert history_segments(arch, arch.partitions()) is None  # not read: runs shuffle
+    assert update_history(arch)["parts"] == len(arch.partitions())
+    assert history_segments(arch, arch.partitions()) is not None
+    delete_retired(arch, 0)
+    on_disk = {f.relative_to(root).as_posix() for f in root.glob("survey=*/_history/seg-*")}
+    assert on_disk == hs.live_files(root) and "seg-old.arrow" not in {p.rsplit("/", 1)[-1] for p in on_disk}
+    assert set(m["segments"]) <= {p.rsplit("/", 1)[-1] for p in on_disk}  # same parts, same layout: same names, kept

@@ -75,7 +75,7 @@ def update_history(archive: Archive, client=None, surveys: list[str] | None = No
         covered = set(hs.load_manifest(root, survey)["covered"])
         todo = [p for p in archive.partitions([survey]) if p.content_hash not in covered]
         groups = _groups(todo)
-        jobs = [(root, survey, [p.path for p in g], f"seg-{key_of('build', hs.VERSION, sorted(p.content_hash for p in g))}.arrow") for g in groups]
+        jobs = [(root, survey, [p.path for p in g], f"seg-{key_of('build', hs.VERSION, hs.BUCKETS, sorted(p.content_hash for p in g))}.arrow") for g in groups]
         built = _run(client, build_segment, jobs)
         with archive.locked():
             stale = hs.stale_segments(root, survey)  # a history of another layout: replaced by this one
@@ -85,7 +85,8 @@ def update_history(archive: Archive, client=None, surveys: list[str] | None = No
                 m["covered"] = [*m["covered"], *(p.content_hash for p in g)]
             if built:
                 hs.save_manifest(root, survey, m)
-                archive.retire(stale)
+                live = {(hs.history_dir(root, survey) / n).relative_to(root).as_posix() for n in m["segments"]}
+                archive.retire([f for f in stale if f not in live])
         out["segments"] += len(built)
         out["parts"] += len(todo)
         out["merged"] += _merge_tiers(archive, survey, client)

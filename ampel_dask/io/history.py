@@ -151,7 +151,7 @@ def first_per_class(table: pa.Table) -> pa.Table:
 def merge_segments(paths: list[str], folder: Path) -> tuple[str, int]:
     """One segment of the union of these, each datapoint's earliest copy per packet class; bucket by
     bucket (a bucket of all of them in memory at a time). Returns its name and rows."""
-    name = f"seg-{key_of('merge', VERSION, sorted(Path(p).name for p in paths))}.arrow"
+    name = f"seg-{key_of('merge', VERSION, BUCKETS, sorted(Path(p).name for p in paths))}.arrow"
     # read, not mapped: a mapped page read once stays in the process's resident memory, which Dask's
     # memory monitor counts (a 13-way merge of 6.5 GB showed 8.3 GiB "unmanaged" on its worker)
     readers = [pa.ipc.open_file(pa.OSFile(p)) for p in paths]
