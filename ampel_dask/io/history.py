@@ -42,9 +42,10 @@ from .arrays import order_by
 from .files import atomic_target, atomic_write
 
 #: object buckets of a survey's history. A lookup maps the pages it touches of one bucket's batch at a
-#: time, and a bucket's objects are spread over all of it, so smaller buckets map less at once: 10 M
-#: LSST alerts peaked at 1.77-1.97 GB per worker with 16, 1.68-1.78 GB with 128 (the run's own shuffle:
-#: 1.32-1.34 GB; benchmarks/README.md). A merge holds one bucket of its inputs in memory too.
+#: time, and a bucket's objects are spread over all of it, so smaller buckets map less at once (10 M
+#: LSST alerts, with the history built by the same workers just before: 1,765-1,968 MiB per worker with
+#: 16, 1,681-1,780 with 128; built apart, 1,419-1,490 with 128; benchmarks/README.md). A merge holds
+#: one bucket of its inputs in memory too.
 BUCKETS = 128
 FANOUT = 4  # segments of one size tier merged into one
 MERGE_ROWS = 64_000_000  # rows of a merge's output at most (~7 GB; one of its buckets, ~60 MB, in memory at a time)
