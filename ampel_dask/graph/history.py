@@ -21,7 +21,8 @@ from ..io import history as hs
 from ..io.archive import Archive, Partition, read_dps
 from ..io.layout import BAND_CODES, band_as
 from ..keys import key_of
-from ..tiers.states import HISTORY_SCHEMA, TIME_EPS, access_mask, thinned_history
+from .shuffle import stocks_of
+from ..tiers.states import HISTORY_SCHEMA, TIME_EPS, access_by_survey, thinned_history
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +152,7 @@ def bucket_history(segments: dict[str, list[str]], alerts: pa.Table, access: lis
     the object's latest passing alert (later packets add nothing to its states), as
     :data:`~tiers.states.HISTORY_SCHEMA` rows. A datapoint may come once per packet class here;
     ``first_copies`` in the join keeps its earliest."""
-    stock = alerts.column("stock").to_numpy()
-    order = np.argsort(stock, kind="stable")
-    s, m = stock[order], alerts.column("mjd").to_numpy()[order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]]) if len(s) else np.empty(0, np.int64)
-    stocks, until = s[starts], (np.maximum.reduceat(m, starts) if len(s) else m)
+    stocks, until = stocks_of([(alerts.column("stock").to_numpy(), alerts.column("mjd").to_numpy())])
     pieces = []
     for survey, paths in sorted(segments.items()):
         rows = hs.lookup(paths, stocks)
@@ -163,9 +160,8 @@ def bucket_history(segments: dict[str, list[str]], alerts: pa.Table, access: lis
             continue
         at = np.searchsorted(stocks, rows.column("stock").to_numpy())
         keep = rows.column("packet_mjd").to_numpy() <= until[at] + TIME_EPS
-        pid = rows.column("packet_pid").to_numpy().astype(np.float64)
-        names = pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows.num_rows, np.int32)), pa.array([survey]))
-        keep &= access_mask(names, np.where(pid < 0, np.nan, pid), access)
+        pid = rows.column("packet_pid").to_numpy().astype(np.float64)  # -1 (none) is private, as NaN is
+        keep &= access_by_survey([survey], np.zeros(rows.num_rows, np.int64), pid, access)
         pieces.append(rows.filter(pa.array(keep)).drop_columns(["packet_pid"]))
     return pa.concat_tables(pieces) if pieces else HISTORY_SCHEMA.empty_table()
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..io.archive import read_dps
-from ..io.arrays import contains, take_rows
+from ..io.arrays import contains, one_batch, take_rows
 from ..io.layout import BAND_CODES, band_as
 from ..io.files import atomic_target
 from ..keys import bucket_of
@@ -42,17 +42,10 @@ def write_buckets(table: pa.Table, shuffle_dir: str, kind: str, name: str, nbuck
     with atomic_target(Path(shuffle_dir) / kind / f"{name}.arrow", scratch=True) as tmp, pa.OSFile(str(tmp), "wb") as sink:
         with pa.ipc.new_file(sink, table.schema, options=_COMPRESSED) as writer:
             for k in range(nbuckets):
-                writer.write_batch(_one_batch(table.slice(bounds[k], bounds[k + 1] - bounds[k])))
+                writer.write_batch(one_batch(table.slice(bounds[k], bounds[k + 1] - bounds[k])))
 
 
 _COMPRESSED = pa.ipc.IpcWriteOptions(compression="lz4")
-
-
-def _one_batch(table: pa.Table) -> pa.RecordBatch:
-    batches = table.to_batches()
-    if len(batches) == 1:
-        return batches[0]
-    return pa.RecordBatch.from_arrays([c.combine_chunks() for c in table.columns], schema=table.schema)
 
 
 def read_bucket(shuffle_dir: str, kind: str, bucket: int) -> pa.Table | None:

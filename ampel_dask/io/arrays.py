@@ -189,3 +189,11 @@ def take_rows(chunks: pa.ChunkedArray | list[pa.Array], idx: np.ndarray) -> pa.A
     back = np.empty(len(order), dtype=np.int64)
     back[order] = np.arange(len(order))
     return gathered.take(pa.array(back))
+
+
+def one_batch(table: pa.Table) -> pa.RecordBatch:
+    """A table as one record batch (an IPC file's batch per bucket), its chunks combined only if it has several."""
+    batches = table.to_batches()
+    if len(batches) == 1:
+        return batches[0]
+    return pa.RecordBatch.from_arrays([c.combine_chunks() for c in table.columns], schema=table.schema)

@@ -38,8 +38,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..keys import bucket_of, key_of
-from .arrays import order_by
+from .arrays import one_batch, order_by
 from .files import atomic_target, atomic_write
+from .layout import band_as
 
 #: object buckets of a survey's history. A lookup maps the pages it touches of one bucket's batch at a
 #: time, and a bucket's objects are spread over all of it, so smaller buckets map less at once (10 M
@@ -130,9 +131,7 @@ def write_segment(table: pa.Table, folder: Path, name: str) -> int:
     with atomic_target(folder / name, durable=True) as tmp, pa.OSFile(str(tmp), "wb") as sink:
         with pa.ipc.new_file(sink, table.schema) as writer:
             for k in range(BUCKETS):
-                piece = table.slice(bounds[k], bounds[k + 1] - bounds[k])
-                batches = piece.to_batches()
-                writer.write_batch(batches[0] if len(batches) == 1 else pa.RecordBatch.from_arrays([c.combine_chunks() for c in piece.columns], schema=table.schema))
+                writer.write_batch(one_batch(table.slice(bounds[k], bounds[k + 1] - bounds[k])))
     return table.num_rows
 
 
@@ -162,7 +161,8 @@ def merge_segments(paths: list[str], folder: Path) -> tuple[str, int]:
     with atomic_target(folder / name, durable=True) as tmp, pa.OSFile(str(tmp), "wb") as sink:
         writer = None
         for k in range(BUCKETS):
-            piece = first_per_class(_plain_band(pa.concat_tables([pa.Table.from_batches([r.get_batch(k)]) for r in readers])))
+            piece = pa.concat_tables([pa.Table.from_batches([r.get_batch(k)]) for r in readers])
+            piece = first_per_class(piece.set_column(piece.schema.get_field_index("band"), "band", band_as(piece.column("band"), pa.string())))
             order = order_by((piece.column("stock").to_numpy(), "ascending"), (piece.column("dp_id").to_numpy(), "ascending"))
             piece = piece.take(pa.array(order))
             i = piece.schema.get_field_index("band")
@@ -182,11 +182,6 @@ def _band_names(reader: pa.ipc.RecordBatchFileReader) -> list[str]:
         return []
     band = reader.get_batch(0).column("band")
     return [b for b in (band.dictionary if pa.types.is_dictionary(band.type) else band.unique()).to_pylist() if b is not None]
-
-
-def _plain_band(table: pa.Table) -> pa.Table:
-    i = table.schema.get_field_index("band")
-    return table.set_column(i, "band", table.column("band").cast(pa.string())) if pa.types.is_dictionary(table.schema.field("band").type) else table
 
 
 def tiers_to_merge(segments: dict[str, int], cap: int = MERGE_ROWS) -> list[list[str]]:
