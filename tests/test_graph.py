@@ -384,6 +384,55 @@ def test_a_selection_in_batches_is_the_whole_selection(first_run, tmp_path):
     assert isinstance(small, pa.Table) and not (tmp_path / "small").exists()
 
 
+def _spread_selection(spec: dict, plan, keys: list[str], scratch: str, rows: int):
+    """What the selection task does on a worker, with batches of ``rows`` objects."""
+    from ampel_dask.graph.selection import selection_in_batches
+    from ampel_dask.io.stores import open_store
+
+    return selection_in_batches(open_store(spec), plan, keys, scratch, rows=rows, spec=spec)
+
+
+def test_a_selection_spread_over_a_cluster_is_the_whole_selection(first_run, tmp_path, monkeypatch):
+    """A large selection's steps are tasks on the cluster (``cluster_map``): each group of state sets'
+    latest states, each share of a unit's T2 results, each batch's join. Submitted to 2 workers with
+    batches of 3 objects, its batches must be the selection read as one table in this process, and
+    its steps must have run as tasks on both workers. In-process, with 1 or 2 sets per group, the
+    latest states must be those read set after set (ties across groups go to the same row). Oracle:
+    the whole selection and ``latest_states`` (checked against plain Python in the tests above)."""
+    from distributed import Client, get_task_stream
+
+    from ampel_dask.graph import selection as S
+    from ampel_dask.graph.workers import local_cluster
+    from ampel_dask.io.stores import store_spec
+
+    store, _ = first_run
+    s = ParquetStore(store)
+    plans = plan_workflow(wf())
+    keys = {p.name: sorted(f.stem for f in (store / "states" / p.name).glob("*.parquet")) for p in plans}
+    assert all(len(k) >= 2 for k in keys.values()) and max(map(len, keys.values())) > 2  # groups of 1 or 2 sets are not one group
+    for per in (1, 2):
+        monkeypatch.setattr(S, "SETS_PER_TASK", per)
+        for plan in plans:
+            scratch = tmp_path / f"groups-{per}" / plan.name
+            scratch.mkdir(parents=True)
+            got = S._spread_states(s, plan, keys[plan.name], scratch)
+            want = S.latest_states(s, plan.name, keys[plan.name], by_set=plan.history, dps=any(u.reads_dps for u in plan.t3))
+            assert got.schema.equals(want.schema) and nan_free(got.to_pylist()) == nan_free(want.to_pylist()), (per, plan.name)
+            assert not list(scratch.iterdir())  # the groups' files went once read
+    with local_cluster(2, dashboard_address=None) as cluster, Client(cluster) as client, get_task_stream(client) as ts:
+        for plan in plans:
+            whole = S.selection(s, plan, keys[plan.name])
+            got = client.submit(_spread_selection, store_spec(store), plan, keys[plan.name], str(tmp_path / "c" / plan.name), 3, pure=False).result()
+            assert isinstance(got, S.Batches) and len(got.files) > 2, plan.name
+            joined = pa.concat_tables(list(got))
+            assert joined.schema.equals(whole.schema, check_metadata=True), plan.name
+            assert nan_free(joined.to_pylist()) == nan_free(whole.to_pylist()), plan.name
+    steps = Counter((d["key"] if isinstance(d["key"], str) else d["key"][0]).split("-")[0] for d in ts.data)
+    units = sum(len([u for u in p.t2]) for p in plans)
+    assert steps["_scatter_t2"] == units * S.SHARES and steps["_group_latest"] >= len(plans) and steps["_join_batch"] > 2 * len(plans), steps
+    assert len({d["worker"] for d in ts.data if not str(d["key"]).startswith("_spread_selection")}) == 2
+
+
 def test_t3_over_a_selection_in_batches_exports_what_one_table_does(first_run, archive, tmp_path, monkeypatch):
     """A run whose selections come in batches of 3 objects (``selection.SELECTION_ROWS``): T3Export
     writes them batch by batch, and its file and the T3 objects must be the module's run's, whose

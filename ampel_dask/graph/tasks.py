@@ -31,7 +31,7 @@ from .failures import Blocked, UnitFailed, attempt, t3_blocked, unit_output
 from .plan import ChannelPlan, t2_units
 from .points import run_point_unit
 from .provenance import journal_rows, with_provenance
-from .selection import Batches, selection_in_batches
+from .selection import Batches, latest_rows, selection_in_batches
 from .history import bucket_history
 from .shuffle import accepted_by_any, read_bucket, write_buckets
 from .workers import cluster_map
@@ -232,7 +232,7 @@ def run_t2_stage(spec: dict, key: str, run_id: str, inputs: list[tuple[str, list
                 # named by the stage; an attempt where some states failed by the states it holds too, so
                 # that the retry of the failed ones (named by the stage) never replaces its results
                 name = key_of(key, sorted(id_hex(id_values(out.column("state_id"))))) if fails else key
-                store.write_t2(unit.name(), ukey, name, out)
+                store.write_t2(unit.name(), ukey, name, out, lead=_lead(batch, out))
                 results[ukey] = out
                 journal.append(journal_rows(out.column("stock"), run_id, 2, unit.name(), "computed", state_id=out.column("state_id")))
             c["computed"] = 0 if out is None else out.num_rows
@@ -356,6 +356,13 @@ def _dep_results(store, dep: T2StateUnit, batch: pa.Table, fresh: dict[str, pa.T
     return table.take(pa.array(at))
 
 
+def _lead(states: pa.Table, out: pa.Table) -> np.ndarray:
+    """Rows of ``out`` (results of ``states``) that hold an object's latest state among ``states``: what
+    a T3 selection after this run wants of them (the store keeps them apart, ``write_t2``'s ``lead``)."""
+    latest = latest_rows(*(states.column(c).to_numpy() for c in ("stock", "mjd", "alert_id")))
+    return contains(sorted_unique(id_values(states.column("state_id"))[latest]), id_values(out.column("state_id")))
+
+
 def _as_table(out: pa.Table | list[dict], n: int, unit: T2StateUnit) -> pa.Table:
     return unit_output(out, n, unit.name())
 
@@ -430,4 +437,4 @@ def selection_task(spec: dict, plan: ChannelPlan, state_names: list[str], scratc
     selection (``Blocked``) when one of them failed on the channel's states without recording it.
     A large selection comes as :class:`Batches` in ``scratch`` (removed with the run's shuffles)."""
     why = t3_blocked(plan.name, after)
-    return Blocked(why) if why else selection_in_batches(open_store(spec), plan, state_names, scratch)
+    return Blocked(why) if why else selection_in_batches(open_store(spec), plan, state_names, scratch, spec=spec)

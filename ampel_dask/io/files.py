@@ -45,8 +45,9 @@ _LOCK = threading.Lock()  # a worker process runs tasks in threads
 
 
 def atomic_write(path: Path, data: bytes, durable: Durable = True) -> None:
-    """Write bytes to a temp file beside ``path`` and rename it into place; durable now, at the next
-    :func:`sync` (``False``) or the next :func:`checkpoint` (``"checkpoint"``), see the module docstring."""
+    """Write bytes (or any bytes-like object: an Arrow buffer) to a temp file beside ``path`` and rename
+    it into place; durable now, at the next :func:`sync` (``False``) or the next :func:`checkpoint`
+    (``"checkpoint"``), see the module docstring."""
     made = make_dirs(path.parent)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     with open(tmp, "wb") as fh:

@@ -333,7 +333,8 @@ class MongoStore:
         return sorted(d["group"] for d in self._rdb.schemas.find({"collection": "t1"}, {"group": 1}))
 
     # --- T2 results ---
-    def write_t2(self, unit: str, unit_key: str, key: str, table: pa.Table) -> None:
+    def write_t2(self, unit: str, unit_key: str, key: str, table: pa.Table, lead: np.ndarray | None = None) -> None:
+        """``lead`` has no counterpart here: the server's index finds the rows a selection asks for."""
         self._write_results("t2", PROVENANCE, unit, unit_key, key, table)
 
     def done_state_ids(self, unit: str, unit_key: str, skip: frozenset[str] = frozenset()) -> np.ndarray:
@@ -345,8 +346,11 @@ class MongoStore:
     def read_t2(self, unit: str, unit_key: str, state_ids: np.ndarray | None = None, stock: int | None = None) -> pa.Table | None:
         return self._read_results("t2", "state_id", unit_key, state_ids, stock)
 
-    def t2_pieces(self, unit: str, unit_key: str, state_ids: np.ndarray) -> Iterator[pa.Table]:
-        """:meth:`read_t2` as one piece: the server cuts the results to ``state_ids`` in its query."""
+    def t2_pieces(self, unit: str, unit_key: str, state_ids: np.ndarray, share: tuple[int, int] = (0, 1)) -> Iterator[pa.Table]:
+        """:meth:`read_t2` as one piece: the server cuts the results to ``state_ids`` in its query (the
+        first of ``share``'s n shares holds it, the others nothing)."""
+        if share[0] != 0:
+            return
         t = self.read_t2(unit, unit_key, state_ids)
         if t is not None:
             yield t

@@ -179,8 +179,13 @@ class ParquetStore:
     def _t2_dir(self, unit: str, unit_key: str) -> Path:
         return self.root / "t2" / unit / unit_key
 
-    def write_t2(self, unit: str, unit_key: str, key: str, table: pa.Table) -> None:
-        atomic_write(self._t2_dir(unit, unit_key) / f"{key}.parquet", parquet_bytes(table), durable=False)
+    def write_t2(self, unit: str, unit_key: str, key: str, table: pa.Table, lead: np.ndarray | None = None) -> None:
+        """``lead`` (a mask of rows) goes first, in a row group of its own: a T3 selection that wants only
+        those rows reads that group alone (see :func:`_result_pieces`)."""
+        n = 0
+        if lead is not None and 0 < (n := int(np.count_nonzero(lead))) < table.num_rows:
+            table = table.take(pa.array(np.concatenate([np.flatnonzero(lead), np.flatnonzero(~lead)])))
+        atomic_write(self._t2_dir(unit, unit_key) / f"{key}.parquet", parquet_bytes(table, lead=n), durable=False)
 
     def t2_files(self, unit: str, unit_key: str) -> list[str]:
         return sorted(str(p) for p in self._t2_dir(unit, unit_key).glob("*.parquet"))
@@ -199,10 +204,12 @@ class ParquetStore:
     def read_t2(self, unit: str, unit_key: str, state_ids: np.ndarray | None = None, stock: int | None = None) -> pa.Table | None:
         return _read_results(self.t2_files(unit, unit_key), "state_id", state_ids, stock)
 
-    def t2_pieces(self, unit: str, unit_key: str, state_ids: np.ndarray) -> Iterator[pa.Table]:
+    def t2_pieces(self, unit: str, unit_key: str, state_ids: np.ndarray, share: tuple[int, int] = (0, 1)) -> Iterator[pa.Table]:
         """:meth:`read_t2` in pieces, one per result file (an id computed twice may be in two pieces): for a
-        T3 selection too large to read whole."""
-        return _result_pieces(self.t2_files(unit, unit_key), "state_id", state_ids, None)
+        T3 selection too large to read whole. ``share``: (i, n), the i-th of n disjoint shares of the
+        files, which n readers can take in parallel."""
+        i, n = share
+        return _result_pieces(self.t2_files(unit, unit_key)[i::n], "state_id", state_ids, None)
 
     def t2_units(self) -> list[tuple[str, str]]:
         return _units(self.root / "t2")
@@ -309,8 +316,26 @@ def _result_pieces(files: list[str], id_column_name: str, ids: np.ndarray | None
     """Each result file, cut to the rows of ``ids`` (content ids) if given, as it is read."""
     want = None if ids is None else sorted_unique(np.asarray(ids, dtype=ID_DTYPE))
     for f in files:
+        if want is not None and stock is None:
+            yield _wanted_rows(f, id_column_name, want)
+            continue
         t = _read(f, None, stock)
         yield t if want is None else t.filter(contains(want, id_values(t.column(id_column_name))))
+
+
+def _wanted_rows(path: str, id_column_name: str, want: np.ndarray) -> pa.Table:
+    """The rows of one result file whose ids are in ``want`` (sorted), reading whole only the row groups
+    that hold one: the ids are read first. A run's T3 selection wants each object's latest state, the
+    lead group of the file (``write_t2``): 0.1 of the rows of 10 M LSST alerts."""
+    pf = pq.ParquetFile(path)
+    hit = contains(want, id_values(pf.read(columns=[id_column_name], use_threads=False).column(id_column_name)))
+    sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+    starts = np.cumsum([0, *sizes])
+    groups = [g for g in range(len(sizes)) if hit[starts[g] : starts[g + 1]].any()]
+    if len(groups) == len(sizes):
+        return pf.read(use_threads=False).filter(hit)
+    mask = np.concatenate([hit[starts[g] : starts[g + 1]] for g in groups]) if groups else hit[:0]
+    return (pf.read_row_groups(groups, use_threads=False) if groups else pf.schema_arrow.empty_table()).filter(mask)
 
 
 def _read(path: Path, columns: list[str] | None = None, stock: int | None = None) -> pa.Table:
