@@ -250,10 +250,12 @@ def test_history_channel_joins_archived_datapoints(first_run):
 
 def test_history_bucket_count_changes_no_state_or_result(first_run, archive, tmp_path):
     """A large selection gets more object buckets (a bucket's states are held by one task): the bucket
-    count must change nothing a run gives. Oracle: the module's run with the default 16 buckets."""
+    count must change nothing a run gives. The archive keeps its history, so ``kept_history_bucket_rows``
+    sets the count, not ``history_bucket_rows`` (the shuffle's). Oracle: the module's run with the
+    default 16 buckets."""
     store16, _ = first_run
     rows = pq.read_table(archive / "_index.parquet", columns=["rows"]).column("rows").to_numpy().sum()  # the selection: every alert
-    for w, buckets in ((wf(history_buckets=1), 1), (wf(history_buckets=1, history_bucket_rows=200), -(-int(rows) // 200))):
+    for w, buckets in ((wf(history_buckets=1), 1), (wf(history_buckets=1, history_bucket_rows=100, kept_history_bucket_rows=200), -(-int(rows) // 200))):
         store = tmp_path / f"b{buckets}"
         run(archive, store, w, workers=0)
         markers = [json.loads(p.read_text()) for p in (store / "tasks").glob("*.json")]

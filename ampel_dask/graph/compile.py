@@ -89,11 +89,13 @@ def work_units(parts: list[Partition], min_rows: int = 10_000) -> list[WorkUnit]
 
 
 def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partition], store: ResultStore, run_id: str, history_buckets: int = 16,
-                batch_rows: int = 10_000, t3_states: dict[str, list[str]] | None = None, hold_t3: frozenset[str] = frozenset()) -> CompiledRun:  # fmt: skip
+                batch_rows: int = 10_000, t3_states: dict[str, list[str]] | None = None, hold_t3: frozenset[str] = frozenset(),
+                kept_buckets: int | None = None) -> CompiledRun:  # fmt: skip
     """``t3_states``: per channel, states of earlier runs that T3 reads besides this run's (live mode's
     selection so far), so that T3 after the last micro-batch sees what one archive run would see.
-    ``hold_t3``: channels whose T3 goes to ``held`` instead of the graph (their max_pass_ratio)."""
-    b = _Builder(plans, archive, parts, store, run_id, history_buckets, batch_rows)
+    ``hold_t3``: channels whose T3 goes to ``held`` instead of the graph (their max_pass_ratio).
+    ``kept_buckets``: the history join's buckets when it reads the kept history (else ``history_buckets``)."""
+    b = _Builder(plans, archive, parts, store, run_id, history_buckets, batch_rows, kept_buckets)
     b.packet_channels()
     packet_stages = [k for k in b.dsk if stage_of(k) == T2]
     for c in b.hist:  # their T2 stages run after the packet stages, so a state both reach is computed once
@@ -107,7 +109,8 @@ def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partitio
 class _Builder:
     """The stages of one run's graph, each a method; keys are ``task_key(STAGE, content key)``."""
 
-    def __init__(self, plans: list[ChannelPlan], archive: Archive, parts: list[Partition], store: ResultStore, run_id: str, buckets: int, batch_rows: int):
+    def __init__(self, plans: list[ChannelPlan], archive: Archive, parts: list[Partition], store: ResultStore, run_id: str, buckets: int, batch_rows: int,
+                 kept_buckets: int | None = None):  # fmt: skip
         self.run = CompiledRun(partitions=parts, t1_names={p.name: [] for p in plans}, count_names={p.name: [] for p in plans})
         self.dsk = self.run.graph
         self.plans, self.archive, self.parts, self.store, self.run_id = plans, archive, parts, store, run_id
@@ -121,6 +124,8 @@ class _Builder:
         # history ingest keeps when it covers them all (graph/history.py), else shuffled by this run
         self.sources = archive.partitions(sorted({p.survey for p in parts})) if self.hist else []
         self.segments = history_segments(archive, self.sources) if self.hist else None
+        if self.segments is not None and kept_buckets:
+            self.buckets = kept_buckets
         # each channel plan (units, models, catalogs) is one graph key, shipped once per worker and
         # referenced by the tasks, instead of being pickled into every task
         self.pk = {c.name: task_key(PLAN, key_of(c.name, c.t1_key, [u.identity.key for u in [*c.t2, *c.t3]])) for c in plans}

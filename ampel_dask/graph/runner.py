@@ -117,8 +117,9 @@ def _run_workflow(wf: Workflow, opts: RunOptions) -> dict:
         parts = [p for p in parts if p.path in wanted]
     check_columns(wf, plans, {p.survey for p in parts})
     t_compile = time.perf_counter()
-    buckets = wf.buckets_for(sum(p.rows for p in parts))
-    run = compile_run(plans, archive, parts, store, run_id, buckets, wf.batch_rows, opts.t3_states, frozenset(limits(wf)))
+    rows = sum(p.rows for p in parts)
+    run = compile_run(plans, archive, parts, store, run_id, wf.buckets_for(rows), wf.batch_rows, opts.t3_states, frozenset(limits(wf)),
+                      kept_buckets=wf.buckets_for(rows, kept=True))  # fmt: skip
     t_exec = time.perf_counter()
     results: dict[str, Any] = {}
     raised: dict[str, UnitFailed] = {}  # sink -> the T0, T1, T3 unit failure it raised (T2's come in the stages' counts)
