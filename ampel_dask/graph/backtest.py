@@ -12,14 +12,12 @@ in a run), so the numbers are the run's T0 numbers; a channel's ``max_pass_ratio
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..io.archive import Archive
