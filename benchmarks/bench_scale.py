@@ -1,6 +1,6 @@
 """A night at LSST design scale: 1 M, 3 M and 10 M replicated real alerts (ZTF or Rubin/LSST) through the same jobs.
 
-    .venv/bin/python benchmarks/bench_scale.py --sizes 1000000 3000000 10000000 [--survey ztf|lsst] [--workers 2] [--nights 1] [--json]
+    .venv/bin/python benchmarks/bench_scale.py --sizes 1000000 3000000 10000000 [--survey ztf|lsst] [--workers 2] [--nights 1] [--kept-history] [--tasks] [--json]
 
 For each size, an archive of replicated real alerts (benchmarks/make_archive.py: new alert, object and
 datapoint ids per replica, jittered photometry; ``--nights 1``: every replica's objects start on the
@@ -50,11 +50,27 @@ def packet_only(wf: Workflow) -> Workflow | None:
     return wf.model_copy(update={"name": f"{wf.name}-packet-channels", "channels": keep}) if keep else None
 
 
-def run_jobs(jobs: list[Workflow], archive: Path, workers: int, kept: dict | None = None) -> list[dict]:
+def task_seconds(stream: list[dict]) -> dict[str, list]:
+    """Dask's task stream summed by kind of task (the key's first word: ``t2`` a bucket's T1 + T2,
+    ``sel`` a T3 selection, ``_scatter_t2`` a step it spread over the cluster, ...): [tasks, compute
+    seconds over all workers], largest first. Where a size's extra time per alert goes."""
+    out: dict[str, list] = {}
+    for d in stream:
+        key = d["key"] if isinstance(d["key"], str) else d["key"][0]
+        mine = out.setdefault(key.split("-")[0], [0, 0.0])
+        mine[0] += 1
+        mine[1] += sum(s["stop"] - s["start"] for s in d["startstops"] if s["action"] == "compute")
+    return {k: [n, round(t, 2)] for k, (n, t) in sorted(out.items(), key=lambda kv: -kv[1][1])}
+
+
+def run_jobs(jobs: list[Workflow], archive: Path, workers: int, kept: dict | None = None, tasks: bool = False) -> list[dict]:
     """Each job on one LocalCluster; ``kept``: first keep the archive's object-bucketed history (what
     ``ampel-dask ingest`` does; make_archive.py writes Parquet directly) on a cluster of its own, as an
-    ingest would (the workers' heaps after building it are not the run's), its seconds and MB put there."""
-    from distributed import Client
+    ingest would (the workers' heaps after building it are not the run's), its seconds and MB put there.
+    ``tasks``: each run's :func:`task_seconds` too."""
+    from contextlib import nullcontext
+
+    from distributed import Client, get_task_stream
 
     from ampel_dask.graph.history import update_history
     from ampel_dask.io import history as hs
@@ -75,7 +91,7 @@ def run_jobs(jobs: list[Workflow], archive: Path, workers: int, kept: dict | Non
         for wf in jobs:
             store = WORK / "scale-store"
             shutil.rmtree(store, ignore_errors=True)
-            with PeakMemory(cluster) as mem:
+            with PeakMemory(cluster) as mem, (get_task_stream(client) if tasks else nullcontext()) as stream:
                 t = time.perf_counter()
                 s = run_workflow(wf, RunOptions(archive=str(archive), store=str(store), client=client, progress=False))
                 dt = time.perf_counter() - t
@@ -83,6 +99,8 @@ def run_jobs(jobs: list[Workflow], archive: Path, workers: int, kept: dict | Non
                         "us_per_alert": round(dt / s["alerts"] * 1e6 * workers, 3), "tasks": s["tasks"], "t2_computed": s["t2"]["computed"],
                         "peak_worker_rss_mb": sorted(round(v / 2**20) for v in mem.peak.values()),
                         "store_mb_per_million": round(tree_bytes(store) / 2**20 / (s["alerts"] / 1e6), 1)})  # fmt: skip
+            if tasks:
+                out[-1]["task_seconds"] = task_seconds(stream.data)
             shutil.rmtree(store, ignore_errors=True)
     return out
 
@@ -96,6 +114,7 @@ def main() -> None:
     ap.add_argument("--workflow", help="default: workflows/ztf_archive.yml (ztf), workflows/lsst_elasticc.yml (lsst)")
     ap.add_argument("--keep", action="store_true", help="keep the archives under .bench/ (4.6 GB for 10 M alerts)")
     ap.add_argument("--kept-history", action="store_true", help="keep the archives' object-bucketed history first (as ingest does): history channels read it instead of shuffling")
+    ap.add_argument("--tasks", action="store_true", help="also the compute seconds of each kind of task, summed over the workers (Dask's task stream)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     os.chdir(REPO)  # the workflow's model path is relative to the repository
@@ -115,7 +134,7 @@ def main() -> None:
         parts = json.loads((target / "_bench.json").read_text())["partitions"]
         print(f"{n:,} {args.survey} alerts: archive {arch_mb / (n / 1e6):,.0f} MB per million alerts, {parts} parts (made or found in {built:.0f} s)", flush=True)
         kept = {} if args.kept_history else None
-        for r in run_jobs(jobs, target, args.workers, kept):
+        for r in run_jobs(jobs, target, args.workers, kept, args.tasks):
             r["archive_mb_per_million"] = round(arch_mb / (n / 1e6), 1)
             if kept is not None:
                 r["kept_history"] = kept
@@ -123,6 +142,8 @@ def main() -> None:
             results.append(r)
             print(f"  {r['workflow']}: {r['seconds']:.1f} s, {r['alerts_per_s']:,} alerts/s, {r['us_per_alert']:.2f} core-us per alert, "
                   f"peak worker RSS {r['peak_worker_rss_mb']} MB, store {r['store_mb_per_million']} MB per million alerts", flush=True)
+            if "task_seconds" in r:
+                print("    task seconds: " + ", ".join(f"{k} {t} ({n})" for k, (n, t) in r["task_seconds"].items()), flush=True)
         if not args.keep and n >= 3_000_000:
             shutil.rmtree(target, ignore_errors=True)
     base = {r["workflow"]: r for r in results if r["alerts"] == min(args.sizes)}
