@@ -103,17 +103,18 @@ def selection_in_batches(store: ResultStore, plan: ChannelPlan, state_keys: list
                          spec: dict | None = None) -> pa.Table | Batches | None:  # fmt: skip
     """:func:`selection`, or, for more than ``rows`` objects (default :data:`SELECTION_ROWS`), the same
     rows as :class:`Batches` of at most ``rows`` objects written under ``scratch``: the selection is
-    never one table in memory. Two steps, each spread over the cluster (``cluster_map``; in turn outside
-    a worker): :data:`SHARES` shares of each unit's T2 results are read once, cut to the selection and
-    sent to their batch's scratch files; then each batch is joined alone. ``spec``: the store's, for the
-    steps on other workers (without it they run here, with ``store``). On one worker the selection of
-    10 M LSST alerts (898k objects) took 24 s while the other worker waited."""
+    never one table in memory. Three steps, each spread over the cluster (``cluster_map``; in turn
+    outside a worker): the latest states of groups of sets (:func:`_spread_states`); :data:`SHARES`
+    shares of each unit's T2 results, read once, cut to the selection and sent to their batch's scratch
+    files; then each batch joined alone. ``spec``: the store's, for the steps on other workers (without
+    it they run here, with ``store``). On one worker the selection of 10 M LSST alerts (898k objects)
+    took 24 s while the other worker waited; spread, ~11 s."""
     rows = rows or SELECTION_ROWS
     scratch = Path(scratch)
     shutil.rmtree(scratch, ignore_errors=True)  # what an attempt lost with its worker left
     scratch.mkdir(parents=True)
     ref = spec if spec is not None else store
-    sel = _spread_states(ref, plan, state_keys, scratch)
+    sel = _spread_states(store, ref, plan, state_keys, scratch)
     if sel is None or sel.num_rows <= rows:
         shutil.rmtree(scratch)  # one table: nothing for T3 to read from scratch
         return None if sel is None else selection_of(store, plan, sel)
@@ -148,12 +149,16 @@ SHARES = 8
 SETS_PER_TASK = 8
 
 
-def _spread_states(ref: ResultStore | dict, plan: ChannelPlan, keys: list[str], scratch: Path) -> pa.Table | None:
+def _spread_states(store: ResultStore, ref: ResultStore | dict, plan: ChannelPlan, keys: list[str], scratch: Path) -> pa.Table | None:
     """:func:`latest_states` of the channel's sets, found in parallel: the latest per object of each
     group of :data:`SETS_PER_TASK` sets (written to ``scratch``), then the latest of those. The groups
-    are runs of ``keys`` in order, so a tie goes to the row it went to when all sets were read in turn."""
+    are runs of ``keys`` in order, so a tie goes to the row it went to when all sets were read in turn.
+    One group is read here (``store``), without a task or a file."""
+    dps = any(u.reads_dps for u in plan.t3)
+    if len(keys) <= SETS_PER_TASK:
+        return latest_states(store, plan.name, keys, by_set=plan.history, dps=dps)
     groups = [keys[i : i + SETS_PER_TASK] for i in range(0, len(keys), SETS_PER_TASK)]
-    jobs = [(ref, plan.name, g, plan.history, any(u.reads_dps for u in plan.t3), str(scratch / f"latest-{n}.arrow")) for n, g in enumerate(groups)]
+    jobs = [(ref, plan.name, g, plan.history, dps, str(scratch / f"latest-{n}.arrow")) for n, g in enumerate(groups)]
     found = [(job[-1], light) for job, light in zip(jobs, cluster_map(_group_latest, jobs)) if light is not None]
     if not found:
         return None
