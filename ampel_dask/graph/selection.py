@@ -162,21 +162,10 @@ def _spread_states(store: ResultStore, ref: ResultStore | dict, plan: ChannelPla
     found = [(job[-1], light) for job, light in zip(jobs, cluster_map(_group_latest, jobs)) if light is not None]
     if not found:
         return None
-    cols = [np.concatenate([light[i] for _, light in found]) for i in range(3)]
-    first = latest_rows(*cols)
-    which = np.repeat(np.arange(len(found)), [len(light[0]) for _, light in found])[first]
-    offsets = np.cumsum([0, *(len(light[0]) for _, light in found)])
-    pieces, placed = [], []
-    for i in np.unique(which):
-        mine = np.flatnonzero(which == i)
-        pieces.append(_read(Path(found[i][0])).take(pa.array(first[mine] - offsets[i])))
-        placed.append(mine)
+    sel = _latest_of([light for _, light in found], lambda i: _read(Path(found[i][0])))
     for path, _ in found:
         Path(path).unlink()
-    sel = pa.concat_tables(pieces, promote_options="default")
-    at = np.empty(len(first), dtype=np.int64)
-    at[np.concatenate(placed)] = np.arange(len(first))
-    return sel.take(pa.array(at))  # in the order of stock
+    return sel
 
 
 def _group_latest(job: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -305,15 +294,21 @@ def latest_states(store: ResultStore, channel: str, keys: list[str], by_set: boo
     light = [(k, t) for k in keys if (t := store.read_states(channel, [k], columns=["stock", "mjd", "alert_id"])) is not None and t.num_rows]
     if not light:
         return None
-    cols = {c: np.concatenate([t.column(c).to_numpy() for _, t in light]) for c in ("stock", "mjd", "alert_id")}
-    first = latest_rows(cols["stock"], cols["mjd"], cols["alert_id"])
-    which = np.repeat(np.arange(len(light)), [t.num_rows for _, t in light])[first]  # the set of each chosen row
-    offsets = np.cumsum([0, *(t.num_rows for _, t in light)])
+    columns = [tuple(t.column(c).to_numpy() for c in ("stock", "mjd", "alert_id")) for _, t in light]
+    return _latest_of(columns, lambda i: store.read_states(channel, [light[i][0]], dps=dps))
+
+
+def _latest_of(light: list[tuple[np.ndarray, np.ndarray, np.ndarray]], whole: Callable[[int], pa.Table]) -> pa.Table:
+    """Each object's latest row among tables given by their (stock, mjd, alert_id) columns (``light``,
+    in order: ties go to the first), each table read (``whole(i)``) once and only if it holds a chosen
+    row; in the order of stock."""
+    first = latest_rows(*(np.concatenate([cols[i] for cols in light]) for i in range(3)))
+    which = np.repeat(np.arange(len(light)), [len(cols[0]) for cols in light])[first]  # the table of each chosen row
+    offsets = np.cumsum([0, *(len(cols[0]) for cols in light)])
     pieces, placed = [], []
     for i in np.unique(which):
         mine = np.flatnonzero(which == i)
-        whole = store.read_states(channel, [light[i][0]], dps=dps)
-        pieces.append(whole.take(pa.array(first[mine] - offsets[i])))
+        pieces.append(whole(int(i)).take(pa.array(first[mine] - offsets[i])))
         placed.append(mine)
     sel = pa.concat_tables(pieces, promote_options="default")
     at = np.empty(len(first), dtype=np.int64)

@@ -181,7 +181,7 @@ class ParquetStore:
 
     def write_t2(self, unit: str, unit_key: str, key: str, table: pa.Table, lead: np.ndarray | None = None) -> None:
         """``lead`` (a mask of rows) goes first, in a row group of its own: a T3 selection that wants only
-        those rows reads that group alone (see :func:`_result_pieces`)."""
+        those rows reads that group alone (see :func:`_wanted_rows`)."""
         n = 0
         if lead is not None and 0 < (n := int(np.count_nonzero(lead))) < table.num_rows:
             table = table.take(pa.array(np.concatenate([np.flatnonzero(lead), np.flatnonzero(~lead)])))
@@ -328,6 +328,9 @@ def _wanted_rows(path: str, id_column_name: str, want: np.ndarray) -> pa.Table:
     that hold one: the ids are read first. A run's T3 selection wants each object's latest state, the
     lead group of the file (``write_t2``): 0.1 of the rows of 10 M LSST alerts."""
     pf = pq.ParquetFile(path)
+    if pf.num_row_groups == 1:  # nothing to leave unread: one read, not the ids first (older files, packet stages)
+        t = pf.read(use_threads=False)
+        return t.filter(contains(want, id_values(t.column(id_column_name))))
     hit = contains(want, id_values(pf.read(columns=[id_column_name], use_threads=False).column(id_column_name)))
     sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
     starts = np.cumsum([0, *sizes])
