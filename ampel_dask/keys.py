@@ -414,8 +414,8 @@ def batch_key(keys: list[str]) -> str:
 
 # Graph task keys are ``<stage>-<content key>``; the stage names are used by the compiler that makes the
 # keys and by the runner that reads results back, never spelled out elsewhere.
-PLAN, READ, ROWS, T0, T1, T1H, T2, PASS, STOCKS, HIST, HIST_WRITTEN, BUCKET_STAGES, SELECTION, T3 = (
-    "plan", "read", "rows", "t0", "t1", "t1h", "t2", "pass", "stocks", "hist", "hw", "t2b", "sel", "t3")  # fmt: skip
+PLAN, READ, ROWS, T0, T1, STORED, T1H, T2, PASS, STOCKS, HIST, HIST_WRITTEN, BUCKET_STAGES, SELECTION, T3 = (
+    "plan", "read", "rows", "t0", "t1", "stored", "t1h", "t2", "pass", "stocks", "hist", "hw", "t2b", "sel", "t3")  # fmt: skip
 
 
 def task_key(stage: str, key: str) -> str:

@@ -231,6 +231,7 @@ def test_recorded_failures_are_counted_shown_seen_by_t3_and_retried(archive, sit
 def test_a_point_unit_fails_the_run_or_records_its_datapoints(archive, site, tmp_path):
     spec = json.loads(json.dumps(FRAGILE))
     spec["channels"][0]["t2"] = ["T2FragilePoint"]
+    spec["stage_rows"] = 1  # a T2 stage per work unit (not per month's group): the expected count below is per stage
     store = tmp_path / "store"
     args = ["run", str(write_workflow(tmp_path / "wf.yml", spec)), "--archive", str(archive), "--store", str(store), "--workers", "0", "--json"]
     proc = cli(site, *args, fail_dps="all")  # on_error: fail, every batch raises

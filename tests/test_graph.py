@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import yaml
 
 from ampel_dask.graph.plan import check_columns, plan_workflow
@@ -282,6 +284,84 @@ def test_history_states_and_results_do_not_depend_on_the_pieces_a_bucket_is_buil
         assert key(got) == key(want), ch
         assert ch != "FULLHIST" or got.num_rows > 5 * 16  # buckets of more than one piece
     assert t2_rows(store) == t2_rows(store16)
+
+
+def test_t2_stages_over_groups_of_work_units_change_no_state_or_result(first_run, archive, tmp_path):
+    """The packet channels' T2 stages each compute the states of a group of work units
+    (``stage_rows``): with each part its own work unit, grouped stages and one stage per work unit must
+    give the same states and T2 results. Oracle: the module's run (a work unit per month)."""
+    store1, _ = first_run
+    markers = lambda store: [json.loads(p.read_text()) for p in (store / "tasks").glob("*.json")]  # noqa: E731
+    months = len({p.night // 100 for p in Archive(archive).partitions()})
+    packet_stages = {}
+    for name, w in (("grouped", wf(batch_rows=1)), ("per_unit", wf(batch_rows=1, stage_rows=1))):
+        store = tmp_path / name
+        run(archive, store, w, workers=0)
+        t1 = [m for m in markers(store) if m.get("kind") == "t1"]
+        assert len(t1) == 2 * len(Archive(archive).partitions()) > 2 * months  # DECENT and BRIGHT: a T1 per part
+        packet_stages[name] = sum(m.get("kind") == "t2" for m in markers(store)) - sum(m.get("kind") == "t1h" for m in markers(store))
+        for ch in ("DECENT", "BRIGHT", "FULLHIST"):
+            got, want = ParquetStore(store).read_states(ch), ParquetStore(store1).read_states(ch)
+            key = lambda t: sorted(zip(t.column("alert_id").to_pylist(), t.column("state_id").to_pylist()))  # noqa: E731
+            assert key(got) == key(want), (name, ch)
+        assert t2_rows(store) == t2_rows(store1), name
+    assert packet_stages == {"grouped": months, "per_unit": len(Archive(archive).partitions())}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["ztf", "lsst"]), st.sampled_from([20240101, 20240115, 20240201, 20250101]), st.integers(1, 50)), max_size=30),
+       st.integers(1, 120))  # fmt: skip
+def test_stage_groups_are_maximal_runs_of_one_month_within_the_row_limit(parts, max_rows):
+    """Checked against the definition: the groups, joined, are the work units in order; a group is
+    one survey and month, within ``max_rows`` alerts unless it is one unit; and no group could have
+    taken the next unit (same month, and still within the limit)."""
+    from ampel_dask.graph.compile import WorkUnit, stage_groups
+    from ampel_dask.io.archive import Partition
+
+    units = [WorkUnit((Partition(s, n, f"p{i}", f"h{i}", r, 0.0, 1.0, 0, 1, None),)) for i, (s, n, r) in enumerate(parts)]
+    groups = stage_groups(units, max_rows)
+    month = lambda u: (u.parts[0].survey, u.parts[0].night // 100)  # noqa: E731
+    assert [u for g in groups for u in g] == units and all(groups)
+    for g in groups:
+        assert len({month(u) for u in g}) == 1
+        assert len(g) == 1 or sum(u.rows for u in g) <= max_rows
+    for g, h in zip(groups, groups[1:]):
+        assert month(g[-1]) != month(h[0]) or sum(u.rows for u in g) + h[0].rows > max_rows
+
+
+def test_a_stage_grouping_new_and_finished_work_units_reads_the_finished_ones_states(tmp_path, data_dir):
+    """A night added to a month joins the month's last T2 stage group: the finished work units' states
+    come from the store (their T1 tasks do not run again: the second run's journal accepts only the
+    new night's alerts), and the store ends as a run from scratch over the whole archive leaves it.
+    Oracles: the alerts of each ingest (read with fastavro), and the scratch run."""
+    files = sorted((data_dir / "ztf/pitt_google").rglob("*.avro"))
+    jd = {f: next(fastavro.reader(open(f, "rb")))["candidate"]["jd"] for f in files}
+    late = {f for f in files if jd[f] > 2459448.5}  # from 2021-08-20
+    (tmp_path / "early").mkdir()
+    for f in files:
+        if f not in late:
+            shutil.copy(f, tmp_path / "early" / f.name)
+    late_ids = {next(fastavro.reader(open(f, "rb")))["candid"] for f in late}
+    w = wf(channels=WORKFLOW["channels"][:2], batch_rows=1)  # each part its own work unit: the early ones stay as they are
+    archive, store = tmp_path / "a", tmp_path / "s"
+    ingest([str(tmp_path / "early")], archive, IngestOptions(workers=0, progress=False))
+    first = run(archive, store, w, workers=0)
+    ingest([str(f) for f in sorted(late)], archive, IngestOptions(workers=0, progress=False))
+    months = {(p.night // 100) for p in Archive(archive).partitions()}
+    early_months = {p.night // 100 for p in Archive(archive).partitions() if p.night < 20210820}
+    assert months & early_months  # a month both nights' parts fall in: its stage group holds both
+    second = run(archive, store, w, workers=0)
+    journal = ParquetStore(store).read_journal()
+    accepted = journal.filter(pc.and_(pc.equal(journal.column("run_id"), second["run_id"]), pc.equal(journal.column("tier"), 0)))
+    assert accepted.num_rows and set(accepted.column("alert_id").to_pylist()) <= late_ids
+    assert second["t2"]["reused"] >= first["t2"]["computed"] > 0
+    scratch = tmp_path / "scratch"
+    run(archive, scratch, w, workers=0)
+    for channel in ("DECENT", "BRIGHT"):
+        got = pq.read_table(store / "states" / channel, columns=["alert_id", "state_id"])
+        fresh = pq.read_table(scratch / "states" / channel, columns=["alert_id", "state_id"])
+        assert sorted(got.to_pylist(), key=str) == sorted(fresh.to_pylist(), key=str), channel
+    assert t2_rows(store) == t2_rows(scratch)
 
 
 def test_selection_holds_each_objects_latest_state_for_packet_and_history_channels(first_run):

@@ -1,8 +1,9 @@
 """Workflow + archive partitions -> a Dask graph whose keys are content hashes.
 
-Per archive partition (content hash h): ``read-h`` -> ``t0-<filters, access, h>`` per distinct filter
-chain -> ``t1-<chain, policy, h>`` per channel -> one ``t2-...`` stage for all T2 units of all channels
-(states de-duplicated across channels, stored states skipped). Channels whose T1 policy joins the
+Per work unit (content hash h): ``read-h`` -> ``t0-<filters, access, h>`` per distinct filter chain ->
+``t1-<chain, policy, h>`` per channel; per group of work units of one month (``stage_groups``), one
+``t2-...`` stage for all T2 units of all channels (states de-duplicated across channels, stored states
+skipped; a finished unit's states come from the store, ``stored-...``). Channels whose T1 policy joins the
 archived history get a shuffle by object: passing alerts, and their objects' packets from every
 archive part as flat datapoints (one copy each) -> ``t1h`` per object bucket -> a T2 stage per
 bucket. T3 runs per channel and unit after its channel's T2 stages. Identical work has identical keys, so it collapses within a run; finished
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..io.archive import Archive, Partition
 from ..io.stores import ResultStore
-from ..keys import BUCKET_STAGES, HIST, HIST_WRITTEN, PASS, PLAN, READ, ROWS, SELECTION, STOCKS, T0, T1, T1H, T2, T3, key_of, stage_of, task_key
+from ..keys import BUCKET_STAGES, HIST, HIST_WRITTEN, PASS, PLAN, READ, ROWS, SELECTION, STOCKS, STORED, T0, T1, T1H, T2, T3, key_of, stage_of, task_key
 from ..tiers.states import HISTORY_RULE
 from . import batches, shuffle, tasks
 from .history import history_segments
@@ -61,6 +62,10 @@ class WorkUnit:
         return key_of([p.content_hash for p in self.parts])
 
     @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+    @property
     def paths(self) -> list[str]:
         return [p.path for p in self.parts]
 
@@ -88,14 +93,38 @@ def work_units(parts: list[Partition], min_rows: int = 10_000) -> list[WorkUnit]
     return out
 
 
+def stage_groups(units: list[WorkUnit], max_rows: int) -> list[list[WorkUnit]]:
+    """The work units whose packet states one T2 stage computes: runs of consecutive units (in the
+    order :func:`work_units` gives) of one survey and month (night // 100), of up to ``max_rows`` alerts
+    each (a larger unit alone). Deterministic and local, as the work units are: adding a night changes
+    at most its month's last group.
+
+    A stage costs ~20 ms besides its units' work (three result files, the done-ids check, journal,
+    marker, a call of each unit): one per 47,000-alert part was 40% of the DECENT channel's T2 time at
+    3 M ZTF alerts, and its result files slowed the T3 selection (benchmarks/README.md). A stage holds
+    its units' states at once: a channel that passes every ZTF alert has ~1.7 KB per state."""
+    out: list[list[WorkUnit]] = []
+    month = None
+    for u in units:
+        p = u.parts[0]
+        here = (p.survey, p.night // 100)
+        if out and here == month and sum(x.rows for x in out[-1]) + u.rows <= max_rows:
+            out[-1].append(u)
+        else:
+            out.append([u])
+        month = here
+    return out
+
+
 def compile_run(plans: list[ChannelPlan], archive: Archive, parts: list[Partition], store: ResultStore, run_id: str, history_buckets: int = 16,
                 batch_rows: int = 10_000, t3_states: dict[str, list[str]] | None = None, hold_t3: frozenset[str] = frozenset(),
-                kept_buckets: int | None = None) -> CompiledRun:  # fmt: skip
+                kept_buckets: int | None = None, stage_rows: int = 400_000) -> CompiledRun:  # fmt: skip
     """``t3_states``: per channel, states of earlier runs that T3 reads besides this run's (live mode's
     selection so far), so that T3 after the last micro-batch sees what one archive run would see.
     ``hold_t3``: channels whose T3 goes to ``held`` instead of the graph (their max_pass_ratio).
-    ``kept_buckets``: the history join's buckets when it reads the kept history (else ``history_buckets``)."""
-    b = _Builder(plans, archive, parts, store, run_id, history_buckets, batch_rows, kept_buckets)
+    ``kept_buckets``: the history join's buckets when it reads the kept history (else ``history_buckets``).
+    ``stage_rows``: alerts per T2 stage of the packet channels, at most (:func:`stage_groups`)."""
+    b = _Builder(plans, archive, parts, store, run_id, history_buckets, batch_rows, kept_buckets, stage_rows)
     b.packet_channels()
     packet_stages = [k for k in b.dsk if stage_of(k) == T2]
     for c in b.hist:  # their T2 stages run after the packet stages, so a state both reach is computed once
@@ -110,7 +139,7 @@ class _Builder:
     """The stages of one run's graph, each a method; keys are ``task_key(STAGE, content key)``."""
 
     def __init__(self, plans: list[ChannelPlan], archive: Archive, parts: list[Partition], store: ResultStore, run_id: str, buckets: int, batch_rows: int,
-                 kept_buckets: int | None = None):  # fmt: skip
+                 kept_buckets: int | None = None, stage_rows: int = 400_000):  # fmt: skip
         self.run = CompiledRun(partitions=parts, t1_names={p.name: [] for p in plans}, count_names={p.name: [] for p in plans})
         self.dsk = self.run.graph
         self.plans, self.archive, self.parts, self.store, self.run_id = plans, archive, parts, store, run_id
@@ -118,7 +147,7 @@ class _Builder:
         self.packet = [p for p in plans if not p.history]
         self.hist = [p for p in plans if p.history]
         self.units = work_units(parts, batch_rows)
-        self.batch_rows = batch_rows
+        self.batch_rows, self.stage_rows = batch_rows, stage_rows
         self.t1_of_unit: dict[str, list[tuple[str, str]]] = {}  # work unit -> its packet channels' (T1, T0) tasks
         # the history channels' archive: every part of the run's surveys, read from the object-bucketed
         # history ingest keeps when it covers them all (graph/history.py), else shuffled by this run
@@ -146,43 +175,57 @@ class _Builder:
         return out
 
     def packet_channels(self) -> None:
-        """Channels on the packet's own history: read -> t0 -> t1 per channel -> one T2 stage, per work unit."""
+        """Channels on the packet's own history: read -> t0 -> t1 per channel, per work unit; one T2 stage
+        per group of work units (:func:`stage_groups`)."""
         dsk, run, packet = self.dsk, self.run, self.packet
+        if not packet:
+            return
         stage_units = t2_units(packet)
-        for unit in self.units:
-            h = unit.key
+        for group in stage_groups(self.units, self.stage_rows):
             # a T1 task writes its channel's states: the channel is part of its key (two channels with
             # the same filters and policy share T0, never T1)
-            names = {c.name: key_of(c.name, c.t1_key, h) for c in packet}
-            for c in packet:
-                run.t1_names[c.name].append(names[c.name])
-                run.count_names[c.name].append(names[c.name])
-            if not packet:
-                continue
-            inputs = [names[c.name] for c in packet]
-            stage = key_of("t2", sorted(names.values()), [u.identity.key for u in stage_units]) if stage_units else None
+            names = [{c.name: key_of(c.name, c.t1_key, u.key) for c in packet} for u in group]
+            for per in names:
+                for c in packet:
+                    run.t1_names[c.name].append(per[c.name])
+                    run.count_names[c.name].append(per[c.name])
+            inputs = [(c, per[c.name]) for per in names for c in packet]
+            stage = key_of("t2", sorted(n for _, n in inputs), [u.identity.key for u in stage_units]) if stage_units else None
             if stage:
                 run.t2_names.append(stage)
-            if all(self.store.task_info(n) for n in names.values()) and (stage is None or self.store.task_info(stage)):
-                run.skipped_partitions += len(unit.parts)
+            if all(self.store.task_info(n) for _, n in inputs) and (stage is None or self.store.task_info(stage)):
+                run.skipped_partitions += sum(len(u.parts) for u in group)
                 continue
-            t0 = self.read_t0(unit, packet)
-            rows = task_key(READ, h)
-            if self.hist and self.segments is None:  # T1 waits for the history channels' hist task: keep only the rows it needs meanwhile
-                rows = task_key(ROWS, h)
-                dsk[rows] = (tasks.waiting_rows, task_key(READ, h), *t0.values())
-            for c in packet:
-                t1 = task_key(T1, names[c.name])
-                dsk[t1] = (tasks.run_t1, rows, t0[c.name], self.pk[c.name], self.spec, names[c.name], self.run_id)
-                self.t1_of_unit.setdefault(h, []).append((t1, t0[c.name]))
+            states = {}  # T1 name -> the task giving its states to the stage
+            for unit, per in zip(group, names):
+                h = unit.key
+                if all(self.store.task_info(per[c.name]) for c in packet):  # built before: the stage reads them
+                    for c in packet if stage else ():
+                        states[per[c.name]] = task_key(STORED, per[c.name])
+                        dsk[states[per[c.name]]] = (tasks.stored_states, self.spec, c.name, per[c.name])
+                    run.skipped_partitions += 0 if stage else len(unit.parts)
+                    continue
+                t0 = self.read_t0(unit, packet)
+                rows = task_key(READ, h)
+                if self.hist and self.segments is None:  # T1 waits for the history channels' hist task: keep only the rows it needs meanwhile
+                    rows = task_key(ROWS, h)
+                    dsk[rows] = (tasks.waiting_rows, task_key(READ, h), *t0.values())
+                for c in packet:
+                    t1 = task_key(T1, per[c.name])
+                    dsk[t1] = (tasks.run_t1, rows, t0[c.name], self.pk[c.name], self.spec, per[c.name], self.run_id)
+                    states[per[c.name]] = t1
+                    self.t1_of_unit.setdefault(h, []).append((t1, t0[c.name]))
             if stage:
                 t2 = task_key(T2, stage)
-                dsk[t2] = (tasks.t2_stage, self.spec, stage, self.run_id, frozenset(), len(inputs), *[self.pk[c.name] for c in packet], *[task_key(T1, n) for n in inputs])
+                dsk[t2] = (tasks.t2_stage, self.spec, stage, self.run_id, frozenset(), len(inputs), *[self.pk[c.name] for c, _ in inputs],
+                           *[states[n] for _, n in inputs])  # fmt: skip
                 run.sinks.append(t2)
             else:
-                run.sinks += [task_key(T1, names[c.name]) for c in packet]
-            for c in packet:
-                run.produced_by.setdefault(c.name, []).append(task_key(T2, stage) if stage else task_key(T1, names[c.name]))
+                run.sinks += list(states.values())
+            for c, n in inputs:
+                done_by = task_key(T2, stage) if stage else states.get(n)
+                if done_by and done_by not in run.produced_by.setdefault(c.name, []):
+                    run.produced_by[c.name].append(done_by)
 
     def history_channel(self, c: ChannelPlan, packet_stages: list[str]) -> None:
         """A channel joining each object's archived history: pass (per work unit) -> stocks -> hist (per

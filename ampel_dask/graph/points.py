@@ -74,7 +74,7 @@ def run_point_unit(store: ResultStore, unit: T2PointUnit, chans: list[tuple[str,
         at = pick[rows]
         hit = contains(sorted_unique(ids[at]), ids)  # every copy of the failed datapoints, in any channel's states
         where = np.unique(np.searchsorted(bounds, state_row[hit], side="right"))
-        f = {"tier": "T2", "unit": name, "channels": [chans[i][0] for i in where], "datapoints": len(rows), "policy": policy,
+        f = {"tier": "T2", "unit": name, "channels": list(dict.fromkeys(chans[i][0] for i in where)), "datapoints": len(rows), "policy": policy,
              "recorded": len(rows) if policy == "record" else 0, "error": error, "cause": None}  # fmt: skip
         fails.append(f | ({"traceback": trace} if trace else {}))
         c["failed"] += len(rows)

@@ -119,7 +119,7 @@ def _run_workflow(wf: Workflow, opts: RunOptions) -> dict:
     t_compile = time.perf_counter()
     rows = sum(p.rows for p in parts)
     run = compile_run(plans, archive, parts, store, run_id, wf.buckets_for(rows), wf.batch_rows, opts.t3_states, frozenset(limits(wf)),
-                      kept_buckets=wf.buckets_for(rows, kept=True))  # fmt: skip
+                      kept_buckets=wf.buckets_for(rows, kept=True), stage_rows=wf.stage_rows)  # fmt: skip
     t_exec = time.perf_counter()
     results: dict[str, Any] = {}
     raised: dict[str, UnitFailed] = {}  # sink -> the T0, T1, T3 unit failure it raised (T2's come in the stages' counts)

@@ -143,6 +143,12 @@ def run_t1(table: pa.Table | Waiting, t0: T0Result, plan: ChannelPlan, spec: dic
     return states
 
 
+def stored_states(spec: dict, channel: str, key: str) -> pa.Table | None:
+    """The states a finished T1 task stored, for a T2 stage that groups its work unit with new ones
+    (``compile.stage_groups``): they are read, not built again."""
+    return open_store(spec).read_states(channel, [key])
+
+
 def state_rows(table: pa.Table) -> pa.Table:
     """The columns a state takes from its alert (and ``dps`` if the batch has it)."""
     return table.select([c for c in [*STATE_COLUMNS, "programid"] if c != "state_id" and c in table.column_names])  # programid: data rights
@@ -242,7 +248,7 @@ def run_t2_stage(spec: dict, key: str, run_id: str, inputs: list[tuple[str, list
             sid = id_values(batch.column("state_id"))
             for rows, f in fails:
                 ids = sorted_unique(sid[rows])
-                f["channels"] = [name for name, s in chans if contains(ids, id_values(s.column("state_id"))).any()]
+                f["channels"] = list(dict.fromkeys(name for name, s in chans if contains(ids, id_values(s.column("state_id"))).any()))
                 c["failed"] += len(rows)
                 c["recorded"] += f["recorded"]
                 counts["failures"].append(f)
