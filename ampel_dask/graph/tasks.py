@@ -126,12 +126,15 @@ def run_t1(table: pa.Table | Waiting, t0: T0Result, plan: ChannelPlan, spec: dic
     rows = np.flatnonzero(accepted)
     if isinstance(table, Waiting):  # kept rows only: this channel's are among them
         alerts = table.table.take(pa.array(np.searchsorted(table.rows, rows)))
-    else:
-        alerts = table.filter(pa.array(accepted)) if len(rows) else table.slice(0, 0)
+    else:  # the columns a state takes (the batch has every column a filter reads), of the accepted rows
+        alerts = state_rows(table).filter(pa.array(accepted)) if len(rows) else state_rows(table).slice(0, 0)
     if len(rows) and carried and "dps" in carried:
         passing = alerts.append_column("dps", carried["dps"].take(pa.array(np.searchsorted(carried["rows"], rows))))
+    elif len(rows) and "dps" not in alerts.column_names:
+        full = with_histories(table)  # the unit's histories, decoded once per process (batches._histories)
+        passing = alerts.append_column("dps", full.column("dps").filter(pa.array(accepted)))
     elif len(rows):
-        passing = with_histories(table).filter(pa.array(accepted))
+        passing = alerts
     else:
         passing = alerts if "dps" in alerts.column_names else alerts.append_column("dps", pa.array([], pa.list_(DATAPOINT)))
     states = _states(plan, key, passing)

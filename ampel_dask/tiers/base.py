@@ -231,8 +231,9 @@ class T0Filter(Unit):
 class T1Unit(Unit):
     """Builds states: which datapoints make an object's state at each alert.
 
-    :meth:`states` gets the alerts that passed T0 (with ``dps``, their packets' datapoints, unless the
-    unit joins archived history) and the channel's access tags, and returns one state per alert: the
+    :meth:`states` gets the alerts that passed T0 (the columns a state takes from its alert, those of
+    ``STATE_COLUMNS`` and ``programid``; with ``dps``, their packets' datapoints, unless the unit joins
+    archived history) and the channel's access tags, and returns one state per alert: the
     columns of ``ampel_dask.tiers.states.STATE_COLUMNS``, ``dps`` holding the state's datapoints and
     ``state_id`` their content hash (``ampel_dask.keys``). Nothing the alert could not have known may
     enter (no datapoint observed or first published after it), nor anything the access tags forbid.
