@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import os
 import signal
@@ -404,17 +405,58 @@ def test_t3_selection_holds_datapoints_only_when_a_t3_unit_reads_them(first_run)
         T3Webhook({"url": "http://x", "columns": ["*"]}): True, T3HtmlReport({"sort_by": "mjd"}): True,
     }  # fmt: skip
     assert {repr(u.config): u.reads_dps for u in reads} == {repr(u.config): want for u, want in reads.items()}
+    # a report draws its top objects' light curves only: it reads some rows' datapoints, not all
+    assert {repr(u.config): u.reads_all_dps for u in reads} == {repr(u.config): want and not isinstance(u, T3HtmlReport) for u, want in reads.items()}
     store, _ = first_run
     s = ParquetStore(store)
     base = plan_workflow(wf())
     for plan in base:
         keys = sorted(p.stem for p in (store / "states" / plan.name).glob("*.parquet"))
         sels = {}
-        for t3 in ([T3Export({})], [T3Export({}), T3HtmlReport({"sort_by": "mjd"})]):
+        for n, t3 in enumerate(([T3Export({})], [T3Export({}), T3HtmlReport({"sort_by": "mjd"})], [T3Export({"dps": "json"})])):
             p = ChannelPlan(plan.name, plan.access, plan.filters, plan.t1, plan.t2, t3)
-            sels[len(t3)] = selection(s, p, keys)
-        assert "dps" not in sels[1].column_names and "dps" in sels[2].column_names, plan.name
-        assert sels[1].equals(sels[2].drop_columns(["dps"])), plan.name
+            sels[n] = selection(s, p, keys)
+        assert "dps" not in sels[0].column_names and "dps" not in sels[1].column_names and "dps" in sels[2].column_names, plan.name
+        assert sels[0].equals(sels[1]) and sels[0].equals(sels[2].drop_columns(["dps"])), plan.name
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_a_unit_reading_some_rows_datapoints_gets_those_of_the_whole_selection(first_run, tmp_path_factory, data):
+    """``with_dps`` gives the rows asked for the datapoints a selection with every row's holds (the
+    oracle: the selection read with ``dps``, as plain Python lists), null in the others; and a report
+    run through ``run_t3`` on a selection without datapoints writes the same files as its ``react`` on
+    the selection with them."""
+    from ampel_dask.graph.plan import ChannelPlan
+    from ampel_dask.graph.selection import selection, with_dps
+    from ampel_dask.graph.tasks import run_t3
+    from ampel_dask.tiers.base import T3Context
+    from ampel_dask.tiers.units.t3_export import T3Export
+    from ampel_dask.tiers.units.t3_report import T3HtmlReport
+
+    store, _ = first_run
+    s = ParquetStore(store)
+    plan = plan_workflow(wf())[data.draw(st.sampled_from([0, 2]), label="channel")]  # DECENT (packet), FULLHIST (history)
+    keys = sorted(p.stem for p in (store / "states" / plan.name).glob("*.parquet"))
+    full = selection(s, ChannelPlan(plan.name, plan.access, plan.filters, plan.t1, plan.t2, [T3Export({"dps": "json"})]), keys)
+    bare = full.drop_columns(["dps"])
+    rows = np.array(sorted(data.draw(st.sets(st.integers(0, full.num_rows - 1), max_size=40), label="rows")), dtype=np.int64)
+    got = with_dps(s, plan.name, keys, bare, rows).column("dps").to_pylist()
+    want = full.column("dps").to_pylist()
+    assert [nan_free(got[i]) for i in range(full.num_rows)] == [nan_free(want[i]) if i in set(rows.tolist()) else None for i in range(full.num_rows)]
+    top_n = data.draw(st.integers(1, 30), label="top_n")
+    report = T3HtmlReport({"sort_by": "mjd", "top_n": top_n, "cutouts": False})
+    out = tmp_path_factory.mktemp("report")
+    report.react(full, T3Context(out_dir=out / "oracle", run_id="r", channel=plan.name))
+    p = ChannelPlan(plan.name, plan.access, plan.filters, plan.t1, plan.t2, [report])
+    shutil.copytree(store, out / "store")  # the run's store (its states), written to apart from the module's
+    run_t3({"kind": "parquet", "path": str(out / "store")}, p, 0, "t3key", "r", bare, None, keys)
+    def files(root: Path) -> dict:  # the pages say when they were written (to the minute): not compared
+        return {f.relative_to(root): re.sub(rb"written \d{4}-\d\d-\d\d \d\d:\d\d UTC", b"", f.read_bytes())
+                for f in root.rglob("*") if f.is_file() and f.name != "objects.parquet"}  # fmt: skip
+
+    made, oracle = files(out / "store" / "t3" / plan.name / "t3key"), files(out / "oracle")
+    assert made == oracle and any(str(f).endswith("_lc.svg") for f in made)
 
 
 def test_a_selection_in_batches_is_the_whole_selection(first_run, tmp_path):
@@ -424,7 +466,7 @@ def test_a_selection_in_batches_is_the_whole_selection(first_run, tmp_path):
     unit (result files removed from a copy of the store: those columns are nulls there). Oracle: the
     whole selection (checked against plain Python in the tests above)."""
     from ampel_dask.graph.selection import Batches, selection, selection_in_batches
-    from ampel_dask.tiers.units.t3_report import T3HtmlReport
+    from ampel_dask.tiers.units.t3_export import T3Export
 
     store, _ = first_run
     rows = 3
@@ -445,7 +487,7 @@ def test_a_selection_in_batches_is_the_whole_selection(first_run, tmp_path):
         s = ParquetStore(root)
         for plan in plan_workflow(wf()):
             if plan.name == "BRIGHT":
-                plan.t3.append(T3HtmlReport({"sort_by": "mjd"}))  # a T3 unit that reads dps
+                plan.t3.append(T3Export({"dps": "json"}))  # a T3 unit that reads every row's dps
             keys = sorted(p.stem for p in (root / "states" / plan.name).glob("*.parquet"))
             whole = selection(s, plan, keys)
             got = selection_in_batches(s, plan, keys, tmp_path / "scratch" / root.name / plan.name, rows=rows)

@@ -332,5 +332,5 @@ class _Builder:
                     scratch = str(self.store.shuffle_dir(self.run_id, key_of("sel", sel_key)))  # a large selection's batches
                     run.shuffle_dirs.append(scratch)
                     dsk[sel_key] = (tasks.selection_task, self.spec, self.pk[c.name], t3_sel, scratch, *t2_deps)
-                dsk[task_key(T3, name)] = (tasks.run_t3, self.spec, self.pk[c.name], i, name, self.run_id, sel_key, self.root)
+                dsk[task_key(T3, name)] = (tasks.run_t3, self.spec, self.pk[c.name], i, name, self.run_id, sel_key, self.root, t3_sel)
                 sinks.append(task_key(T3, name))

@@ -31,7 +31,7 @@ from .failures import Blocked, UnitFailed, attempt, t3_blocked, unit_output
 from .plan import ChannelPlan, t2_units
 from .points import run_point_unit
 from .provenance import journal_rows, with_provenance
-from .selection import Batches, latest_rows, selection_in_batches
+from .selection import Batches, latest_rows, selection_in_batches, with_dps
 from .history import bucket_history
 from .shuffle import accepted_by_any, read_bucket, write_buckets
 from .workers import cluster_map
@@ -376,17 +376,23 @@ def _as_table(out: pa.Table | list[dict], n: int, unit: T2StateUnit) -> pa.Table
     return unit_output(out, n, unit.name())
 
 
-def run_t3(spec: dict, plan: ChannelPlan, unit_index: int, key: str, run_id: str, sel: pa.Table | Batches | Blocked | None, archive_root: str | None) -> dict:
+def run_t3(spec: dict, plan: ChannelPlan, unit_index: int, key: str, run_id: str, sel: pa.Table | Batches | Blocked | None, archive_root: str | None,
+           state_keys: list[str] | None = None) -> dict:  # fmt: skip
     """One T3 unit over its channel's selection (computed once per channel, see :func:`selection`; a
     large one in batches, given to ``react_batches``); not
     over a selection whose T2 results are incomplete (``Blocked``: a unit failed unrecorded), and a unit
-    that raises fails the task naming itself and the channel."""
+    that raises fails the task naming itself and the channel. A unit that reads some rows' datapoints
+    (``dps_rows``) gets them from the channel's state sets ``state_keys``."""
     from ..io.archive import Archive
 
     store = open_store(spec)
     unit = plan.t3[unit_index]
     if isinstance(sel, Blocked):  # no marker: the next run comes back to it
         return {"kind": "t3", "channel": plan.name, "unit": unit.name(), "objects": 0, "outputs": [], "skipped": sel.reason}
+    if sel is not None and unit.reads_dps and not unit.reads_all_dps and "dps" not in sel.schema.names:
+        sel = sel.whole() if isinstance(sel, Batches) else sel  # as react_batches does by default
+        rows = unit.dps_rows(sel) if sel.num_rows else np.empty(0, dtype=np.int64)
+        sel = with_dps(store, plan.name, state_keys or [], sel, rows)
     out_dir = store.t3_dir(plan.name, key)
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs: list[dict] = []

@@ -343,6 +343,18 @@ class T3Unit(Unit):
         history channel they are each object's whole light curve, most of the selection's memory."""
         return True
 
+    def dps_rows(self, selection: pa.Table) -> np.ndarray | None:
+        """The rows of ``selection`` whose ``dps`` :meth:`react` reads, when it reads only some (a
+        report draws its top objects' light curves): the selection is then made without datapoints,
+        and this unit gets them for these rows alone (``dps`` null in the others). None: every row's
+        (if :attr:`reads_dps`). A unit that reads some overrides this method."""
+        return None
+
+    @property
+    def reads_all_dps(self) -> bool:
+        """Does :meth:`react` read every row's ``dps`` (:attr:`reads_dps`, :meth:`dps_rows` not overridden)?"""
+        return self.reads_dps and type(self).dps_rows is T3Unit.dps_rows
+
     def react(self, selection: pa.Table, context: T3Context) -> list[dict]:
         raise NotImplementedError
 

@@ -72,6 +72,14 @@ class T3HtmlReport(T3Unit):
 
     def ranked(self, selection: pa.Table) -> pa.Table:
         """The top-N rows in report order (missing sort values last, ties by object id)."""
+        return selection.take(pa.array(self.top_rows(selection)))
+
+    def dps_rows(self, selection: pa.Table) -> np.ndarray:
+        """Only the reported objects' light curves are drawn."""
+        return self.top_rows(selection)
+
+    def top_rows(self, selection: pa.Table) -> np.ndarray:
+        """The rows of :meth:`ranked`, in its order."""
         c = self.config
         if c.sort_by not in selection.column_names:
             raise ValueError(
@@ -88,7 +96,7 @@ class T3HtmlReport(T3Unit):
             rows = np.flatnonzero(mask)
             sub = pa.table({"k": key.filter(pa.array(mask)), "o": oid.filter(pa.array(mask))})
             parts.append(rows[np.asarray(pc.sort_indices(sub, sort_keys=[*keys, ("o", "ascending")]))])
-        return selection.take(pa.array(np.concatenate(parts)[: c.top_n]))
+        return np.concatenate(parts)[: c.top_n]
 
     def shown(self, names: list[str]) -> list[str]:
         """The T2 columns of the candidate table, the sort column first."""
