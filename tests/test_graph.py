@@ -558,6 +558,16 @@ def test_a_selection_spread_over_a_cluster_is_the_whole_selection(first_run, tmp
     assert groups and steps["_group_latest"] == groups, steps
     assert steps["_scatter_t2"] == units * S.SHARES and steps["_join_batch"] > 2 * len(plans), steps
     assert len({d["worker"] for d in ts.data if not str(d["key"]).startswith("_spread_selection")}) == 2
+    # sets of fewer states than a batch holds are read in the selection's own task: no step on the cluster
+    for plan in plans:
+        states = sum(pq.read_metadata(store / "states" / plan.name / f"{k}.parquet").num_rows for k in keys[plan.name])
+        assert S._states_in(s, keys[plan.name]) == states  # the T1 markers' counts, against the files' row counts
+    with local_cluster(2, dashboard_address=None) as cluster, Client(cluster) as client, get_task_stream(client) as ts:
+        for plan in plans:
+            got = client.submit(_spread_selection, store_spec(store), plan, keys[plan.name], str(tmp_path / "one" / plan.name), 10**6, pure=False).result()
+            whole = S.selection(s, plan, keys[plan.name])
+            assert got.schema.equals(whole.schema, check_metadata=True) and nan_free(got.to_pylist()) == nan_free(whole.to_pylist()), plan.name
+    assert {(d["key"] if isinstance(d["key"], str) else d["key"][0]).split("-")[0] for d in ts.data} == {"_spread_selection"}
 
 
 def test_t3_over_a_selection_in_batches_exports_what_one_table_does(first_run, archive, tmp_path, monkeypatch):
