@@ -389,9 +389,12 @@ def run_t3(spec: dict, plan: ChannelPlan, unit_index: int, key: str, run_id: str
     unit = plan.t3[unit_index]
     if isinstance(sel, Blocked):  # no marker: the next run comes back to it
         return {"kind": "t3", "channel": plan.name, "unit": unit.name(), "objects": 0, "outputs": [], "skipped": sel.reason}
-    if sel is not None and unit.reads_dps and not unit.reads_all_dps and "dps" not in sel.schema.names:
+    if sel is not None and sel.num_rows and unit.reads_dps and not unit.reads_all_dps and "dps" not in sel.schema.names:
         sel = sel.whole() if isinstance(sel, Batches) else sel  # as react_batches does by default
-        rows = unit.dps_rows(sel) if sel.num_rows else np.empty(0, dtype=np.int64)
+        try:
+            rows = unit.dps_rows(sel)
+        except Exception as exc:  # the unit's own code: it fails as react would
+            raise UnitFailed.of(exc, "T3", unit.name(), [plan.name], sel.num_rows, key) from None
         sel = with_dps(store, plan.name, state_keys or [], sel, rows)
     out_dir = store.t3_dir(plan.name, key)
     out_dir.mkdir(parents=True, exist_ok=True)
