@@ -57,7 +57,7 @@ def _one(repo: str, workflow: str, archive: str, runs: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repo", action="append", required=True, help="a checkout (give two or more)")
+    ap.add_argument("--repo", action="append", default=[], help="a checkout (give two or more)")
     ap.add_argument("--alerts", type=int, default=3_000_000)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
@@ -67,6 +67,8 @@ def main() -> None:
     if args.one:
         _one(*args.one, args.runs)
         return
+    if not args.repo:
+        ap.error("give the checkouts to compare with --repo (two or more)")
     import yaml
 
     sys.path.insert(0, str(REPO))
@@ -79,8 +81,8 @@ def main() -> None:
     workflow = args.workflow
     if workflow is None:
         wf = packet_only(load_workflow(REPO / "workflows" / "ztf_archive.yml"))
-        workflow = str(WORK / f"{wf.name}.yml")
-        Path(workflow).write_text(yaml.safe_dump(wf.model_dump(mode="json", by_alias=True), sort_keys=False))
+        workflow = str(WORK / f"{wf.name}-versions.yml")  # fields at their defaults left out: an older checkout may not know them
+        Path(workflow).write_text(yaml.safe_dump(wf.model_dump(mode="json", by_alias=True, exclude_defaults=True), sort_keys=False))
     for r in range(args.rounds):
         for repo in args.repo:
             repo = str(Path(repo).resolve())
