@@ -66,11 +66,10 @@ def with_dps(store: ResultStore, channel: str, state_keys: list[str], sel: pa.Ta
         hit = contains(want, id_values(ids.column("state_id"))) if ids is not None else None
         if hit is not None and hit.any():
             pieces.append(store.read_states(channel, [key], columns=["state_id", "dps"]).filter(pa.array(hit)))
-    found = pa.concat_tables(pieces, promote_options="default") if pieces else None
-    if found is not None:
-        found = found.take(pa.array(first_rows(id_values(found.column("state_id")))))  # a state in two sets: one copy
-    else:
+    if not pieces:
         return sel.append_column("dps", pa.nulls(sel.num_rows, pa.list_(DATAPOINT)))
+    found = pa.concat_tables(pieces, promote_options="default")
+    found = found.take(pa.array(first_rows(id_values(found.column("state_id")))))  # a state in two sets: one copy
     at = np.full(sel.num_rows, -1, dtype=np.int64)
     at[rows] = lookup(id_values(found.column("state_id")), sid[rows])
     return sel.append_column("dps", found.column("dps").take(pa.array(np.maximum(at, 0), mask=at < 0)))
