@@ -223,6 +223,32 @@ def test_referenced_cutouts_are_every_cutout_once_and_files_live_while_reference
         assert asked is None or sorted(asked.column("alert_id").to_pylist()) == sorted(mine & set(every))
 
 
+def test_a_merge_that_spills_writes_the_parts_a_merge_in_memory_writes(tiny_once, tmp_path, monkeypatch):
+    """The largest night of tiny parts merged with its parts and pieces held in memory (it fits
+    ``HOLD_BYTES``), with every piece spilled to disk and each part read twice (``HOLD_BYTES`` 0), and
+    with a third of its bytes in memory (pieces spilled together, several per file, as a large night
+    does): the same parts, byte for byte (rows and histories by their content hash, cutouts by their
+    bytes)."""
+    arch = Archive(tiny_once)
+    work = max(compact_mod.plan(arch, 60), key=lambda w: w.rows)
+    spills, spill = [], compact_mod._spill
+    monkeypatch.setattr(compact_mod, "_spill", lambda path, table: spills.append(table.num_rows) or spill(path, table))
+    merged, default = {}, compact_mod.HOLD_BYTES
+    for hold in (default, 0, sum(arch.read(p).nbytes for p in work.parts) // 3):
+        monkeypatch.setattr(compact_mod, "HOLD_BYTES", hold)
+        spills.clear()
+        staged = compact_mod.merge(tiny_once, work, 60, tmp_path / str(hold))
+        assert len(staged) == math.ceil(work.rows / 60) > 1 and all(s.cutouts is not None for s in staged)
+        merged[hold] = [(s.content_hash, s.cutouts.read_bytes()) for s in staged]
+        if hold == default:
+            assert not spills
+        elif hold == 0:
+            assert len(spills) >= 2 * len(work.parts)  # rows and cutouts of every part's pieces, one by one
+    assert 0 < len(spills) < 2 * len(work.parts) and max(spills) > 1  # the third: pieces spilled together
+    first, *rest = merged.values()
+    assert all(m == first for m in rest)
+
+
 def test_replaced_files_wait_for_their_grace_period(tiny):
     compact(tiny, CompactOptions(target_rows=60, grace_seconds=3600))
     on_disk = lambda: {f.relative_to(tiny).as_posix() for f in tiny.glob("survey=*/night=*/*")}  # noqa: E731

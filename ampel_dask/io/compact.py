@@ -56,6 +56,9 @@ from .locks import scratch_dir, sweep
 
 TARGET_ROWS = 25_000
 RETIRED_DIR = "_retired"  # replaced files wait here (same relative paths) for their grace period
+#: bytes of source parts and pieces a merge holds in memory before it spills pieces to disk: spilling
+#: every piece made a night of tiny parts (a stream cycling through nights) thousands of few-row files
+HOLD_BYTES = 128 << 20
 COMMIT_NIGHTS = 64  # merged nights swapped in per index write (one lock, one index fsync for all of them)
 
 
@@ -117,11 +120,12 @@ def merge(root: str | Path, work: NightWork, target_rows: int, tmp_dir: str | Pa
     """Read a night's parts and stage their rows as canonical parts of ``target_rows`` (durable; no lock
     taken: :func:`commit` checks that the parts were not replaced meanwhile).
 
-    Memory: one source part, and one output part's pieces, at a time. The canonical position of every
-    row is found from the sort keys alone; each source part is then read once and split into the output
-    parts' pieces, kept in memory while the night is small (one output part) and spilled to uncompressed
-    Arrow files under ``tmp_dir`` otherwise. Cutouts files of ``reference_bytes`` or more are referenced
-    by the output parts that get their alerts, not read."""
+    Memory: about :data:`HOLD_BYTES` of source parts and pieces (and one source part and one output
+    part beyond it). The canonical position of every row is found from the sort keys; each source part
+    is then split into the output parts' pieces. Whenever the pieces in memory pass the budget, the
+    largest output part's go to disk as one uncompressed Arrow file under ``tmp_dir``. Parts read whole
+    for their keys while under the budget are kept, not read again. Cutouts files of ``reference_bytes``
+    or more are referenced by the output parts that get their alerts, not read."""
     arch, tmp = Archive(root), Path(tmp_dir) / uuid.uuid4().hex
     spill_dir = tmp / "spill"
     spill_dir.mkdir(parents=True, exist_ok=True)
@@ -138,9 +142,12 @@ def merge(root: str | Path, work: NightWork, target_rows: int, tmp_dir: str | Pa
         staged[0].cutout_refs = tuple(sorted(refs))
         shutil.rmtree(spill_dir, ignore_errors=True)
         return staged
-    keys = []
+    keys, held, used = [], {}, 0  # held: source parts read whole while under the budget (``used`` bytes)
     for j, part in enumerate(work.parts):
-        k = arch.read(part, [name for name, _ in ROW_ORDER])
+        if used < HOLD_BYTES:
+            held[j] = arch.read(part)
+            used += held[j].nbytes
+        k = held[j].select([name for name, _ in ROW_ORDER]) if j in held else arch.read(part, [name for name, _ in ROW_ORDER])
         keys.append(k.append_column("src", pa.array(np.full(k.num_rows, j, dtype=np.int32))).append_column("row", pa.array(np.arange(k.num_rows, dtype=np.int64))))
     order = pa.concat_tables(keys).sort_by(ROW_ORDER)
     n = order.num_rows
@@ -150,11 +157,15 @@ def merge(root: str | Path, work: NightWork, target_rows: int, tmp_dir: str | Pa
     offsets = np.concatenate([[0], np.cumsum([p.rows for p in work.parts])])
     slot[offsets[src] + row] = out_of
     nout = max(1, math.ceil(n / target_rows))
-    spill = nout > 1
-    pieces: dict[int, list] = defaultdict(list)
+    pieces: dict[int, list] = defaultdict(list)  # output part -> its (rows, cutouts) pieces, in source order
+    in_memory: dict[int, int] = defaultdict(int)  # output part -> bytes of its pieces still in memory
     refs: dict[int, set[str]] = defaultdict(set)
     for j, part in enumerate(work.parts):
-        table = arch.read(part)
+        if j in held:  # its bytes now count as the pieces cut from it
+            table = held.pop(j)
+            used -= table.nbytes
+        else:
+            table = arch.read(part)
         kept, cut = _cutouts(arch, part, reference_bytes)
         mine = slot[offsets[j] : offsets[j + 1]]
         for k in np.unique(mine):
@@ -164,10 +175,14 @@ def merge(root: str | Path, work: NightWork, target_rows: int, tmp_dir: str | Pa
             c = None
             if cut is not None:
                 c = cut.filter(pc.is_in(cut.column("alert_id"), t.column("alert_id")))
-            if spill:
-                pieces[int(k)].append((_spill(spill_dir / f"{k}-{j}.arrow", t), None if c is None else _spill(spill_dir / f"{k}-{j}.cut.arrow", c)))
-            else:
-                pieces[int(k)].append((t, c))
+            size = t.nbytes + (c.nbytes if c is not None else 0)
+            pieces[int(k)].append((t, c))
+            in_memory[int(k)] += size
+            used += size
+            while used > HOLD_BYTES and in_memory:  # the largest output part's pieces in memory go to disk, as one file
+                big = max(in_memory, key=in_memory.__getitem__)
+                used -= in_memory.pop(big)
+                pieces[big] = _spill_pieces(spill_dir, big, pieces[big])
     staged = []
     for k in range(nout):
         ts = [_unspill(t) for t, _ in pieces[k]]
@@ -188,6 +203,17 @@ def _cutouts(arch: Archive, part: Partition, reference_bytes: int) -> tuple[set[
     kept = {f for f in files if (arch.root / f).stat().st_size >= reference_bytes}
     rest = tuple(f for f in files if f not in kept)
     return kept, arch.read_cutouts(part, files=rest) if rest else None
+
+
+def _spill_pieces(spill_dir: Path, k: int, pieces: list[tuple]) -> list[tuple]:
+    """Output part ``k``'s pieces with those in memory (after those spilled before) written as one rows
+    file and one cutouts file."""
+    on_disk = [p for p in pieces if isinstance(p[0], Path)]
+    stem = spill_dir / f"{k}-{len(on_disk)}"
+    rows = pa.concat_tables([t for t, _ in pieces[len(on_disk) :]], promote_options="permissive")
+    cuts = [c for _, c in pieces[len(on_disk) :] if c is not None]
+    cut = _spill(stem.with_suffix(".cut.arrow"), pa.concat_tables(cuts, promote_options="permissive")) if cuts else None
+    return [*on_disk, (_spill(stem.with_suffix(".arrow"), rows), cut)]
 
 
 def _spill(path: Path, table: pa.Table) -> Path:
