@@ -143,11 +143,12 @@ def merge(root: str | Path, work: NightWork, target_rows: int, tmp_dir: str | Pa
         shutil.rmtree(spill_dir, ignore_errors=True)
         return staged
     keys, held, used = [], {}, 0  # held: source parts read whole while under the budget (``used`` bytes)
+    sort_columns = [name for name, _ in ROW_ORDER]
     for j, part in enumerate(work.parts):
         if used < HOLD_BYTES:
             held[j] = arch.read(part)
             used += held[j].nbytes
-        k = held[j].select([name for name, _ in ROW_ORDER]) if j in held else arch.read(part, [name for name, _ in ROW_ORDER])
+        k = held[j].select(sort_columns) if j in held else arch.read(part, sort_columns)
         keys.append(k.append_column("src", pa.array(np.full(k.num_rows, j, dtype=np.int32))).append_column("row", pa.array(np.arange(k.num_rows, dtype=np.int64))))
     order = pa.concat_tables(keys).sort_by(ROW_ORDER)
     n = order.num_rows
