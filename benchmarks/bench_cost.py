@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -29,7 +27,7 @@ from ampel_dask.graph.runner import RunOptions, run_workflow  # noqa: E402
 from ampel_dask.graph.workflow import load_workflow  # noqa: E402
 from benchmarks.bench_floor import plain_loops  # noqa: E402
 from benchmarks.bench_pipeline import warm_imports  # noqa: E402
-from benchmarks.bench_scale import packet_only  # noqa: E402
+from benchmarks.bench_scale import packet_workflow_file  # noqa: E402
 from benchmarks.make_archive import build  # noqa: E402
 
 WORK = REPO / ".bench"
@@ -48,8 +46,7 @@ def main() -> None:
     archive = WORK / f"scale-archive-{args.alerts}-1n"
     build(archive, args.alerts, nights=1, survey="ztf")
     wf = load_workflow(REPO / "workflows" / "ztf_archive.yml")
-    packet_path = WORK / f"{wf.name}-packet-channels.yml"
-    packet_path.write_text(yaml.safe_dump(packet_only(wf).model_dump(mode="json", by_alias=True), sort_keys=False))
+    packet_path = packet_workflow_file(wf)
     jobs = {"ztf_archive.yml": (wf, REPO / "workflows" / "ztf_archive.yml"), "DECENT channel alone": (load_workflow(packet_path), packet_path)}
     rows: dict[str, list[dict]] = {name: [] for name in jobs}
     warm_imports()

@@ -34,7 +34,6 @@ def _usage() -> tuple[float, float, int, float]:
 def main() -> None:
     import distributed  # noqa: F401  (as in a worker: see bench_floor._loop_in_process)
     import dask
-    import yaml
 
     from ampel_dask.graph.compile import compile_run
     from ampel_dask.graph.plan import plan_workflow
@@ -42,19 +41,14 @@ def main() -> None:
     from ampel_dask.io.archive import Archive
     from ampel_dask.io.stores import open_store
     from benchmarks.bench_floor import plain_loop
-    from benchmarks.bench_scale import packet_only
-    from benchmarks.make_archive import build
+    from benchmarks.bench_scale import decent_job
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--alerts", type=int, default=3_000_000)
     ap.add_argument("--workflow", default=None)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    archive = build(WORK / f"scale-archive-{args.alerts}-1n", args.alerts, nights=1, survey="ztf")
-    if args.workflow is None:
-        wf = packet_only(load_workflow(REPO / "workflows" / "ztf_archive.yml"))
-        args.workflow = str(WORK / f"{wf.name}.yml")
-        Path(args.workflow).write_text(yaml.safe_dump(wf.model_dump(mode="json", by_alias=True), sort_keys=False))
+    archive, args.workflow = decent_job(args.alerts, args.workflow)
     wf = load_workflow(args.workflow)
     plans = plan_workflow(wf)
     arch = Archive(archive)

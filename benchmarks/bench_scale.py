@@ -50,6 +50,25 @@ def packet_only(wf: Workflow) -> Workflow | None:
     return wf.model_copy(update={"name": f"{wf.name}-packet-channels", "channels": keep}) if keep else None
 
 
+def packet_workflow_file(wf: Workflow, exclude_defaults: bool = False) -> Path:
+    """``packet_only(wf)`` written under ``.bench`` for processes that load it by path
+    (``exclude_defaults``: fields at their defaults left out, so that an older checkout reads it)."""
+    import yaml
+
+    packets = packet_only(wf)
+    path = WORK / f"{packets.name}{'-lean' if exclude_defaults else ''}.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(packets.model_dump(mode="json", by_alias=True, exclude_defaults=exclude_defaults), sort_keys=False))
+    return path
+
+
+def decent_job(alerts: int, workflow: str | None = None, exclude_defaults: bool = False) -> tuple[Path, str]:
+    """The replicated one-night ZTF archive of ``alerts`` alerts (built if missing), and ``workflow`` or,
+    by default, the DECENT channel alone (:func:`packet_workflow_file` of ``ztf_archive.yml``)."""
+    archive = build(WORK / f"scale-archive-{alerts}-1n", alerts, nights=1, survey="ztf")
+    return archive, workflow or str(packet_workflow_file(load_workflow(WORKFLOWS["ztf"]), exclude_defaults))
+
+
 def task_seconds(stream: list[dict]) -> dict[str, list]:
     """Dask's task stream summed by kind of task (the key's first word: ``t2`` a bucket's T1 + T2,
     ``sel`` a T3 selection, ``_scatter_t2`` a step it spread over the cluster, ...): [tasks, compute

@@ -46,27 +46,21 @@ def summary(records: list[dict], t0: float, t1: float) -> str:
 
 
 def main() -> None:
-    import yaml
     from distributed import Client, get_task_stream
 
     from ampel_dask.graph.runner import RunOptions, run_workflow
     from ampel_dask.graph.workers import local_cluster
     from ampel_dask.graph.workflow import load_workflow
     from benchmarks.bench_pipeline import warm_imports
-    from benchmarks.bench_scale import packet_only
-    from benchmarks.make_archive import build
+    from benchmarks.bench_scale import decent_job
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--alerts", type=int, default=3_000_000)
     ap.add_argument("--workflow", default=None)
     ap.add_argument("--runs", type=int, default=2)
     args = ap.parse_args()
-    archive = build(WORK / f"scale-archive-{args.alerts}-1n", args.alerts, nights=1, survey="ztf")
-    if args.workflow is None:
-        wf = packet_only(load_workflow(REPO / "workflows" / "ztf_archive.yml"))
-        args.workflow = str(WORK / f"{wf.name}.yml")
-        Path(args.workflow).write_text(yaml.safe_dump(wf.model_dump(mode="json", by_alias=True), sort_keys=False))
-    wf = load_workflow(args.workflow)
+    archive, workflow = decent_job(args.alerts, args.workflow)
+    wf = load_workflow(workflow)
     store = WORK / "task-stream-store"
     warm_imports()
     with local_cluster(2, dashboard_address=None) as cluster, Client(cluster) as client:

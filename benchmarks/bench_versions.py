@@ -69,20 +69,10 @@ def main() -> None:
         return
     if not args.repo:
         ap.error("give the checkouts to compare with --repo (two or more)")
-    import yaml
-
     sys.path.insert(0, str(REPO))
-    from ampel_dask.graph.workflow import load_workflow
-    from benchmarks.bench_scale import packet_only
-    from benchmarks.make_archive import build
+    from benchmarks.bench_scale import decent_job
 
-    archive = WORK / f"scale-archive-{args.alerts}-1n"
-    build(archive, args.alerts, nights=1, survey="ztf")
-    workflow = args.workflow
-    if workflow is None:
-        wf = packet_only(load_workflow(REPO / "workflows" / "ztf_archive.yml"))
-        workflow = str(WORK / f"{wf.name}-versions.yml")  # fields at their defaults left out: an older checkout may not know them
-        Path(workflow).write_text(yaml.safe_dump(wf.model_dump(mode="json", by_alias=True, exclude_defaults=True), sort_keys=False))
+    archive, workflow = decent_job(args.alerts, args.workflow, exclude_defaults=True)  # an older checkout may not know newer fields
     for r in range(args.rounds):
         for repo in args.repo:
             repo = str(Path(repo).resolve())
