@@ -147,7 +147,7 @@ def merge(root: str | Path, work: NightWork, target_rows: int, tmp_dir: str | Pa
     for j, part in enumerate(work.parts):
         if used < HOLD_BYTES:
             held[j] = arch.read(part)
-            used += held[j].nbytes
+            used += held[j].get_total_buffer_size()
         k = held[j].select(sort_columns) if j in held else arch.read(part, sort_columns)
         keys.append(k.append_column("src", pa.array(np.full(k.num_rows, j, dtype=np.int32))).append_column("row", pa.array(np.arange(k.num_rows, dtype=np.int64))))
     order = pa.concat_tables(keys).sort_by(ROW_ORDER)
@@ -164,19 +164,18 @@ def merge(root: str | Path, work: NightWork, target_rows: int, tmp_dir: str | Pa
     for j, part in enumerate(work.parts):
         if j in held:  # its bytes now count as the pieces cut from it
             table = held.pop(j)
-            used -= table.nbytes
+            used -= table.get_total_buffer_size()
         else:
             table = arch.read(part)
         kept, cut = _cutouts(arch, part, reference_bytes)
         mine = slot[offsets[j] : offsets[j + 1]]
+        rows, cuts = _by_slot(table, cut, mine)
+        row_bytes = table.get_total_buffer_size() / max(1, table.num_rows)  # a piece's share of the part's buffers
+        cut_bytes = cut.get_total_buffer_size() / max(1, cut.num_rows) if cut is not None else 0
         for k in np.unique(mine):
             refs[int(k)] |= kept
-            mask = pa.array(mine == k)
-            t = table.filter(mask)
-            c = None
-            if cut is not None:
-                c = cut.filter(pc.is_in(cut.column("alert_id"), t.column("alert_id")))
-            size = t.nbytes + (c.nbytes if c is not None else 0)
+            t, c = rows[k], cuts.get(k, cut.slice(0, 0)) if cut is not None else None
+            size = int(t.num_rows * row_bytes + (c.num_rows * cut_bytes if c is not None else 0))
             pieces[int(k)].append((t, c))
             in_memory[int(k)] += size
             used += size
@@ -195,6 +194,30 @@ def merge(root: str | Path, work: NightWork, target_rows: int, tmp_dir: str | Pa
         pieces.pop(k)
     shutil.rmtree(spill_dir, ignore_errors=True)
     return staged
+
+
+def _by_slot(table: pa.Table, cut: pa.Table | None, slot: np.ndarray) -> tuple[dict, dict]:
+    """A source part's rows and cutouts cut into their output parts' pieces (``slot``: each row's
+    output part), in source order within a piece: one take of each table and zero-copy slices (a
+    filter per piece costs a few compute calls each, which tiny parts pay hundreds of times). A
+    cutout goes with its alert's row; cutouts of alerts not in the part are left out."""
+    rows = _slices(table, slot)
+    if cut is None:
+        return rows, {}
+    at = pc.index_in(cut.column("alert_id"), value_set=table.column("alert_id")).to_numpy(zero_copy_only=False)
+    mine = np.flatnonzero(~np.isnan(at))  # nulls (alerts of other parts) come back as NaN
+    return rows, _slices(cut if len(mine) == cut.num_rows else cut.take(mine), slot[at[mine].astype(np.int64)])
+
+
+def _slices(table: pa.Table, slot: np.ndarray) -> dict[int, pa.Table]:
+    """``table``'s rows by ``slot``, in their order within each: zero-copy slices when the slots do not
+    decrease (a part's rows are in canonical order, so its output parts follow one another)."""
+    if len(slot) > 1 and np.any(slot[1:] < slot[:-1]):
+        order = np.argsort(slot, kind="stable")
+        table, slot = table.take(order), slot[order]
+    keys, starts = np.unique(slot, return_index=True)
+    ends = [*starts[1:], len(slot)]
+    return {int(k): table.slice(a, b - a) for k, a, b in zip(keys, starts, ends)}
 
 
 def _cutouts(arch: Archive, part: Partition, reference_bytes: int) -> tuple[set[str], pa.Table | None]:
