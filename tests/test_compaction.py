@@ -162,8 +162,8 @@ def indexed_files(root: Path) -> set[str]:
     return {f for p in Archive(root).partitions() for f in (p.path, p.dps, p.cutouts, *p.cutout_refs) if f}
 
 
-def test_compaction_keeps_every_row_history_and_cutout(tiny, nights):
-    before = raw_rows(tiny)
+def test_compaction_keeps_every_row_history_and_cutout(tiny, tiny_rows, nights):
+    before = tiny_rows  # ``tiny`` is a copy of the archive they were read from
     parts_before = len(Archive(tiny).partitions())
     rep = compact(tiny, CompactOptions(target_rows=60))
     assert not any(p.cutout_refs for p in Archive(tiny).partitions())  # tiny parts' cutouts: rewritten
@@ -265,8 +265,8 @@ def test_replaced_files_wait_for_their_grace_period(tiny):
 
 
 @pytest.mark.parametrize("where", ["replace_partitions", "retire"])
-def test_a_crash_before_the_index_swap_leaves_the_old_parts_and_a_later_compact_completes(tiny, nights, monkeypatch, where):
-    before = raw_rows(tiny)
+def test_a_crash_before_the_index_swap_leaves_the_old_parts_and_a_later_compact_completes(tiny, tiny_rows, nights, monkeypatch, where):
+    before = tiny_rows  # ``tiny`` is a copy of the archive they were read from
     old_index = (tiny / "_index.parquet").read_bytes()
 
     def boom(*a, **k):
