@@ -356,6 +356,18 @@ def test_a_filter_or_t3_unit_that_raises_fails_the_run_naming_unit_and_channels(
     assert "Traceback" not in proc.stderr
 
 
+def test_a_filter_that_raises_in_a_channel_alone_fails_the_run_as_beside_others(archive, site, tmp_path):
+    """A workflow's only channel reads, filters and builds states in one task per work unit: a filter
+    that raises there fails the run with the same line as in its own task, at every batch size."""
+    spec = {"name": "t0alone", "batch_rows": 30, "channels": [{"name": "A", "filters": [{"unit": "ExpressionFilter", "config": {"expr": "object_id > 3"}}]}]}
+    proc = cli(site, "run", str(write_workflow(tmp_path / "wf.yml", spec)), "--archive", str(archive), "--store", str(tmp_path / "store"), "--workers", "0", "--json")
+    alerts = sum(pq.read_metadata(f).num_rows for f in archive.glob("survey=ztf/*/part-*.parquet"))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (f"Error: run failed: T0 filter ExpressionFilter (channel A) failed on {alerts} alerts: "
+                                                    "TypeError: '>' not supported between instances of 'str' and 'int'")  # fmt: skip
+    assert last_json(proc)["channels"]["A"] == {"passed": 0, "rejected": 0, "not_processed": alerts}
+
+
 # --------------------------------------------------------------------------------------------------
 # the workflow field, and the isolation of failed states
 # --------------------------------------------------------------------------------------------------

@@ -673,6 +673,28 @@ def test_results_identical_with_1_and_2_workers_and_other_partition_sizes(first_
         assert all(w["profiler"] is False for w in manifest["workers"])  # QUIET: no 100 Hz stack sampling
 
 
+def test_a_channel_alone_runs_one_task_per_work_unit_and_gives_what_it_gives_beside_others(first_run, archive, tmp_path):
+    """DECENT alone: a work unit's read, T0 and T1 are one task (no read or t0 task in its graph). Its
+    counts, states and T2 results are those of the first run, where it shared each work unit's read
+    with two other channels in tasks of their own."""
+    from ampel_dask.graph.compile import compile_run, work_units
+    from ampel_dask.keys import READ, T0, T1, stage_of
+
+    store1, summary1 = first_run
+    alone = wf(channels=[WORKFLOW["channels"][0]])
+    arch = Archive(archive)
+    graph = compile_run(plan_workflow(alone), arch, arch.partitions(), ParquetStore(tmp_path / "empty"), "r").graph
+    kinds = Counter(stage_of(k) for k, v in graph.items() if isinstance(v, tuple))
+    assert kinds[READ] == kinds[T0] == 0 and kinds[T1] == len(work_units(arch.partitions(), alone.batch_rows)) > 1
+    summary = run(archive, tmp_path / "store", alone, workers=0)
+    assert summary["channels"]["DECENT"] == summary1["channels"]["DECENT"]
+    ids = lambda store: sorted(ParquetStore(store).read_states("DECENT", columns=["state_id"]).column("state_id").to_pylist())  # noqa: E731
+    assert ids(tmp_path / "store") == ids(store1) and ids(store1)
+    rows = t2_rows(tmp_path / "store")
+    assert rows and rows <= t2_rows(store1)  # the first run also has the other channels' states
+    assert {dict(r[2])["state_id"] for r in rows} == set(ids(store1))
+
+
 def test_catalog_units_run_on_workers_and_a_rebuilt_catalog_is_not_reused(archive, tmp_path):
     """DecentFilter's Gaia veto and T2CatalogMatch run on a worker process (their catalog travels as path +
     content hash), and a catalog rebuilt at the same path gives new T0 and T2 keys: the veto's new

@@ -1,8 +1,8 @@
 """Workflow + archive partitions -> a Dask graph whose keys are content hashes.
 
 Per work unit (content hash h): ``read-h`` -> ``t0-<filters, access, h>`` per distinct filter chain ->
-``t1-<chain, policy, h>`` per channel; per group of work units of one month (``stage_groups``), one
-``t2-...`` stage for all T2 units of all channels (states de-duplicated across channels, stored states
+``t1-<chain, policy, h>`` per channel (one ``t1`` task does all three for a workflow's only channel);
+per group of work units of one month (``stage_groups``), one ``t2-...`` stage for all T2 units of all channels (states de-duplicated across channels, stored states
 skipped; a finished unit's states come from the store, ``stored-...``). Channels whose T1 policy joins the
 archived history get a shuffle by object: passing alerts, and their objects' packets from every
 archive part as flat datapoints (one copy each) -> ``t1h`` per object bucket -> a T2 stage per
@@ -204,6 +204,11 @@ class _Builder:
                         states[per[c.name]] = task_key(STORED, per[c.name])
                         dsk[states[per[c.name]]] = (tasks.stored_states, self.spec, c.name, per[c.name])
                     run.skipped_partitions += 0 if stage else len(unit.parts)
+                    continue
+                if len(packet) == 1 and not self.hist:  # the only channel: one task per work unit
+                    c = packet[0]
+                    states[per[c.name]] = t1 = task_key(T1, per[c.name])
+                    dsk[t1] = (tasks.read_t0_t1, self.root, unit.paths, self.columns, self.pk[c.name], key_of(c.t0_key, h), self.spec, per[c.name], self.run_id)
                     continue
                 t0 = self.read_t0(unit, packet)
                 rows = task_key(READ, h)

@@ -26,7 +26,7 @@ from ..keys import id_hex, id_values, key_of
 from ..tiers.base import T2PointUnit, T2StateUnit, T3Context, Verdict
 from ..tiers.rights import ChannelArchive, channel_view
 from ..tiers.states import HISTORY_SCHEMA, STATE_COLUMNS
-from .batches import with_histories
+from .batches import read_partition, with_histories
 from .failures import Blocked, UnitFailed, attempt, t3_blocked, unit_output
 from .plan import ChannelPlan, t2_units
 from .points import run_point_unit
@@ -144,6 +144,15 @@ def run_t1(table: pa.Table | Waiting, t0: T0Result, plan: ChannelPlan, spec: dic
     counts = {"alerts": n, "passed": int(t0.verdict.accepted.sum()), "rejected": n - int(t0.verdict.accepted.sum()), "reasons": {k: v for k, v in t0.counts.items() if k != "accepted"}}
     store.mark_task(key, {"kind": "t1", "channel": plan.name, "states": states.num_rows, **counts})
     return states
+
+
+def read_t0_t1(archive_root: str, paths: list[str], columns: list[str] | None, plan: ChannelPlan, t0_key: str, spec: dict, key: str, run_id: str) -> pa.Table:
+    """A work unit of a workflow's only channel, read, filtered and made states in one task (what
+    ``read``, ``t0`` and ``t1`` do as three when channels share a read): two fewer tasks per work unit
+    to schedule, and the batch let go as soon as its states are made. A T0 or T1 failure raises as in
+    its own task (named by ``t0_key`` / ``key``)."""
+    table = read_partition(archive_root, paths, columns)
+    return run_t1(table, run_t0(table, plan, t0_key), plan, spec, key, run_id)
 
 
 def stored_states(spec: dict, channel: str, key: str) -> pa.Table | None:
