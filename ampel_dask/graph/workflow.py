@@ -157,7 +157,7 @@ class Workflow(Model):
     history_bucket_rows: int = Field(125_000, ge=1, description="selected alerts per history bucket, at most: a larger selection gets more buckets")
     kept_history_bucket_rows: int = Field(62_500, ge=1, description="the same, when the history join reads the history ingest keeps (no shuffle of the archive)")
     batch_rows: int = Field(10_000, ge=1, description="small archive parts are read together up to this many alerts per task")
-    stage_rows: int = Field(400_000, ge=1, description="alerts of the work units whose packet-channel states one T2 stage computes, at most (a stage holds their states at once)")
+    stage_rows: int = Field(400_000, ge=1, description="alerts of the work units whose packet-channel states one T2 stage computes, at most (a stage holds their states at once: for a channel that passes most alerts, 100000 keeps each worker ~0.3 GB smaller; benchmarks/README.md)")
     _source: str | None = PrivateAttr(None)  # the file it was loaded from, and the line of each field
     _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)
 
