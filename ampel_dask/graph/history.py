@@ -88,6 +88,8 @@ def update_history(archive: Archive, client=None, surveys: list[str] | None = No
                 hs.save_manifest(root, survey, m)
                 live = {(hs.history_dir(root, survey) / n).relative_to(root).as_posix() for n in m["segments"]}
                 archive.retire([f for f in stale if f not in live])
+            if orphans := hs.sweep_orphans(root, survey, set(archive.retired()), time.time()):
+                log.warning("removed %d history file(s) of %s that a killed history update left unnamed", len(orphans), survey)
         out["segments"] += len(built)
         out["parts"] += len(todo)
         out["merged"] += _merge_tiers(archive, survey, client)

@@ -24,8 +24,9 @@ merged in tiers (:func:`tiers_to_merge`): each datapoint is rewritten O(log N) t
 read from O(log N) files.
 
 Durability: segments are written (fsync'ed) before the manifest that names them is replaced, under the
-archive's lock; a segment the manifest does not name is never read. Segments merged away are retired
-like compacted parts (``_retired.json``), so that a run reading them finishes.
+archive's lock; a segment the manifest does not name is never read, and one a killed update left
+unnamed is removed by a later update once a day old (:func:`sweep_orphans`). Segments merged away are
+retired like compacted parts (``_retired.json``), so that a run reading them finishes.
 """
 
 from __future__ import annotations
@@ -102,6 +103,28 @@ def live_files(root: str | Path) -> set[str]:
         survey = m.parent.parent.name.removeprefix("survey=")
         out |= {(m.parent / n).relative_to(root).as_posix() for n in load_manifest(root, survey)["segments"]}
     return out
+
+
+#: a file of a history folder that no manifest names (and no retirement lists) is removed once it is this
+#: old: segments are written before the manifest names them, by a build or merge of minutes at most, so one
+#: unnamed for a day was left by a process killed in between (or is a killed writer's temporary file)
+ORPHAN_AGE_S = 86_400.0
+
+
+def sweep_orphans(root: str | Path, survey: str, retired: set[str], now: float, age_s: float = ORPHAN_AGE_S) -> list[str]:
+    """Remove the survey's segment files (and writers' temporary files) that its manifest does not name,
+    that are not ``retired`` (they wait for their grace period) and are older than ``age_s`` (call with
+    the archive's lock held). Returns them, relative to the root."""
+    root, folder = Path(root), history_dir(root, survey)
+    named = set(load_manifest(root, survey)["segments"])
+    removed = []
+    for f in sorted(folder.iterdir()) if folder.exists() else []:
+        rel = f.relative_to(root).as_posix()
+        ours = f.name.startswith("seg-") or f.name.endswith(".tmp")  # segments, and writers' temporary files
+        if ours and f.is_file() and f.name not in named and rel not in retired and now - f.stat().st_mtime > age_s:
+            f.unlink()
+            removed.append(rel)
+    return removed
 
 
 def carry_coverage(root: str | Path, merged: list[tuple[list[tuple[str, str]], list[tuple[str, str]]]]) -> None:
@@ -244,5 +267,5 @@ def _runs_of(batch: pa.RecordBatch, mine: np.ndarray) -> pa.Table | None:
     return pa.Table.from_batches([batch]).take(pa.array(idx))
 
 
-__all__ = ["BUCKETS", "history_dir", "load_manifest", "save_manifest", "segment_paths", "carry_coverage", "live_files", "stale_segments", "write_segment",
+__all__ = ["BUCKETS", "history_dir", "load_manifest", "save_manifest", "segment_paths", "carry_coverage", "live_files", "stale_segments", "sweep_orphans", "write_segment",
            "merge_segments", "first_per_class", "tiers_to_merge", "lookup"]  # fmt: skip
