@@ -151,6 +151,17 @@ def order_by(*keys: tuple[np.ndarray, str]) -> np.ndarray:
     return idx.to_numpy()
 
 
+def first_of_groups(groups: list[np.ndarray], then: list[np.ndarray]) -> np.ndarray:
+    """Rows that keep each distinct combination of ``groups`` once, in ``groups`` order: the first row
+    of each by ``then`` (ascending; ties by row). The datapoint-copy rules of the kept history and of the
+    states (``io.history.first_per_class``, ``tiers.states.first_copies``) are this rule."""
+    order = order_by(*((c, "ascending") for c in [*groups, *then]))
+    first = np.ones(len(order), dtype=bool)
+    if len(order):
+        first[1:] = np.logical_or.reduce([x[1:] != x[:-1] for x in (c[order] for c in groups)])
+    return order[first]
+
+
 def codes_of(strings: pa.Array | pa.ChunkedArray, values: list[str]) -> np.ndarray:
     """Position of each string in ``values``, -1 where absent or null (``pc.index_in``, with a fast
     path for one-character strings and values)."""

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..keys import bucket_of, key_of
-from .arrays import one_batch, order_by
+from .arrays import first_of_groups, one_batch, order_by
 from .files import atomic_target, atomic_write
 from .layout import band_as
 
@@ -163,12 +163,8 @@ def first_per_class(table: pa.Table) -> pa.Table:
     ``packet``), the rule of ``tiers.states.first_copies`` within each packet class."""
     if not table.num_rows:
         return table
-    cols = [table.column(c).to_numpy(zero_copy_only=False) for c in ("stock", "dp_id", "packet_pid", "packet_mjd", "packet")]
-    order = order_by(*((c, "ascending") for c in cols))
-    s, d, p = (c[order] for c in cols[:3])
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = (s[1:] != s[:-1]) | (d[1:] != d[:-1]) | (p[1:] != p[:-1])
-    return table.take(pa.array(order[first]))
+    col = lambda c: table.column(c).to_numpy(zero_copy_only=False)  # noqa: E731
+    return table.take(pa.array(first_of_groups([col("stock"), col("dp_id"), col("packet_pid")], [col("packet_mjd"), col("packet")])))
 
 
 def merge_segments(paths: list[str], folder: Path) -> tuple[str, int]:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from ..io.arrays import order_by, take_rows
+from ..io.arrays import first_of_groups, order_by, take_rows
 from ..io.layout import DATAPOINT, DETECTION, FLAG_BAD_PHOT, FORCED, UPPER_LIMIT, band_as
 from ..keys import datapoint_lanes, id_column, state_ids
 from .base import T1Unit, UnitConfig
@@ -252,15 +252,8 @@ def first_copies(history: pa.Table) -> np.ndarray:
     does the order rows arrive in: the rule is a total order, so thinning pieces of a history first (the
     ``hist`` tasks do) and taking their union afterwards gives what one pass over the whole would.
     """
-    stock = history.column("stock").to_numpy(zero_copy_only=False)
-    dp_id = history.column("dp_id").to_numpy(zero_copy_only=False)
-    order = order_by((stock, "ascending"), (dp_id, "ascending"),
-                     (history.column("packet_mjd").to_numpy(zero_copy_only=False), "ascending"),
-                     (history.column("packet").to_numpy(zero_copy_only=False), "ascending"))  # fmt: skip
-    s, d = stock[order], dp_id[order]
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = (s[1:] != s[:-1]) | (d[1:] != d[:-1])
-    return order[first]
+    col = lambda c: history.column(c).to_numpy(zero_copy_only=False)  # noqa: E731
+    return first_of_groups([col("stock"), col("dp_id")], [col("packet_mjd"), col("packet")])
 
 
 def published_by(packet_mjd: np.ndarray, packet: np.ndarray, alert_mjd: np.ndarray, alert_id: np.ndarray) -> np.ndarray:
