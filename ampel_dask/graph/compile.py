@@ -2,8 +2,9 @@
 
 Per work unit (content hash h): ``read-h`` -> ``t0-<filters, access, h>`` per distinct filter chain ->
 ``t1-<chain, policy, h>`` per channel (one ``t1`` task does all three for a workflow's only channel);
-per group of work units of one month (``stage_groups``), one ``t2-...`` stage for all T2 units of all channels (states de-duplicated across channels, stored states
-skipped; a finished unit's states come from the store, ``stored-...``). Channels whose T1 policy joins the
+per group of work units of one month (``stage_groups``), one ``t2-...`` stage for all T2 units of all
+channels (states de-duplicated across channels, stored states skipped; a finished unit's states come
+from the store, ``stored-...``). Channels whose T1 policy joins the
 archived history get a shuffle by object: passing alerts, and their objects' packets from every
 archive part as flat datapoints (one copy each) -> ``t1h`` per object bucket -> a T2 stage per
 bucket. T3 runs per channel and unit after its channel's T2 stages. Identical work has identical keys, so it collapses within a run; finished

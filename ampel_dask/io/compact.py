@@ -198,9 +198,9 @@ def merge(root: str | Path, work: NightWork, target_rows: int, tmp_dir: str | Pa
 
 def _by_slot(table: pa.Table, cut: pa.Table | None, slot: np.ndarray) -> tuple[dict, dict]:
     """A source part's rows and cutouts cut into their output parts' pieces (``slot``: each row's
-    output part), in source order within a piece: one take of each table and zero-copy slices (a
-    filter per piece costs a few compute calls each, which tiny parts pay hundreds of times). A
-    cutout goes with its alert's row; cutouts of alerts not in the part are left out."""
+    output part), in source order within a piece, as zero-copy slices (a filter per piece costs a few
+    compute calls, which tiny parts pay hundreds of times). A cutout goes with its alert's row (one
+    ``index_in``); cutouts of alerts not in the part are left out."""
     rows = _slices(table, slot)
     if cut is None:
         return rows, {}
