@@ -71,6 +71,8 @@ def base_packets(data_dir: Path = DATA) -> list[tuple[bytes, int, float]]:
 
 def replicas(bases: list[tuple[bytes, int, float]], n: int) -> Iterator[tuple[int, float, bytes]]:
     """n packets: the real ones first, then replicas with candid + k * CANDID_STEP (unique, same length)."""
+    if n > 0 and not bases:  # else the loop below never ends
+        raise ValueError("no real ZTF packets to replicate")
     seen: set[int] = set()
     k = 0
     produced = 0
@@ -97,6 +99,8 @@ def build_stream(target: Path, n: int, data_dir: Path = DATA) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     bases = base_packets(data_dir)
+    if not bases:
+        raise ValueError(f"no real ZTF packets to replicate in {data_dir} (../shared/data beside the checkout)")
     total = 0
     for candid, jd, data in replicas(bases, n):
         sub = target / f"ztf_public_{int(night_of(np.array([jd - 2400000.5]), 'ztf')[0])}"

@@ -189,3 +189,14 @@ def test_built_archive_and_its_states(lsst_base, data_dir):
     r0 = {a: c for a, c in rep_states.items() if a in base_alerts}
     assert r0 == base_states  # no jitter in replica 0: the same alerts pass, with the same states
     assert both > 0.9 * len(rep_states)  # jitter flips a few near the snr cut, no more
+
+
+def test_no_base_packets_is_an_error_not_an_endless_loop(tmp_path):
+    """A checkout without ../shared/data beside it: building a replicated stream says so."""
+    from benchmarks.replicate import build_stream, replicas
+
+    with pytest.raises(ValueError, match="no real ZTF packets"):
+        next(replicas([], 5))
+    with pytest.raises(ValueError, match="no real ZTF packets to replicate in .*nothing-here"):
+        build_stream(tmp_path / "stream", 5, data_dir=tmp_path / "nothing-here")
+    assert list(replicas([], 0)) == []
